@@ -1,0 +1,157 @@
+"""Lazy reading of Hugging Face safetensors checkpoints (single file or sharded with index.json)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from mone_jax.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
+
+
+def read_config(folder: str | Path) -> dict:
+    """config.json of ``folder`` parsed as plain data (never executed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder '{folder}' does not exist: pass a Hugging Face model folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"'{folder}' has no config.json: pass a Hugging Face model folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): repair or re-download it") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return cfg
+
+
+class CheckpointReader:
+    """Reads tensors on demand from ``model.safetensors`` or its sharded form.
+
+    Files are memory-mapped by safetensors; a tensor is materialised only when asked for.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._handles: dict[str, object] = {}
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index} is malformed ({e}): repair or re-download the checkpoint") from None
+            self._where = dict(weight_map)
+            files = sorted(set(self._where.values()))
+        elif (self.folder / SINGLE).is_file():
+            files = [SINGLE]
+            self._where = None
+        else:
+            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if shards:
+                files, self._where = shards, None
+            else:
+                pickles = [p for p in PICKLE_NAMES if (self.folder / p).exists()] + [
+                    p.name for p in self.folder.glob("*.bin")
+                ]
+                if pickles:
+                    raise UserError(
+                        f"'{self.folder}' holds only pickle weights ({pickles[0]}), which are never loaded "
+                        "(unsafe): convert them to safetensors first"
+                    )
+                raise UserError(f"'{self.folder}' has no .safetensors weights: pass a folder with model.safetensors")
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise UserError(f"checkpoint shard '{path}' listed in the index is missing: re-download it")
+            self._handles[name] = _SafetensorsFile(path)
+        if self._where is None:
+            self._where = {k: name for name, h in self._handles.items() for k in h.entries}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def file_of(self, key: str) -> str:
+        return self._where[key]
+
+    def _handle(self, key: str):
+        if key not in self._where:
+            raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}'")
+        return self._handles[self._where[key]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._handle(key).entries[key][1]
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self._handle(key).entries[key][0])
+
+    def get(self, key: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Tensor ``key`` as a NumPy array (bf16 as ml_dtypes.bfloat16), copied out of the file."""
+        if expect_shape is not None and self.shape(key) != tuple(expect_shape):
+            raise UserError(
+                f"tensor '{key}' has shape {list(self.shape(key))} but config.json implies {list(expect_shape)}: "
+                "the weights do not belong to this config"
+            )
+        return np.array(self._handle(key).view(key))
+
+    def get_slice(self, key: str, index) -> np.ndarray:
+        """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack)."""
+        return np.array(self._handle(key).view(key)[index])
+
+
+class _SafetensorsFile:
+    """A memory-mapped safetensors file: header parsed eagerly and checked, data read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length out of range")
+                header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            raise UserError(f"'{path}' is not a valid safetensors file ({e}): re-download it") from None
+        header.pop("__metadata__", None)
+        self.entries: dict[str, tuple[type, tuple[int, ...], int, int]] = {}
+        data_len = size - 8 - n
+        for key, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"'{path}' has a malformed entry for '{key}': re-download it") from None
+            if end > data_len or end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                raise UserError(f"'{path}' is truncated or corrupted (tensor '{key}' lies past its end): re-download it")
+            self.entries[key] = (dtype, shape, 8 + n + start, end - start)
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def view(self, key: str) -> np.ndarray:
+        dtype, shape, offset, nbytes = self.entries[key]
+        return self._mm[offset : offset + nbytes].view(dtype).reshape(shape)
