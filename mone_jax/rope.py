@@ -1,0 +1,79 @@
+"""Rotary position embeddings for the RoPE variants the supported families use."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mone_jax.config import RopeConfig
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def inv_freq_and_scale(rope: RopeConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [rotary_dim / 2] (float32, as transformers computes them) and cos/sin scale."""
+    dim, base = rope.rotary_dim, rope.theta
+    pos = base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    inv = (1.0 / pos).astype(np.float32)
+    if rope.type == "default":
+        return inv, 1.0
+    if rope.type == "linear":
+        return (inv / np.float32(rope.factor)).astype(np.float32), 1.0
+    if rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wl, high_wl = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    # yarn
+    factor = rope.factor
+    att = rope.attention_factor
+    if att is None:
+        if rope.mscale and rope.mscale_all_dim:
+            att = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            att = _yarn_mscale(factor)
+    orig = rope.original_max_position_embeddings
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extra = (1 - ramp).astype(np.float32)
+    interp = (1.0 / (np.float32(factor) * pos)).astype(np.float32)
+    return (interp * (1 - extra) + inv * extra).astype(np.float32), float(att)
+
+
+def rope_tables(rope: RopeConfig, seq_len: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, rotary_dim] for positions 0..T-1 (halves duplicated, as transformers does)."""
+    inv, scale = inv_freq_and_scale(rope)
+    freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool = False) -> jax.Array:
+    """Rotate the first ``cos.shape[-1]`` dims of x [B, T, H, D]; the rest pass through."""
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    if interleave:  # DeepSeek-V3: pairs (0,1),(2,3).. are regrouped to halves before rotating
+        xr = jnp.concatenate([xr[..., 0::2], xr[..., 1::2]], axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    half = r // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = xr * c + rot * s
+    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
