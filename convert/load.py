@@ -33,7 +33,7 @@ class _Filler:
         self.r, self.dtype = reader, dtype
 
     def set(self, var: nnx.Variable, arr: np.ndarray, key: str) -> None:
-        want = tuple(var.value.shape)
+        want = tuple(var.get_value().shape)
         if tuple(arr.shape) != want:
             raise UserError(
                 f"tensor '{key}' gives shape {list(arr.shape)} but config.json implies {list(want)}: "
@@ -41,7 +41,7 @@ class _Filler:
             )
         if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
             arr = arr.astype(np.float32)
-        var.value = jnp.asarray(arr, self.dtype)
+        var.set_value(jnp.asarray(arr, self.dtype))
 
     def t(self, var: nnx.Variable, key: str) -> None:
         """Linear weight [out, in] -> kernel [in, out]."""
@@ -88,9 +88,9 @@ def _moe(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int) -> None:
     pre = fam.moe_prefix(layer)
     f.t(blk.router, fam.router_key(layer))
     _experts(f, fam, blk, layer, list(range(blk.num_kept)))
-    blk.kept_ids.value = jnp.arange(blk.num_kept, dtype=jnp.int32)
-    blk.novice_ids.value = jnp.zeros((0,), jnp.int32)
-    blk.novice_values.value = jnp.zeros((0, blk.cfg.hidden_size), f.dtype)
+    blk.kept_ids.set_value(jnp.arange(blk.num_kept, dtype=jnp.int32))
+    blk.novice_ids.set_value(jnp.zeros((0,), jnp.int32))
+    blk.novice_values.set_value(jnp.zeros((0, blk.cfg.hidden_size), f.dtype))
     if blk.shared is not None:
         _mlp(f, blk.shared, f"{pre}.{fam.shared_expert}")
         if blk.shared_gate is not None:
@@ -103,7 +103,8 @@ def load_hf(folder: str | Path, dtype="float32", *, progress: bool = True) -> Mo
     cfg = parse_config(raw)
     dt = resolve_dtype(dtype)
     fam = family(cfg.model_type)
-    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0)))
+    src = str(Path(folder).resolve())
+    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), source_dir=src))
     with CheckpointReader(folder) as r:
         f = _Filler(r, dt)
         f.plain(model.embed, "model.embed_tokens.weight")
@@ -120,7 +121,6 @@ def load_hf(folder: str | Path, dtype="float32", *, progress: bool = True) -> Mo
             else:
                 _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
     _check_filled(model)
-    model.source_dir = str(Path(folder).resolve())
     return model
 
 
@@ -128,7 +128,7 @@ def _check_filled(model: MoEForCausalLM) -> None:
     import jax
 
     for path, leaf in nnx.to_flat_state(nnx.state(model)):
-        if isinstance(leaf.value if hasattr(leaf, "value") else leaf, jax.ShapeDtypeStruct):
+        if isinstance(leaf.get_value(), jax.ShapeDtypeStruct):
             raise UserError(f"no checkpoint tensor was loaded for {'.'.join(map(str, path))}: missing tensors")
 
 

@@ -159,9 +159,10 @@ class MoEBlock(nnx.Module):
         ids, w = route(jnp.dot(xt, self.router[...]), self.cfg)
         E, K = self.cfg.num_experts, self.num_kept
         # original ids -> compact rows of kept experts; novices go to the skip id K
-        slot = jnp.full((E,), K, jnp.int32).at[self.kept_ids[...]].set(jnp.arange(K, dtype=jnp.int32))
+        if E > K:
+            slot = jnp.full((E,), K, jnp.int32).at[self.kept_ids[...]].set(jnp.arange(K, dtype=jnp.int32))
         y, stats = dispatch(
-            xt, slot[ids], w, self.experts(), impl=impl, block=block,
+            xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
             stats_mask=None if stats_mask is None else stats_mask.reshape(-1),
         )
         if E > K:
@@ -176,14 +177,14 @@ class MoEBlock(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
         d = cfg.hidden_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
-        self.mlp = MoEBlock(cfg, dtype, rngs) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
+        self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
@@ -208,15 +209,21 @@ def attention_biases(mask: jax.Array, windows: set[int | None]) -> dict[int | No
 
 
 class MoEForCausalLM(nnx.Module):
-    """The language model. ``model(ids, attention_mask=None)`` -> logits [B, T, vocab] (jitted)."""
+    """The language model. ``model(ids, attention_mask=None)`` -> logits [B, T, vocab] (jitted).
 
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    ``kept`` ({layer: K}) builds MoE layers pruned to K experts plus E - K novices.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs, kept: dict[int, int] | None = None,
+                 source_dir: str | None = None):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.impl = default_impl()
         self.block: int | None = None
         self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_layers)])
+        kept = kept or {}
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
+        self.source_dir = source_dir  # the Hugging Face folder the weights came from (for export)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 

@@ -1,0 +1,190 @@
+"""MoNE-pruned Mixture-of-Experts models for transformers (this file ships inside every export).
+
+Load an export with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+The model is the family's stock transformers causal LM, except that each pruned experts module
+holds only its K retained experts (stock fused weights, stock experts kernels) plus one
+``[hidden]`` vector per novice. The router is untouched: it scores all E experts and picks the
+same top-k; a token routed to a retained expert gets ``weight * expert(x)``, one routed to a
+novice ``weight * value``, and the weights are not renormalised.
+
+Two on-disk layouts are read:
+- substitution: ``config.compression_config.transform_config.expert_substitution`` lists the
+  targets; retained experts are stored with compact indices ``experts.<j>`` and novices as
+  ``<moe>.expert_replacements.<e>.value``;
+- modepd (the zxgx/mode-pd reference layout): ``config.approximate_experts`` {layer: [ids]},
+  ``<family>_compressed`` model types, retained experts under their original ids and novices as
+  ``<moe>.experts.<e>.approx_value``.
+
+The experts modules keep the stock ``@use_experts_implementation`` dispatch, so
+``model.set_experts_implementation("eager")`` works as for the stock model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+
+COMPRESSED = "_compressed"
+_FAMILIES: dict[str, tuple[type, type]] = {
+    "olmoe": (OlmoeConfig, OlmoeForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM),
+}
+
+
+class NoviceValue(nn.Module):
+    """One novice: a constant ``[hidden]`` output, stored as parameter ``value`` (or ``approx_value``)."""
+
+    def __init__(self, hidden_size: int, name: str):
+        super().__init__()
+        self.param_name = name
+        self.register_parameter(name, nn.Parameter(torch.zeros(hidden_size)))
+
+    def vector(self) -> torch.Tensor:
+        return getattr(self, self.param_name)
+
+
+class _NoviceExperts:
+    """Mixin over a stock experts class: K retained experts (compact) plus novices.
+
+    Attributes set by ``_prune_experts``: ``mone_compact`` (CPU long [E]: compact index of each
+    retained expert, -1 for novices), ``mone_novice_row`` (CPU long [E]: row of each novice in the
+    value table, -1 for retained), and ``_mone_values`` (the NoviceValue modules, registered
+    elsewhere; kept out of this module's state dict on purpose).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        compact = self.mone_compact.to(top_k_index.device)[top_k_index]
+        kept = compact >= 0
+        out = torch.zeros_like(hidden_states)
+        tok, slot = kept.nonzero(as_tuple=True)
+        if tok.numel():
+            part = super().forward(hidden_states[tok], compact[tok, slot, None], top_k_weights[tok, slot, None])
+            out.index_add_(0, tok, part.to(out.dtype))
+        tok, slot = (~kept).nonzero(as_tuple=True)
+        if tok.numel():
+            table = torch.stack([m.vector() for m in self.__dict__["_mone_values"]])
+            rows = self.mone_novice_row.to(top_k_index.device)[top_k_index[tok, slot]]
+            out.index_add_(0, tok, (top_k_weights[tok, slot, None] * table[rows]).to(out.dtype))
+        return out
+
+
+_NOVICE_CLASSES: dict[type, type] = {}
+
+
+def _prune_experts(experts: nn.Module, novices: list[int], values: list[NoviceValue]) -> None:
+    """Turn a stock experts module (E experts) into one with the retained experts only."""
+    n = experts.num_experts
+    kept = [e for e in range(n) if e not in set(novices)]
+    idx = torch.tensor(kept, device="cpu")
+    for name, param in list(experts.named_parameters(recurse=False)):
+        if param.shape[:1] == (n,):
+            sliced = param.data[idx.to(param.device)] if not param.is_meta else param.data[: len(kept)]
+            setattr(experts, name, nn.Parameter(sliced, requires_grad=param.requires_grad))
+    stock = type(experts)
+    if stock not in _NOVICE_CLASSES:
+        _NOVICE_CLASSES[stock] = type(f"Novice{stock.__name__}", (_NoviceExperts, stock), {})
+    experts.__class__ = _NOVICE_CLASSES[stock]
+    experts.num_experts = len(kept)
+    experts.mone_compact = torch.full((n,), -1, dtype=torch.long, device="cpu")
+    experts.mone_compact[idx] = torch.arange(len(kept), device="cpu")
+    experts.mone_novice_row = torch.full((n,), -1, dtype=torch.long, device="cpu")
+    experts.mone_novice_row[torch.tensor(novices, device="cpu")] = torch.arange(len(novices), device="cpu")
+    experts.__dict__["_mone_values"] = values
+
+
+def novice_targets(config) -> dict[int, list[int]]:
+    """{layer: novice expert ids} from an export's config (substitution block or mode-pd fields)."""
+    block = ((getattr(config, "compression_config", None) or {}).get("transform_config") or {}).get(
+        "expert_substitution"
+    )
+    if block:
+        sem = block.get("router_semantics", {})
+        if block.get("version") != 1 or sem.get("renormalize_after_substitution") or not sem.get(
+            "preserve_logical_expert_ids", True
+        ):
+            raise ValueError(f"unsupported expert_substitution block: {block.get('version')=}, {sem=}")
+        targets = {}
+        for path, target in block["targets"].items():
+            m = re.fullmatch(r"model\.layers\.(\d+)\.[a-z_]+\.experts", path)
+            if not m or target.get("weight_layout") != "compact_retained_experts":
+                raise ValueError(f"unsupported expert_substitution target {path!r}: {target.get('weight_layout')}")
+            for e, rep in target["replacements"].items():
+                want = f"{path.removesuffix('.experts')}.expert_replacements.{e}.value"
+                if rep.get("format") != "constant-v1" or rep.get("tensors") != {"value": want}:
+                    raise ValueError(f"unsupported replacement {e} of {path!r}: {rep}")
+            targets[int(m[1])] = sorted(int(e) for e in target["replacements"])
+        return targets
+    approx = getattr(config, "approximate_experts", None) or {}
+    return {int(layer): sorted(int(e) for e in ids) for layer, ids in approx.items()}
+
+
+class _MoneCausalLM:
+    """Mixin over a stock causal-LM class: prunes the experts modules named by the config."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        modepd = config.model_type.endswith(COMPRESSED)
+        for layer, novices in novice_targets(config).items():
+            if not novices:
+                continue
+            block = self.model.layers[layer].mlp
+            experts = getattr(block, "experts", None)
+            if experts is None or not hasattr(experts, "num_experts"):
+                raise ValueError(f"layer {layer} has no routed experts, but the config prunes it")
+            if modepd:
+                values = [NoviceValue(config.hidden_size, "approx_value") for _ in novices]
+                for e, v in zip(novices, values):
+                    experts.add_module(str(e), v)
+            else:
+                values = [NoviceValue(config.hidden_size, "value") for _ in novices]
+                block.expert_replacements = nn.ModuleDict({str(e): v for e, v in zip(novices, values)})
+            _prune_experts(experts, novices, values)
+
+
+def _define_classes() -> None:
+    """Module-level ``Mone<Family>ForCausalLM`` and ``<Family>CompressedConfig`` classes (auto_map targets)."""
+    for model_type, (config_cls, lm_cls) in _FAMILIES.items():
+        stem = lm_cls.__name__.removesuffix("ForCausalLM")
+        config_name = f"{stem}CompressedConfig"
+        globals()[config_name] = type(
+            config_name, (config_cls,), {"model_type": model_type + COMPRESSED, "__module__": __name__}
+        )
+        name = f"Mone{lm_cls.__name__}"
+        globals()[name] = type(name, (_MoneCausalLM, lm_cls), {"__module__": __name__})
+        # mode-pd exports have their own model_type: give it the family's checkpoint conversions.
+        mapping = get_checkpoint_conversion_mapping(model_type)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(model_type + COMPRESSED, mapping, overwrite=True)
+
+
+_define_classes()

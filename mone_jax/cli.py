@@ -1,0 +1,271 @@
+"""The ``mone-jax`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mone_jax.errors import UserError
+
+FORMATS = ("substitution", "modepd", "drop")
+
+
+def _calib_batches(args, cfg, model_dir: str | None, model=None) -> list[np.ndarray]:
+    """Calibration token blocks from ``--calib`` cut into batches of ``--batch-size``."""
+    from mone_jax.data import load_token_blocks
+
+    spec = args.calib
+    if spec.endswith(".npy") and args.num_samples is None and args.seq_len is None:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"calibration file '{spec}' does not exist")
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"'{spec}' is not a plain .npy array ({e})") from None
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+            raise UserError(f"'{spec}' must hold non-empty integer token ids [N, T], got {ids.dtype} {list(ids.shape)}")
+    else:
+        sampler = None
+        if spec == "self" and model is not None:
+            from mone_jax.sampling import sampler_for
+
+            sampler = sampler_for(model)
+        ids = load_token_blocks(spec, tokenizer_dir=model_dir, num_samples=args.num_samples or 128,
+                                seq_len=args.seq_len or 512, seed=args.seed, text_field=args.text_field,
+                                vocab_size=cfg.vocab_size, sampler=sampler)
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise UserError(f"calibration token ids must lie in [0, {cfg.vocab_size}), found {ids.min()}..{ids.max()}: "
+                        "the data was tokenized for another model")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    bs = max(1, args.batch_size)
+    n = (ids.shape[0] // bs) * bs or ids.shape[0]
+    return [ids[i:i + bs] for i in range(0, n, bs)]
+
+
+def _load(args):
+    from convert.load import load_hf
+
+    return load_hf(args.model, dtype=args.dtype, progress=not args.quiet)
+
+
+def cmd_inspect(args) -> None:
+    from mone_jax.inspect import describe
+
+    print(describe(args.model, as_json=args.json))
+
+
+def cmd_forward(args) -> None:
+    model = _load(args)
+    try:
+        ids = np.load(args.tokens, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read token ids from '{args.tokens}' ({e}): give a .npy of int token ids") from None
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"'{args.tokens}' must hold integer token ids [B, T], got {ids.dtype} {list(ids.shape)}")
+    V = model.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise UserError(f"token ids must lie in [0, {V}), found {ids.min()}..{ids.max()}")
+    logits = np.asarray(model(ids), np.float32)
+    _atomic_npy(args.out, logits)
+    print(f"wrote logits {list(logits.shape)} to {args.out}")
+
+
+def _atomic_npy(path: str, arr: np.ndarray) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    try:
+        np.save(tmp, arr)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _calibrate(args, model):
+    from mone_jax.calibration import calibrate
+
+    batches = _calib_batches(args, model.config, args.model, model)
+    return calibrate(model, batches, progress=not args.quiet)
+
+
+def cmd_calibrate(args) -> None:
+    model = _load(args)
+    stats = _calibrate(args, model)
+    stats.save(args.stats_out)
+    print(f"calibrated on {stats.tokens} tokens; statistics of {len(stats.layers)} MoE layers -> {args.stats_out}")
+
+
+def cmd_plan(args) -> None:
+    from mone_jax.scoring import make_plan, save_plan
+    from mone_jax.stats import Stats
+
+    stats = Stats.load(args.stats)
+    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    save_plan(plan, args.plan_out)
+    print(f"plan: keep {plan['keep']} of {stats.num_experts} experts per layer ({args.metric}, {args.scope}) "
+          f"-> {args.plan_out}")
+
+
+def cmd_prune(args) -> None:
+    from mone_jax import save_hf
+    from mone_jax.pruning import prune
+    from mone_jax.scoring import make_plan, save_plan
+
+    _check_out(args.out, args.overwrite)
+    model = _load(args)
+    stats = _calibrate(args, model)
+    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    pruned = prune(model, stats, plan, mode="drop" if args.format == "drop" else "substitute")
+    summary = save_hf(pruned, args.out, format=args.format, dtype=args.out_dtype, overwrite=args.overwrite)
+    if args.stats_out:
+        stats.save(args.stats_out)
+    if args.plan_out:
+        save_plan(plan, args.plan_out)
+    print(json.dumps(summary, indent=1))
+    print(f"pruned checkpoint written to {args.out}")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise UserError(f"output folder '{out}' exists and is not empty: choose another --out or pass --overwrite")
+
+
+def cmd_verify(args) -> None:
+    from convert.export import verify_export
+
+    problems = verify_export(args.folder)
+    if problems:
+        raise UserError(f"'{args.folder}' failed verification: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    print(f"{args.folder}: all files match the manifest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def model_arg(p, optional=False):
+        if optional:
+            p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder (default: the demo model)")
+        else:
+            p.add_argument("model", help="Hugging Face model folder (safetensors)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def calib_args(p):
+        p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
+                                                     "hf:NAME[:CONFIG][:SPLIT], or 'self'")
+        p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
+        p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
+        p.add_argument("--text-field", default="text")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seed", type=int, default=0)
+
+    def plan_args(p):
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--keep", type=int, help="experts kept per MoE layer")
+        g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
+        p.add_argument("--metric", default="mone")
+        p.add_argument("--scope", default="layer")
+
+    p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("forward", help="logits for given token ids (cross-framework check)")
+    model_arg(p)
+    p.add_argument("--tokens", required=True, help=".npy of int token ids [B, T]")
+    p.add_argument("--out", required=True, help="output .npy of float32 logits")
+    p.set_defaults(fn=cmd_forward)
+
+    p = sub.add_parser("calibrate", help="per-expert statistics over calibration data")
+    model_arg(p)
+    calib_args(p)
+    p.add_argument("--stats-out", required=True)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("plan", help="score experts and choose kept / novices")
+    p.add_argument("stats", help="statistics file from `mone-jax calibrate`")
+    plan_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-out", required=True)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go")
+    model_arg(p, optional=True)
+    calib_args(p)
+    plan_args(p)
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--format", default="substitution")
+    p.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: as the source)")
+    p.add_argument("--stats-out", default=None)
+    p.add_argument("--plan-out", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
+    p.add_argument("folder")
+    p.set_defaults(fn=cmd_verify)
+    return ap
+
+
+def _validate(args) -> None:
+    from mone_jax.scoring import METRICS, SCOPES
+
+    if getattr(args, "metric", None) is not None and args.metric not in METRICS:
+        raise UserError(f"unknown metric '{args.metric}': use one of {', '.join(METRICS)}")
+    if getattr(args, "scope", None) is not None and args.scope not in SCOPES:
+        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    if getattr(args, "format", None) is not None and args.format not in FORMATS:
+        raise UserError(f"unknown format '{args.format}': use one of {', '.join(FORMATS)}")
+    if getattr(args, "ratio", None) is not None and not 0 <= args.ratio < 1:
+        raise UserError(f"--ratio must lie in [0, 1) (fraction of experts pruned), got {args.ratio}")
+    if getattr(args, "keep", None) is not None and args.keep <= 0:
+        raise UserError(f"--keep must be a positive number of experts, got {args.keep}")
+    if args.cmd == "prune":
+        if args.model is None:
+            from mone_jax.demo import demo_model_dir
+
+            args.model = str(demo_model_dir())
+            args.calib = args.calib or "self"
+            args.out = args.out or "mone-demo-out"
+        if args.calib is None:
+            raise UserError("give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)")
+        if args.out is None:
+            raise UserError("give the output folder with --out")
+    if args.cmd == "calibrate" and args.calib is None:
+        raise UserError("give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        args.fn(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"mone-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mone-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

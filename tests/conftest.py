@@ -1,0 +1,107 @@
+"""Tiny random Hugging Face MoE models built with transformers, saved as real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+              max_position_embeddings=256, tie_word_embeddings=False)
+
+# (family, variant) -> config kwargs. Variants cover: experts/top-k, norm_topk_prob, shared experts,
+# dense layers mixed in, GQA vs MHA, sliding window, qkv clipping.
+CONFIGS: dict[tuple[str, str], tuple[str, dict]] = {
+    ("olmoe", "a"): ("OlmoeConfig", dict(intermediate_size=16, num_hidden_layers=2, num_experts=8,
+                                         num_experts_per_tok=2, norm_topk_prob=False)),
+    ("olmoe", "b"): ("OlmoeConfig", dict(intermediate_size=24, num_hidden_layers=2, num_experts=4,
+                                         num_experts_per_tok=3, norm_topk_prob=True, num_key_value_heads=4,
+                                         clip_qkv=0.5)),
+    ("qwen2_moe", "a"): ("Qwen2MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=24, num_hidden_layers=3,
+                                                num_experts=6, num_experts_per_tok=2, decoder_sparse_step=2)),
+    ("qwen2_moe", "b"): ("Qwen2MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=24, num_hidden_layers=3,
+                                                num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+                                                mlp_only_layers=[0])),
+    ("qwen3_moe", "a"): ("Qwen3MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16, head_dim=16,
+                                                num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                                                norm_topk_prob=True)),
+    ("qwen3_moe", "b"): ("Qwen3MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16, head_dim=8,
+                                                num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                                norm_topk_prob=False, mlp_only_layers=[1])),
+    ("mixtral", "a"): ("MixtralConfig", dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=4,
+                                             num_experts_per_tok=2)),
+    ("mixtral", "b"): ("MixtralConfig", dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=8,
+                                             num_experts_per_tok=2, sliding_window=5, num_key_value_heads=1)),
+}
+FAMILY_VARIANTS = list(CONFIGS)
+
+
+def build_hf(family: str, variant: str, seed: int = 0):
+    """A random transformers model of ``family`` with diverse routing (router weights ~ N(0, 1))."""
+    cls_name, kw = CONFIGS[(family, variant)]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)\.(weight|e_score_correction_bias)$", name):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+def save_hf(model, folder: Path, **kw) -> Path:
+    model.save_pretrained(folder, **kw)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """(family, variant) -> (folder, torch model); built lazily, once per session."""
+    cache: dict = {}
+
+    def get(family: str, variant: str = "a"):
+        key = (family, variant)
+        if key not in cache:
+            model = build_hf(family, variant)
+            folder = save_hf(model, tmp_path_factory.mktemp(f"{family}_{variant}"))
+            cache[key] = (folder, model)
+        return cache[key]
+
+    return get
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.as_tensor(ids), attention_mask=None if mask is None else torch.as_tensor(mask))
+    return out.logits.float().numpy()
+
+
+def assert_close_logits(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-4, rtol_norm: float = 1e-5) -> None:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape
+    diff = np.abs(ours - ref).max()
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert diff <= atol and rel <= rtol_norm, f"max|diff|={diff:.3g} rel={rel:.3g}"
+
+
+def rewrite_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    path.write_text(json.dumps(cfg))
