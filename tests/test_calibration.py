@@ -1,0 +1,79 @@
+"""Calibration statistics against a float64 NumPy loop over transformers' own routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAMILY_VARIANTS
+from reference import reference_stats
+
+import mone_jax
+from mone_jax.stats import Stats
+
+
+def _batches(vocab: int, sizes=((2, 12), (3, 12)), pad: bool = True, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b, t in sizes:
+        ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
+        mask = np.ones((b, t), np.int32)
+        if pad:
+            mask[0, t - 4:] = 0
+        out.append((ids, mask))
+    return out
+
+
+def assert_stats_match(stats: Stats, ref: dict, tokens: int) -> None:
+    assert stats.tokens == tokens
+    assert sorted(stats.layers) == sorted(ref)
+    for i, r in ref.items():
+        s = stats.layers[i]
+        np.testing.assert_array_equal(s.count, r["count"], err_msg=f"layer {i} counts")
+        for name, ours, theirs in [("weight_sum", s.weight_sum, r["weight_sum"]), ("mean", s.mean, r["mean"]),
+                                   ("var", s.var, r["var"]), ("reap", np.where(s.count > 0, s.reap_sum / np.maximum(
+                                       s.count, 1), 0), r["reap"])]:
+            scale = np.abs(theirs).max() + 1e-12
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * scale, err_msg=f"layer {i} {name}")
+
+
+@pytest.mark.parametrize("family,variant", FAMILY_VARIANTS)
+def test_stats_match_float64_reference(hf_models, family, variant):
+    folder, hf = hf_models(family, variant)
+    model = mone_jax.load_hf(folder, progress=False)
+    batches = _batches(hf.config.vocab_size)
+    ref, tokens = reference_stats(hf, batches)
+    stats = mone_jax.calibrate(model, [{"input_ids": i, "attention_mask": m} for i, m in batches], progress=False)
+    assert_stats_match(stats, ref, tokens)
+
+
+@pytest.mark.parametrize("impl", ["scan", "ragged", "dense"])
+def test_batch_split_and_impl_do_not_change_stats(hf_models, impl):
+    """Merge correctness: the same tokens as 1 batch, or 3 batches of different sizes, give equal stats."""
+    folder, hf = hf_models("qwen2_moe", "b")
+    model = mone_jax.load_hf(folder, progress=False)
+    model.impl = impl
+    ids = np.random.default_rng(5).integers(0, hf.config.vocab_size, (6, 16)).astype(np.int32)
+    whole = mone_jax.calibrate(model, [ids], progress=False)
+    parts = mone_jax.calibrate(model, [ids[:1], ids[1:4], ids[4:]], progress=False)
+    ref, tokens = reference_stats(hf, [(ids, None)])
+    assert_stats_match(whole, ref, tokens)
+    assert_stats_match(parts, ref, tokens)
+
+
+def test_stats_file_roundtrip(hf_models, tmp_path):
+    folder, hf = hf_models("olmoe", "a")
+    model = mone_jax.load_hf(folder, progress=False)
+    stats = mone_jax.calibrate(model, [np.arange(24, dtype=np.int32).reshape(2, 12) % hf.config.vocab_size],
+                               progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    back = Stats.load(tmp_path / "s.safetensors")
+    assert back.tokens == stats.tokens and back.meta["model_type"] == "olmoe"
+    assert back.meta["num_experts"] == str(hf.config.num_experts)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "s.safetensors"), "numpy") as f:
+        assert f.metadata()["format_version"] == "1"
+        assert f.get_tensor("layers.0.count").dtype == np.int64
+        assert f.get_tensor("layers.0.output_mean").dtype == np.float32
+    for i in stats.layers:
+        np.testing.assert_array_equal(back.layers[i].count, stats.layers[i].count)
+        np.testing.assert_allclose(back.layers[i].m2, stats.layers[i].m2, rtol=1e-6)
