@@ -1,0 +1,136 @@
+"""Scores and plans on constructed statistics (DESIGN.md sections 1 and 3), plus property tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mone_jax.errors import UserError
+from mone_jax.scoring import METRICS, make_plan
+from mone_jax.stats import LayerStats, Stats
+
+
+def _stats(counts, wsums, vars_, tokens=100, d=3, reap=None) -> Stats:
+    layers = {}
+    for i, (c, w, v) in enumerate(zip(counts, wsums, vars_)):
+        c = np.asarray(c, np.int64)
+        m2 = np.asarray(v, np.float64)[:, None] * np.ones(d) / d * np.maximum(c - 1, 0)[:, None]
+        r = np.zeros(len(c)) if reap is None else np.asarray(reap[i], np.float64)
+        layers[2 * i + 1] = LayerStats(c, np.asarray(w, np.float64), np.zeros((len(c), d)), m2, r)
+    return Stats(layers, tokens, {"model_type": "olmoe"})
+
+
+def test_mone_score_formula_and_layer_plan():
+    # sum_d var = v exactly, so score = (wsum / tokens) * sqrt(v)
+    s = _stats([[10, 10, 10, 1]], [[5.0, 1.0, 2.0, 50.0]], [[4.0, 100.0, 1.0, 9.0]], tokens=10)
+    plan = make_plan(s, keep=2)
+    expected = np.array([0.5 * 2, 0.1 * 10, 0.2 * 1, 0.0])  # count < 2 -> var 0 -> score 0
+    np.testing.assert_allclose(plan["layers"]["1"]["scores"], expected)
+    # 0 and 1 tie at 1.0: both kept; the plan lists ids ascending
+    assert plan["layers"]["1"] == {"kept": [0, 1], "novices": [2, 3], "scores": plan["layers"]["1"]["scores"]}
+    assert plan["metric"] == "mone" and plan["scope"] == "layer" and plan["keep"] == 2
+
+
+def test_ties_go_to_lower_index_and_exactly_n_kept():
+    s = _stats([[5] * 6], [[1.0] * 6], [[1.0] * 6])
+    for n in range(1, 7):
+        assert make_plan(s, keep=n)["layers"]["1"]["kept"] == list(range(n))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_each_metric(metric):
+    counts = [[1, 40, 30, 20]]
+    wsum = [[0.5, 4.0, 9.0, 2.0]]
+    var = [[0.0, 1.0, 25.0, 4.0]]
+    reap = [[0.1, 8.0, 3.0, 6.0]]
+    s = _stats(counts, wsum, var, tokens=50, reap=reap)
+    sc = np.array(make_plan(s, keep=2, metric=metric, seed=3)["layers"]["1"]["scores"])
+    expected = {
+        "mone": np.array(wsum[0]) / 50 * np.sqrt(var[0]),
+        "frequency": np.array(counts[0]) / 50,
+        "routing-score": np.array(wsum[0]) / 50,
+        "variance": np.sqrt(var[0]),
+        "reap": np.array(reap[0]) / np.array(counts[0]),
+        "random": np.random.default_rng(3).random(4),
+    }[metric]
+    np.testing.assert_allclose(sc, expected, rtol=1e-12)
+
+
+def test_model_scope_keeps_round_n_layers_total_at_least_one_per_layer():
+    s = _stats([[10] * 4, [10] * 4, [10] * 4],
+               [[9, 8, 7, 6], [0.1, 0.2, 0.3, 0.4], [5, 5, 0.5, 0.5]], [[1] * 4] * 3, tokens=10)
+    plan = make_plan(s, keep=2, scope="model")
+    kept = {k: v["kept"] for k, v in plan["layers"].items()}
+    assert sum(len(v) for v in kept.values()) == 6
+    assert kept["1"] == [0, 1, 2, 3]  # the best four scores overall live in layer 1 ...
+    assert kept["3"] == [3]  # ... but every layer keeps at least its best expert
+    assert kept["5"] == [0]  # ties (5, 5) -> lower expert index
+
+
+def test_ratio_and_bad_arguments():
+    s = _stats([[3] * 8], [[1.0] * 8], [[1.0] * 8])
+    assert make_plan(s, ratio=0.25)["keep"] == 6
+    assert make_plan(s, ratio=0.5)["keep"] == 4
+    assert make_plan(s, ratio=0.0)["keep"] == 8
+    for kw in [dict(keep=0), dict(keep=9), dict(ratio=1.0), dict(ratio=-0.1), dict(keep=2, ratio=0.5),
+               dict(keep=2, metric="nope"), dict(keep=2, scope="nope")]:
+        with pytest.raises(UserError):
+            make_plan(s, **kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(E=st.integers(2, 12), L=st.integers(1, 4), n=st.integers(1, 12), seed=st.integers(0, 10_000),
+       metric=st.sampled_from(METRICS), scope=st.sampled_from(["layer", "model"]))
+def test_plan_invariants(E, L, n, seed, metric, scope):
+    n = min(n, E)
+    rng = np.random.default_rng(seed)
+    s = _stats(rng.integers(0, 20, (L, E)), rng.random((L, E)), rng.random((L, E)), reap=rng.random((L, E)))
+    plan = make_plan(s, keep=n, metric=metric, scope=scope, seed=seed)
+    total = 0
+    for v in plan["layers"].values():
+        assert sorted(v["kept"] + v["novices"]) == list(range(E))  # kept and novices partition the experts
+        assert v["kept"] == sorted(v["kept"]) and v["novices"] == sorted(v["novices"])
+        assert len(v["kept"]) >= 1
+        if scope == "layer":
+            assert len(v["kept"]) == n
+        total += len(v["kept"])
+    if scope == "model":
+        assert total == max(L, round(n * L))
+    assert make_plan(s, keep=n, metric=metric, scope=scope, seed=seed) == plan  # deterministic for a seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(1, 59), max_size=6))
+def test_merge_is_split_invariant(seed, cuts):
+    """Chan merge: any split of the tokens into batches gives the moments of the whole (float64 loop)."""
+    rng = np.random.default_rng(seed)
+    E, d, N = 3, 4, 60
+    e_of = rng.integers(0, E, N)
+    y = rng.normal(size=(N, d)) * rng.uniform(0.1, 100)
+    w = rng.random(N)
+    bounds = [0, *sorted(set(cuts)), N]
+
+    def batch(lo, hi):
+        c = np.zeros(E, np.int64)
+        ws, mean, m2, reap = np.zeros(E), np.zeros((E, d)), np.zeros((E, d)), np.zeros(E)
+        for e in range(E):
+            sel = (e_of[lo:hi] == e)
+            ys = y[lo:hi][sel]
+            c[e] = len(ys)
+            if len(ys):
+                ws[e] = w[lo:hi][sel].sum()
+                mean[e] = ys.mean(0)
+                m2[e] = ((ys - ys.mean(0)) ** 2).sum(0)
+                reap[e] = (w[lo:hi][sel] * np.linalg.norm(ys, axis=1)).sum()
+        return Stats({0: LayerStats(c, ws, mean, m2, reap)}, hi - lo)
+
+    acc = batch(0, 0)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        acc = acc.merge(batch(lo, hi))
+    whole = batch(0, N)
+    np.testing.assert_array_equal(acc.layers[0].count, whole.layers[0].count)
+    for f in ("weight_sum", "mean", "m2", "reap_sum"):
+        np.testing.assert_allclose(getattr(acc.layers[0], f), getattr(whole.layers[0], f), rtol=1e-9, atol=1e-9)
+    assert acc.tokens == N
