@@ -1,0 +1,47 @@
+"""Independent PyTorch application of a pruning plan to a transformers model (test reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from reference import experts_modules
+
+
+def substitute(hf_model, plan: dict, novices: dict[int, dict[int, np.ndarray]]):
+    """Copy of ``hf_model`` whose novice experts return weight * vector (router untouched)."""
+    model = copy.deepcopy(hf_model)
+    for i, mod in experts_modules(model).items():
+        entry = plan["layers"][str(i)]
+        nov = torch.tensor(sorted(entry["novices"]), dtype=torch.long)
+        table = torch.zeros(mod.gate_up_proj.shape[0], mod.down_proj.shape[1], dtype=torch.float32)
+        for e in entry["novices"]:
+            table[e] = torch.as_tensor(novices[i][e], dtype=torch.float32)
+        orig = mod.forward
+
+        def forward(hidden, top_k_index, top_k_weights, orig=orig, nov=nov, table=table):
+            is_nov = torch.isin(top_k_index, nov)
+            kept_w = torch.where(is_nov, torch.zeros_like(top_k_weights), top_k_weights)
+            out = orig(hidden, top_k_index, kept_w)
+            nov_w = torch.where(is_nov, top_k_weights, torch.zeros_like(top_k_weights))
+            return out + (nov_w[..., None].float() * table[top_k_index]).sum(1).to(out.dtype)
+
+        mod.forward = forward
+    return model
+
+
+def drop(hf_model, plan: dict):
+    """Copy of ``hf_model`` with pruned experts and their router rows removed."""
+    model = copy.deepcopy(hf_model)
+    for i, layer in enumerate(model.model.layers):
+        mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        if not hasattr(mlp, "experts"):
+            continue
+        kept = torch.tensor(plan["layers"][str(i)]["kept"], dtype=torch.long)
+        with torch.no_grad():
+            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight[kept].clone())
+            mlp.experts.gate_up_proj = torch.nn.Parameter(mlp.experts.gate_up_proj[kept].clone())
+            mlp.experts.down_proj = torch.nn.Parameter(mlp.experts.down_proj[kept].clone())
+        mlp.gate.num_experts = mlp.experts.num_experts = len(kept)
+    return model
