@@ -1,0 +1,56 @@
+"""The command line as a user runs it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import assert_close_logits, torch_logits
+
+from mone_jax.stats import Stats
+
+
+def run(*args, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_inspect(hf_models):
+    folder, hf = hf_models("qwen2_moe", "a")
+    out = json.loads(run("inspect", folder, "--json").stdout)
+    n_params = sum(p.numel() for p in hf.parameters())
+    assert out["params_total"] == n_params
+    assert out["moe_layers"] == [1] and out["dense_layers"] == [0, 2]  # decoder_sparse_step = 2
+    assert out["experts"] == 6 and out["top_k"] == 2
+    routed = sum(p.numel() for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    assert out["params_routed_experts"] == routed
+    assert out["params_active_per_token"] == n_params - routed + routed * 2 // 6
+    assert out["bytes"] == 4 * n_params
+    assert "qwen2_moe" in run("inspect", folder).stdout
+
+
+def test_forward_writes_transformers_logits(hf_models, tmp_path):
+    folder, hf = hf_models("mixtral", "a")
+    ids = np.random.default_rng(0).integers(0, 96, (2, 9)).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    run("forward", folder, "--tokens", tmp_path / "ids.npy", "--out", tmp_path / "logits.npy")
+    assert_close_logits(np.load(tmp_path / "logits.npy"), torch_logits(hf, ids))
+
+
+def test_calibrate_then_plan(hf_models, tmp_path):
+    folder, _ = hf_models("olmoe", "a")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(1).integers(0, 96, (4, 16)).astype(np.int32))
+    run("calibrate", folder, "--calib", tmp_path / "ids.npy", "--stats-out", tmp_path / "s.safetensors",
+        "--batch-size", "2", "--quiet")
+    stats = Stats.load(tmp_path / "s.safetensors")
+    assert stats.tokens == 64 and sorted(stats.layers) == [0, 1]
+    run("plan", tmp_path / "s.safetensors", "--keep", "5", "--metric", "reap", "--plan-out", tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["metric"] == "reap" and all(len(v["kept"]) == 5 for v in plan["layers"].values())
+    bad = run("plan", tmp_path / "s.safetensors", "--keep", "9", "--plan-out", tmp_path / "q.json", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "q.json").exists()
