@@ -109,7 +109,8 @@ def export_pruned(
         else:
             _check_novices(layers, novices, cfg)
         out_dtype = _OUT_DTYPES[dtype] if dtype else None
-        tensors, counts = _plan_tensors(reader, fam, layers, novices, fmt, out_dtype)
+        model_dtype = _OUT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+        tensors, counts = _plan_tensors(reader, fam, layers, novices, fmt, out_dtype, model_dtype)
         config = _out_config(cfg, fam, layers, fmt, dtype, _moe_layers(reader, fam))
         before = sum(int(np.prod(reader.shape(k), dtype=np.int64)) for k in reader.keys())
         bytes_before = sum(
@@ -183,9 +184,7 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
 
 def _layer_plans(plan: dict, cfg: dict, fam: FamilyNames, reader: CheckpointReader) -> dict[int, _LayerPlan]:
     """Validated per-layer (kept, novices) of ``plan``, keyed by int layer index."""
-    n_experts = cfg.get(fam.num_experts_key)
-    if not isinstance(n_experts, int) or n_experts <= 0:
-        raise UserError(f"config.json has no valid '{fam.num_experts_key}': is this a {fam.model_type} MoE model?")
+    n_experts = cfg[_num_experts_key(cfg, fam)]
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict) or not plan["layers"]:
         raise UserError("the plan has no 'layers' object: pass a plan written by the plan step")
     layers = {}
@@ -255,8 +254,11 @@ def _plan_tensors(
     novices: dict,
     fmt: str,
     out_dtype: np.dtype | None,
+    model_dtype: np.dtype | None,
 ) -> tuple[list[_Tensor], dict]:
-    """Output tensors in natural key order, plus parameter counts removed / added."""
+    """Output tensors in natural key order, plus parameter counts removed / added.
+
+    Novices are stored in ``out_dtype``, else the config's model dtype, else the router's dtype."""
     counts = {"expert_params_removed": 0, "router_params_removed": 0, "novice_params_added": 0}
     per_expert = {
         layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.(\d+)\.(.+)") for layer in layers
@@ -306,7 +308,7 @@ def _plan_tensors(
 
     if fmt != "drop":
         for layer, lp in layers.items():
-            vdt = out_dtype or reader.dtype(fam.router_key(layer))
+            vdt = out_dtype or model_dtype or reader.dtype(fam.router_key(layer))
             for e in lp.novices:
                 name = (
                     f"{fam.moe_prefix(layer)}.experts.{e}.approx_value"
@@ -350,10 +352,10 @@ def _out_config(
         out["dtype"] = dtype
         if "torch_dtype" in out:
             out["torch_dtype"] = dtype
-    stem = f"Mone{_causal_lm_class(fam.model_type)}"
-    n_experts = cfg[fam.num_experts_key]
+    stem = _causal_lm_class(fam.model_type).removesuffix("ForCausalLM")
+    n_experts = cfg[_num_experts_key(cfg, fam)]
     if fmt == "drop":
-        out[fam.num_experts_key] = len(next(iter(layers.values())).kept)
+        out[_num_experts_key(cfg, fam)] = len(next(iter(layers.values())).kept)
     elif fmt == "substitution":
         targets = {
             f"{fam.moe_prefix(layer)}.experts": {
@@ -385,15 +387,26 @@ def _out_config(
                 }
             },
         }
-        out["auto_map"] = {"AutoModelForCausalLM": f"modeling_mone.{stem}"}
+        out["auto_map"] = {"AutoModelForCausalLM": f"modeling_mone.Mone{stem}ForCausalLM"}
     else:
         out["model_type"] = fam.model_type + COMPRESSED_SUFFIX
         approx = {str(lyr): layers[lyr].novices if lyr in layers else [] for lyr in moe_layers}
         out["approximate_experts"] = approx
         out["approximate_expert_init_tokens"] = {lyr: [0] * len(ids) for lyr, ids in approx.items()}
-        config_class = _causal_lm_class(fam.model_type).removesuffix("ForCausalLM") + "CompressedConfig"
-        out["auto_map"] = {"AutoConfig": f"modeling_mone.{config_class}", "AutoModelForCausalLM": f"modeling_mone.{stem}"}
+        out["auto_map"] = {
+            "AutoConfig": f"modeling_mone.{stem}CompressedConfig",
+            "AutoModelForCausalLM": f"modeling_mone.Mone{stem}CompressedForCausalLM",
+        }
     return out
+
+
+def _num_experts_key(cfg: dict, fam: FamilyNames) -> str:
+    """The config.json key holding the routed expert count (transformers 5 writes Qwen3-MoE's as
+    ``num_local_experts`` where hub checkpoints say ``num_experts``)."""
+    for key in (fam.num_experts_key, "num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return key
+    raise UserError(f"config.json has no valid '{fam.num_experts_key}': is this a {fam.model_type} MoE model?")
 
 
 def _causal_lm_class(model_type: str) -> str:

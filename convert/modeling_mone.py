@@ -172,15 +172,16 @@ class _MoneCausalLM:
 
 
 def _define_classes() -> None:
-    """Module-level ``Mone<Family>ForCausalLM`` and ``<Family>CompressedConfig`` classes (auto_map targets)."""
+    """Module-level auto_map targets of every family: ``Mone<Stem>ForCausalLM`` (substitution),
+    ``<Stem>CompressedConfig`` and ``Mone<Stem>CompressedForCausalLM`` (mode-pd layout)."""
     for model_type, (config_cls, lm_cls) in _FAMILIES.items():
         stem = lm_cls.__name__.removesuffix("ForCausalLM")
-        config_name = f"{stem}CompressedConfig"
-        globals()[config_name] = type(
-            config_name, (config_cls,), {"model_type": model_type + COMPRESSED, "__module__": __name__}
+        compressed = type(
+            f"{stem}CompressedConfig", (config_cls,), {"model_type": model_type + COMPRESSED, "__module__": __name__}
         )
-        name = f"Mone{lm_cls.__name__}"
-        globals()[name] = type(name, (_MoneCausalLM, lm_cls), {"__module__": __name__})
+        globals()[compressed.__name__] = compressed
+        for name, cfg_cls in ((f"Mone{stem}ForCausalLM", config_cls), (f"Mone{stem}CompressedForCausalLM", compressed)):
+            globals()[name] = type(name, (_MoneCausalLM, lm_cls), {"config_class": cfg_cls, "__module__": __name__})
         # mode-pd exports have their own model_type: give it the family's checkpoint conversions.
         mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:

@@ -1,0 +1,408 @@
+"""Export of pruned checkpoints (substitution, mode-pd, drop) checked against transformers.
+
+Each family's tiny random model is pruned by a plan; the export is loaded back with transformers
+and its logits are compared with an independent PyTorch application of the same plan on the
+original model (kept experts as before, novices ``weight * vector``; drop: experts and router
+rows removed by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from convert import export as export_mod  # noqa: E402
+from convert.export import export_pruned, verify_export  # noqa: E402
+from mone_jax.errors import UserError  # noqa: E402
+
+E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 64
+_BASE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+             tie_word_embeddings=False, num_experts_per_tok=TOP_K)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            moe_intermediate_size=16, intermediate_size=40, n_routed_experts=E, n_shared_experts=1,
+            first_k_dense_replace=1)
+# family -> (config class, kwargs, router attribute): dense layers and shared experts mixed in where the family has them.
+FAMILIES = {
+    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=2, intermediate_size=16, num_experts=E), "gate"),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=E, mlp_only_layers=[1]),
+                  "gate"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16,
+                                         head_dim=8, num_experts=E, norm_topk_prob=True, mlp_only_layers=[0]),
+                  "gate"),
+    "mixtral": ("MixtralConfig", dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=E), "gate"),
+    "deepseek_v2": ("DeepseekV2Config", dict(num_hidden_layers=3, q_lora_rank=None, topk_method="group_limited_greedy",
+                                             n_group=2, topk_group=1, routed_scaling_factor=1.5, **_MLA), "gate"),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_hidden_layers=3, q_lora_rank=16, n_group=2, topk_group=1,
+                                             **_MLA), "gate"),
+    "glm4_moe": ("Glm4MoeConfig", dict(num_hidden_layers=3, head_dim=8, intermediate_size=40, moe_intermediate_size=16,
+                                       n_routed_experts=E, n_shared_experts=1, first_k_dense_replace=1), "gate"),
+    "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=E,
+                                     sliding_window=4), "router"),
+}
+FORMATS = ("substitution", "modepd", "drop")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _build(family: str):
+    cls, kw, _ = FAMILIES[family]
+    cfg = getattr(transformers, cls)(**{**_BASE, **kw})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # diverse routing, sizeable expert outputs, non-zero biases
+        for name, p in model.named_parameters():
+            if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", name) and ".mlp." in name:
+                p.normal_(0.0, 1.0)
+            elif ".experts." in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """Export folder; named after the test so transformers' remote-code cache never shares it between workers."""
+    return tmp_path / tmp_path.name
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """family -> (folder, model): one saved random checkpoint per family."""
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = _build(family)
+            folder = tmp_path_factory.mktemp(family) / "src"
+            model.save_pretrained(folder)
+            cache[family] = (folder, model)
+        return cache[family]
+
+    return get
+
+
+def _moe_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def _plan(model, keep: dict[int, int] | int, seed: int = 1) -> tuple[dict, dict]:
+    """Random plan (kept subsets differ per layer) and random novice vectors."""
+    rng = np.random.default_rng(seed)
+    layers, novices = {}, {}
+    for layer in _moe_layers(model):
+        k = keep if isinstance(keep, int) else keep[layer]
+        kept = sorted(rng.choice(E, k, replace=False).tolist())
+        nov = [e for e in range(E) if e not in kept]
+        layers[str(layer)] = {"kept": kept, "novices": nov, "scores": rng.random(E).tolist()}
+        novices[layer] = {e: rng.normal(0.0, 1.0, HIDDEN).astype(np.float32) for e in nov}
+    return {"metric": "mone", "scope": "layer", "keep": keep if isinstance(keep, int) else None,
+            "layers": layers}, novices
+
+
+def _varying_keep(model) -> dict[int, int]:
+    return {layer: 3 + i % 3 for i, layer in enumerate(_moe_layers(model))}
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _assert_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max|diff| {err:.3g} vs max|ref| {ref.abs().max().item():.3g}"
+
+
+def _patch_mone(model, plan: dict, novices: dict) -> None:
+    """Apply the plan to ``model`` in place, independently of modeling_mone.py: the stock experts
+    module computes each kept expert's raw output (weight 1), novices give their vector, and the
+    routing weights are applied here without renormalisation."""
+    for key, entry in plan["layers"].items():
+        experts = model.model.layers[int(key)].mlp.experts
+        stock = experts.forward
+        kept = set(entry["kept"])
+        values = {e: torch.as_tensor(v) for e, v in novices[int(key)].items()}
+
+        def forward(hidden, index, weights, stock=stock, kept=kept, values=values):
+            out = torch.zeros_like(hidden)
+            for e in index.unique().tolist():
+                tok, slot = (index == e).nonzero(as_tuple=True)
+                if e in kept:
+                    one = torch.ones(len(tok), 1, dtype=weights.dtype)
+                    raw = stock(hidden[tok], torch.full((len(tok), 1), e), one)
+                else:
+                    raw = values[e].to(hidden.dtype).expand(len(tok), -1)
+                out.index_add_(0, tok, (weights[tok, slot, None] * raw).to(out.dtype))
+            return out
+
+        experts.forward = forward
+
+
+def _dropped_reference(model, plan: dict):
+    """The stock model with the pruned experts and their router rows removed by hand."""
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    k = len(next(iter(plan["layers"].values()))["kept"])
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, k)
+    state = dict(model.state_dict())
+    for key, entry in plan["layers"].items():
+        prefix = f"model.layers.{key}.mlp."
+        for name in [n for n in state if n.startswith(prefix + "experts.") or n.startswith(prefix + "gate.")
+                     or n.startswith(prefix + "router.")]:
+            state[name] = state[name][entry["kept"]]
+    small = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+def _load(out: Path, fmt: str):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=fmt != "drop", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _data_bytes(folder: Path) -> int:
+    """Tensor bytes of a folder's safetensors files (file sizes minus headers)."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            total += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
+
+
+def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> None:
+    """Every loaded parameter equals its source tensor (nothing left randomly initialised)."""
+    want = dict(original.state_dict())
+    for key, entry in plan["layers"].items():
+        prefix = f"model.layers.{key}.mlp."
+        for name in [n for n in want if n.startswith(prefix + "experts.")]:
+            want[name] = want[name][entry["kept"]]
+        if fmt == "drop":
+            for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router."))]:
+                want[name] = want[name][entry["kept"]]
+        for e in entry["novices"] if fmt != "drop" else []:
+            where = f"experts.{e}.approx_value" if fmt == "modepd" else f"expert_replacements.{e}.value"
+            want[prefix + where] = torch.as_tensor(novices[int(key)][e])
+    got = dict(loaded.state_dict())
+    assert sorted(got) == sorted(want)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name].to(tensor.dtype)), name
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_roundtrip(family, fmt, source, out):
+    src, original = source(family)
+    keep = 4 if fmt == "drop" else _varying_keep(original)
+    plan, novices = _plan(original, keep)
+    summary = export_pruned(src, out, plan, novices, fmt=fmt)
+    assert verify_export(out) == []
+    loaded = _load(out, fmt)
+    _check_weights(loaded, original, plan, novices, fmt)
+
+    ids = _ids()
+    if fmt == "drop":
+        assert type(loaded).__module__.startswith("transformers.models.")
+        assert "auto_map" not in json.loads((out / "config.json").read_text())
+        ref = _logits(_dropped_reference(original, plan), ids)
+    else:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+        _patch_mone(ref_model, plan, novices)
+        ref = _logits(ref_model, ids)
+        assert (ref - _logits(original, ids)).abs().max() > 1e-3  # the novices do change the output
+    _assert_rel(_logits(loaded, ids), ref)
+
+    # Sizes drop by exactly what the plan predicts.
+    per_expert = {
+        layer: sum(p.numel() for p in original.model.layers[layer].mlp.experts.parameters()) // E
+        for layer in _moe_layers(original)
+    }
+    removed = sum(len(v["novices"]) * per_expert[int(k)] for k, v in plan["layers"].items())
+    added = 0 if fmt == "drop" else sum(len(v["novices"]) for v in plan["layers"].values()) * HIDDEN
+    router = sum(len(v["novices"]) for v in plan["layers"].values()) * (
+        HIDDEN + (family == "gpt_oss") + (family in ("deepseek_v3", "glm4_moe"))
+    ) if fmt == "drop" else 0
+    before = sum(t.numel() for t in original.state_dict().values())
+    assert summary["expert_params_removed"] == removed and summary["novice_params_added"] == added
+    assert summary["params_before"] == before
+    assert summary["params_after"] == before - removed - router + added
+    assert sum(t.numel() for t in loaded.state_dict().values()) == summary["params_after"]
+    assert _data_bytes(src) - _data_bytes(out) == 4 * (removed + router - added)
+    assert summary["bytes_after"] == _data_bytes(out)
+
+
+@pytest.mark.parametrize("fmt", ["substitution", "modepd"])
+def test_keep_all_equals_original(fmt, source, out):
+    src, original = source("qwen2_moe")
+    plan, novices = _plan(original, E)
+    export_pruned(src, out, plan, novices, fmt=fmt)
+    ids = _ids()
+    assert torch.equal(_logits(_load(out, fmt), ids), _logits(original, ids))
+
+
+def test_substitution_config_block(source, tmp_path):
+    src, original = source("mixtral")
+    plan, novices = _plan(original, 5)
+    export_pruned(src, tmp_path / "out", plan, novices)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_local_experts"] == E and cfg["auto_map"] == {
+        "AutoModelForCausalLM": "modeling_mone.MoneMixtralForCausalLM"
+    }
+    sub = cfg["compression_config"]["transform_config"]["expert_substitution"]
+    assert sub["router_semantics"] == {"preserve_logical_expert_ids": True, "preserve_router_weights": True,
+                                       "renormalize_after_substitution": False}
+    target = sub["targets"]["model.layers.1.block_sparse_moe.experts"]
+    assert target["num_logical_experts"] == E and target["weight_layout"] == "compact_retained_experts"
+    e = plan["layers"]["1"]["novices"][0]
+    assert target["replacements"][str(e)] == {
+        "format": "constant-v1",
+        "tensors": {"value": f"model.layers.1.block_sparse_moe.expert_replacements.{e}.value"},
+    }
+    with safe_open(tmp_path / "out" / "model.safetensors", "np") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.4.w2.weight" in keys
+    assert "model.layers.1.block_sparse_moe.experts.5.w2.weight" not in keys
+    assert (tmp_path / "out" / "modeling_mone.py").is_file()
+
+
+def test_modepd_config(source, tmp_path):
+    src, original = source("olmoe")
+    plan, novices = _plan(original, 5)
+    export_pruned(src, tmp_path / "out", plan, novices, fmt="modepd")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "olmoe_compressed"
+    assert cfg["approximate_experts"] == {k: v["novices"] for k, v in plan["layers"].items()}
+    assert cfg["approximate_expert_init_tokens"] == {k: [0, 0, 0] for k in plan["layers"]}
+
+
+def test_sharded_bf16_and_copied_files(source, tmp_path, out):
+    src, original = source("olmoe")
+    work = tmp_path / "src"
+    work.mkdir()
+    for f in src.iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((work / "config.json").read_text())
+    (work / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.Model"}}))
+    (work / "evil.py").write_text("raise SystemExit('never run')\n")
+    (work / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]},
+                                                            "model_max_length": 64}))
+    (work / "tokenizer.json").write_text("{}")
+    plan, novices = _plan(original, 5)
+    summary = export_pruned(work, out, plan, novices, dtype="bfloat16", max_shard_bytes=20_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all(p.stat().st_size < 20_000 + 4096 for p in out.glob("*.safetensors"))
+    assert summary["files"] == len(list(out.iterdir()))
+    assert not (out / "evil.py").exists() and (out / "tokenizer.json").read_text() == "{}"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 64}
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith("modeling_mone.")
+    loaded = _load(out, "substitution")
+    assert loaded.dtype == torch.bfloat16 and verify_export(out) == []
+
+
+def test_verify_export_catches_changes(source, tmp_path):
+    src, original = source("olmoe")
+    plan, novices = _plan(original, 5)
+    out = tmp_path / "out"
+    export_pruned(src, out, plan, novices)
+    assert verify_export(out) == []
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-3] ^= 0x40
+    (out / "model.safetensors").write_bytes(bytes(data))
+    (out / "generation_config.json").unlink()
+    (out / "notes.txt").write_text("x")
+    problems = verify_export(out)
+    assert len(problems) == 3
+    assert any("model.safetensors" in p and "sha256" in p for p in problems)
+    assert any("missing" in p and "generation_config.json" in p for p in problems)
+    assert any("unexpected" in p and "notes.txt" in p for p in problems)
+    (out / "mone_manifest.json").unlink()
+    assert verify_export(out) == ["mone_manifest.json is missing"]
+
+
+def test_existing_output_refused_unless_overwrite(source, tmp_path):
+    src, original = source("olmoe")
+    plan, novices = _plan(original, 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_pruned(src, out, plan, novices)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_pruned(src, out, plan, novices, overwrite=True)
+    assert not (out / "keep.txt").exists() and verify_export(out) == []
+    with pytest.raises(UserError, match="source"):
+        export_pruned(src, src, plan, novices, overwrite=True)
+
+
+def test_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch):
+    src, original = source("olmoe")
+    plan, novices = _plan(original, 5)
+    real = export_mod._write_shard
+    calls = []
+
+    def failing(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"partial")
+            raise OSError("disk full")
+        return real(path, tensors)
+
+    monkeypatch.setattr(export_mod, "_write_shard", failing)
+    parent = tmp_path / "exports"
+    with pytest.raises(OSError, match="disk full"):
+        export_pruned(src, parent / "out", plan, novices, max_shard_bytes=20_000)
+    assert len(calls) == 2 and list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "family, keep, match",
+    [
+        ("olmoe", {0: 4, 1: 5}, "same expert count"),
+        ("olmoe", 1, "fewer than top-k"),
+        ("deepseek_v3", 5, "n_group"),
+    ],
+)
+def test_drop_refusals(family, keep, match, source, tmp_path):
+    src, original = source(family)
+    plan, novices = _plan(original, keep)
+    with pytest.raises(UserError, match=match):
+        export_pruned(src, tmp_path / "out", plan, novices, fmt="drop")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_plans_refused(source, tmp_path):
+    src, original = source("olmoe")
+    plan, novices = _plan(original, 5)
+    bad = json.loads(json.dumps(plan))
+    bad["layers"]["0"]["novices"].pop()
+    with pytest.raises(UserError, match="exactly once"):
+        export_pruned(src, tmp_path / "a", bad, novices)
+    with pytest.raises(UserError, match="no novice vector"):
+        export_pruned(src, tmp_path / "b", plan, {0: {}, 1: novices[1]})
+    with pytest.raises(UserError, match="unknown export format"):
+        export_pruned(src, tmp_path / "c", plan, novices, fmt="gguf")
+    bad = json.loads(json.dumps(plan))
+    bad["layers"]["7"] = bad["layers"]["0"]
+    with pytest.raises(UserError, match="not a MoE layer"):
+        export_pruned(src, tmp_path / "d", bad, novices)
