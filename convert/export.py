@@ -265,7 +265,7 @@ def _plan_tensors(
     }
     fused = {layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.([^.]+)") for layer in layers}
     router_rows = {
-        fam.router_key(layer, what): layer
+        fam.router_key(layer, what)
         for layer in layers
         for what in ("weight", "bias" if fam.router_bias else None, fam.score_bias)
         if what
