@@ -104,7 +104,7 @@ _NOVICE_CLASSES: dict[type, type] = {}
 def _prune_experts(experts: nn.Module, novices: list[int], values: list[NoviceValue]) -> None:
     """Turn a stock experts module (E experts) into one with the retained experts only."""
     n = experts.num_experts
-    kept = [e for e in range(n) if e not in set(novices)]
+    kept = sorted(set(range(n)) - set(novices))
     idx = torch.tensor(kept, device="cpu")
     for name, param in list(experts.named_parameters(recurse=False)):
         if param.shape[:1] == (n,):
