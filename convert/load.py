@@ -1,9 +1,20 @@
-"""Hugging Face folder -> Flax NNX model, reading one tensor at a time."""
+"""Hugging Face folder -> Flax NNX model, reading one tensor at a time.
+
+Besides stock checkpoints this reads checkpoints whose routed experts were pruned to novices,
+in the two layouts of DESIGN.md section 4 (whoever wrote them: this project or the PyTorch
+reference): ``substitution`` (config ``compression_config.transform_config.expert_substitution``,
+retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) and ``modepd``
+(config ``approximate_experts``, retained experts at their original indices,
+``<moe>.experts.<e>.approx_value``). Either gives a pruned :class:`MoEForCausalLM`.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -13,7 +24,8 @@ from convert.families import FamilyNames, family
 from convert.reader import CheckpointReader, read_config
 from mone_jax.config import ModelConfig, parse_config
 from mone_jax.errors import UserError
-from mone_jax.model import MLP, Attention, MoEBlock, MoEForCausalLM
+from mone_jax.layers import Linear, RMSNorm
+from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -26,22 +38,90 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+@dataclass(frozen=True)
+class PrunedLayout:
+    """Where a pruned checkpoint keeps its experts: ``novices[layer][expert]`` = the novice's tensor key;
+    ``compact``: retained experts are stored at indices 0..K-1 (else at their original indices)."""
+
+    novices: dict[int, dict[int, str]]
+    compact: bool
+
+    def kept(self, layer: int, num_experts: int) -> list[int]:
+        nov = self.novices.get(layer, {})
+        return [e for e in range(num_experts) if e not in nov]
+
+
+def pruned_layout(cfg: ModelConfig) -> PrunedLayout | None:
+    """The pruned-expert layout declared by the config, or None for a stock checkpoint."""
+    raw, fam, E = cfg.raw, family(cfg.model_type), cfg.num_experts
+    block = (((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution"))
+    if block:
+        layout = PrunedLayout(_substitution_targets(block, fam, E), compact=True)
+    elif raw.get("approximate_experts"):
+        approx = raw["approximate_experts"]
+        if not isinstance(approx, dict):
+            raise UserError("config.json 'approximate_experts' must map layer ids to lists of expert ids")
+        try:
+            novices = {int(layer): {int(e): f"{fam.moe_prefix(int(layer))}.experts.{int(e)}.approx_value" for e in ids}
+                       for layer, ids in approx.items()}
+        except (TypeError, ValueError):
+            raise UserError("config.json 'approximate_experts' must map layer ids to lists of expert ids") from None
+        layout = PrunedLayout(novices, compact=False)
+    else:
+        return None
+    for layer, nov in layout.novices.items():
+        if not 0 <= layer < cfg.num_layers or (nov and not cfg.moe_layers[layer]):
+            raise UserError(f"config.json prunes layer {layer}, which is not a MoE layer of this model")
+        if any(not 0 <= e < E for e in nov) or len(nov) >= E:
+            raise UserError(f"config.json prunes experts {sorted(nov)} of layer {layer}: expert ids must lie in "
+                            f"0..{E - 1} and at least one expert must be retained")
+    return layout
+
+
+def _substitution_targets(block: dict, fam: FamilyNames, num_experts: int) -> dict[int, dict[int, str]]:
+    """{layer: {expert: value tensor key}} of an ``expert_substitution`` block (version 1)."""
+    sem = block.get("router_semantics") or {}
+    if block.get("version") != 1 or not sem.get("preserve_logical_expert_ids", False) \
+            or not sem.get("preserve_router_weights", False) or sem.get("renormalize_after_substitution", True):
+        raise UserError(f"expert_substitution version {block.get('version')} with router_semantics {sem} is not "
+                        "supported: only version 1 with preserved ids / router weights and no renormalisation")
+    out = {}
+    for path, target in (block.get("targets") or {}).items():
+        m = re.fullmatch(rf"model\.layers\.(\d+)\.{re.escape(fam.moe_module)}\.experts", path)
+        if not m or not isinstance(target, dict) or target.get("weight_layout") != "compact_retained_experts":
+            raise UserError(f"expert_substitution target '{path}' is not supported: expected "
+                            f"'model.layers.<l>.{fam.moe_module}.experts' with weight_layout compact_retained_experts")
+        if target.get("num_logical_experts", num_experts) != num_experts:
+            raise UserError(f"expert_substitution target '{path}' has {target.get('num_logical_experts')} logical "
+                            f"experts but config.json says {num_experts}: the config is inconsistent")
+        values = {}
+        for e, rep in (target.get("replacements") or {}).items():
+            key = ((rep or {}).get("tensors") or {}).get("value") if isinstance(rep, dict) else None
+            if not isinstance(key, str) or rep.get("format") != "constant-v1":
+                raise UserError(f"replacement of expert {e} in '{path}' is not a constant-v1 value: "
+                                "only constant (novice) replacements are supported")
+            values[int(e)] = key
+        out[int(m[1])] = values
+    return out
+
+
 class _Filler:
-    """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) model."""
+    """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) module."""
 
     def __init__(self, reader: CheckpointReader, dtype):
         self.r, self.dtype = reader, dtype
 
     def set(self, var: nnx.Variable, arr: np.ndarray, key: str) -> None:
-        want = tuple(var.get_value().shape)
-        if tuple(arr.shape) != want:
+        """``var`` := arr in var's declared dtype (float32 for routers kept in float32)."""
+        want = var.get_value()
+        if tuple(arr.shape) != tuple(want.shape):
             raise UserError(
-                f"tensor '{key}' gives shape {list(arr.shape)} but config.json implies {list(want)}: "
+                f"tensor '{key}' gives shape {list(arr.shape)} but config.json implies {list(want.shape)}: "
                 "the weights do not belong to this config"
             )
         if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
             arr = arr.astype(np.float32)
-        var.set_value(jnp.asarray(arr, self.dtype))
+        var.set_value(jnp.asarray(arr, want.dtype))
 
     def t(self, var: nnx.Variable, key: str) -> None:
         """Linear weight [out, in] -> kernel [in, out]."""
@@ -51,15 +131,17 @@ class _Filler:
         self.set(var, self.r.get(key), key)
 
 
-def _attention(f: _Filler, a: Attention, p: str) -> None:
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        lin = getattr(a, name)
-        f.t(lin.kernel, f"{p}.{name}.weight")
-        if lin.bias is not None:
-            f.plain(lin.bias, f"{p}.{name}.bias")
-    if a.q_norm is not None:
-        f.plain(a.q_norm.weight, f"{p}.q_norm.weight")
-        f.plain(a.k_norm.weight, f"{p}.k_norm.weight")
+def _attention(f: _Filler, attn: nnx.Module, p: str) -> None:
+    """Every Linear / RMSNorm of an attention module (named as in transformers), plus GPT-OSS sinks."""
+    for name, mod in vars(attn).items():
+        if isinstance(mod, Linear):
+            f.t(mod.kernel, f"{p}.{name}.weight")
+            if mod.bias is not None:
+                f.plain(mod.bias, f"{p}.{name}.bias")
+        elif isinstance(mod, RMSNorm):
+            f.plain(mod.weight, f"{p}.{name}.weight")
+    if getattr(attn, "sinks", None) is not None:
+        f.plain(attn.sinks, f"{p}.sinks")
 
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
@@ -68,66 +150,133 @@ def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")
     f.set(m.down, d.T, f"{p}.{names[2]}.weight")
 
 
-def _experts(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, ids: list[int]) -> None:
-    """Routed experts ``ids`` (original numbering, on-disk index) into blk's [K, ...] stacks."""
+def _fused_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> np.ndarray:
+    """Rows of retained experts from a fused [E or K, ...] stack (pruned exports keep K rows)."""
+    n = f.r.shape(key)[0]
+    if n == len(kept):
+        return f.r.get(key)
+    if n == num_experts:
+        return f.r.get_slice(key, np.asarray(kept))
+    raise UserError(f"'{key}' has {n} expert rows, expected {num_experts} (all) or {len(kept)} (retained)")
+
+
+def _deinterleave(a: np.ndarray) -> np.ndarray:
+    """GPT-OSS fused [..., 2f] with gate/up interleaved -> [gate | up] halves."""
+    return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
+
+
+def _experts(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
+    """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
-    if f"{pre}.gate_up_proj" in f.r:  # fused on disk: gate_up [E, 2f, d], down [E, d, f]
-        gu = np.stack([f.r.get_slice(f"{pre}.gate_up_proj", e) for e in ids])
-        dn = np.stack([f.r.get_slice(f"{pre}.down_proj", e) for e in ids])
-        f.set(blk.gate_up, gu.transpose(0, 2, 1), f"{pre}.gate_up_proj")
-        f.set(blk.down, dn.transpose(0, 2, 1), f"{pre}.down_proj")
+    E = blk.cfg.num_experts
+    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d], biases
+        f.set(blk.gate_up, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj", kept, E)), f"{pre}.gate_up_proj")
+        f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj_bias", kept, E)),
+              f"{pre}.gate_up_proj_bias")
+        f.set(blk.down, _fused_rows(f, f"{pre}.down_proj", kept, E), f"{pre}.down_proj")
+        f.set(blk.down_bias, _fused_rows(f, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
+        return
+    if f"{pre}.gate_up_proj" in f.r:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+        f.set(blk.gate_up, _fused_rows(f, f"{pre}.gate_up_proj", kept, E).transpose(0, 2, 1), f"{pre}.gate_up_proj")
+        f.set(blk.down, _fused_rows(f, f"{pre}.down_proj", kept, E).transpose(0, 2, 1), f"{pre}.down_proj")
         return
     gu = np.stack([np.concatenate([f.r.get(fam.expert_key(layer, e, 0)).T, f.r.get(fam.expert_key(layer, e, 1)).T], 1)
-                   for e in ids])
-    f.set(blk.gate_up, gu, fam.expert_key(layer, ids[0], 0))
-    dn = np.stack([f.r.get(fam.expert_key(layer, e, 2)).T for e in ids])
-    f.set(blk.down, dn, fam.expert_key(layer, ids[0], 2))
+                   for e in disk])
+    f.set(blk.gate_up, gu, fam.expert_key(layer, disk[0], 0))
+    dn = np.stack([f.r.get(fam.expert_key(layer, e, 2)).T for e in disk])
+    f.set(blk.down, dn, fam.expert_key(layer, disk[0], 2))
 
 
-def _moe(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int) -> None:
+def _moe(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
     pre = fam.moe_prefix(layer)
+    E, d = blk.cfg.num_experts, blk.cfg.hidden_size
     f.t(blk.router, fam.router_key(layer))
-    _experts(f, fam, blk, layer, list(range(blk.num_kept)))
-    blk.kept_ids.set_value(jnp.arange(blk.num_kept, dtype=jnp.int32))
-    blk.novice_ids.set_value(jnp.zeros((0,), jnp.int32))
-    blk.novice_values.set_value(jnp.zeros((0, blk.cfg.hidden_size), f.dtype))
+    if blk.router_bias is not None:
+        f.plain(blk.router_bias, fam.router_key(layer, "bias"))
+    if blk.score_bias is not None:
+        f.plain(blk.score_bias, fam.router_key(layer, fam.score_bias))
+    novices = layout.novices.get(layer, {}) if layout else {}
+    kept = [e for e in range(E) if e not in novices]
+    disk = list(range(len(kept))) if layout and layout.compact else kept
+    _experts(f, fam, blk, layer, kept, disk)
+    blk.kept_ids.set_value(jnp.asarray(kept, jnp.int32))
+    nov = sorted(novices)
+    blk.novice_ids.set_value(jnp.asarray(nov, jnp.int32).reshape(len(nov)))
+    values = np.stack([f.r.get(novices[e], (d,)) for e in nov]) if nov else np.zeros((0, d), np.float32)
+    f.set(blk.novice_values, values, novices[nov[0]] if nov else f"{pre} novices")
     if blk.shared is not None:
         _mlp(f, blk.shared, f"{pre}.{fam.shared_expert}")
         if blk.shared_gate is not None:
             f.t(blk.shared_gate, f"{pre}.{fam.shared_expert_gate}.weight")
 
 
-def load_hf(folder: str | Path, dtype="float32", *, progress: bool = True) -> MoEForCausalLM:
-    """Load a Hugging Face MoE checkpoint folder (safetensors) as a Flax NNX model."""
-    raw = read_config(folder)
-    cfg = parse_config(raw)
+def _fill_layer(f: _Filler, fam: FamilyNames, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
+    p = f"model.layers.{i}"
+    f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
+    f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
+    _attention(f, layer.self_attn, f"{p}.self_attn")
+    if layer.is_moe:
+        _moe(f, fam, layer.mlp, i, layout)
+    else:
+        _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
+
+
+def kept_counts(cfg: ModelConfig) -> dict[int, int]:
+    """{MoE layer: retained experts} of the pruned layers of a checkpoint's config ({} for a stock one)."""
+    layout = pruned_layout(cfg)
+    if layout is None:
+        return {}
+    return {i: len(layout.kept(i, cfg.num_experts)) for i, nov in layout.novices.items() if nov}
+
+
+def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype="float32") -> DecoderLayer:
+    """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
     dt = resolve_dtype(dtype)
-    fam = family(cfg.model_type)
+    if not 0 <= layer_index < cfg.num_layers:
+        raise UserError(f"layer {layer_index} does not exist: the model has {cfg.num_layers} layers")
+    layout = pruned_layout(cfg)
+    kept = len(layout.kept(layer_index, cfg.num_experts)) if layout and layout.novices.get(layer_index) else None
+    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer_index, dt, nnx.Rngs(0), kept))
+    _fill_layer(_Filler(reader, dt), family(cfg.model_type), layer, layer_index, layout)
+    _check_filled(layer)
+    return layer
+
+
+def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
+    """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
+    dt = resolve_dtype(dtype)
+    d, V = cfg.hidden_size, cfg.vocab_size
+    out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
+           "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}
+    return {k: None if v is None else jnp.asarray(v if v.dtype.kind in "fV" else v.astype(np.float32), dt)
+            for k, v in out.items()}
+
+
+def load_hf(folder: str | Path, dtype="float32", *, progress: bool = True) -> MoEForCausalLM:
+    """Load a Hugging Face MoE checkpoint folder (safetensors) as a Flax NNX model.
+
+    A folder pruned in the substitution or mode-pd layout loads as a pruned model (its novices
+    and retained experts in place), so it can be checked against its PyTorch logits.
+    """
+    cfg = parse_config(read_config(folder))
+    dt = resolve_dtype(dtype)
+    kept = kept_counts(cfg)
     src = str(Path(folder).resolve())
-    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), source_dir=src))
+    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept, source_dir=src))
     with CheckpointReader(folder) as r:
-        f = _Filler(r, dt)
-        f.plain(model.embed, "model.embed_tokens.weight")
-        f.plain(model.norm.weight, "model.norm.weight")
+        head = load_embed_and_head(r, cfg, dt)
+        model.embed.set_value(head["embed"])
+        model.norm.weight.set_value(head["norm"])
         if model.lm_head is not None:
-            f.t(model.lm_head, "lm_head.weight")
-        for i, layer in enumerate(tqdm(model.layers, desc="loading layers", disable=not progress, leave=False)):
-            p = f"model.layers.{i}"
-            f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
-            f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-            _attention(f, layer.self_attn, f"{p}.self_attn")
-            if layer.is_moe:
-                _moe(f, fam, layer.mlp, i)
-            else:
-                _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
+            model.lm_head.set_value(head["lm_head"])
+        for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
+            model.layers[i] = load_layer(r, cfg, i, dt)
     _check_filled(model)
     return model
 
 
-def _check_filled(model: MoEForCausalLM) -> None:
-    import jax
-
-    for path, leaf in nnx.to_flat_state(nnx.state(model)):
+def _check_filled(module: nnx.Module) -> None:
+    for path, leaf in nnx.to_flat_state(nnx.state(module)):
         if isinstance(leaf.get_value(), jax.ShapeDtypeStruct):
             raise UserError(f"no checkpoint tensor was loaded for {'.'.join(map(str, path))}: missing tensors")
 

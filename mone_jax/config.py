@@ -54,14 +54,31 @@ class ModelConfig:
     qk_norm: str = "none"  # "none" | "proj" (OLMoE: over the whole projection) | "head" (Qwen3)
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax
+    # multi-head latent attention (DeepSeek-V2/V3), used when kv_lora_rank > 0
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # MoE
     moe_layers: tuple[bool, ...] = ()
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
     scoring: str = "softmax"  # "softmax" | "sigmoid"
+    group_score: str = "max"  # group-limited routing: "max" (DeepSeek-V2) | "top2" (sum of top 2: V3/GLM)
+    n_group: int = 1
+    topk_group: int = 1  # groups kept per token (selection is group-limited when < n_group)
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    router_bias: bool = False  # GPT-OSS: logits = x @ W + b
+    score_bias: bool = False  # DeepSeek-V3/GLM e_score_correction_bias: added to scores to choose experts only
+    router_fp32: bool = False  # router weight kept and applied in float32 (transformers' keep-in-fp32 gates)
+    expert_bias: bool = False  # GPT-OSS: biases on the experts' gate_up and down projections
+    glu: str = "swiglu"  # "swiglu" | "gpt_oss" (clamped, alpha-scaled sigmoid, up + 1)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -69,6 +86,10 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, m in enumerate(self.moe_layers) if m]
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -88,8 +109,12 @@ def _need(cfg: dict, *names):
     return v
 
 
-def parse_rope(cfg: dict, head_dim: int, max_pos: int) -> RopeConfig:
-    """Merge ``rope_theta`` / ``rope_scaling`` (legacy) and ``rope_parameters`` (transformers 5)."""
+def parse_rope(cfg: dict, head_dim: int, max_pos: int, interleave: bool = False) -> RopeConfig:
+    """Merge ``rope_theta`` / ``rope_scaling`` (legacy) and ``rope_parameters`` (transformers 5).
+
+    ``head_dim``: the per-head width RoPE applies to (before ``partial_rotary_factor``);
+    ``interleave``: rotate adjacent pairs (DeepSeek) instead of halves.
+    """
     params = dict(cfg.get("rope_scaling") or {})
     params.update(cfg.get("rope_parameters") or {})
     rtype = params.get("rope_type", params.get("type", "default"))
@@ -118,7 +143,7 @@ def parse_rope(cfg: dict, head_dim: int, max_pos: int) -> RopeConfig:
         truncate=bool(params.get("truncate", True)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        interleave=bool(cfg.get("rope_interleave", False)),
+        interleave=interleave,
     )
 
 
@@ -134,15 +159,31 @@ def _sliding(cfg: dict, n_layers: int) -> tuple[int | None, ...]:
     mt = cfg["model_type"]
     if mt in ("qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         window = None
-    if not window:
+    if not window or mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):  # full attention only
         return (None,) * n_layers
     types = cfg.get("layer_types")
+    if mt == "gpt_oss" and not types:  # GPT-OSS alternates sliding and full layers
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
     if types:
         return tuple(window if t == "sliding_attention" else None for t in types)
     if mt == "qwen2_moe":
         max_window = int(cfg.get("max_window_layers", n_layers))
         return tuple(window if (i + 1) % 2 and i < max_window else None for i in range(n_layers))
     return (int(window),) * n_layers
+
+
+# transformers' config-class defaults for keys a config.json may omit (explicit nulls are kept).
+_DEFAULTS: dict[str, dict] = {
+    "deepseek_v2": {"first_k_dense_replace": 0, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+                    "topk_method": "greedy", "q_lora_rank": 1536},
+    "deepseek_v3": {"first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "n_group": 8,
+                    "topk_group": 4, "norm_topk_prob": True, "rope_interleave": True, "q_lora_rank": 1536},
+    "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1, "routed_scaling_factor": 1.0, "n_group": 1,
+                 "topk_group": 1, "norm_topk_prob": True, "partial_rotary_factor": 0.5},
+    "gpt_oss": {"attention_bias": True, "sliding_window": 128, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rope_theta": 150000.0},
+}
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
 
 
 def parse_config(cfg: dict) -> ModelConfig:
@@ -155,7 +196,9 @@ def parse_config(cfg: dict) -> ModelConfig:
     except ValueError as e:
         raise UserError(str(e)) from None
     mt = mt.removesuffix(COMPRESSED_SUFFIX)
-    cfg = {**cfg, "model_type": mt}
+    cfg = {**_DEFAULTS.get(mt, {}), **cfg, "model_type": mt}
+    if mt == "gpt_oss" and not cfg.get("rope_parameters") and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = _GPT_OSS_ROPE
     d = int(_need(cfg, "hidden_size"))
     n_layers = int(_need(cfg, "num_hidden_layers"))
     n_heads = int(_need(cfg, "num_attention_heads"))
@@ -208,4 +251,64 @@ def parse_config(cfg: dict) -> ModelConfig:
             **{**common, "norm_topk_prob": True}, moe_layers=(True,) * n_layers,
             moe_intermediate_size=int(_need(cfg, "intermediate_size")),
         )
+    if mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        return _deepseek_like(cfg, common)
+    if mt == "gpt_oss":
+        bias = bool(cfg["attention_bias"])
+        return ModelConfig(
+            **{**common, "norm_topk_prob": True},  # softmax over the top-k logits = renormalised top-k softmax
+            qkv_bias=bias, o_bias=bias, attention_sinks=True, moe_layers=(True,) * n_layers,
+            moe_intermediate_size=int(_need(cfg, "intermediate_size")), router_bias=True, expert_bias=True,
+            glu="gpt_oss", swiglu_alpha=float(cfg["swiglu_alpha"]), swiglu_limit=float(cfg["swiglu_limit"]),
+        )
     raise UserError(f"model_type '{mt}' is recognised but not implemented yet in the Flax model")
+
+
+def _deepseek_like(cfg: dict, common: dict) -> ModelConfig:
+    """DeepSeek-V2 (softmax, optional group max), DeepSeek-V3 and GLM-4.5-MoE (sigmoid, group top-2 sum)."""
+    mt, n_layers, E = common["model_type"], common["num_layers"], common["num_experts"]
+    if cfg.get("mlp_bias"):
+        raise UserError(f"{mt} with mlp_bias = true is not supported: no released checkpoint uses it")
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    f = int(_need(cfg, "moe_intermediate_size"))
+    kw: dict = dict(
+        moe_layers=tuple(i >= first_dense for i in range(n_layers)),
+        moe_intermediate_size=f,
+        shared_expert_intermediate_size=f * int(cfg.get("n_shared_experts") or 0),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+    )
+    if mt == "deepseek_v2":
+        method = cfg.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UserError(f"deepseek_v2 topk_method '{method}' is not supported (greedy, group_limited_greedy): "
+                            "transformers does not run it either")
+        # transformers' DeepSeek-V2 router never renormalises (it ignores norm_topk_prob)
+        kw.update(scoring="softmax", group_score="max", norm_topk_prob=False)
+        if method == "group_limited_greedy":
+            kw.update(n_group=int(_need(cfg, "n_group")), topk_group=int(_need(cfg, "topk_group")))
+    else:
+        n_group = int(cfg.get("n_group") or 1)
+        kw.update(scoring="sigmoid", group_score="top2", score_bias=True, n_group=n_group,
+                  topk_group=int(cfg.get("topk_group") or n_group))
+    groups, kept_groups = kw.get("n_group", 1), kw.get("topk_group", 1)
+    least = 2 if kw["group_score"] == "top2" else 1
+    if groups < 1 or E % groups or E // groups < least or not 1 <= kept_groups <= groups \
+            or kept_groups * (E // groups) < common["top_k"]:
+        raise UserError(f"{E} experts, n_group = {groups}, topk_group = {kept_groups}: the groups must split the "
+                        f"experts evenly, hold at least {least} each, and the kept groups at least top-k: "
+                        "the config is inconsistent")
+    kw = {**common, **kw, "router_fp32": True}  # transformers keeps these gates in float32
+    if mt == "glm4_moe":
+        return ModelConfig(
+            **kw, qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm="head" if cfg.get("use_qk_norm") else "none",
+        )
+    nope, rope_dim = int(_need(cfg, "qk_nope_head_dim")), int(_need(cfg, "qk_rope_head_dim"))
+    bias = bool(cfg.get("attention_bias", False))
+    interleave = mt == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
+    return ModelConfig(
+        **{**kw, "head_dim": nope + rope_dim,
+           "rope": parse_rope(cfg, rope_dim, common["max_position_embeddings"], interleave)},
+        qkv_bias=bias, o_bias=bias, q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+        kv_lora_rank=int(_need(cfg, "kv_lora_rank")), qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
+        v_head_dim=int(_need(cfg, "v_head_dim")),
+    )

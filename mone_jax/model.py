@@ -14,41 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
-from mone_jax.moe import Experts, ExpertStats, default_impl, dispatch
+from mone_jax.layers import Buffer, Linear, RMSNorm, attend, normal_param
+from mone_jax.mla import MLAttention
+from mone_jax.moe import Experts, ExpertStats, default_impl, dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
 
 MASK_VALUE = -1e30
-
-
-class Buffer(nnx.Variable):
-    """Non-trainable array state (expert id maps)."""
-
-
-def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
-    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * xf.astype(x.dtype)
-
-
-class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)``; kernel stored [in, out] (the transpose of torch's)."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = _init(rngs, (d_in, d_out), dtype)
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...])
-        return y + self.bias[...] if self.bias is not None else y
 
 
 class Attention(nnx.Module):
@@ -67,6 +38,7 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = H, KV, D
         self.clip = cfg.clip_qkv
         self.interleave = cfg.rope.interleave
+        self.sinks = nnx.Param(jnp.zeros((H,), dtype)) if cfg.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
         B, T, _ = x.shape
@@ -81,32 +53,17 @@ class Attention(nnx.Module):
         if self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
-        out = attend(q, k, v, bias, self.head_dim**-0.5)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
         return self.o_proj(out.reshape(B, T, -1))
-
-
-def attend(q, k, v, bias, scale: float, sinks: jax.Array | None = None) -> jax.Array:
-    """Softmax attention, grouped-query. q [B,T,H,D], k/v [B,S,KV,*], bias [B,T,S] additive."""
-    B, T, H, D = q.shape
-    KV = k.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s = s + bias[:, None, None]
-    if sinks is None:
-        p = jax.nn.softmax(s, axis=-1)
-    else:  # GPT-OSS: a learned per-head logit joins the softmax and is then dropped
-        sk = jnp.broadcast_to(sinks.reshape(KV, H // KV)[None, :, :, None, None], (*s.shape[:-1], 1))
-        p = jax.nn.softmax(jnp.concatenate([s, sk.astype(s.dtype)], -1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
-    return out.reshape(B, T, H, v.shape[-1])
 
 
 class MLP(nnx.Module):
     """SwiGLU MLP (dense layers and shared experts), gate and up fused [d, 2f]."""
 
     def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs):
-        self.gate_up = _init(rngs, (d, 2 * f), dtype)
-        self.down = _init(rngs, (f, d), dtype)
+        self.gate_up = normal_param(rngs, (d, 2 * f), dtype)
+        self.down = normal_param(rngs, (f, d), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.dot(x, self.gate_up[...])
@@ -115,55 +72,101 @@ class MLP(nnx.Module):
 
 
 def route(logits: jax.Array, cfg: ModelConfig, score_bias: jax.Array | None = None):
-    """Top-k expert ids [T, k] and the routing weights [T, k] the forward pass applies."""
+    """Top-k expert ids [T, k] and the routing weights [T, k] the forward pass applies.
+
+    Scores are softmax or sigmoid of the logits; ``score_bias`` (DeepSeek-V3 / GLM) shifts them for
+    the choice only. Group-limited selection (``topk_group < n_group``) first keeps the
+    ``topk_group`` groups with the best group score (max, or sum of the top 2) and picks the
+    top-k among their experts. Weights are the unbiased scores of the chosen experts, optionally
+    renormalised, times ``routed_scaling_factor``.
+    """
     logits = logits.astype(jnp.float32)
-    if cfg.scoring == "softmax":
-        scores = jax.nn.softmax(logits, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(logits)
+    scores = jax.nn.softmax(logits, axis=-1) if cfg.scoring == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
+    if cfg.topk_group < cfg.n_group:
+        T, E = choice.shape
+        grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)
+        group = grouped.max(-1) if cfg.group_score == "max" else jax.lax.top_k(grouped, 2)[0].sum(-1)
+        _, keep = jax.lax.top_k(group, cfg.topk_group)
+        mask = jnp.zeros((T, cfg.n_group), bool).at[jnp.arange(T)[:, None], keep].set(True)
+        choice = jnp.where(jnp.repeat(mask, E // cfg.n_group, axis=1), choice, -jnp.inf)
     _, ids = jax.lax.top_k(choice, cfg.top_k)
     w = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.norm_topk_prob:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
     return ids.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
+def clamped_swiglu(gate: jax.Array, up: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """GPT-OSS expert activation: clamped gate and up, ``gate * sigmoid(alpha * gate) * (up + 1)``."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return gate * jax.nn.sigmoid(gate * alpha) * (up + 1)
+
+
 class MoEBlock(nnx.Module):
-    """Router + routed experts (+ shared expert). Pruned: K expert rows plus E - K novice vectors."""
+    """Router + routed experts (+ shared expert). Pruned: K expert rows plus E - K novice vectors.
+
+    Per-expert arrays (``gate_up``, ``down`` and, with ``expert_bias``, ``gate_up_bias``,
+    ``down_bias``) have K rows; router-side arrays (``router``, ``router_bias``, ``score_bias``)
+    have E columns / entries.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, kept: int | None = None):
         d, f, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         K = E if kept is None else kept
         self.cfg = cfg
-        self.router = _init(rngs, (d, E), dtype)
-        self.gate_up = _init(rngs, (K, d, 2 * f), dtype)
-        self.down = _init(rngs, (K, f, d), dtype)
+        self.router = normal_param(rngs, (d, E), jnp.float32 if cfg.router_fp32 else dtype)
+        self.router_bias = nnx.Param(jnp.zeros((E,), dtype)) if cfg.router_bias else None
+        self.score_bias = Buffer(jnp.zeros((E,), jnp.float32)) if cfg.score_bias else None
+        self.gate_up = normal_param(rngs, (K, d, 2 * f), dtype)
+        self.down = normal_param(rngs, (K, f, d), dtype)
+        self.gate_up_bias = nnx.Param(jnp.zeros((K, 2 * f), dtype)) if cfg.expert_bias else None
+        self.down_bias = nnx.Param(jnp.zeros((K, d), dtype)) if cfg.expert_bias else None
         self.kept_ids = Buffer(jnp.arange(K, dtype=jnp.int32))
         self.novice_ids = Buffer(jnp.zeros((E - K,), jnp.int32))
         self.novice_values = nnx.Param(jnp.zeros((E - K, d), dtype))
         fs = cfg.shared_expert_intermediate_size
         self.shared = MLP(d, fs, dtype, rngs) if fs else None
-        self.shared_gate = _init(rngs, (d, 1), dtype) if fs and cfg.shared_expert_gate else None
+        self.shared_gate = normal_param(rngs, (d, 1), dtype) if fs and cfg.shared_expert_gate else None
+        self.dispatch_fn = dispatch  # mone_jax.sharding swaps in an expert-parallel wrapper
 
     @property
     def num_kept(self) -> int:
         return self.gate_up.shape[0]
 
     def experts(self) -> Experts:
-        return Experts(self.gate_up[...], self.down[...])
+        if self.gate_up_bias is None:
+            return Experts(self.gate_up[...], self.down[...])
+        return Experts(self.gate_up[...], self.down[...], self.gate_up_bias[...], self.down_bias[...])
+
+    def glu(self):
+        """The experts' activation ``glu(gate, up)``."""
+        if self.cfg.glu == "gpt_oss":
+            return partial(clamped_swiglu, alpha=self.cfg.swiglu_alpha, limit=self.cfg.swiglu_limit)
+        return silu_glu
+
+    def route(self, xt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Expert ids [T, k] (original numbering) and applied routing weights [T, k] of tokens xt [T, d]."""
+        if self.cfg.router_fp32:
+            logits = jnp.dot(xt.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        else:
+            logits = jnp.dot(xt, self.router[...])
+        if self.router_bias is not None:
+            logits = logits + self.router_bias[...]
+        return route(logits, self.cfg, None if self.score_bias is None else self.score_bias[...])
 
     def __call__(self, x: jax.Array, stats_mask: jax.Array | None, impl: str, block: int | None):
         B, T, d = x.shape
         xt = x.reshape(B * T, d)
-        ids, w = route(jnp.dot(xt, self.router[...]), self.cfg)
+        ids, w = self.route(xt)
         E, K = self.cfg.num_experts, self.num_kept
         # original ids -> compact rows of kept experts; novices go to the skip id K
         if E > K:
             slot = jnp.full((E,), K, jnp.int32).at[self.kept_ids[...]].set(jnp.arange(K, dtype=jnp.int32))
-        y, stats = dispatch(
+        y, stats = self.dispatch_fn(
             xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
-            stats_mask=None if stats_mask is None else stats_mask.reshape(-1),
+            stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu(),
         )
         if E > K:
             table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
@@ -181,7 +184,7 @@ class DecoderLayer(nnx.Module):
         d = cfg.hidden_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, rngs)
+        self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
@@ -220,12 +223,12 @@ class MoEForCausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.impl = default_impl()
         self.block: int | None = None
-        self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         kept = kept or {}
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
         self.source_dir = source_dir  # the Hugging Face folder the weights came from (for export)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def hidden_states(self, ids, mask=None, *, collect: bool = False):
         """Final normed hidden states [B, T, d] and, with ``collect``, {moe layer: ExpertStats}."""

@@ -11,7 +11,8 @@ import numpy as np
 from mone_jax.config import RopeConfig
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention-magnitude correction 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -38,9 +39,9 @@ def inv_freq_and_scale(rope: RopeConfig) -> tuple[np.ndarray, float]:
     att = rope.attention_factor
     if att is None:
         if rope.mscale and rope.mscale_all_dim:
-            att = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+            att = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
         else:
-            att = _yarn_mscale(factor)
+            att = yarn_mscale(factor)
     orig = rope.original_max_position_embeddings
 
     def corr_dim(rot: float) -> float:

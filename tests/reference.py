@@ -22,12 +22,16 @@ def experts_modules(hf_model) -> dict[int, torch.nn.Module]:
 
 def capture_routing(hf_model, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[int, tuple]:
     """Run transformers and record, per MoE layer, the experts module's inputs:
-    (hidden [N, d], top_k_index [N, k], top_k_weights [N, k]) as float64 / int arrays."""
+    (hidden [N, d], top_k_index [N, k], top_k_weights [N, k]) as float64 / int arrays.
+
+    Every family calls its experts module with these three positionally (GPT-OSS names them
+    router_indices / routing_weights), so routing is transformers' own."""
     seen: dict[int, tuple] = {}
     hooks = []
     for i, mod in experts_modules(hf_model).items():
         def hook(module, args, kwargs, i=i):
-            h, idx, w = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+            names = ("top_k_index", "top_k_weights", "router_indices", "routing_weights")
+            h, idx, w = (list(args) + [kwargs[k] for k in names if k in kwargs])[:3]
             seen[i] = (h.detach().double().numpy(), idx.detach().numpy(), w.detach().double().numpy())
         hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -39,13 +43,21 @@ def capture_routing(hf_model, ids: np.ndarray, mask: np.ndarray | None = None) -
     return seen
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
 def expert_output(mod, e: int, x: np.ndarray) -> np.ndarray:
-    """Raw output of expert e of a transformers (fused, in-memory) experts module, float64."""
-    gu = mod.gate_up_proj[e].detach().double().numpy()  # [2f, d]
-    dn = mod.down_proj[e].detach().double().numpy()  # [d, f]
-    h = x @ gu.T
+    """Raw output (before the routing weight) of expert e of a transformers (fused, in-memory) experts module,
+    float64. GPT-OSS: gate_up [d, 2f] with gate/up interleaved, biases, clamped alpha-sigmoid GLU."""
+    if hasattr(mod, "gate_up_proj_bias"):
+        h = x @ _np(mod.gate_up_proj[e]) + _np(mod.gate_up_proj_bias[e])
+        gate, up = np.minimum(h[..., 0::2], mod.limit), np.clip(h[..., 1::2], -mod.limit, mod.limit)
+        act = gate / (1.0 + np.exp(-mod.alpha * gate)) * (up + 1)
+        return act @ _np(mod.down_proj[e]) + _np(mod.down_proj_bias[e])
+    h = x @ _np(mod.gate_up_proj[e]).T  # gate_up [2f, d]
     f = h.shape[-1] // 2
-    return (_silu(h[..., :f]) * h[..., f:]) @ dn.T
+    return (_silu(h[..., :f]) * h[..., f:]) @ _np(mod.down_proj[e]).T  # down [d, f]
 
 
 def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[dict, int]:
@@ -69,8 +81,7 @@ def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]
                     wsum[i][e] = wsum[i].get(e, 0.0) + float(w[t, j])
     out = {}
     for i, mod in mods.items():
-        E = mod.gate_up_proj.shape[0]
-        d = mod.down_proj.shape[1]
+        E, d = mod.num_experts, hf_model.config.hidden_size
         count, mean, var = np.zeros(E, np.int64), np.zeros((E, d)), np.zeros((E, d))
         reap, ws = np.zeros(E), np.zeros(E)
         for e, rows in acc[i].items():
