@@ -1,30 +1,67 @@
-"""One jitted calibration step per batch; batch statistics merged exactly on the host."""
+"""Calibration: one jitted, sharded step per batch; batch statistics merged exactly on the host.
+
+The step runs under :func:`jax.shard_map` on a (data, expert) mesh (one device by default):
+experts split over ``expert``, batch rows over ``data``, statistics reduced over all devices
+inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
+on the host. With a :class:`~mone_jax.resume.CalibCheckpoint` the running statistics and the
+batch position are saved every few batches and a rerun resumes from them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
 from mone_jax.model import MoEForCausalLM
+from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
+from mone_jax.sharding import (
+    batch_spec,
+    expert_parallel,
+    global_batch,
+    padded_rows,
+    param_specs,
+    place,
+    process_rows,
+    reduce_stats,
+    single_device_mesh,
+)
 from mone_jax.stats import LayerStats, Stats
 
 
-@partial(jax.jit, static_argnums=0)
-def _step(graphdef, state, ids, mask):
-    """Batch statistics of every MoE layer; no logits are computed."""
-    model = nnx.merge(graphdef, state)
-    _, stats = model.hidden_states(ids, mask, collect=True)
-    return stats, mask.sum(dtype=jnp.int32)
+@lru_cache(maxsize=16)
+def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def):
+    """Jitted (state, ids, mask) -> ({moe layer: ExpertStats}, tokens), replicated on every device."""
+    specs = jax.tree.unflatten(spec_def, spec_leaves)
+    bspec = batch_spec(mesh)
+
+    def body(state, ids, mask):
+        model = nnx.merge(graphdef, state)
+        if mesh.shape["expert"] > 1:
+            expert_parallel(model)
+        _, stats = model.hidden_states(ids, mask, collect=True)  # no logits: calibration needs none
+        n = mask.sum(dtype=jnp.int32)
+        if mesh.shape["data"] > 1:
+            stats = {i: reduce_stats(s, "data") for i, s in stats.items()}
+            n = jax.lax.psum(n, "data")
+        return stats, n
+
+    # check_vma=False: the dispatch internals (scan carries, cond branches) are not vma-annotated
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, bspec, bspec), out_specs=(P("expert"), P()),
+                       check_vma=False)
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
 
-def _as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [B, T], mask bool [B, T]) of a batch given as ids or {input_ids, attention_mask}."""
     if isinstance(b, dict):
         ids, mask = np.asarray(b["input_ids"]), b.get("attention_mask")
     else:
@@ -38,37 +75,80 @@ def _as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int32), mask
 
 
-def calibrate(model: MoEForCausalLM, batches: Iterable, *, progress: bool = True, total: int | None = None) -> Stats:
+def shard_batch(a: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Global batch ``a`` [B, ...] padded with zero rows to a multiple of the data axis and split over it;
+    this process reads and sends only its own rows."""
+    rows = padded_rows(a.shape[0], mesh)
+    lo, hi = process_rows(mesh, rows)
+    local = np.zeros((hi - lo, *a.shape[1:]), a.dtype)
+    take = a[lo:min(hi, a.shape[0])]
+    local[:take.shape[0]] = take
+    return global_batch(local, mesh, rows)
+
+
+def empty_stats(cfg) -> Stats:
+    return Stats({i: LayerStats.zeros(cfg.num_experts, cfg.hidden_size) for i in cfg.moe_layer_ids}, 0,
+                 {"model_type": cfg.model_type, "num_experts": cfg.num_experts, "top_k": cfg.top_k})
+
+
+def identity(cfg, mode: str) -> dict:
+    """What a checkpoint must agree on to be resumed."""
+    return {"mode": mode, "model_type": cfg.model_type, "num_layers": cfg.num_layers,
+            "num_experts": cfg.num_experts, "hidden": cfg.hidden_size}
+
+
+def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = None, progress: bool = True,
+              total: int | None = None, checkpoint: CalibCheckpoint | None = None) -> Stats:
     """Run the (original) model over ``batches`` and return merged per-expert statistics.
 
     Each batch is int token ids [B, T] or a dict with ``input_ids`` and ``attention_mask``
-    (0 = padding, counted nowhere). Equal batch shapes compile once.
+    (0 = padding, counted nowhere). Equal batch shapes compile once. ``mesh`` (see
+    :mod:`mone_jax.sharding`) spreads experts and rows over devices; batches are padded to a
+    multiple of its data axis with masked rows. Under ``jax.distributed`` every process passes
+    the same global batches and gets the same statistics.
     """
     for i, blk in model.moe_blocks().items():
         if blk.num_kept != model.config.num_experts:
             raise UserError(f"layer {i} is already pruned: calibrate the original model")
     cfg = model.config
+    mesh = mesh or single_device_mesh()
     graphdef, state = nnx.split(model)
-    acc = Stats({i: LayerStats.zeros(cfg.num_experts, cfg.hidden_size) for i in cfg.moe_layer_ids}, 0,
-                {"model_type": cfg.model_type, "num_experts": cfg.num_experts, "top_k": cfg.top_k})
-    pending = None  # fetch batch i's results while batch i+1 runs (async dispatch)
+    specs = param_specs(model, state)
+    state = place(state, specs, mesh)
+    leaves, treedef = jax.tree.flatten(specs)
+    step = _step(graphdef, mesh, tuple(leaves), treedef)
+    acc, start, digest = empty_stats(cfg), 0, DataDigest()
+    if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
+        acc, position, expected = found
+        start = position["batch"]
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
+    pending, seen = None, 0  # fetch batch k's results while batch k+1 runs (async dispatch)
     for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, total=total):
-        ids, mask = _as_batch(b, cfg.vocab_size)
-        out = _step(graphdef, state, jnp.asarray(ids), jnp.asarray(mask))
+        ids, mask = as_batch(b, cfg.vocab_size)
+        digest.update(ids, mask)
+        seen += 1
+        if seen <= start:
+            if seen == start:
+                check_digest(checkpoint.directory, expected, digest.hexdigest())
+            continue
+        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
         if pending is not None:
-            acc = _fold(acc, pending)
-        pending = out
+            acc = _fold(acc, *pending, checkpoint)
+        pending = (out, seen, digest.hexdigest())
+    if seen < start:
+        check_digest(checkpoint.directory, expected, "")
     if pending is not None:
-        acc = _fold(acc, pending)
+        acc = _fold(acc, *pending, checkpoint, last=True)
     if acc.tokens == 0:
         raise UserError("calibration saw no (non-padding) tokens: give non-empty calibration data")
     acc.check_finite()
     return acc
 
 
-def _fold(acc: Stats, out) -> Stats:
+def _fold(acc: Stats, out, position: int, digest: str, checkpoint: CalibCheckpoint | None, last: bool = False) -> Stats:
     stats, n = jax.device_get(out)
-    batch = Stats({i: LayerStats.from_batch(s) for i, s in stats.items()}, int(n))
-    return acc.merge(batch)
+    acc = acc.merge(Stats({i: LayerStats.from_batch(s) for i, s in stats.items()}, int(n)))
+    if checkpoint is not None and (last or position % checkpoint.every == 0):
+        checkpoint.save(acc, {"batch": position}, digest)
+    return acc

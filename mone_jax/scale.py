@@ -1,0 +1,112 @@
+"""Command-line side of scale-out calibration: mesh, multi-host, ``--sequential``, resumable runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+from mone_jax.errors import UserError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``calibrate`` and ``prune``."""
+    g = p.add_argument_group("scale")
+    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; X divides the "
+                                                  "experts); 'auto': pure data parallel unless the model needs "
+                                                  "its experts split to fit device memory")
+    g.add_argument("--sequential", action="store_true", help="stream one decoder layer at a time from the "
+                                                             "checkpoint (models larger than memory)")
+    g.add_argument("--offload-dir", default=None, help="--sequential: keep hidden states in a memory-mapped "
+                                                       "file here instead of RAM")
+    g.add_argument("--checkpoint-dir", default=None, help="save running statistics here and resume from them")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints (default 50)")
+    g = p.add_argument_group("multi-host (jax.distributed; every process runs the same command)")
+    g.add_argument("--distributed", action="store_true", help="detect the cluster (Cloud TPU pods, SLURM, ...)")
+    g.add_argument("--coordinator", default=os.environ.get("MONE_COORDINATOR"),
+                   help="HOST:PORT of process 0 (env MONE_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=os.environ.get("MONE_NUM_PROCESSES"),
+                   help="env MONE_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, default=os.environ.get("MONE_PROCESS_ID"), help="env MONE_PROCESS_ID")
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which a silent peer fails the run (default 100)")
+
+
+def init_distributed(args) -> None:
+    """``jax.distributed.initialize`` when the flags ask for several processes; before any JAX work."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if not args.distributed and None in explicit:
+        raise UserError("multi-host runs need --coordinator, --num-processes and --process-id together "
+                        "(or --distributed to detect them on a TPU pod)")
+    if args.num_processes is not None and not (args.process_id is not None and 0 <= args.process_id < args.num_processes):
+        raise UserError(f"--process-id must lie in [0, {args.num_processes}), got {args.process_id}")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    host = (args.coordinator or "").rsplit(":", 1)[0]
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+            coordinator_bind_address=args.coordinator if host in ("127.0.0.1", "localhost") else None,
+            heartbeat_timeout_seconds=args.heartbeat_timeout,
+        )
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"jax.distributed could not start ({str(e).splitlines()[0]}): check --coordinator "
+                        "and that every process runs with the same --num-processes") from None
+
+
+def is_writer() -> bool:
+    """Process 0 alone writes outputs."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _mesh(args, num_experts: int, model=None):
+    import jax
+
+    from mone_jax.sharding import make_mesh, mesh_shape, param_bytes
+
+    dev = jax.devices()
+    stats = jax.local_devices()[0].memory_stats() if model is not None else None
+    limit = (stats or {}).get("bytes_limit")
+    shape = mesh_shape(args.mesh, len(dev), num_experts, param_bytes=param_bytes(model) if limit else (0, 0),
+                       device_bytes=limit)
+    return make_mesh(shape)
+
+
+def calibrate_cli(args, model, calib_batches: Callable):
+    """Statistics for the CLI: the loaded ``model`` on a mesh, or (``model`` None) ``--sequential``."""
+    from mone_jax.calibration import identity
+    from mone_jax.resume import CalibCheckpoint
+
+    if args.offload_dir and not args.sequential:
+        raise UserError("--offload-dir applies to --sequential runs only")
+    if args.sequential:
+        from convert.load import config_of
+
+        if args.calib == "self":
+            raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
+        cfg = config_of(args.model)
+    else:
+        cfg = model.config
+    batches = calib_batches(args, cfg, args.model, model)
+    mesh = _mesh(args, cfg.num_experts, model)
+    ckpt = None
+    if args.checkpoint_dir:
+        ckpt = CalibCheckpoint(args.checkpoint_dir, args.checkpoint_every,
+                               identity(cfg, "sequential" if args.sequential else "full"))
+    try:
+        if args.sequential:
+            from mone_jax.sequential import calibrate_sequential
+
+            return calibrate_sequential(args.model, batches, dtype=args.dtype, mesh=mesh, offload_dir=args.offload_dir,
+                                        progress=not args.quiet, checkpoint=ckpt)
+        from mone_jax.calibration import calibrate
+
+        return calibrate(model, batches, mesh=mesh, progress=not args.quiet, checkpoint=ckpt)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
