@@ -9,6 +9,7 @@ other calibration data.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import jax
@@ -80,6 +81,7 @@ class CalibCheckpoint:
         if meta.get("identity") != self.identity:
             raise UserError(f"the checkpoint in '{self.directory}' belongs to another run ({meta.get('identity')}): "
                             "remove it or choose another --checkpoint-dir")
+        print(f"resuming from the checkpoint in {self.directory} at {meta['position']}", file=sys.stderr)
         return _stats(out["stats"], like.meta), meta["position"], meta["digest"]
 
     def save(self, stats: Stats, position: dict, digest: str) -> None:

@@ -1,0 +1,72 @@
+"""--sequential (one decoder layer resident at a time) equals the full model, statistics and export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_sharding import assert_stats_equal, batches
+
+import mone_jax
+import mone_jax.sequential as seq
+from mone_jax.calibration import calibrate
+from mone_jax.cli import main
+from mone_jax.sharding import make_mesh
+from mone_jax.stats import Stats
+
+
+def assert_identical(a: Stats, b: Stats) -> None:
+    assert a.tokens == b.tokens and sorted(a.layers) == sorted(b.layers)
+    for i in a.layers:
+        for f in ("count", "weight_sum", "mean", "m2", "reap_sum"):
+            np.testing.assert_array_equal(getattr(a.layers[i], f), getattr(b.layers[i], f), err_msg=f"{i} {f}")
+
+
+@pytest.mark.parametrize("family,variant", [("qwen2_moe", "b"), ("mixtral", "b")])
+def test_sequential_equals_full_model(hf_models, tmp_path, monkeypatch, family, variant):
+    """Bit-identical statistics, in RAM and memory-mapped; at most one layer alive at a time."""
+    folder, _ = hf_models(family, variant)
+    model = mone_jax.load_hf(folder, progress=False)
+    data = batches(model.config.vocab_size)
+    full = calibrate(model, data, progress=False)
+    loaded = []
+    load_layer = seq.load_layer
+    monkeypatch.setattr(seq, "load_layer", lambda r, cfg, i, dt: loaded.append(i) or load_layer(r, cfg, i, dt))
+    assert_identical(seq.calibrate_sequential(folder, data, progress=False), full)
+    assert loaded == list(range(model.config.num_layers))
+    assert_identical(seq.calibrate_sequential(folder, data, progress=False, offload_dir=tmp_path), full)
+    assert not list(tmp_path.iterdir())  # the offload file is gone once the run ends
+
+
+def test_sequential_on_a_mesh(hf_models):
+    folder, _ = hf_models("olmoe", "a")
+    model = mone_jax.load_hf(folder, progress=False)
+    data = batches(model.config.vocab_size, seed=3)
+    got = seq.calibrate_sequential(folder, data, mesh=make_mesh((4, 2)), progress=False)
+    assert_stats_equal(got, calibrate(model, data, progress=False))
+
+
+@pytest.mark.parametrize("fmt", ["substitution", "drop"])
+def test_sequential_prune_writes_the_same_checkpoint(hf_models, tmp_path, fmt):
+    folder, _ = hf_models("qwen2_moe", "b")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(2).integers(0, 96, (8, 12)).astype(np.int32))
+    outs = {}
+    for mode in ("full", "sequential"):
+        out = tmp_path / mode
+        argv = ["prune", str(folder), "--calib", str(tmp_path / "ids.npy"), "--batch-size", "4", "--keep", "4",
+                "--format", fmt, "--out", str(out), "--stats-out", str(tmp_path / f"{mode}.safetensors"), "--quiet"]
+        assert main(argv + (["--sequential"] if mode == "sequential" else [])) == 0
+        outs[mode] = json.loads((out / "mone_manifest.json").read_text())
+    assert outs["full"] == outs["sequential"]
+    assert_identical(Stats.load(tmp_path / "full.safetensors"), Stats.load(tmp_path / "sequential.safetensors"))
+
+
+def test_sequential_refusals(hf_models, tmp_path, capsys):
+    folder, _ = hf_models("olmoe", "a")
+    np.save(tmp_path / "ids.npy", np.zeros((2, 8), np.int32))
+    base = ["calibrate", str(folder), "--stats-out", str(tmp_path / "s.safetensors"), "--quiet"]
+    assert main(base + ["--calib", "self", "--sequential"]) == 2
+    assert "--sequential" in capsys.readouterr().err
+    assert main(base + ["--calib", str(tmp_path / "ids.npy"), "--offload-dir", str(tmp_path)]) == 2
+    assert "--offload-dir" in capsys.readouterr().err
