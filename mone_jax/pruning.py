@@ -50,13 +50,18 @@ def prune_params(params: dict, stats: Stats, plan: dict, *, mode: str = "substit
         kept = np.asarray(entry["kept"], np.int32)
         nov = np.asarray(entry["novices"], np.int32) if mode == "substitute" else np.zeros(0, np.int32)
         new = dict(blk)
-        new["gate_up"], new["down"] = blk["gate_up"][kept], blk["down"][kept]
+        for name in ("gate_up", "down", "gate_up_bias", "down_bias"):  # per-expert arrays: K rows
+            if name in blk:
+                new[name] = blk[name][kept]
         new["kept_ids"] = kept
         new["novice_ids"] = nov
         dtype = blk["gate_up"].dtype
         new["novice_values"] = stats.layers[i].mean[nov].astype(np.float32).astype(dtype)
         if mode == "drop":
             new["router"] = blk["router"][:, kept]
+            for name in ("router_bias", "score_bias"):  # per-expert router entries
+                if name in blk:
+                    new[name] = blk[name][kept]
         out["layers"][i] = {**params["layers"][i], "mlp": new}
     return out
 
