@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from etils import epath
 
 from mone_jax.errors import UserError
 from mone_jax.stats import LayerStats, Stats
@@ -58,9 +58,13 @@ class CalibCheckpoint:
     def __init__(self, directory: str | Path, every: int, identity: dict):
         if every < 1:
             raise UserError(f"--checkpoint-every must be a positive number of batches, got {every}")
-        self.directory = Path(directory).resolve()
+        d = str(directory)
+        self.directory = epath.Path(d if "://" in d else Path(d).resolve())  # local, or gs:// for pods
         self.every = every
         self.identity = identity
+        import orbax.checkpoint as ocp  # imported on use: it is heavy
+
+        self._ocp = ocp
         self._mngr = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
         self._step = self._mngr.latest_step() or 0
@@ -69,6 +73,7 @@ class CalibCheckpoint:
         """(statistics, position, data digest) of the latest checkpoint, or None when there is none."""
         if not self._step:
             return None
+        ocp = self._ocp
         tree = _tree(like)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         try:
@@ -85,6 +90,7 @@ class CalibCheckpoint:
         return _stats(out["stats"], like.meta), meta["position"], meta["digest"]
 
     def save(self, stats: Stats, position: dict, digest: str) -> None:
+        ocp = self._ocp
         self._step += 1
         meta = {"identity": self.identity, "position": position, "digest": digest}
         self._mngr.save(self._step, args=ocp.args.Composite(stats=ocp.args.PyTreeSave(_tree(stats)),

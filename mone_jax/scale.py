@@ -64,36 +64,42 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def _mesh(args, num_experts: int, model=None):
+def _mesh(args, cfg):
+    """The --mesh over all devices; ``auto`` weighs the model against the device memory where known."""
     import jax
+    from flax import nnx
 
+    from convert.load import resolve_dtype
+    from mone_jax.model import MoEForCausalLM
     from mone_jax.sharding import make_mesh, mesh_shape, param_bytes
 
-    dev = jax.devices()
-    stats = jax.local_devices()[0].memory_stats() if model is not None else None
-    limit = (stats or {}).get("bytes_limit")
-    shape = mesh_shape(args.mesh, len(dev), num_experts, param_bytes=param_bytes(model) if limit else (0, 0),
-                       device_bytes=limit)
-    return make_mesh(shape)
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    sizes = (0, 0)
+    if limit and not args.sequential:
+        dt = resolve_dtype(args.dtype)
+        sizes = param_bytes(nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0))))
+    return make_mesh(mesh_shape(args.mesh, jax.device_count(), cfg.num_experts, param_bytes=sizes,
+                                device_bytes=limit))
 
 
-def calibrate_cli(args, model, calib_batches: Callable):
-    """Statistics for the CLI: the loaded ``model`` on a mesh, or (``model`` None) ``--sequential``."""
+def calibrate_cli(args, calib_batches: Callable):
+    """Statistics of ``args.model``: loaded layer by layer onto the mesh, or streamed with --sequential."""
+    from convert.load import config_of
     from mone_jax.calibration import identity
     from mone_jax.resume import CalibCheckpoint
 
     if args.offload_dir and not args.sequential:
         raise UserError("--offload-dir applies to --sequential runs only")
-    if args.sequential:
-        from convert.load import config_of
+    if args.sequential and args.calib == "self":
+        raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
+    cfg = config_of(args.model)
+    mesh = _mesh(args, cfg)
+    model = None
+    if not args.sequential:
+        from mone_jax.sharding import load_sharded
 
-        if args.calib == "self":
-            raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
-        cfg = config_of(args.model)
-    else:
-        cfg = model.config
+        model = load_sharded(args.model, mesh, args.dtype, progress=not args.quiet)
     batches = calib_batches(args, cfg, args.model, model)
-    mesh = _mesh(args, cfg.num_experts, model)
     ckpt = None
     if args.checkpoint_dir:
         ckpt = CalibCheckpoint(args.checkpoint_dir, args.checkpoint_every,

@@ -13,6 +13,8 @@ batch), the files live in ``offload_dir`` or else in the checkpoint folder.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,7 +149,10 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
     rows = [padded_rows(ids.shape[0], mesh) for ids, _ in data]
     spans = [process_rows(mesh, r) for r in rows]
     shapes = [(hi - lo, ids.shape[1], cfg.hidden_size) for (lo, hi), (ids, _) in zip(spans, data)]
-    directory = Path(offload_dir) if offload_dir else (checkpoint.directory if checkpoint else None)
+    if checkpoint is not None and not offload_dir and "://" in str(checkpoint.directory):
+        raise UserError("--sequential keeps its hidden-state files next to the checkpoint, which must then be on "
+                        "a local disk: give --offload-dir as well")
+    directory = Path(offload_dir or checkpoint.directory) if offload_dir or checkpoint else None
     hidden = _Hidden(shapes, dt, directory, persistent=checkpoint is not None)
     masks = [shard_batch(mask, mesh) for _, mask in data]
 
@@ -164,6 +169,7 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
     bar = tqdm(total=cfg.num_layers * run.nb, initial=start_layer * run.nb + start_batch, desc="calibrating layers",
                unit="batch", disable=not progress)
     for i in range(start_layer, cfg.num_layers):
+        release_memory()
         with CheckpointReader(folder) as reader:  # reopened per layer: its pages leave memory with it
             layer = load_layer(reader, cfg, i, dt)
         graphdef, state = nnx.split(layer)
@@ -187,6 +193,16 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
     bar.close()
     run.acc.check_finite()
     return run.acc
+
+
+def release_memory() -> None:
+    """Free dropped arrays now and hand freed heap pages back to the OS (glibc keeps them otherwise),
+    so that resident memory follows the one layer in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _embed(folder, data, spans, out: list[np.ndarray], dt) -> None:

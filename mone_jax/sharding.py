@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
-from mone_jax.model import MoEBlock
+from mone_jax.model import MoEBlock, MoEForCausalLM
 from mone_jax.moe import ExpertStats, dispatch
 
 AXES = ("data", "expert")
@@ -122,13 +124,55 @@ def param_bytes(module: nnx.Module) -> tuple[int, int]:
 
 
 def place(tree, specs, mesh: Mesh):
-    """Global arrays of ``tree`` laid out by ``specs`` on ``mesh`` (every process holds the full values)."""
+    """Global arrays of ``tree`` laid out by ``specs`` on ``mesh``.
+
+    Arrays already laid out so are kept. Otherwise, with one process, ``jax.device_put``; with
+    several, each process builds its own devices' shards from its (full) host copy.
+    """
 
     def put(a, spec):
+        sharding = NamedSharding(mesh, spec)
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+            return a
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
         host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda idx: host[idx])
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(put, tree, specs)
+
+
+def load_sharded(folder, mesh: Mesh, dtype="float32", *, progress: bool = True) -> MoEForCausalLM:
+    """The (unpruned) Hugging Face model in ``folder``, placed on ``mesh`` layer by layer.
+
+    Each layer is read on its own and spread over the mesh before the next one, so no device
+    (and no host) ever holds more than one layer beyond its share of the model.
+    """
+    from convert.load import config_of, kept_counts, load_embed_and_head, load_layer, resolve_dtype
+    from convert.reader import CheckpointReader
+
+    cfg = config_of(folder)
+    if kept_counts(cfg):
+        raise UserError(f"'{folder}' is already pruned: calibrate the original model")
+    dt = resolve_dtype(dtype)
+    src = str(Path(folder).resolve())
+    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), source_dir=src))
+
+    def put(module: nnx.Module) -> None:
+        state = nnx.state(module)
+        nnx.update(module, place(state, param_specs(module, state), mesh))
+
+    with CheckpointReader(folder) as reader:
+        head = load_embed_and_head(reader, cfg, dt)
+    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head")):
+        if var is not None:
+            var.set_value(place(head.pop(key), P(), mesh))
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
+        with CheckpointReader(folder) as reader:  # reopened per layer: the file pages read leave memory
+            layer = load_layer(reader, cfg, i, dt)
+        put(layer)
+        model.layers[i] = layer
+    return model
 
 
 def ep_dispatch(*args, axis: str, **kwargs):
@@ -169,8 +213,11 @@ def padded_rows(rows: int, mesh: Mesh) -> int:
 def process_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
     """[lo, hi) of a ``rows``-row batch (already padded) that this process's devices hold."""
     idx = NamedSharding(mesh, batch_spec(mesh)).addressable_devices_indices_map((rows,))
-    starts = [s[0].indices(rows) for s in idx.values()]
-    return min(s[0] for s in starts), max(s[1] for s in starts)
+    spans = sorted({s[0].indices(rows)[:2] for s in idx.values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise UserError(f"this process's devices hold non-adjacent batch rows {spans} on the mesh "
+                        f"{dict(mesh.shape)}: choose another --mesh")
+    return spans[0][0], spans[-1][1]
 
 
 def global_batch(local: np.ndarray, mesh: Mesh, rows: int) -> jax.Array:
