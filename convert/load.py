@@ -54,21 +54,19 @@ class PrunedLayout:
 def pruned_layout(cfg: ModelConfig) -> PrunedLayout | None:
     """The pruned-expert layout declared by the config, or None for a stock checkpoint."""
     raw, fam, E = cfg.raw, family(cfg.model_type), cfg.num_experts
-    block = (((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution"))
-    if block:
-        layout = PrunedLayout(_substitution_targets(block, fam, E), compact=True)
-    elif raw.get("approximate_experts"):
-        approx = raw["approximate_experts"]
-        if not isinstance(approx, dict):
-            raise UserError("config.json 'approximate_experts' must map layer ids to lists of expert ids")
-        try:
-            novices = {int(layer): {int(e): f"{fam.moe_prefix(int(layer))}.experts.{int(e)}.approx_value" for e in ids}
-                       for layer, ids in approx.items()}
-        except (TypeError, ValueError):
-            raise UserError("config.json 'approximate_experts' must map layer ids to lists of expert ids") from None
-        layout = PrunedLayout(novices, compact=False)
-    else:
-        return None
+    try:
+        block = ((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution")
+        if block:
+            layout = PrunedLayout(_substitution_targets(block, fam, E), compact=True)
+        elif raw.get("approximate_experts"):
+            layout = PrunedLayout({int(layer): {int(e): f"{fam.moe_prefix(int(layer))}.experts.{int(e)}.approx_value"
+                                                for e in ids} for layer, ids in raw["approximate_experts"].items()},
+                                  compact=False)
+        else:
+            return None
+    except (AttributeError, TypeError, ValueError):
+        raise UserError("config.json has a malformed 'compression_config' / 'approximate_experts' block: "
+                        "re-export the pruned checkpoint") from None
     for layer, nov in layout.novices.items():
         if not 0 <= layer < cfg.num_layers or (nov and not cfg.moe_layers[layer]):
             raise UserError(f"config.json prunes layer {layer}, which is not a MoE layer of this model")
@@ -88,7 +86,7 @@ def _substitution_targets(block: dict, fam: FamilyNames, num_experts: int) -> di
     out = {}
     for path, target in (block.get("targets") or {}).items():
         m = re.fullmatch(rf"model\.layers\.(\d+)\.{re.escape(fam.moe_module)}\.experts", path)
-        if not m or not isinstance(target, dict) or target.get("weight_layout") != "compact_retained_experts":
+        if not m or target.get("weight_layout") != "compact_retained_experts":
             raise UserError(f"expert_substitution target '{path}' is not supported: expected "
                             f"'model.layers.<l>.{fam.moe_module}.experts' with weight_layout compact_retained_experts")
         if target.get("num_logical_experts", num_experts) != num_experts:
@@ -96,7 +94,7 @@ def _substitution_targets(block: dict, fam: FamilyNames, num_experts: int) -> di
                             f"experts but config.json says {num_experts}: the config is inconsistent")
         values = {}
         for e, rep in (target.get("replacements") or {}).items():
-            key = ((rep or {}).get("tensors") or {}).get("value") if isinstance(rep, dict) else None
+            key = (rep.get("tensors") or {}).get("value")
             if not isinstance(key, str) or rep.get("format") != "constant-v1":
                 raise UserError(f"replacement of expert {e} in '{path}' is not a constant-v1 value: "
                                 "only constant (novice) replacements are supported")
@@ -108,8 +106,8 @@ def _substitution_targets(block: dict, fam: FamilyNames, num_experts: int) -> di
 class _Filler:
     """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) module."""
 
-    def __init__(self, reader: CheckpointReader, dtype):
-        self.r, self.dtype = reader, dtype
+    def __init__(self, reader: CheckpointReader):
+        self.r = reader
 
     def set(self, var: nnx.Variable, arr: np.ndarray, key: str) -> None:
         """``var`` := arr in var's declared dtype (float32 for routers kept in float32)."""
@@ -150,14 +148,39 @@ def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")
     f.set(m.down, d.T, f"{p}.{names[2]}.weight")
 
 
-def _fused_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> np.ndarray:
-    """Rows of retained experts from a fused [E or K, ...] stack (pruned exports keep K rows)."""
+def _stored_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> list[int]:
+    """Rows of the retained experts in a fused [E or K, ...] stack (pruned exports keep K rows)."""
     n = f.r.shape(key)[0]
     if n == len(kept):
-        return f.r.get(key)
+        return list(range(n))
     if n == num_experts:
-        return f.r.get_slice(key, np.asarray(kept))
+        return kept
     raise UserError(f"'{key}' has {n} expert rows, expected {num_experts} (all) or {len(kept)} (retained)")
+
+
+def _fused_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> np.ndarray:
+    return f.r.get_slice(key, np.asarray(_stored_rows(f, key, kept, num_experts)))
+
+
+_FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 -> float32: ``blocks`` [..., R, G, 16] uint8 (two e2m1 values per byte, low nibble first),
+    ``scales`` [..., R, G] uint8 (power-of-two exponents, bias 127) -> [..., G * 32, R] (transposed, as
+    GPT-OSS bf16 checkpoints store the weight)."""
+    vals = np.stack([_FP4_E2M1[blocks & 0x0F], _FP4_E2M1[blocks >> 4]], axis=-1)
+    vals = np.ldexp(vals.reshape(*blocks.shape[:-1], -1), scales.astype(np.int32)[..., None] - 127)
+    return vals.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
+
+
+def _gpt_oss_weight(f: _Filler, key: str, kept: list[int], num_experts: int, dtype) -> np.ndarray:
+    """Retained experts' [K, in, out] GPT-OSS weight ``key``: plain, or MXFP4 ``key_blocks`` / ``key_scales``."""
+    if f"{key}_blocks" not in f.r:
+        return _fused_rows(f, key, kept, num_experts)
+    rows = _stored_rows(f, f"{key}_blocks", kept, num_experts)
+    return np.stack([mxfp4_dequantize(f.r.get_slice(f"{key}_blocks", r), f.r.get_slice(f"{key}_scales", r))
+                     .astype(dtype) for r in rows])
 
 
 def _deinterleave(a: np.ndarray) -> np.ndarray:
@@ -169,11 +192,13 @@ def _experts(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, kept: list
     """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     E = blk.cfg.num_experts
-    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d], biases
-        f.set(blk.gate_up, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj", kept, E)), f"{pre}.gate_up_proj")
+    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d], biases; maybe MXFP4
+        dt = np.dtype(blk.gate_up.get_value().dtype)
+        f.set(blk.gate_up, _deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, E, dt)),
+              f"{pre}.gate_up_proj")
         f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj_bias", kept, E)),
               f"{pre}.gate_up_proj_bias")
-        f.set(blk.down, _fused_rows(f, f"{pre}.down_proj", kept, E), f"{pre}.down_proj")
+        f.set(blk.down, _gpt_oss_weight(f, f"{pre}.down_proj", kept, E, dt), f"{pre}.down_proj")
         f.set(blk.down_bias, _fused_rows(f, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
         return
     if f"{pre}.gate_up_proj" in f.r:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
@@ -221,6 +246,15 @@ def _fill_layer(f: _Filler, fam: FamilyNames, layer: DecoderLayer, i: int, layou
         _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
 
 
+def _check_quantization(cfg: ModelConfig) -> None:
+    """UserError for quantized checkpoints other than GPT-OSS's MXFP4 experts (dequantized on load)."""
+    q = cfg.raw.get("quantization_config")
+    if q and not (cfg.model_type == "gpt_oss" and isinstance(q, dict) and q.get("quant_method") == "mxfp4"):
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise UserError(f"quantized checkpoints ({method}) are not supported, except GPT-OSS MXFP4 experts: "
+                        "use the unquantized (bf16) release of the model")
+
+
 def kept_counts(cfg: ModelConfig) -> dict[int, int]:
     """{MoE layer: retained experts} of the pruned layers of a checkpoint's config ({} for a stock one)."""
     layout = pruned_layout(cfg)
@@ -232,12 +266,13 @@ def kept_counts(cfg: ModelConfig) -> dict[int, int]:
 def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype="float32") -> DecoderLayer:
     """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
     dt = resolve_dtype(dtype)
+    _check_quantization(cfg)
     if not 0 <= layer_index < cfg.num_layers:
         raise UserError(f"layer {layer_index} does not exist: the model has {cfg.num_layers} layers")
     layout = pruned_layout(cfg)
     kept = len(layout.kept(layer_index, cfg.num_experts)) if layout and layout.novices.get(layer_index) else None
     layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer_index, dt, nnx.Rngs(0), kept))
-    _fill_layer(_Filler(reader, dt), family(cfg.model_type), layer, layer_index, layout)
+    _fill_layer(_Filler(reader), family(cfg.model_type), layer, layer_index, layout)
     _check_filled(layer)
     return layer
 
@@ -245,6 +280,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
 def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
     """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
     dt = resolve_dtype(dtype)
+    _check_quantization(cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
     out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
            "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}

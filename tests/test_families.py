@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import COMMON, assert_close_logits, rewrite_config, torch, torch_logits, transformers
 from reference import reference_stats
+from safetensors.numpy import load_file, save_file
 from test_calibration import _batches, assert_stats_match
 
 import mone_jax
@@ -46,10 +47,10 @@ NEW_CONFIGS: dict[tuple[str, str], tuple[str, dict]] = {
 NEW_VARIANTS = list(NEW_CONFIGS)
 
 
-def build_new(family: str, variant: str, seed: int = 0):
+def build_new(family: str, variant: str, seed: int = 0, **overrides):
     """Random transformers model: routers (and e_score_correction_bias) ~ N(0, 1), expert biases non-zero."""
     cls_name, kw = NEW_CONFIGS[(family, variant)]
-    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw})
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
@@ -103,8 +104,7 @@ def test_stats_match_float64_reference(new_models, family, variant):
 
 def test_router_parameters_are_loaded(new_models):
     """The score-correction bias (only chooses experts) and GPT-OSS router / expert biases reach the model."""
-    _, hf = new_models("deepseek_v3", "grouped_yarn")
-    folder, _ = new_models("deepseek_v3", "grouped_yarn")
+    folder, hf = new_models("deepseek_v3", "grouped_yarn")
     blk = mone_jax.load_hf(folder, progress=False).moe_blocks()[1]
     np.testing.assert_array_equal(blk.score_bias[...], hf.model.layers[1].mlp.gate.e_score_correction_bias.numpy())
     assert blk.router[...].dtype == np.float32
@@ -130,3 +130,49 @@ def test_inconsistent_groups_are_refused(new_models, tmp_path):
     rewrite_config(tmp_path / "m", n_group=3)
     with pytest.raises(UserError, match="n_group = 3"):
         mone_jax.load_hf(tmp_path / "m", progress=False)
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized(tmp_path):
+    """Released GPT-OSS checkpoints store experts as MXFP4 blocks + scales; transformers' own dequantizer
+    gives the reference weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf = build_new("gpt_oss", "a", intermediate_size=32)  # MXFP4 packs 32 input values per block
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for i, layer in enumerate(hf.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            E, n_in, n_out = tensors.pop(key).shape
+            blocks = rng.integers(0, 256, (E, n_out, n_in // 32, 16), dtype=np.uint8)
+            scales = rng.integers(121, 126, (E, n_out, n_in // 32), dtype=np.uint8)
+            tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = blocks, scales
+            getattr(layer.mlp.experts, name).data = convert_moe_packed_tensors(
+                torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    rewrite_config(tmp_path, quantization_config={"quant_method": "mxfp4"})
+    ids = _ids(hf.config.vocab_size)
+    assert_close_logits(mone_jax.load_hf(tmp_path, progress=False)(ids), torch_logits(hf, ids))
+
+
+def test_other_quantized_checkpoints_are_refused(new_models, tmp_path):
+    folder, _ = new_models("deepseek_v3", "moonlight")
+    shutil.copytree(folder, tmp_path / "m")
+    rewrite_config(tmp_path / "m", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(UserError, match=r"quantized checkpoints \(fp8\) are not supported"):
+        mone_jax.load_hf(tmp_path / "m", progress=False)
+
+
+def test_bf16_keeps_router_in_float32(new_models):
+    """bf16 weights, with the DeepSeek router weight and score bias kept (and applied) in float32 as
+    transformers does, so routing stays close to float32's."""
+    folder, hf = new_models("deepseek_v3", "grouped_yarn")
+    ids = _ids(hf.config.vocab_size)
+    ref = torch_logits(hf, ids)
+    m16 = mone_jax.load_hf(folder, dtype="bfloat16", progress=False)
+    blk = m16.moe_blocks()[1]
+    assert blk.gate_up[...].dtype == np.dtype("bfloat16")
+    assert blk.router[...].dtype == blk.score_bias[...].dtype == np.dtype("float32")
+    out = np.asarray(m16(ids), np.float32)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 3e-2
