@@ -91,9 +91,9 @@ def empty_stats(cfg) -> Stats:
                  {"model_type": cfg.model_type, "num_experts": cfg.num_experts, "top_k": cfg.top_k})
 
 
-def identity(cfg, mode: str) -> dict:
-    """What a checkpoint must agree on to be resumed."""
-    return {"mode": mode, "model_type": cfg.model_type, "num_layers": cfg.num_layers,
+def identity(cfg, mode: str, dtype: str = "float32") -> dict:
+    """What a checkpoint must agree on to be resumed: model, mode (full / sequential), compute dtype."""
+    return {"mode": mode, "dtype": str(dtype), "model_type": cfg.model_type, "num_layers": cfg.num_layers,
             "num_experts": cfg.num_experts, "hidden": cfg.hidden_size}
 
 

@@ -103,7 +103,7 @@ def calibrate_cli(args, calib_batches: Callable):
     ckpt = None
     if args.checkpoint_dir:
         ckpt = CalibCheckpoint(args.checkpoint_dir, args.checkpoint_every,
-                               identity(cfg, "sequential" if args.sequential else "full"))
+                               identity(cfg, "sequential" if args.sequential else "full", args.dtype))
     try:
         if args.sequential:
             from mone_jax.sequential import calibrate_sequential
