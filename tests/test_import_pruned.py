@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_close_logits, torch, torch_logits, transformers
+from conftest import CONFIGS, assert_close_logits, build_hf, torch, torch_logits, transformers
 from safetensors.numpy import load_file, save_file
 from test_families import build_new
 
@@ -25,6 +25,7 @@ CASES = [
     *[(f, v, k, "substitution") for f, v, k in [("deepseek_v2", "group_yarn", 4), ("deepseek_v3", "grouped_yarn", 8),
                                                  ("glm4_moe", "a", 4), ("gpt_oss", "a", 4)]],
     *[(f, v, k, "modepd") for f, v, k in [("deepseek_v3", "moonlight", 5), ("gpt_oss", "a", 3)]],
+    ("mixtral", "b", 5, "substitution"), ("qwen2_moe", "b", 4, "modepd"),  # block_sparse_moe; shared-expert gate
     *[(f, v, k, "drop") for f, v, k in [("deepseek_v2", "lora_greedy", 4), ("deepseek_v3", "grouped_yarn", 8),
                                          ("glm4_moe", "a", 4), ("gpt_oss", "a", 4)]],
 ]
@@ -38,7 +39,7 @@ def sources(tmp_path_factory):
 
     def get(family: str, variant: str):
         if (family, variant) not in cache:
-            hf = build_new(family, variant)
+            hf = build_hf(family, variant) if (family, variant) in CONFIGS else build_new(family, variant)
             folder = tmp_path_factory.mktemp(f"src_{family}_{variant}")
             hf.save_pretrained(folder)
             model = mone_jax.load_hf(folder, progress=False)
