@@ -3,16 +3,18 @@
 The source is read lazily (memory-mapped) and written tensor by tensor, so peak memory is one tensor.
 Everything lands in a temporary sibling folder that is renamed into place only when complete; the
 last file written is ``mone_manifest.json`` (sha256 and size of every other file), which
-``verify_export`` checks.
+``verify_export`` checks. A later export to the same folder removes what killed runs left behind.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from mone_jax.errors import UserError
 FORMATS = ("substitution", "modepd", "drop")
 MANIFEST = "mone_manifest.json"
 MODELING = "modeling_mone.py"
+_HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _FLOATS = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
 _ST_NAME = {
@@ -117,7 +120,8 @@ def export_pruned(
             int(np.prod(reader.shape(k), dtype=np.int64)) * reader.dtype(k).itemsize for k in reader.keys()
         )
 
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        _clean_stale(out)
+        tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
@@ -523,7 +527,7 @@ def _copy_data_file(src: Path, dst: Path) -> dict:
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished ``tmp`` folder to ``out``, replacing an existing ``out`` only at the very end."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
     if out.exists():
         out.rename(old)
     try:
@@ -533,6 +537,32 @@ def _move_into_place(tmp: Path, out: Path) -> None:
             old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what killed exports to ``out`` from this host left behind: temporary folders of dead
+    processes, and the set-aside previous ``out`` (put back when the kill came before the new one
+    was moved into place)."""
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-{_HOST}-"
+        for path in out.parent.glob(glob.escape(prefix) + "*"):
+            pid = path.name[len(prefix):]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                path.rename(out)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _sha256(path: Path) -> str:

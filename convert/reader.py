@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,17 @@ def read_config(folder: str | Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): repair or re-download it") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path} does not hold a JSON object")
+    code = (["auto_map in config.json"] if "auto_map" in cfg else []) + sorted(p.name for p in folder.glob("*.py"))
+    if code:
+        _warn_custom_code(folder, tuple(code))
     return cfg
+
+
+@functools.cache
+def _warn_custom_code(folder: Path, code: tuple[str, ...]) -> None:
+    """Warn once per folder (config.json is read by several steps)."""
+    warnings.warn(f"'{folder}' ships custom code ({', '.join(code)}): ignored, mone-jax reads config.json "
+                  "as data and never runs code from a model folder", stacklevel=3)
 
 
 class CheckpointReader:
@@ -51,7 +63,10 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not isinstance(weight_map, dict) or any(
+                        not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..") for f in weight_map.values()):
+                    raise TypeError("'weight_map' must map tensor names to file names in the folder")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{index} is malformed ({e}): repair or re-download the checkpoint") from None
             self._where = dict(weight_map)
             files = sorted(set(self._where.values()))
@@ -79,6 +94,9 @@ class CheckpointReader:
             self._handles[name] = _SafetensorsFile(path)
         if self._where is None:
             self._where = {k: name for name, h in self._handles.items() for k in h.entries}
+        elif lost := [k for k, name in self._where.items() if k not in self._handles[name].entries]:
+            raise UserError(f"{index} places tensor '{lost[0]}' in {self._where[lost[0]]}, which does not hold it: "
+                            "repair or re-download the checkpoint")
 
     def close(self) -> None:
         self._handles.clear()
@@ -100,7 +118,8 @@ class CheckpointReader:
 
     def _handle(self, key: str):
         if key not in self._where:
-            raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}'")
+            raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}': "
+                            "the checkpoint is incomplete or not of this model; re-download it")
         return self._handles[self._where[key]]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -116,11 +135,19 @@ class CheckpointReader:
                 f"tensor '{key}' has shape {list(self.shape(key))} but config.json implies {list(expect_shape)}: "
                 "the weights do not belong to this config"
             )
-        return np.array(self._handle(key).view(key))
+        return self._finite(key, np.array(self._handle(key).view(key)))
 
     def get_slice(self, key: str, index) -> np.ndarray:
         """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack)."""
-        return np.array(self._handle(key).view(key)[index])
+        return self._finite(key, np.array(self._handle(key).view(key)[index]))
+
+    def _finite(self, key: str, arr: np.ndarray) -> np.ndarray:
+        """``arr``, after checking that a floating tensor holds no NaN / Inf (a float32 sum, exact recheck
+        only when the sum is not finite)."""
+        if arr.dtype.kind in "fV" and not np.isfinite(arr.sum(dtype=np.float32)) and not np.isfinite(arr).all():
+            raise UserError(f"tensor '{key}' in '{self.folder}' contains NaN or Inf values: the checkpoint is "
+                            "corrupt; re-download it")
+        return arr
 
 
 class _SafetensorsFile:
@@ -135,6 +162,8 @@ class _SafetensorsFile:
                 if n <= 0 or 8 + n > size:
                     raise ValueError("header length out of range")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (ValueError, UnicodeDecodeError, OSError) as e:
             raise UserError(f"'{path}' is not a valid safetensors file ({e}): re-download it") from None
         header.pop("__metadata__", None)
@@ -147,7 +176,8 @@ class _SafetensorsFile:
                 start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"'{path}' has a malformed entry for '{key}': re-download it") from None
-            if end > data_len or end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            if start < 0 or min(shape, default=0) < 0 or end > data_len \
+                    or end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
                 raise UserError(f"'{path}' is truncated or corrupted (tensor '{key}' lies past its end): re-download it")
             self.entries[key] = (dtype, shape, 8 + n + start, end - start)
         self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -15,7 +18,10 @@ FORMATS = ("substitution", "modepd", "drop")
 
 
 def _calib_batches(args, cfg, model_dir: str | None, model=None) -> list[np.ndarray]:
-    """Calibration token blocks from ``--calib`` cut into batches of ``--batch-size``."""
+    """Calibration token blocks from ``--calib`` cut into batches of ``--batch-size`` (read once: the
+    preflight reads them before the model loads)."""
+    if getattr(args, "batches", None) is not None:
+        return args.batches
     from mone_jax.data import load_token_blocks
 
     spec = args.calib
@@ -121,24 +127,88 @@ def cmd_prune(args) -> None:
     from mone_jax.pruning import prune
     from mone_jax.scoring import make_plan, save_plan
 
-    _check_out(args.out, args.overwrite)
     model = _load(args)
-    stats = _calibrate(args, model)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
-    pruned = prune(model, stats, plan, mode="drop" if args.format == "drop" else "substitute")
-    summary = save_hf(pruned, args.out, format=args.format, dtype=args.out_dtype, overwrite=args.overwrite)
-    if args.stats_out:
+    stats = _calibrate(args, model) if args.reused_stats is None else args.reused_stats
+    plan = args.reused_plan or make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric,
+                                         scope=args.scope, seed=args.seed)
+    if args.stats_out:  # before the export: a failed export does not lose the calibration
         stats.save(args.stats_out)
     if args.plan_out:
         save_plan(plan, args.plan_out)
+    pruned = prune(model, stats, plan, mode="drop" if args.format == "drop" else "substitute")
+    summary = save_hf(pruned, args.out, format=args.format, dtype=args.out_dtype, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     print(f"pruned checkpoint written to {args.out}")
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+def _check_out(args) -> None:
+    """Refuse, before any work, an --out that the export could not or should not replace."""
+    out, src = Path(args.out), Path(args.model).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file: give a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"output folder '{out}' exists and is not empty: choose another --out or pass --overwrite")
+    if out.resolve() == src or out.resolve() in src.parents:
+        raise UserError(f"--out '{out}' would replace the model folder '{args.model}': choose another --out")
+    for f in (args.stats_out, args.plan_out):
+        if f and out.resolve() in Path(f).resolve().parents:
+            raise UserError(f"'{f}' lies inside --out '{out}', which the export replaces: write it elsewhere")
+
+
+def _check_file_out(path: str | None) -> None:
+    if path and Path(path).is_dir():
+        raise UserError(f"'{path}' is a folder: give a file name to write")
+
+
+def _checked_config(folder: str):
+    """The parsed config.json of ``folder``, its sizes checked for sense."""
+    from convert.reader import read_config
+    from mone_jax.config import parse_config
+
+    try:
+        cfg = parse_config(read_config(folder))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"config.json in '{folder}' holds an invalid value ({e}): repair it") from None
+    sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+             "num_attention_heads": cfg.num_heads, "the number of experts": cfg.num_experts,
+             "num_experts_per_tok": cfg.top_k}
+    if bad := next((k for k, v in sizes.items() if v <= 0), None):
+        raise UserError(f"config.json in '{folder}' gives {bad} = {sizes[bad]}, which must be positive: repair it")
+    if cfg.top_k > cfg.num_experts:
+        raise UserError(f"config.json in '{folder}' routes each token to {cfg.top_k} of {cfg.num_experts} experts: "
+                        "num_experts_per_tok cannot exceed the experts; repair it")
+    if not cfg.moe_layer_ids:
+        raise UserError(f"'{folder}' has no MoE layer: there are no experts to prune")
+    return cfg
+
+
+def _preflight(args) -> None:
+    """Check the model folder, the numbers and the files of ``calibrate`` / ``prune`` against the model's
+    config.json and read the calibration data, all before the model loads (minutes for a large one)."""
+    from convert.reader import CheckpointReader
+    from mone_jax.scoring import load_plan, resolve_keep
+    from mone_jax.stats import Stats
+
+    _check_file_out(args.stats_out)
+    cfg = _checked_config(args.model)
+    CheckpointReader(args.model).close()  # safetensors weights present, headers sound
+    if args.cmd == "prune":
+        _check_file_out(args.plan_out)
+        _check_out(args)
+        args.reused_stats = args.reused_plan = None
+        if args.stats:
+            args.reused_stats = Stats.load(args.stats)
+            args.reused_stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+        if args.plan:
+            from mone_jax.pruning import check_plan  # imports flax: only when needed
+
+            args.reused_plan = load_plan(args.plan)
+            check_plan(args.reused_plan, cfg.num_experts, cfg.moe_layer_ids,
+                       mode="drop" if args.format == "drop" else "substitute", top_k=cfg.top_k)
+        elif resolve_keep(cfg.num_experts, args.keep, args.ratio) < cfg.top_k and args.format == "drop":
+            raise UserError(f"--format drop must keep at least top-k = {cfg.top_k} experts per layer: raise --keep")
+    if args.calib not in (None, "self"):
+        args.batches = _calib_batches(args, cfg, args.model)
 
 
 def cmd_verify(args) -> None:
@@ -151,8 +221,15 @@ def cmd_verify(args) -> None:
     print(f"{args.folder}: all files match the manifest")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mone-jax: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
+    ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -173,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--seed", type=int, default=0)
 
-    def plan_args(p):
-        g = p.add_mutually_exclusive_group(required=True)
+    def plan_args(p, required=True):
+        g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
         g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
         p.add_argument("--metric", default="mone")
@@ -207,13 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go")
     model_arg(p, optional=True)
     calib_args(p)
-    plan_args(p)
+    plan_args(p, required=False)
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--format", default="substitution")
     p.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: as the source)")
     p.add_argument("--stats-out", default=None)
     p.add_argument("--plan-out", default=None)
+    p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
+    p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
@@ -236,6 +315,9 @@ def _validate(args) -> None:
         raise UserError(f"--ratio must lie in [0, 1) (fraction of experts pruned), got {args.ratio}")
     if getattr(args, "keep", None) is not None and args.keep <= 0:
         raise UserError(f"--keep must be a positive number of experts, got {args.keep}")
+    for name in ("batch_size", "num_samples", "seq_len"):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.cmd == "prune":
         if args.model is None:
             from mone_jax.demo import demo_model_dir
@@ -243,7 +325,16 @@ def _validate(args) -> None:
             args.model = str(demo_model_dir())
             args.calib = args.calib or "self"
             args.out = args.out or "mone-demo-out"
-        if args.calib is None:
+        if args.plan and (args.keep is not None or args.ratio is not None):
+            raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
+        if args.keep is None and args.ratio is None and not args.plan:
+            raise UserError("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
+        if args.format == "drop" and args.scope == "model" and not args.plan:
+            raise UserError("--format drop needs the same number of experts in every layer, which --scope model "
+                            "does not give: use --scope layer or --format substitution")
+        if args.stats and args.calib:
+            raise UserError("--stats reuses computed statistics: drop --calib")
+        if args.calib is None and not args.stats:
             raise UserError("give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)")
         if args.out is None:
             raise UserError("give the output folder with --out")
@@ -251,10 +342,23 @@ def _validate(args) -> None:
         raise UserError("give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)")
 
 
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mone-jax: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
+    (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.showwarning = _warn
+    if getattr(args, "quiet", False):  # the libraries' progress bars and notices too
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         _validate(args)
+        if args.cmd in ("calibrate", "prune"):
+            _preflight(args)
         args.fn(args)
     except UserError as e:
         if args.debug:
@@ -264,7 +368,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mone-jax: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError, RuntimeError) as e:
+        if args.debug or (isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" not in str(e)):
+            raise
+        print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _failure(e: BaseException) -> str:
+    """One line for an error of the machine rather than of the input."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''} (disk full, file size limit or permissions?)"
+    if isinstance(e, OSError):
+        return str(e)
+    return "out of memory: lower --batch-size or --seq-len, or spread the model with --mesh or --sequential"
 
 
 if __name__ == "__main__":

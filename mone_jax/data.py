@@ -180,8 +180,6 @@ def _text_blocks(docs: Iterable[object], source: str, tokenizer_dir: str | Path 
 
 def _load_tokenizer(tokenizer_dir: str | Path | None, source: str):
     """The model folder's own tokenizer, local files only, no remote code."""
-    from transformers import AutoTokenizer
-
     if tokenizer_dir is None:
         raise UserError(f"text data {source!r} needs the model folder's tokenizer; give the model folder")
     folder = Path(tokenizer_dir)
@@ -190,8 +188,10 @@ def _load_tokenizer(tokenizer_dir: str | Path | None, source: str):
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise UserError(f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                         "copy the model's tokenizer into it or give token ids as .npy")
+    from transformers import AutoTokenizer  # after the checks: the import takes seconds
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from e
     if tokenizer.eos_token_id is None:

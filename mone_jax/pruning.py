@@ -16,13 +16,18 @@ def check_plan(plan: dict, num_experts: int, moe_layers: list[int], *, mode: str
                top_k: int = 1) -> None:
     """UserError unless ``plan`` partitions every MoE layer's experts into kept and novices."""
     layers = plan.get("layers") if isinstance(plan, dict) else None
-    if not isinstance(layers, dict) or sorted(int(k) for k in layers) != sorted(moe_layers):
-        got = sorted(int(k) for k in layers) if isinstance(layers, dict) else None
+    try:
+        got = sorted(int(k) for k in layers)
+        parts = {k: (list(e["kept"]), list(e["novices"])) for k, e in layers.items()}
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        raise UserError("the plan is malformed: it needs 'layers' mapping layer ids to 'kept' and 'novices' "
+                        "lists; recreate it with `mone-jax plan`") from None
+    if got != sorted(moe_layers):
         raise UserError(f"the plan covers layers {got} but the model's MoE layers are {moe_layers}: "
                         "make the plan from this model's statistics")
-    for key, entry in layers.items():
-        kept, nov = list(entry["kept"]), list(entry["novices"])
-        if sorted(kept + nov) != list(range(num_experts)) or not kept:
+    for key, (kept, nov) in parts.items():
+        ids = kept + nov
+        if not kept or not all(isinstance(e, (int, np.integer)) for e in ids) or sorted(ids) != list(range(num_experts)):
             raise UserError(f"plan layer {key}: kept and novices must partition experts 0..{num_experts - 1} "
                             "with at least one kept: the plan does not match this model")
     if mode == "drop":

@@ -97,8 +97,11 @@ def save_plan(plan: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(plan, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_plan(path: str | Path) -> dict:
@@ -108,8 +111,8 @@ def load_plan(path: str | Path) -> dict:
         layers = plan["layers"]
         for v in layers.values():
             v["kept"], v["novices"]  # noqa: B018 - presence check
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"plan file '{path}' does not exist: run `mone-jax plan` first") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"'{path}' is not a valid plan file ({e}): recreate it with `mone-jax plan`") from None
     return plan

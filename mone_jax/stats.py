@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from mone_jax.errors import UserError
 
@@ -80,14 +80,20 @@ class Stats:
         return Stats({i: self.layers[i].merge(other.layers[i]) for i in self.layers}, self.tokens + other.tokens,
                      self.meta or other.meta)
 
-    def check_finite(self) -> None:
+    def nonfinite(self) -> tuple[int, str] | None:
+        """(layer, field) of the first statistic holding NaN / Inf, or None."""
         for i, s in self.layers.items():
             for name in ("weight_sum", "mean", "m2", "reap_sum"):
                 if not np.all(np.isfinite(getattr(s, name))):
-                    raise UserError(
-                        f"calibration statistics of layer {i} contain NaN/Inf ({name}): the model weights or "
-                        "activations overflow; use --dtype float32 or check the checkpoint"
-                    )
+                    return i, name
+        return None
+
+    def check_finite(self) -> None:
+        if bad := self.nonfinite():
+            raise UserError(
+                f"calibration statistics of layer {bad[0]} contain NaN/Inf ({bad[1]}): the model weights or "
+                "activations overflow; use --dtype float32 or check the checkpoint"
+            )
 
     def save(self, path: str | Path) -> None:
         """Write the DESIGN.md stats file atomically (temporary sibling, then rename)."""
@@ -104,7 +110,7 @@ class Stats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            save_file(tensors, str(tmp), metadata=meta)
+            tmp.write_bytes(save(tensors, metadata=meta))  # a failed write raises OSError
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -120,8 +126,8 @@ class Stats:
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for corrupt files
             raise UserError(f"'{path}' is not a valid statistics file ({e}): recreate it") from None
-        ids = sorted({int(k.split(".")[1]) for k in t if k.startswith("layers.")})
         try:
+            ids = sorted({int(k.split(".")[1]) for k in t if k.startswith("layers.")})
             layers = {
                 i: LayerStats(
                     t[f"layers.{i}.count"].astype(np.int64),
@@ -135,10 +141,22 @@ class Stats:
             tokens = int(t["tokens"])
         except KeyError as e:
             raise UserError(f"'{path}' lacks tensor {e}: it is not a mone-jax statistics file") from None
+        except (ValueError, TypeError) as e:
+            raise UserError(f"'{path}' is not a mone-jax statistics file ({e}): recreate it") from None
         if not layers:
             raise UserError(f"'{path}' holds no layer statistics: it is not a mone-jax statistics file")
-        meta = {k: v for k, v in meta.items() if k != "format_version"}
-        return cls(layers, tokens, meta)
+        first = next(iter(layers.values())).mean
+        E, d = first.shape if first.ndim == 2 else (0, 0)
+        for i, s in layers.items():
+            if E == 0 or s.mean.shape != (E, d) or s.m2.shape != (E, d) \
+                    or any(a.shape != (E,) for a in (s.count, s.weight_sum, s.reap_sum)) or (s.count < 0).any():
+                raise UserError(f"'{path}': the statistics of layer {i} have inconsistent shapes or negative counts: "
+                                "the file is corrupt; recreate it")
+        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"})
+        if bad := stats.nonfinite():
+            raise UserError(f"'{path}' holds NaN/Inf (layer {bad[0]} {bad[1]}): the file is corrupt; recreate it "
+                            "with `mone-jax calibrate`")
+        return stats
 
     def check_matches(self, model_type: str, num_experts: int, moe_layers: list[int], hidden: int) -> None:
         """UserError when these statistics were not computed for the given model."""
