@@ -95,7 +95,8 @@ def export_pruned(
     src, out = Path(src_dir), Path(out_dir)
     cfg = read_config(src)
     model_type = str(cfg.get("model_type", ""))
-    if model_type.endswith(COMPRESSED_SUFFIX):
+    substituted = (cfg.get("compression_config") or {}).get("transform_config", {}).get("expert_substitution")
+    if model_type.endswith(COMPRESSED_SUFFIX) or substituted:
         raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}): export from the original model")
     try:
         fam = family(model_type)

@@ -13,7 +13,7 @@ MODES = ("substitute", "drop")
 
 
 def check_plan(plan: dict, num_experts: int, moe_layers: list[int], *, mode: str = "substitute",
-               top_k: int = 1) -> None:
+               top_k: int = 1, n_group: int = 1) -> None:
     """UserError unless ``plan`` partitions every MoE layer's experts into kept and novices."""
     layers = plan.get("layers") if isinstance(plan, dict) else None
     try:
@@ -35,8 +35,12 @@ def check_plan(plan: dict, num_experts: int, moe_layers: list[int], *, mode: str
         if len(sizes) > 1:
             raise UserError(f"drop mode needs the same keep count in every layer, the plan has {sorted(sizes)}: "
                             "use --scope layer or --format substitution")
-        if sizes.pop() < top_k:
+        k = sizes.pop()
+        if k < top_k:
             raise UserError(f"drop mode must keep at least top-k = {top_k} experts per layer: raise --keep")
+        if k % n_group:
+            raise UserError(f"drop mode must keep a multiple of the router's n_group = {n_group} experts per layer "
+                            f"(got {k}): change --keep or use --format substitution")
 
 
 def prune_params(params: dict, stats: Stats, plan: dict, *, mode: str = "substitute") -> dict:
@@ -77,7 +81,7 @@ def prune(model: MoEForCausalLM, stats: Stats, plan: dict, *, mode: str = "subst
     for i, blk in model.moe_blocks().items():
         if blk.num_kept != cfg.num_experts:
             raise UserError(f"layer {i} is already pruned: prune the original model")
-    check_plan(plan, cfg.num_experts, cfg.moe_layer_ids, mode=mode, top_k=cfg.top_k)
+    check_plan(plan, cfg.num_experts, cfg.moe_layer_ids, mode=mode, top_k=cfg.top_k, n_group=cfg.n_group)
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     params = prune_params(nnx.to_pure_dict(nnx.state(model)), stats, plan, mode=mode)
     kept = {int(k): len(v["kept"]) for k, v in plan["layers"].items()}

@@ -253,7 +253,7 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, pla
     """
     cfg = config_of(folder)
     check_plan(plan, cfg.num_experts, cfg.moe_layer_ids, mode="drop" if fmt == "drop" else "substitute",
-               top_k=cfg.top_k)
+               top_k=cfg.top_k, n_group=cfg.n_group)
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     dt = resolve_dtype(dtype)
     novices = {int(k): {} if fmt == "drop" else

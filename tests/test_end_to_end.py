@@ -79,3 +79,14 @@ def test_cli_prune_and_verify(hf_models, tmp_path):
     assert v.returncode == 2 and "failed verification" in v.stderr and "Traceback" not in v.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # out exists: refused
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_reexport_of_a_pruned_checkpoint_is_refused(hf_models, tmp_path):
+    from mone_jax.errors import UserError
+
+    _, _, model, stats, plan = _pipeline(hf_models, "olmoe")
+    out = tmp_path / "once"
+    mone_jax.save_hf(mone_jax.prune(model, stats, plan), out)
+    again = mone_jax.load_hf(out, progress=False)  # imports the substitution layout
+    with pytest.raises(UserError, match="already a pruned checkpoint"):
+        mone_jax.save_hf(again, tmp_path / "twice")

@@ -84,3 +84,12 @@ def test_bad_plans_are_refused(hf_models):
     pruned = mone_jax.prune(model, stats, plan)
     with pytest.raises(UserError, match="already pruned"):
         mone_jax.calibrate(pruned, [np.zeros((1, 4), np.int32)], progress=False)
+
+
+def test_drop_needs_keep_divisible_by_router_groups():
+    from mone_jax.pruning import check_plan
+
+    plan = {"layers": {"1": {"kept": [0, 1, 2], "novices": [3, 4, 5, 6, 7]}}}
+    check_plan(plan, 8, [1], mode="drop", top_k=2, n_group=1)
+    with pytest.raises(UserError, match="n_group = 2"):
+        check_plan(plan, 8, [1], mode="drop", top_k=2, n_group=2)
