@@ -211,6 +211,29 @@ def _preflight(args) -> None:
         args.batches = _calib_batches(args, cfg, args.model)
 
 
+def cmd_eval(args) -> None:
+    from mone_jax.data import load_token_blocks
+    from mone_jax.evaluate import perplexity
+
+    if args.data == "self":
+        raise UserError("evaluate on held-out data (a file, folder, .npy or hf:NAME), not on the model's own samples")
+    model = _load(args)
+    cfg = model.config
+    if args.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
+                            text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
+    result = perplexity(model, ids, batch_size=args.batch_size, progress=not args.quiet)
+    result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+    print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.5f}) over {result['tokens']} tokens")
+
+
 def cmd_verify(args) -> None:
     from convert.export import verify_export
 
@@ -296,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
+    p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")
+    model_arg(p)
+    p.add_argument("--data", required=True, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
+                                                 "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start")
+    p.add_argument("--num-samples", type=int, default=256, help="blocks evaluated")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
     p.add_argument("folder")
     p.set_defaults(fn=cmd_verify)
@@ -325,6 +359,11 @@ def _validate(args) -> None:
             args.model = str(demo_model_dir())
             args.calib = args.calib or "self"
             args.out = args.out or "mone-demo-out"
+            if args.keep is None and args.ratio is None:
+                args.ratio = 0.25
+            if args.calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
+                args.num_samples = args.num_samples or 16
+                args.seq_len = args.seq_len or 64
         if args.plan and (args.keep is not None or args.ratio is not None):
             raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
         if args.keep is None and args.ratio is None and not args.plan:
