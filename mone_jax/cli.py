@@ -97,17 +97,20 @@ def _atomic_npy(path: str, arr: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _calibrate(args, model):
-    from mone_jax.calibration import calibrate
+def _calibrate(args):
+    """Statistics of --model: loaded layer by layer onto the --mesh, or streamed with --sequential."""
+    from mone_jax.scale import calibrate_cli
 
-    batches = _calib_batches(args, model.config, args.model, model)
-    return calibrate(model, batches, progress=not args.quiet)
+    return calibrate_cli(args, _calib_batches)
 
 
 def cmd_calibrate(args) -> None:
-    model = _load(args)
-    stats = _calibrate(args, model)
-    stats.save(args.stats_out)
+    from mone_jax.scale import init_distributed, is_writer
+
+    init_distributed(args)
+    stats = _calibrate(args)
+    if is_writer():
+        stats.save(args.stats_out)
     print(f"calibrated on {stats.tokens} tokens; statistics of {len(stats.layers)} MoE layers -> {args.stats_out}")
 
 
@@ -123,20 +126,23 @@ def cmd_plan(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from mone_jax import save_hf
-    from mone_jax.pruning import prune
+    from mone_jax.scale import init_distributed, is_writer
     from mone_jax.scoring import make_plan, save_plan
+    from mone_jax.sequential import export_from_stats
 
-    model = _load(args)
-    stats = _calibrate(args, model) if args.reused_stats is None else args.reused_stats
+    init_distributed(args)
+    stats = _calibrate(args) if args.reused_stats is None else args.reused_stats
     plan = args.reused_plan or make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric,
                                          scope=args.scope, seed=args.seed)
+    if not is_writer():
+        return
     if args.stats_out:  # before the export: a failed export does not lose the calibration
         stats.save(args.stats_out)
     if args.plan_out:
         save_plan(plan, args.plan_out)
-    pruned = prune(model, stats, plan, mode="drop" if args.format == "drop" else "substitute")
-    summary = save_hf(pruned, args.out, format=args.format, dtype=args.out_dtype, overwrite=args.overwrite)
+    # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
+    summary = export_from_stats(args.model, args.out, stats, plan, fmt=args.format, dtype=args.dtype,
+                                out_dtype=args.out_dtype, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     print(f"pruned checkpoint written to {args.out}")
 
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-field", default="text")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--seed", type=int, default=0)
+        from mone_jax.scale import add_args
+
+        add_args(p)
 
     def plan_args(p, required=True):
         g = p.add_mutually_exclusive_group(required=required)
