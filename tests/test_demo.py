@@ -131,3 +131,30 @@ def test_pruned_export_for_lm_eval_and_cli_eval(pruned_demo, tmp_path):
     nll = -logp.gather(-1, torch.as_tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
     assert ours["tokens"] == int(predicted(np.ones(ids.shape)).sum())
     assert math.isclose(ours["perplexity"], math.exp(nll.mean()), rel_tol=1e-4)
+
+
+def test_training_script_forward_and_export(tmp_path):
+    """scripts/train_demo.py: its training forward is the model's, and its folder loads in transformers."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mone_jax.config import parse_config
+    from mone_jax.model import MoEForCausalLM
+
+    spec = importlib.util.spec_from_file_location("train_demo", Path(__file__).parents[1] / "scripts" / "train_demo.py")
+    td = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(td)
+    args = td.parse_args(["--vocab", "64", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                          "--experts", "8", "--expert-size", "16"])
+    config = td.hf_config(args, 0)
+    model = nnx.jit(lambda: MoEForCausalLM(parse_config(config), jnp.float32, rngs=nnx.Rngs(1)))()
+    ids = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
+    logits, balance = nnx.jit(td.forward)(model, jnp.asarray(ids))
+    ours = np.asarray(model(ids))
+    np.testing.assert_allclose(np.asarray(logits), ours, atol=1e-5)
+    assert 0 < float(balance) < args.experts
+    td.write_folder(tmp_path, model, 0, config, "card")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_close_logits(ours, torch_logits(hf, ids))
