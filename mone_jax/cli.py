@@ -366,9 +366,9 @@ def _validate(args) -> None:
             from mone_jax.demo import demo_model_dir
 
             args.model = str(demo_model_dir())
-            args.calib = args.calib or "self"
+            args.calib = args.calib or (None if args.stats else "self")
             args.out = args.out or "mone-demo-out"
-            if args.keep is None and args.ratio is None:
+            if args.keep is None and args.ratio is None and not args.plan:
                 args.ratio = 0.25
             if args.calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
                 args.num_samples = args.num_samples or 16
