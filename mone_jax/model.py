@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
-from mone_jax.layers import Buffer, Linear, RMSNorm, attend, normal_param
+from mone_jax.layers import Buffer, Linear, RMSNorm, attend, dot, normal_param
 from mone_jax.mla import MLAttention
 from mone_jax.moe import Experts, ExpertStats, default_impl, dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
@@ -66,9 +66,9 @@ class MLP(nnx.Module):
         self.down = normal_param(rngs, (f, d), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jnp.dot(x, self.gate_up[...])
+        h = dot(x, self.gate_up[...])
         f = h.shape[-1] // 2
-        return jnp.dot(jax.nn.silu(h[..., :f]) * h[..., f:], self.down[...])
+        return dot(jax.nn.silu(h[..., :f]) * h[..., f:], self.down[...])
 
 
 def route(logits: jax.Array, cfg: ModelConfig, score_bias: jax.Array | None = None):
@@ -168,9 +168,10 @@ class MoEBlock(nnx.Module):
             xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
             stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu(),
         )
-        if E > K:
+        if E > K:  # novices: weights scattered to [T, E] times the novice vectors (zero rows for kept experts)
             table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
-            y = y + jnp.einsum("tk,tkd->td", w, table[ids]).astype(y.dtype)
+            dense_w = jnp.zeros((B * T, E), jnp.float32).at[jnp.arange(B * T)[:, None], ids].add(w)
+            y = y + jnp.dot(dense_w, table).astype(y.dtype)
         if self.shared is not None:
             s = self.shared(xt)
             if self.shared_gate is not None:

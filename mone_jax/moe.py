@@ -2,9 +2,11 @@
 
 Three implementations give the same result to fp32 rounding:
 
-- ``scan``  (CPU default): pairs ranked by expert, each expert's group padded to ``block`` rows,
-  a ``lax.scan`` over blocks; every block belongs to one expert, so its statistics are computed
-  on the block (two-pass, in cache) and Chan-merged into the expert's running moments.
+- ``scan``  (CPU default): pairs ranked by expert (a one-hot cumulative sum), then a ``lax.scan``
+  whose every step runs up to ``block`` rows of one expert (a chunk size in multiples of block/8,
+  so padding stays under block/8 rows per expert and each expert's weights are read once per
+  ``block`` rows), scatter-adds the weighted rows into the output and Chan-merges the step's
+  two-pass moments into the expert's running ones: statistics are fused with the dispatch.
 - ``ragged``  (TPU/GPU default): pairs sorted by expert and fed to ``jax.lax.ragged_dot``.
 - ``dense``: every expert on every token, then masked; a test oracle only.
 
@@ -14,12 +16,14 @@ Pairs whose expert id equals ``num_experts`` are skipped (used for novices and p
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("scan", "ragged", "dense")
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Experts(NamedTuple):
@@ -75,11 +79,11 @@ def _chan_merge(a: tuple, b: tuple) -> tuple:
 
 
 def block_size_for(num_pairs: int, num_experts: int, block: int | None) -> int:
-    """Rows per block: ``block`` if given, else the power of two near pairs/expert in [8, 128]."""
+    """Most rows per step: ``block`` if given, else the power of two >= pairs/expert in [8, 512]."""
     if block:
         return block
     per = max(1, num_pairs // max(num_experts, 1))
-    return int(min(128, max(8, 1 << (per - 1).bit_length())))
+    return int(min(512, max(8, 1 << (per - 1).bit_length())))
 
 
 def dispatch(
@@ -105,8 +109,8 @@ def dispatch(
     tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
     fn = {"scan": _scan, "ragged": _ragged, "dense": _dense}[impl]
     valid = None if stats_mask is None else stats_mask[tok] & (ids < E)
-    y_pairs, moments = fn(x, ids, w, tok, experts, valid, glu, block)
-    y = (y_pairs * w[:, None]).reshape(T, k, -1).sum(1).astype(x.dtype)
+    y, moments = fn(x, ids, w, tok, experts, valid, glu, block)
+    y = y.astype(x.dtype)
     if stats_mask is None:
         return y, None
     count, wsum = _pair_counts(ids, w, valid, E)
@@ -114,54 +118,87 @@ def dispatch(
     return y, ExpertStats(count, wsum, mean, m2, reap)
 
 
+def _chunk_sizes(block: int) -> tuple[int, ...]:
+    """Row counts a step may process: multiples of block / 8 (at least 8 rows) up to ``block``."""
+    g = max(8, block // 8)
+    return tuple(range(g, block + 1, g)) if block % g == 0 else (block,)
+
+
 def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
+    """Pairs in expert order; each scan step runs the next (up to ``block``) rows of one expert,
+    padded to the next chunk size, adds the weighted rows into y and merges the step's moments."""
     P, (T, d) = ids.shape[0], x.shape
     E = ex.gate_up.shape[0]
     B = block_size_for(P, E, block)
-    onehot = (ids[:, None] == jnp.arange(E)[None, :]).astype(jnp.int32)  # [P, E]; skip pairs all-zero
+    sizes = _chunk_sizes(B)
+    # rank pairs by expert (skip id E last) with a one-hot cumulative sum: cheaper than a sort
+    onehot = (ids[:, None] == jnp.arange(E + 1)[None, :]).astype(jnp.int32)  # [P, E + 1]
     counts = onehot.sum(0)
-    rank = (jnp.cumsum(onehot, 0) * onehot).sum(1) - 1
-    nblk = (counts + B - 1) // B
-    blk_end = jnp.cumsum(nblk)
-    n_blocks = -(-P // B) + E  # static bound on sum(ceil(count / B))
-    trash = n_blocks * B
-    row = jnp.where(ids < E, (blk_end - nblk)[jnp.minimum(ids, E - 1)] * B + rank, trash)
-    row_tok = jnp.full((trash + 1,), T, jnp.int32).at[row].set(tok)[:trash]
+    starts = jnp.cumsum(counts) - counts
+    pos = starts[ids] + (jnp.cumsum(onehot, 0) * onehot).sum(1) - 1
+
+    def by_pos(v, fill):  # v in expert-sorted order, B spare entries for the last step's padding
+        return jnp.full((P + B,), fill, v.dtype).at[pos].set(v, unique_indices=True)
+
+    s_tok, s_w = by_pos(tok, T), by_pos(w, 0.0)
+    s_valid = by_pos(valid.astype(jnp.float32), 0.0) if valid is not None else None
+    collect = s_valid is not None
     x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
-    block_e = jnp.minimum(jnp.searchsorted(blk_end, jnp.arange(n_blocks), side="right"), E - 1)
-    collect = valid is not None
-    if collect:
-        row_valid = jnp.zeros((trash + 1,), jnp.float32).at[row].set(valid.astype(jnp.float32))[:trash]
-        row_w = jnp.zeros((trash + 1,), jnp.float32).at[row].set(w)[:trash]
-    bias = ex.gate_up_bias is not None
+    counts = counts[:E]
+    # next_e[e]: the first non-empty expert >= e (E when none)
+    nonempty = jnp.append(counts > 0, True)
+    next_e = jnp.flip(jax.lax.cummin(jnp.flip(jnp.where(nonempty, jnp.arange(E + 1), E + 1))))
 
-    def compute(b):
-        e = block_e[b]
-        xb = x_pad[jax.lax.dynamic_slice_in_dim(row_tok, b * B, B)]
-        return _expert_mlp(
-            xb, ex.gate_up[e], ex.down[e], glu,
-            ex.gate_up_bias[e] if bias else None, ex.down_bias[e] if ex.down_bias is not None else None,
+    def compute(S, e, p):
+        rows = jax.lax.dynamic_slice_in_dim(s_tok, p, S)
+        yb = _expert_mlp(
+            x_pad[rows], ex.gate_up[e], ex.down[e], glu,
+            None if ex.gate_up_bias is None else ex.gate_up_bias[e],
+            None if ex.down_bias is None else ex.down_bias[e],
         )
-
-    def body(carry, b):
-        yb = jax.lax.cond(b < blk_end[-1], compute, lambda _: jnp.zeros((B, d), jnp.float32), b)
+        ok = (jnp.arange(S) < counts[e] - (p - starts[e])).astype(jnp.float32)
+        wb = jax.lax.dynamic_slice_in_dim(s_w, p, S) * ok
+        out = jnp.pad(yb * wb[:, None], ((0, B - S), (0, 0)))
         if not collect:
-            return carry, yb
-        cnt, mean, m2, reap = carry
-        e = block_e[b]
-        m = jax.lax.dynamic_slice_in_dim(row_valid, b * B, B)
+            return out, ()
+        m = jax.lax.dynamic_slice_in_dim(s_valid, p, S) * ok
         nb = m.sum()
-        mb = (yb * m[:, None]).sum(0) / jnp.maximum(nb, 1.0)
-        dev = (yb - mb) * m[:, None]
-        n, mu, q = _chan_merge((cnt[e], mean[e], m2[e]), (nb, mb, (dev * dev).sum(0)))
-        r = (m * jax.lax.dynamic_slice_in_dim(row_w, b * B, B) * jnp.linalg.norm(yb, axis=-1)).sum()
-        return (cnt.at[e].set(n), mean.at[e].set(mu), m2.at[e].set(q), reap.at[e].add(r)), yb
+        mb = jnp.dot(m, yb, precision=HIGHEST) / jnp.maximum(nb, 1.0)
+        q = jnp.dot(m, jnp.square(yb - mb), precision=HIGHEST)  # two-pass: deviations from the step's mean
+        r = jnp.dot(m * wb, jnp.sqrt(jnp.square(yb).sum(1)), precision=HIGHEST)
+        return out, (nb, mb, q, r)
 
-    zeros = (jnp.zeros((E,)), jnp.zeros((E, d)), jnp.zeros((E, d)), jnp.zeros((E,)))
-    carry, ys = jax.lax.scan(body, zeros if collect else (), jnp.arange(n_blocks))
-    out = jnp.concatenate([ys.reshape(trash, d), jnp.zeros((1, d), jnp.float32)])
-    y_pairs = out[row]
-    return y_pairs, (carry[1:] if collect else None)
+    def skip(e, p):
+        z = jnp.zeros((), jnp.float32)
+        return jnp.zeros((B, d), jnp.float32), ((z, jnp.zeros((d,)), jnp.zeros((d,)), z) if collect else ())
+
+    branches = [skip] + [partial(compute, S) for S in sizes]
+
+    def body(carry, _):
+        e, rel, y, mom = carry
+        ec = jnp.minimum(e, E - 1)
+        n = jnp.where(e < E, jnp.minimum(counts[ec] - rel, B), 0)  # rows this step
+        p = starts[ec] + rel
+        yw, st = jax.lax.switch(jnp.where(n > 0, jnp.searchsorted(jnp.array(sizes), n) + 1, 0), branches, ec, p)
+        y = y.at[jax.lax.dynamic_slice_in_dim(s_tok, p, B)].add(yw)
+        if collect:
+            nb, mb, q, r = st
+            cnt, mean, m2, reap = mom
+            c, mu, q = _chan_merge((cnt[ec], mean[ec], m2[ec]), (nb, mb, q))
+            mom = (cnt.at[ec].set(c), mean.at[ec].set(mu), m2.at[ec].set(q), reap.at[ec].add(r))
+        done = rel + n >= counts[ec]
+        return (jnp.where(done, next_e[jnp.minimum(e + 1, E)], e), jnp.where(done, 0, rel + n), y, mom), None
+
+    mom = (jnp.zeros((E,)), jnp.zeros((E, d)), jnp.zeros((E, d)), jnp.zeros((E,))) if collect else ()
+    init = (next_e[0], jnp.zeros((), jnp.int32), jnp.zeros((T + 1, d), jnp.float32), mom)
+    # each expert takes ceil(count / B) steps: at most P // B + E in all
+    (_, _, y, mom), _ = jax.lax.scan(body, init, None, length=P // B + E)
+    return y[:T], (mom[1:] if collect else None)
+
+
+def _combine(y_pairs: jax.Array, w: jax.Array, T: int) -> jax.Array:
+    """Per-token weighted sum of per-pair outputs (pairs token-major, k per token)."""
+    return (y_pairs * w[:, None]).reshape(T, -1, y_pairs.shape[-1]).sum(1)
 
 
 def _segment_moments(y, seg, valid, w, E):
@@ -191,10 +228,10 @@ def _ragged(x, ids, w, tok, ex: Experts, valid, glu, block):
     if ex.down_bias is not None:
         y = y + ex.down_bias[e_c]
     y = jnp.where((sid < E)[:, None], y, 0.0)
-    y_pairs = jnp.zeros_like(y).at[order].set(y)
+    out = _combine(jnp.zeros_like(y).at[order].set(y), w, x.shape[0])
     if valid is None:
-        return y_pairs, None
-    return y_pairs, _segment_moments(y, sid, valid[order], w[order], E)
+        return out, None
+    return out, _segment_moments(y, sid, valid[order], w[order], E)
 
 
 def _dense(x, ids, w, tok, ex: Experts, valid, glu, block):
@@ -204,6 +241,7 @@ def _dense(x, ids, w, tok, ex: Experts, valid, glu, block):
         in_axes=(0, 0, 0 if ex.gate_up_bias is not None else None, 0 if ex.down_bias is not None else None),
     )(ex.gate_up, ex.down, ex.gate_up_bias, ex.down_bias)  # [E, T, d]
     y_pairs = jnp.where((ids < E)[:, None], y_all[jnp.minimum(ids, E - 1), tok], 0.0)
+    out = _combine(y_pairs, w, x.shape[0])
     if valid is None:
-        return y_pairs, None
-    return y_pairs, _segment_moments(y_pairs, ids, valid, w, E)
+        return out, None
+    return out, _segment_moments(y_pairs, ids, valid, w, E)
