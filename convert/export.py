@@ -21,9 +21,9 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from mone_jax.convert.families import COMPRESSED_SUFFIX, FamilyNames, family
+from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 
-from convert.families import COMPRESSED_SUFFIX, FamilyNames, family
-from convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 from mone_jax.errors import UserError
 
 FORMATS = ("substitution", "modepd", "drop")

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from mone_jax.convert.families import FamilyNames, family
+from mone_jax.convert.reader import CheckpointReader, read_config
 from tqdm.auto import tqdm
 
-from convert.families import FamilyNames, family
-from convert.reader import CheckpointReader, read_config
 from mone_jax.config import ModelConfig, parse_config
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Imported on first use, so that `convert` and `mone_jax` submodules can import each other freely.
 _LAZY = {
-    "load_hf": "convert.load", "calibrate": "mone_jax.calibration", "prune": "mone_jax.pruning",
+    "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calibration", "prune": "mone_jax.pruning",
     "Stats": "mone_jax.stats", "MoEForCausalLM": "mone_jax.model", "load_plan": "mone_jax.scoring",
     "save_plan": "mone_jax.scoring", "make_plan": "mone_jax.scoring",
 }
@@ -45,9 +45,9 @@ def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, m
 def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, dtype: str | None = None,
             overwrite: bool = False) -> dict:
     """Export a (pruned) model as a Hugging Face folder; returns the export summary."""
-    from convert.export import export_pruned
-    from convert.reader import read_config
     from mone_jax.config import parse_config
+    from mone_jax.convert.export import export_pruned
+    from mone_jax.convert.reader import read_config
     from mone_jax.pruning import pruned_layout
 
     if not model.source_dir:

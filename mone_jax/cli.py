@@ -58,7 +58,7 @@ def _calib_batches(args, cfg, model_dir: str | None, model=None) -> list[np.ndar
 
 
 def _load(args):
-    from convert.load import load_hf
+    from mone_jax.convert.load import load_hf
 
     return load_hf(args.model, dtype=args.dtype, progress=not args.quiet)
 
@@ -168,8 +168,8 @@ def _check_file_out(path: str | None) -> None:
 
 def _checked_config(folder: str):
     """The parsed config.json of ``folder``, its sizes checked for sense."""
-    from convert.reader import read_config
     from mone_jax.config import parse_config
+    from mone_jax.convert.reader import read_config
 
     try:
         cfg = parse_config(read_config(folder))
@@ -191,7 +191,7 @@ def _checked_config(folder: str):
 def _preflight(args) -> None:
     """Check the model folder, the numbers and the files of ``calibrate`` / ``prune`` against the model's
     config.json and read the calibration data, all before the model loads (minutes for a large one)."""
-    from convert.reader import CheckpointReader
+    from mone_jax.convert.reader import CheckpointReader
     from mone_jax.scoring import load_plan, resolve_keep
     from mone_jax.stats import Stats
 
@@ -241,7 +241,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from convert.export import verify_export
+    from mone_jax.convert.export import verify_export
 
     problems = verify_export(args.folder)
     if problems:

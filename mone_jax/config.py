@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from convert.families import COMPRESSED_SUFFIX, family
+from mone_jax.convert.families import COMPRESSED_SUFFIX, family
 from mone_jax.errors import UserError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.families import family
-from convert.reader import CheckpointReader, read_config
 from mone_jax.config import parse_config
+from mone_jax.convert.families import family
+from mone_jax.convert.reader import CheckpointReader, read_config
 
 
 def summarize(folder: str | Path) -> dict:

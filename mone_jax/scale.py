@@ -69,7 +69,7 @@ def _mesh(args, cfg):
     import jax
     from flax import nnx
 
-    from convert.load import resolve_dtype
+    from mone_jax.convert.load import resolve_dtype
     from mone_jax.model import MoEForCausalLM
     from mone_jax.sharding import make_mesh, mesh_shape, param_bytes
 
@@ -84,8 +84,8 @@ def _mesh(args, cfg):
 
 def calibrate_cli(args, calib_batches: Callable):
     """Statistics of ``args.model``: loaded layer by layer onto the mesh, or streamed with --sequential."""
-    from convert.load import config_of
     from mone_jax.calibration import identity
+    from mone_jax.convert.load import config_of
     from mone_jax.resume import CalibCheckpoint
 
     if args.offload_dir and not args.sequential:

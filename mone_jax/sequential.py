@@ -29,11 +29,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from convert.export import export_pruned
-from convert.load import config_of, kept_counts, load_layer, resolve_dtype
-from convert.reader import CheckpointReader
 from mone_jax.calibration import as_batch, empty_stats, shard_batch
 from mone_jax.config import ModelConfig
+from mone_jax.convert.export import export_pruned
+from mone_jax.convert.load import config_of, kept_counts, load_layer, resolve_dtype
+from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.model import attention_biases
 from mone_jax.moe import default_impl

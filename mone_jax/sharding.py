@@ -148,8 +148,8 @@ def load_sharded(folder, mesh: Mesh, dtype="float32", *, progress: bool = True) 
     Each layer is read on its own and spread over the mesh before the next one, so no device
     (and no host) ever holds more than one layer beyond its share of the model.
     """
-    from convert.load import config_of, kept_counts, load_embed_and_head, load_layer, resolve_dtype
-    from convert.reader import CheckpointReader
+    from mone_jax.convert.load import config_of, kept_counts, load_embed_and_head, load_layer, resolve_dtype
+    from mone_jax.convert.reader import CheckpointReader
 
     cfg = config_of(folder)
     if kept_counts(cfg):

@@ -29,7 +29,8 @@ from flax import nnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from convert.families import family  # noqa: E402
+from mone_jax.convert.families import family  # noqa: E402
+
 from mone_jax.config import parse_config  # noqa: E402
 from mone_jax.data import load_token_blocks  # noqa: E402
 from mone_jax.evaluate import perplexity, unigram_perplexity  # noqa: E402

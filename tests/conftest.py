@@ -19,8 +19,10 @@ transformers = pytest.importorskip("transformers")
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
               max_position_embeddings=256, tie_word_embeddings=False)
 
-# (family, variant) -> config kwargs. Variants cover: experts/top-k, norm_topk_prob, shared experts,
-# dense layers mixed in, GQA vs MHA, sliding window, qkv clipping.
+# THE table of tiny test configs: (family, variant) -> (transformers config class, kwargs), used by every
+# cross-check. Variants cover: experts/top-k, norm_topk_prob, shared experts, dense layers mixed in, GQA vs
+# MHA, sliding window, qkv clipping, MLA with and without low-rank queries, group-limited / sigmoid routing,
+# scaling factors, scaled RoPE, attention sinks, expert biases.
 CONFIGS: dict[tuple[str, str], tuple[str, dict]] = {
     ("olmoe", "a"): ("OlmoeConfig", dict(intermediate_size=16, num_hidden_layers=2, num_experts=8,
                                          num_experts_per_tok=2, norm_topk_prob=False)),
@@ -45,19 +47,56 @@ CONFIGS: dict[tuple[str, str], tuple[str, dict]] = {
     ("mixtral", "b"): ("MixtralConfig", dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=8,
                                              num_experts_per_tok=2, sliding_window=5, num_key_value_heads=1)),
 }
-FAMILY_VARIANTS = list(CONFIGS)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+            intermediate_size=40, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1)
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
+CONFIGS.update({
+    ("deepseek_v2", "lora_greedy"): ("DeepseekV2Config", dict(
+        **_MLA, num_hidden_layers=2, q_lora_rank=12, n_routed_experts=8, num_experts_per_tok=2,
+        topk_method="greedy", routed_scaling_factor=2.0)),
+    ("deepseek_v2", "group_yarn"): ("DeepseekV2Config", dict(
+        **{**_MLA, "n_shared_experts": 2}, num_hidden_layers=3, q_lora_rank=None, n_routed_experts=8,
+        num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2, attention_bias=True,
+        rope_parameters=dict(**_YARN, mscale=1.0, mscale_all_dim=0.8))),
+    ("deepseek_v3", "moonlight"): ("DeepseekV3Config", dict(
+        **_MLA, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+        topk_group=1, routed_scaling_factor=2.446)),
+    ("deepseek_v3", "grouped_yarn"): ("DeepseekV3Config", dict(
+        **_MLA, num_hidden_layers=2, q_lora_rank=12, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+        topk_group=2, rope_interleave=False, rope_parameters=dict(**_YARN, mscale=0.9, mscale_all_dim=0.7))),
+    ("glm4_moe", "a"): ("Glm4MoeConfig", dict(
+        num_hidden_layers=3, head_dim=8, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+        n_group=2, topk_group=1, routed_scaling_factor=1.5,
+        rope_parameters=dict(**_YARN, partial_rotary_factor=0.5))),
+    ("gpt_oss", "a"): ("GptOssConfig", dict(
+        num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=5, swiglu_limit=0.5,
+        rope_parameters=dict(**_YARN, truncate=False, beta_fast=16.0, beta_slow=2.0))),
+})
+ALL_VARIANTS = list(CONFIGS)
+# The first four families' variants (GQA-attention families), as the older tests are parametrised.
+FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")]
+# One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
+PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
+              ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("gpt_oss", "a")]
 
 
-def build_hf(family: str, variant: str, seed: int = 0):
-    """A random transformers model of ``family`` with diverse routing (router weights ~ N(0, 1))."""
+def build_hf(family: str, variant: str, seed: int = 0, **overrides):
+    """A random transformers model of ``family`` with diverse routing: router weights ~ N(0, 1),
+    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2)."""
     cls_name, kw = CONFIGS[(family, variant)]
-    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw})
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)\.(weight|e_score_correction_bias)$", name):
-                p.normal_(0.0, 1.0)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias)$", name):
+                t.normal_(0.0, 1.0)
+            elif name.endswith("e_score_correction_bias"):
+                t.normal_(0.0, 0.5)
+            elif re.search(r"experts\.(gate_up|down)_proj_bias$", name):
+                t.normal_(0.0, 0.1)
     return model
 
 

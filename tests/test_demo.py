@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_close_logits, torch, torch_logits, transformers
+from mone_jax.convert.load import load_hf
 
-from convert.load import load_hf
 from mone_jax.cli import main
 from mone_jax.data import load_token_blocks
 from mone_jax.demo import demo_model_dir

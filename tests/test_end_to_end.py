@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import transformers
 from conftest import assert_close_logits, torch_logits
+from mone_jax.convert.export import verify_export
 
 import mone_jax
-from convert.export import verify_export
 
 
 def _pipeline(hf_models, family, variant="a", keep=None, seed=0):

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mone_jax.convert.export import verify_export
+from mone_jax.convert.reader import CheckpointReader
 from safetensors.numpy import load_file, save, save_file
 
-from convert.export import verify_export
-from convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.scoring import make_plan, save_plan
 from mone_jax.stats import LayerStats, Stats
@@ -313,7 +313,7 @@ def test_reused_stats_and_plan(inputs, tmp_path):
 
 _SLOW_WRITER = """
 import sys, time
-import convert.export as ex
+import mone_jax.convert.export as ex
 from mone_jax.cli import main
 real = ex._write_shard
 def first_then_hang(path, tensors):

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 from conftest import torch, transformers
+from mone_jax.convert.load import load_hf
 
-from convert.load import load_hf
 from mone_jax import save_hf
 from mone_jax.calibration import calibrate
 from mone_jax.cli import main

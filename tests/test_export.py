@@ -19,8 +19,9 @@ from safetensors import safe_open
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from convert import export as export_mod  # noqa: E402
-from convert.export import export_pruned, verify_export  # noqa: E402
+from mone_jax.convert import export as export_mod  # noqa: E402
+from mone_jax.convert.export import export_pruned, verify_export  # noqa: E402
+
 from mone_jax.errors import UserError  # noqa: E402
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 64

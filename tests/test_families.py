@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import COMMON, assert_close_logits, rewrite_config, torch, torch_logits, transformers
+from conftest import (
+    ALL_VARIANTS,
+    FAMILY_VARIANTS,
+    assert_close_logits,
+    build_hf,
+    rewrite_config,
+    torch,
+    torch_logits,
+)
 from reference import reference_stats
 from safetensors.numpy import load_file, save_file
 from test_calibration import _batches, assert_stats_match
@@ -15,69 +22,7 @@ from test_calibration import _batches, assert_stats_match
 import mone_jax
 from mone_jax.errors import UserError
 
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-            intermediate_size=40, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1)
-_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
-# (family, variant) -> (config class, kwargs). Every variant routes over groups or not, with/without
-# low-rank queries, sigmoid/softmax scores, scaling factors, and one scaled RoPE per family.
-NEW_CONFIGS: dict[tuple[str, str], tuple[str, dict]] = {
-    ("deepseek_v2", "lora_greedy"): ("DeepseekV2Config", dict(
-        **_MLA, num_hidden_layers=2, q_lora_rank=12, n_routed_experts=8, num_experts_per_tok=2,
-        topk_method="greedy", routed_scaling_factor=2.0)),
-    ("deepseek_v2", "group_yarn"): ("DeepseekV2Config", dict(
-        **{**_MLA, "n_shared_experts": 2}, num_hidden_layers=3, q_lora_rank=None, n_routed_experts=8,
-        num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2, attention_bias=True,
-        rope_parameters=dict(**_YARN, mscale=1.0, mscale_all_dim=0.8))),
-    ("deepseek_v3", "moonlight"): ("DeepseekV3Config", dict(
-        **_MLA, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-        topk_group=1, routed_scaling_factor=2.446)),
-    ("deepseek_v3", "grouped_yarn"): ("DeepseekV3Config", dict(
-        **_MLA, num_hidden_layers=2, q_lora_rank=12, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
-        topk_group=2, rope_interleave=False, rope_parameters=dict(**_YARN, mscale=0.9, mscale_all_dim=0.7))),
-    ("glm4_moe", "a"): ("Glm4MoeConfig", dict(
-        num_hidden_layers=3, head_dim=8, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
-        n_group=2, topk_group=1, routed_scaling_factor=1.5,
-        rope_parameters=dict(**_YARN, partial_rotary_factor=0.5))),
-    ("gpt_oss", "a"): ("GptOssConfig", dict(
-        num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
-        sliding_window=5, swiglu_limit=0.5,
-        rope_parameters=dict(**_YARN, truncate=False, beta_fast=16.0, beta_slow=2.0))),
-}
-NEW_VARIANTS = list(NEW_CONFIGS)
-
-
-def build_new(family: str, variant: str, seed: int = 0, **overrides):
-    """Random transformers model: routers (and e_score_correction_bias) ~ N(0, 1), expert biases non-zero."""
-    cls_name, kw = NEW_CONFIGS[(family, variant)]
-    cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if re.search(r"mlp\.(gate|router)\.(weight|bias)$", name):
-                t.normal_(0.0, 1.0)
-            elif name.endswith("e_score_correction_bias"):
-                t.normal_(0.0, 0.5)
-            elif re.search(r"experts\.(gate_up|down)_proj_bias$", name):
-                t.normal_(0.0, 0.1)
-    return model
-
-
-@pytest.fixture(scope="session")
-def new_models(tmp_path_factory):
-    """(family, variant) -> (folder, torch model), built once per session."""
-    cache: dict = {}
-
-    def get(family: str, variant: str):
-        if (family, variant) not in cache:
-            model = build_new(family, variant)
-            folder = tmp_path_factory.mktemp(f"{family}_{variant}")
-            model.save_pretrained(folder)
-            cache[(family, variant)] = (folder, model)
-        return cache[(family, variant)]
-
-    return get
+NEW_VARIANTS = [v for v in ALL_VARIANTS if v not in FAMILY_VARIANTS]
 
 
 def _ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
@@ -85,16 +30,16 @@ def _ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family,variant", NEW_VARIANTS)
-def test_logits_match_transformers(new_models, family, variant):
-    folder, hf = new_models(family, variant)
+def test_logits_match_transformers(hf_models, family, variant):
+    folder, hf = hf_models(family, variant)
     model = mone_jax.load_hf(folder, progress=False)
     ids = _ids(hf.config.vocab_size)
     assert_close_logits(model(ids), torch_logits(hf, ids))
 
 
 @pytest.mark.parametrize("family,variant", NEW_VARIANTS)
-def test_stats_match_float64_reference(new_models, family, variant):
-    folder, hf = new_models(family, variant)
+def test_stats_match_float64_reference(hf_models, family, variant):
+    folder, hf = hf_models(family, variant)
     model = mone_jax.load_hf(folder, progress=False)
     batches = _batches(hf.config.vocab_size, sizes=((2, 12), (2, 12)))  # one compiled shape
     ref, tokens = reference_stats(hf, batches)
@@ -102,13 +47,13 @@ def test_stats_match_float64_reference(new_models, family, variant):
     assert_stats_match(stats, ref, tokens)
 
 
-def test_router_parameters_are_loaded(new_models):
+def test_router_parameters_are_loaded(hf_models):
     """The score-correction bias (only chooses experts) and GPT-OSS router / expert biases reach the model."""
-    folder, hf = new_models("deepseek_v3", "grouped_yarn")
+    folder, hf = hf_models("deepseek_v3", "grouped_yarn")
     blk = mone_jax.load_hf(folder, progress=False).moe_blocks()[1]
     np.testing.assert_array_equal(blk.score_bias[...], hf.model.layers[1].mlp.gate.e_score_correction_bias.numpy())
     assert blk.router[...].dtype == np.float32
-    folder, hf = new_models("gpt_oss", "a")
+    folder, hf = hf_models("gpt_oss", "a")
     blk = mone_jax.load_hf(folder, progress=False).moe_blocks()[0]
     np.testing.assert_array_equal(blk.router_bias[...], hf.model.layers[0].mlp.router.bias.detach().numpy())
     gu_bias = hf.model.layers[0].mlp.experts.gate_up_proj_bias.detach().numpy()
@@ -116,16 +61,16 @@ def test_router_parameters_are_loaded(new_models):
 
 
 @pytest.mark.parametrize("model_type", ["llama4", "llama4_text", "dbrx"])
-def test_unsupported_family_is_refused(new_models, tmp_path, model_type):
-    folder, _ = new_models("glm4_moe", "a")
+def test_unsupported_family_is_refused(hf_models, tmp_path, model_type):
+    folder, _ = hf_models("glm4_moe", "a")
     shutil.copytree(folder, tmp_path / "m")
     rewrite_config(tmp_path / "m", model_type=model_type)
     with pytest.raises(UserError, match=rf"'{model_type}' is not supported.*Supported: .*deepseek_v3.*gpt_oss"):
         mone_jax.load_hf(tmp_path / "m", progress=False)
 
 
-def test_inconsistent_groups_are_refused(new_models, tmp_path):
-    folder, _ = new_models("deepseek_v3", "grouped_yarn")
+def test_inconsistent_groups_are_refused(hf_models, tmp_path):
+    folder, _ = hf_models("deepseek_v3", "grouped_yarn")
     shutil.copytree(folder, tmp_path / "m")
     rewrite_config(tmp_path / "m", n_group=3)
     with pytest.raises(UserError, match="n_group = 3"):
@@ -137,7 +82,7 @@ def test_gpt_oss_mxfp4_experts_are_dequantized(tmp_path):
     gives the reference weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    hf = build_new("gpt_oss", "a", intermediate_size=32)  # MXFP4 packs 32 input values per block
+    hf = build_hf("gpt_oss", "a", intermediate_size=32)  # MXFP4 packs 32 input values per block
     hf.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     rng = np.random.default_rng(0)
@@ -156,18 +101,18 @@ def test_gpt_oss_mxfp4_experts_are_dequantized(tmp_path):
     assert_close_logits(mone_jax.load_hf(tmp_path, progress=False)(ids), torch_logits(hf, ids))
 
 
-def test_other_quantized_checkpoints_are_refused(new_models, tmp_path):
-    folder, _ = new_models("deepseek_v3", "moonlight")
+def test_other_quantized_checkpoints_are_refused(hf_models, tmp_path):
+    folder, _ = hf_models("deepseek_v3", "moonlight")
     shutil.copytree(folder, tmp_path / "m")
     rewrite_config(tmp_path / "m", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
     with pytest.raises(UserError, match=r"quantized checkpoints \(fp8\) are not supported"):
         mone_jax.load_hf(tmp_path / "m", progress=False)
 
 
-def test_bf16_keeps_router_in_float32(new_models):
+def test_bf16_keeps_router_in_float32(hf_models):
     """bf16 weights, with the DeepSeek router weight and score bias kept (and applied) in float32 as
     transformers does, so routing stays close to float32's."""
-    folder, hf = new_models("deepseek_v3", "grouped_yarn")
+    folder, hf = hf_models("deepseek_v3", "grouped_yarn")
     ids = _ids(hf.config.vocab_size)
     ref = torch_logits(hf, ids)
     m16 = mone_jax.load_hf(folder, dtype="bfloat16", progress=False)

@@ -13,9 +13,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, assert_close_logits, build_hf, torch, torch_logits, transformers
+from conftest import assert_close_logits, build_hf, torch, torch_logits, transformers
 from safetensors.numpy import load_file, save_file
-from test_families import build_new
 
 import mone_jax
 from mone_jax.errors import UserError
@@ -39,7 +38,7 @@ def sources(tmp_path_factory):
 
     def get(family: str, variant: str):
         if (family, variant) not in cache:
-            hf = build_hf(family, variant) if (family, variant) in CONFIGS else build_new(family, variant)
+            hf = build_hf(family, variant)
             folder = tmp_path_factory.mktemp(f"src_{family}_{variant}")
             hf.save_pretrained(folder)
             model = mone_jax.load_hf(folder, progress=False)
@@ -123,7 +122,7 @@ def _write_modepd(src, out, novices: dict[int, dict[int, np.ndarray]]) -> None:
 
 @pytest.mark.parametrize("family,variant", [("deepseek_v2", "lora_greedy"), ("deepseek_v3", "moonlight")])
 def test_modepd_written_from_torch_matches_torch(tmp_path, family, variant):
-    hf = build_new(family, variant, seed=4)
+    hf = build_hf(family, variant, seed=4)
     hf.save_pretrained(tmp_path / "src")
     rng = np.random.default_rng(0)
     layers = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]

@@ -77,7 +77,7 @@ def test_sequential_resumes_inside_a_layer(hf_models, tmp_path, every, die_after
     """Checkpoints inside and at the end of layers; the alternating hidden-state files make both resumable."""
     folder, hf = hf_models("qwen2_moe", "b")
     data = batches(96, seed=4) * 2  # 4 batches, 3 layers
-    from convert.load import config_of
+    from mone_jax.convert.load import config_of
 
     ident = identity(config_of(folder), "sequential")
     ref = calibrate_sequential(folder, data, progress=False)
