@@ -1,6 +1,8 @@
-"""Write pruned Hugging Face checkpoints: MoNE expert substitution, the reference (mode-pd) layout, or drop.
+"""Write pruned Hugging Face checkpoints in any format of the registry (:mod:`.formats`).
 
-The source is read lazily (memory-mapped) and written tensor by tensor, so peak memory is one tensor.
+Two sources: :func:`export_pruned` streams a source checkpoint plus a plan and novice vectors (the
+pruned model is never assembled: peak memory is one tensor); :func:`export_model` writes the arrays a
+Flax model holds (:func:`~mone_jax.convert.state_dict.hf_state_dict`).
 Everything lands in a temporary sibling folder that is renamed into place only when complete; the
 last file written is ``mone_manifest.json`` (sha256 and size of every other file), which
 ``verify_export`` checks. A later export to the same folder removes what killed runs left behind.
@@ -21,14 +23,13 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from mone_jax.convert.families import COMPRESSED_SUFFIX, FamilyNames, family
-from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 
+from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, num_experts_key, parse_config
+from mone_jax.convert.formats import MODELING, ExportFormat, export_format
+from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 from mone_jax.errors import UserError
 
-FORMATS = ("substitution", "modepd", "drop")
 MANIFEST = "mone_manifest.json"
-MODELING = "modeling_mone.py"
 _HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _FLOATS = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
@@ -86,64 +87,116 @@ def export_pruned(
     ``plan`` is the plan dict (DESIGN.md section 3); ``novices[l][e]`` the [hidden] novice vector of
     each novice expert (unused for ``fmt="drop"``).
     """
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype not in _OUT_DTYPES:
-        raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(_OUT_DTYPES)}")
-    if max_shard_bytes <= 0:
-        raise UserError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    f = export_format(fmt)
     src, out = Path(src_dir), Path(out_dir)
-    cfg = read_config(src)
-    model_type = str(cfg.get("model_type", ""))
-    substituted = (cfg.get("compression_config") or {}).get("transform_config", {}).get("expert_substitution")
-    if model_type.endswith(COMPRESSED_SUFFIX) or substituted:
-        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}): export from the original model")
-    try:
-        fam = family(model_type)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if dtype is not None and cfg.get("quantization_config"):
-        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")
+    cfg, fam = _source_config(src, dtype, max_shard_bytes)
     _check_out_dir(src, out, overwrite)
-
     with CheckpointReader(src) as reader:
         layers = _layer_plans(plan, cfg, fam, reader)
-        if fmt == "drop":
+        if f.mode == "drop":
             _check_drop(layers, cfg, fam, reader)
         else:
             _check_novices(layers, novices, cfg)
         out_dtype = _OUT_DTYPES[dtype] if dtype else None
         model_dtype = _OUT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
-        tensors, counts = _plan_tensors(reader, fam, layers, novices, fmt, out_dtype, model_dtype)
-        config = _out_config(cfg, fam, layers, fmt, dtype, _moe_layers(reader, fam))
+        tensors, counts = _plan_tensors(reader, fam, layers, novices, f, out_dtype, model_dtype)
+        kept = len(next(iter(layers.values())).kept)
+        config = _out_config(cfg, fam, {i: lp.novices for i, lp in layers.items()}, f, dtype,
+                             _moe_layers(reader, fam), kept)
         before = sum(int(np.prod(reader.shape(k), dtype=np.int64)) for k in reader.keys())
         bytes_before = sum(
             int(np.prod(reader.shape(k), dtype=np.int64)) * reader.dtype(k).itemsize for k in reader.keys()
         )
+        files = _write(out, src, tensors, config, f, max_shard_bytes)
+    return {"format": fmt, "out_dir": str(out), "layers": len(layers), "params_before": before,
+            "params_after": sum(t.numel for t in tensors), "bytes_before": bytes_before,
+            "bytes_after": sum(t.nbytes for t in tensors), **counts, "files": files}
 
-        _clean_stale(out)
-        tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
+
+def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str = "substitution",
+                 dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> dict:
+    """Write the arrays ``model`` (a :class:`~mone_jax.model.MoEForCausalLM`, pruned or not) holds, in
+    format ``fmt``; ``source_dir`` (the original checkpoint) gives config.json and the tokenizer files."""
+    from mone_jax.convert.state_dict import hf_state_dict  # imports flax
+
+    f = export_format(fmt)
+    src, out = Path(source_dir), Path(out_dir)
+    cfg, fam = _source_config(src, dtype, max_shard_bytes)
+    mc, sc = model.config, parse_config(cfg)
+    if (mc.model_type, mc.hidden_size, mc.num_layers, mc.vocab_size, mc.moe_layers) != \
+            (sc.model_type, sc.hidden_size, sc.num_layers, sc.vocab_size, sc.moe_layers):
+        raise UserError(f"the model ({mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}) is not a "
+                        f"model of '{src}': pass the checkpoint it was loaded from")
+    _check_out_dir(src, out, overwrite)
+    blocks = model.moe_blocks()
+    kept = {i: [int(e) for e in np.asarray(b.kept_ids[...])] for i, b in blocks.items()}
+    novices = {i: (np.asarray(b.novice_ids[...]).tolist(), np.asarray(b.novice_values[...], np.float32))
+               for i, b in blocks.items()}
+    if f.mode == "drop" and any(ids for ids, _ in novices.values()):
+        raise UserError(f"the model has novices, which format '{fmt}' cannot hold (it removes experts): "
+                        "export it as substitution or modepd, or prune with mode='drop'")
+    state = hf_state_dict(model)
+    out_dtype = _OUT_DTYPES[dtype] if dtype else None
+    names = {k: _renamed(k, fam, kept, f) for k in state}
+    tensors = [_Tensor(names[k], a.shape, out_dtype if out_dtype and a.dtype in _FLOATS else a.dtype,
+                       lambda a=a: a) for k, a in state.items()]
+    for i, (ids, values) in novices.items():
+        for e, v in zip(ids, values):
+            vdt = out_dtype or np.dtype(blocks[i].novice_values.get_value().dtype)
+            tensors.append(_Tensor(f.novice_key(fam, i, e), v.shape, vdt, lambda v=v: v))
+    tensors.sort(key=lambda t: _natural_key(t.name))
+    config = _out_config(cfg, fam, {i: sorted(ids) for i, (ids, _) in novices.items()}, f, dtype,
+                         sorted(blocks), mc.num_experts)
+    files = _write(out, src, tensors, config, f, max_shard_bytes)
+    return {"format": fmt, "out_dir": str(out), "layers": len(blocks),
+            "params_after": sum(t.numel for t in tensors), "bytes_after": sum(t.nbytes for t in tensors),
+            "files": files}
+
+
+def _renamed(key: str, fam: Family, kept: dict[int, list[int]], f: ExportFormat) -> str:
+    """``key`` of a compact per-expert tensor (index j among the retained experts) renamed for format ``f``."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+    if not m or int(m[1]) not in kept:
+        return key
+    layer = int(m[1])
+    pe = re.fullmatch(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.(\d+)\.(.+)", key)
+    if not pe:
+        return key
+    ids = kept[layer]
+    return f"{fam.moe_prefix(layer)}.experts.{f.disk_index(ids, ids[int(pe[1])])}.{pe[2]}"
+
+
+def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[dict, Family]:
+    """The source's config.json and family, refusing pruned sources and impossible options."""
+    if dtype is not None and dtype not in _OUT_DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(_OUT_DTYPES)}")
+    if max_shard_bytes <= 0:
+        raise UserError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    cfg = read_config(src)
+    model_type = str(cfg.get("model_type", ""))
+    substituted = (cfg.get("compression_config") or {}).get("transform_config", {}).get("expert_substitution")
+    if model_type.endswith(COMPRESSED_SUFFIX) or substituted:
+        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}): export from the original model")
+    fam = family(model_type)
+    if dtype is not None and cfg.get("quantization_config"):
+        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")
+    return cfg, fam
+
+
+def _write(out: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int) -> int:
+    """Write the folder into a temporary sibling, add the manifest, move it into place; the file count."""
+    _clean_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
+        _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
+        _move_into_place(tmp, out)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-            files = _write_folder(tmp, src, tensors, config, fmt, max_shard_bytes)
-            _write_json(tmp / MANIFEST, {"format_version": 1, "format": fmt, "files": files})
-            _move_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    return {
-        "format": fmt,
-        "out_dir": str(out),
-        "layers": len(layers),
-        "params_before": before,
-        "params_after": sum(t.numel for t in tensors),
-        "bytes_before": bytes_before,
-        "bytes_after": sum(t.nbytes for t in tensors),
-        **counts,
-        "files": len(files) + 1,
-    }
+        raise
+    return len(files) + 1
 
 
 def verify_export(out_dir: str | Path) -> list[str]:
@@ -187,9 +240,9 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder '{out}' is not empty: pass overwrite=True (--overwrite) or pick another folder")
 
 
-def _layer_plans(plan: dict, cfg: dict, fam: FamilyNames, reader: CheckpointReader) -> dict[int, _LayerPlan]:
+def _layer_plans(plan: dict, cfg: dict, fam: Family, reader: CheckpointReader) -> dict[int, _LayerPlan]:
     """Validated per-layer (kept, novices) of ``plan``, keyed by int layer index."""
-    n_experts = cfg[_num_experts_key(cfg, fam)]
+    n_experts = cfg[num_experts_key(cfg, fam)]
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict) or not plan["layers"]:
         raise UserError("the plan has no 'layers' object: pass a plan written by the plan step")
     layers = {}
@@ -230,7 +283,7 @@ def _check_novices(layers: dict[int, _LayerPlan], novices: dict, cfg: dict) -> N
                 )
 
 
-def _check_drop(layers: dict[int, _LayerPlan], cfg: dict, fam: FamilyNames, reader: CheckpointReader) -> None:
+def _check_drop(layers: dict[int, _LayerPlan], cfg: dict, fam: Family, reader: CheckpointReader) -> None:
     counts = {len(lp.kept) for lp in layers.values()}
     if len(counts) != 1:
         raise UserError(f"--format drop needs the same expert count in every layer, the plan keeps {sorted(counts)}")
@@ -254,10 +307,10 @@ def _check_drop(layers: dict[int, _LayerPlan], cfg: dict, fam: FamilyNames, read
 
 def _plan_tensors(
     reader: CheckpointReader,
-    fam: FamilyNames,
+    fam: Family,
     layers: dict[int, _LayerPlan],
     novices: dict,
-    fmt: str,
+    f: ExportFormat,
     out_dtype: np.dtype | None,
     model_dtype: np.dtype | None,
 ) -> tuple[list[_Tensor], dict]:
@@ -269,12 +322,7 @@ def _plan_tensors(
         layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.(\d+)\.(.+)") for layer in layers
     }
     fused = {layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.([^.]+)") for layer in layers}
-    router_rows = {
-        fam.router_key(layer, what)
-        for layer in layers
-        for what in ("weight", "bias" if fam.router_bias else None, fam.score_bias)
-        if what
-    }
+    router_rows = {key for layer in layers for key in fam.router_rows(layer)}
     tensors = []
 
     def cast(dt: np.dtype) -> np.dtype:
@@ -297,9 +345,9 @@ def _plan_tensors(
             if e in lp.novices:
                 counts["expert_params_removed"] += numel
             else:
-                name = key if fmt == "modepd" else f"{fam.moe_prefix(layer)}.experts.{lp.kept.index(e)}.{pe[2]}"
+                name = f"{fam.moe_prefix(layer)}.experts.{f.disk_index(lp.kept, e)}.{pe[2]}"
                 add(name, shape, dt, _reader_get(reader, key))
-        elif fused[layer].fullmatch(key) or (fmt == "drop" and key in router_rows):
+        elif fused[layer].fullmatch(key) or (f.mode == "drop" and key in router_rows):
             if not shape or shape[0] != len(lp.kept) + len(lp.novices):
                 raise UserError(f"'{key}' has shape {list(shape)}: expected one row per expert")
             kind = "expert_params_removed" if key not in router_rows else "router_params_removed"
@@ -311,15 +359,11 @@ def _plan_tensors(
         else:
             add(key, shape, dt, _reader_get(reader, key))
 
-    if fmt != "drop":
+    if f.novice_key is not None:
         for layer, lp in layers.items():
             vdt = out_dtype or model_dtype or reader.dtype(fam.router_key(layer))
             for e in lp.novices:
-                name = (
-                    f"{fam.moe_prefix(layer)}.experts.{e}.approx_value"
-                    if fmt == "modepd"
-                    else f"{fam.moe_prefix(layer)}.expert_replacements.{e}.value"
-                )
+                name = f.novice_key(fam, layer, e)
                 vec = np.asarray(novices[layer][e])
                 tensors.append(_Tensor(name, vec.shape, vdt, lambda v=vec, d=vdt: v.astype(np.float32).astype(d)))
                 counts["novice_params_added"] += vec.size
@@ -342,85 +386,21 @@ def _natural_key(name: str) -> list:
 # ----------------------------------------------------------------------------------------------- config
 
 
-def _moe_layers(reader: CheckpointReader, fam: FamilyNames) -> list[int]:
+def _moe_layers(reader: CheckpointReader, fam: Family) -> list[int]:
     """Indices of the source's MoE layers (those with a router)."""
     found = (re.fullmatch(r"model\.layers\.(\d+)\..+", key) for key in reader.keys())
     return sorted(int(m[1]) for m in found if m and m[0] == fam.router_key(int(m[1])))
 
 
-def _out_config(
-    cfg: dict, fam: FamilyNames, layers: dict[int, _LayerPlan], fmt: str, dtype: str | None, moe_layers: list[int]
-) -> dict:
-    """config.json of the export (never carrying the source's auto_map)."""
+def _out_config(cfg: dict, fam: Family, novices: dict[int, list[int]], f: ExportFormat, dtype: str | None,
+                moe_layers: list[int], kept: int) -> dict:
+    """config.json of the export: the source's (never its auto_map), the dtype, the format's own fields."""
     out = {k: v for k, v in cfg.items() if k != "auto_map"}
     if dtype:
         out["dtype"] = dtype
         if "torch_dtype" in out:
             out["torch_dtype"] = dtype
-    stem = _causal_lm_class(fam.model_type).removesuffix("ForCausalLM")
-    n_experts = cfg[_num_experts_key(cfg, fam)]
-    if fmt == "drop":
-        out[_num_experts_key(cfg, fam)] = len(next(iter(layers.values())).kept)
-    elif fmt == "substitution":
-        targets = {
-            f"{fam.moe_prefix(layer)}.experts": {
-                "num_logical_experts": n_experts,
-                "weight_layout": "compact_retained_experts",
-                "replacements": {
-                    str(e): {
-                        "format": "constant-v1",
-                        "tensors": {"value": f"{fam.moe_prefix(layer)}.expert_replacements.{e}.value"},
-                    }
-                    for e in lp.novices
-                },
-            }
-            for layer, lp in layers.items()
-            if lp.novices
-        }
-        existing = out.get("compression_config")
-        out["compression_config"] = {
-            **(existing if isinstance(existing, dict) else {}),
-            "transform_config": {
-                "expert_substitution": {
-                    "version": 1,
-                    "router_semantics": {
-                        "preserve_logical_expert_ids": True,
-                        "preserve_router_weights": True,
-                        "renormalize_after_substitution": False,
-                    },
-                    "targets": targets,
-                }
-            },
-        }
-        out["auto_map"] = {"AutoModelForCausalLM": f"modeling_mone.Mone{stem}ForCausalLM"}
-    else:
-        out["model_type"] = fam.model_type + COMPRESSED_SUFFIX
-        approx = {str(lyr): layers[lyr].novices if lyr in layers else [] for lyr in moe_layers}
-        out["approximate_experts"] = approx
-        out["approximate_expert_init_tokens"] = {lyr: [0] * len(ids) for lyr, ids in approx.items()}
-        out["auto_map"] = {
-            "AutoConfig": f"modeling_mone.{stem}CompressedConfig",
-            "AutoModelForCausalLM": f"modeling_mone.Mone{stem}CompressedForCausalLM",
-        }
-    return out
-
-
-def _num_experts_key(cfg: dict, fam: FamilyNames) -> str:
-    """The config.json key holding the routed expert count (transformers 5 writes Qwen3-MoE's as
-    ``num_local_experts`` where hub checkpoints say ``num_experts``)."""
-    for key in (fam.num_experts_key, "num_local_experts", "num_experts", "n_routed_experts"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return key
-    raise UserError(f"config.json has no valid '{fam.num_experts_key}': is this a {fam.model_type} MoE model?")
-
-
-def _causal_lm_class(model_type: str) -> str:
-    """Stock transformers causal-LM class name of ``model_type`` (as modeling_mone.py subclasses it)."""
-    return {
-        "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "mixtral": "MixtralForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
-    }[model_type]
+    return f.write_config(out, fam, novices, moe_layers, kept)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -450,7 +430,7 @@ class _HashingFile:
 
 
 def _write_folder(
-    tmp: Path, src: Path, tensors: list[_Tensor], config: dict, fmt: str, max_shard_bytes: int
+    tmp: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int
 ) -> dict[str, dict]:
     """Write weights, config, copied files and (unless drop) the modeling file; return their manifest entries."""
     shards: list[list[_Tensor]] = [[]]
@@ -477,7 +457,7 @@ def _write_folder(
     for path in sorted(src.iterdir()):
         if path.is_file() and (path.name in _COPIED or path.suffix in _COPIED_SUFFIXES):
             files[path.name] = _copy_data_file(path, tmp / path.name)
-    if fmt != "drop":
+    if f.ships_modeling:
         files[MODELING] = _write_bytes(tmp / MODELING, Path(__file__).with_name(MODELING).read_bytes())
     return files
 

@@ -1,29 +1,46 @@
-"""Per-family Hugging Face checkpoint name maps.
+"""The family registry: everything mone-jax knows about each Hugging Face ``model_type``, one record each.
 
-One entry per supported ``model_type``. Everything that differs between families only in
-*names* lives here; code that differs in *math* lives in ``mone_jax.model``.
+A record holds the checkpoint names of the MoE block (read by the loader, the exporter, ``inspect``
+and the state-dict writer), the transformers config-class defaults for keys a config.json may
+omit, and a parse hook turning the config dict into :class:`~mone_jax.config.ModelConfig` fields
+(MoE layout, routing, attention options, sliding windows). Transformers class names are resolved
+through transformers' own auto mappings (see ``modeling_mone.py``), so they are not repeated here.
+Math lives in the core model; a family whose math is new adds a block there and a flag in ModelConfig.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from mone_jax.config import ModelConfig
+from mone_jax.convert.hf_config import common_fields, need, parse_rope, sliding_windows
+from mone_jax.errors import UserError
+
+STD_PROJ = ("gate_proj", "up_proj", "down_proj")
+# Compressed model types written by the PyTorch reference (zxgx/mode-pd): <base>_compressed.
+COMPRESSED_SUFFIX = "_compressed"
 
 
 @dataclass(frozen=True)
-class FamilyNames:
-    """Checkpoint names of one family's MoE block (relative to ``model.layers.<l>.``)."""
+class Family:
+    """One supported ``model_type``: names of its MoE block (relative to ``model.layers.<l>.``), config
+    defaults and the hook ``parse(cfg, common) -> ModelConfig kwargs`` (``common``: :func:`common_fields`)."""
 
     model_type: str
-    moe_module: str  # "mlp" or Mixtral's "block_sparse_moe"
-    router: str  # router module under moe_module ("gate", GPT-OSS "router")
-    proj: tuple[str, str, str]  # per-expert (gate, up, down) projection names
-    num_experts_key: str  # config.json key holding the routed expert count
+    parse: Callable[[dict, dict], dict]
+    num_experts_key: str  # config.json key of the routed expert count
+    defaults: Mapping = field(default_factory=dict)
+    moe_module: str = "mlp"  # Mixtral: "block_sparse_moe"
+    router: str = "gate"  # GPT-OSS: "router"
+    proj: tuple[str, str, str] = STD_PROJ  # per-expert (gate, up, down) projection names
     shared_expert: str | None = None  # shared expert module under moe_module
     shared_expert_gate: str | None = None  # Qwen2-MoE sigmoid gate of the shared expert
     router_bias: bool = False  # GPT-OSS router bias
     score_bias: str | None = None  # DeepSeek-V3 / GLM "e_score_correction_bias" (under router)
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
+    dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
 
     def moe_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_module}"
@@ -35,49 +52,183 @@ class FamilyNames:
     def router_key(self, layer: int, what: str = "weight") -> str:
         return f"{self.moe_prefix(layer)}.{self.router}.{what}"
 
+    def router_rows(self, layer: int) -> list[str]:
+        """Keys of the router tensors with one row per expert (weight, bias, score-correction bias)."""
+        whats = ["weight", "bias" if self.router_bias else None, self.score_bias]
+        return [self.router_key(layer, w) for w in whats if w]
 
-_STD = ("gate_proj", "up_proj", "down_proj")
 
-FAMILIES: dict[str, FamilyNames] = {
-    "olmoe": FamilyNames("olmoe", "mlp", "gate", _STD, "num_experts"),
-    "qwen2_moe": FamilyNames(
-        "qwen2_moe", "mlp", "gate", _STD, "num_experts",
-        shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
-    ),
-    "qwen3_moe": FamilyNames("qwen3_moe", "mlp", "gate", _STD, "num_experts"),
-    "mixtral": FamilyNames("mixtral", "block_sparse_moe", "gate", ("w1", "w3", "w2"), "num_local_experts"),
-    "deepseek_v2": FamilyNames("deepseek_v2", "mlp", "gate", _STD, "n_routed_experts", shared_expert="shared_experts"),
-    "deepseek_v3": FamilyNames(
-        "deepseek_v3", "mlp", "gate", _STD, "n_routed_experts",
-        shared_expert="shared_experts", score_bias="e_score_correction_bias",
-    ),
-    "glm4_moe": FamilyNames(
-        "glm4_moe", "mlp", "gate", _STD, "n_routed_experts",
-        shared_expert="shared_experts", score_bias="e_score_correction_bias",
-    ),
-    "gpt_oss": FamilyNames(
-        "gpt_oss", "mlp", "router", _STD, "num_local_experts", router_bias=True, fused_on_disk=True,
-    ),
-}
+# ------------------------------------------------------------------------------------------ parse hooks
 
-# Compressed model types written by the PyTorch reference (zxgx/mode-pd), mapped to their base.
-COMPRESSED_SUFFIX = "_compressed"
 
-REFUSED = {
-    "llama4": "Llama-4 scales the expert INPUT by the routing weight, so a novice (constant output) is not defined",
-    "llama4_text": "Llama-4 scales the expert INPUT by the routing weight, so a novice (constant output) is not defined",
-}
+def _olmoe(cfg: dict, c: dict) -> dict:
+    bias = bool(cfg.get("attention_bias", False))
+    n = c["num_layers"]
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm="proj", clip_qkv=cfg.get("clip_qkv"), moe_layers=(True,) * n,
+                moe_intermediate_size=int(need(cfg, "intermediate_size")), sliding_windows=sliding_windows(cfg, n))
+
+
+def _qwen_moe_layers(cfg: dict, n_layers: int, n_experts: int) -> tuple[bool, ...]:
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    only = set(cfg.get("mlp_only_layers") or [])
+    return tuple(i not in only and n_experts > 0 and (i + 1) % step == 0 for i in range(n_layers))
+
+
+def _qwen_windows(cfg: dict, n: int) -> tuple[int | None, ...]:
+    if not cfg.get("use_sliding_window", False):
+        return (None,) * n
+    if cfg["model_type"] == "qwen2_moe" and not cfg.get("layer_types") and cfg.get("sliding_window"):
+        max_window = int(cfg.get("max_window_layers", n))
+        return tuple(int(cfg["sliding_window"]) if (i + 1) % 2 and i < max_window else None for i in range(n))
+    return sliding_windows(cfg, n)
+
+
+def _qwen2_moe(cfg: dict, c: dict) -> dict:
+    fs = int(cfg.get("shared_expert_intermediate_size", 0) or 0)
+    return dict(qkv_bias=bool(cfg.get("qkv_bias", True)), moe_layers=_qwen_moe_layers(cfg, c["num_layers"], c["num_experts"]),
+                moe_intermediate_size=int(need(cfg, "moe_intermediate_size")), shared_expert_intermediate_size=fs,
+                shared_expert_gate=bool(fs), sliding_windows=_qwen_windows(cfg, c["num_layers"]))
+
+
+def _qwen3_moe(cfg: dict, c: dict) -> dict:
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm="head",
+                moe_layers=_qwen_moe_layers(cfg, c["num_layers"], c["num_experts"]),
+                moe_intermediate_size=int(need(cfg, "moe_intermediate_size")),
+                sliding_windows=_qwen_windows(cfg, c["num_layers"]))
+
+
+def _mixtral(cfg: dict, c: dict) -> dict:
+    n = c["num_layers"]
+    return dict(norm_topk_prob=True, moe_layers=(True,) * n, moe_intermediate_size=int(need(cfg, "intermediate_size")),
+                sliding_windows=sliding_windows(cfg, n))
+
+
+def _gpt_oss(cfg: dict, c: dict) -> dict:
+    bias, n, rope = bool(cfg["attention_bias"]), c["num_layers"], c["rope"]
+    if not cfg.get("rope_parameters") and not cfg.get("rope_scaling"):  # the released models' YaRN
+        yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
+        rope = parse_rope({**cfg, "rope_scaling": yarn}, c["head_dim"], c["max_position_embeddings"])
+
+    def alternate(n: int) -> list[str]:
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+
+    return dict(rope=rope, norm_topk_prob=True,  # softmax over the top-k logits = renormalised top-k softmax
+                qkv_bias=bias, o_bias=bias, attention_sinks=True, moe_layers=(True,) * n,
+                moe_intermediate_size=int(need(cfg, "intermediate_size")), router_bias=True, expert_bias=True,
+                glu="clamped_swiglu", swiglu_alpha=float(cfg["swiglu_alpha"]), swiglu_limit=float(cfg["swiglu_limit"]),
+                sliding_windows=sliding_windows(cfg, n, alternate))
+
+
+def _deepseek_like(cfg: dict, c: dict) -> dict:
+    """DeepSeek-V2 (softmax, optional group max), DeepSeek-V3 and GLM-4.5-MoE (sigmoid, group top-2 sum)."""
+    mt, n_layers, E = c["model_type"], c["num_layers"], c["num_experts"]
+    if cfg.get("mlp_bias"):
+        raise UserError(f"{mt} with mlp_bias = true is not supported: no released checkpoint uses it")
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    f = int(need(cfg, "moe_intermediate_size"))
+    kw: dict = dict(
+        moe_layers=tuple(i >= first_dense for i in range(n_layers)), moe_intermediate_size=f,
+        shared_expert_intermediate_size=f * int(cfg.get("n_shared_experts") or 0),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+        router_fp32=True,  # transformers keeps these gates in float32
+        sliding_windows=(None,) * n_layers,  # full attention only
+    )
+    if mt == "deepseek_v2":
+        method = cfg.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UserError(f"deepseek_v2 topk_method '{method}' is not supported (greedy, group_limited_greedy): "
+                            "transformers does not run it either")
+        # transformers' DeepSeek-V2 router never renormalises (it ignores norm_topk_prob)
+        kw.update(scoring="softmax", group_score="max", norm_topk_prob=False)
+        if method == "group_limited_greedy":
+            kw.update(n_group=int(need(cfg, "n_group")), topk_group=int(need(cfg, "topk_group")))
+    else:
+        n_group = int(cfg.get("n_group") or 1)
+        kw.update(scoring="sigmoid", group_score="top2", score_bias=True, n_group=n_group,
+                  topk_group=int(cfg.get("topk_group") or n_group))
+    groups, kept_groups = kw.get("n_group", 1), kw.get("topk_group", 1)
+    least = 2 if kw["group_score"] == "top2" else 1
+    if groups < 1 or E % groups or E // groups < least or not 1 <= kept_groups <= groups \
+            or kept_groups * (E // groups) < c["top_k"]:
+        raise UserError(f"{E} experts, n_group = {groups}, topk_group = {kept_groups}: the groups must split the "
+                        f"experts evenly, hold at least {least} each, and the kept groups at least top-k: "
+                        "the config is inconsistent")
+    if mt == "glm4_moe":
+        return {**kw, "qkv_bias": bool(cfg.get("attention_bias", False)),
+                "qk_norm": "head" if cfg.get("use_qk_norm") else "none"}
+    nope, rope_dim = int(need(cfg, "qk_nope_head_dim")), int(need(cfg, "qk_rope_head_dim"))
+    bias = bool(cfg.get("attention_bias", False))
+    interleave = mt == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
+    return {**kw, "head_dim": nope + rope_dim, "rope": parse_rope(cfg, rope_dim, c["max_position_embeddings"], interleave),
+            "qkv_bias": bias, "o_bias": bias, "q_lora_rank": int(cfg.get("q_lora_rank") or 0),
+            "kv_lora_rank": int(need(cfg, "kv_lora_rank")), "qk_nope_head_dim": nope, "qk_rope_head_dim": rope_dim,
+            "v_head_dim": int(need(cfg, "v_head_dim"))}
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+_DS_SHARED = dict(shared_expert="shared_experts")
+FAMILIES: dict[str, Family] = {f.model_type: f for f in [
+    Family("olmoe", _olmoe, "num_experts"),
+    Family("qwen2_moe", _qwen2_moe, "num_experts", shared_expert="shared_expert",
+           shared_expert_gate="shared_expert_gate"),
+    Family("qwen3_moe", _qwen3_moe, "num_experts"),
+    Family("mixtral", _mixtral, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2")),
+    Family("deepseek_v2", _deepseek_like, "n_routed_experts", **_DS_SHARED, defaults=dict(
+        first_k_dense_replace=0, n_shared_experts=2, routed_scaling_factor=1.0, topk_method="greedy",
+        q_lora_rank=1536)),
+    Family("deepseek_v3", _deepseek_like, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           defaults=dict(first_k_dense_replace=3, n_shared_experts=1, routed_scaling_factor=2.5, n_group=8,
+                         topk_group=4, norm_topk_prob=True, rope_interleave=True, q_lora_rank=1536)),
+    Family("glm4_moe", _deepseek_like, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           defaults=dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1,
+                         topk_group=1, norm_topk_prob=True, partial_rotary_factor=0.5)),
+    Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
+           dequantized=("mxfp4",),
+           defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,
+                         rope_theta=150000.0)),
+]}
+
+_INPUT_SCALED = "it scales the expert INPUT by the routing weight, so a novice (constant output) is not defined"
+REFUSED = {"llama4": f"Llama-4: {_INPUT_SCALED}", "llama4_text": f"Llama-4: {_INPUT_SCALED}"}
 
 
 def supported() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
-def family(model_type: str) -> FamilyNames:
-    """Name map for ``model_type``; ValueError naming the supported families otherwise."""
+def family(model_type: str) -> Family:
+    """The record of ``model_type`` (mode-pd ``<base>_compressed`` types map to their base); UserError
+    naming the supported families otherwise."""
     base = model_type.removesuffix(COMPRESSED_SUFFIX)
     if base in REFUSED:
-        raise ValueError(f"model_type '{model_type}' is not supported: {REFUSED[base]}. Supported: {supported()}")
+        raise UserError(f"model_type '{model_type}' is not supported: {REFUSED[base]}. Supported: {supported()}")
     if base not in FAMILIES:
-        raise ValueError(f"model_type '{model_type}' is not supported. Supported: {supported()}")
+        raise UserError(f"model_type '{model_type}' is not supported. Supported: {supported()}")
     return FAMILIES[base]
+
+
+def parse_config(raw: dict) -> ModelConfig:
+    """A config.json dict -> :class:`ModelConfig` (UserError on anything unsupported or inconsistent)."""
+    mt = raw.get("model_type")
+    if not mt:
+        raise UserError("config.json has no 'model_type': pass a Hugging Face model folder")
+    fam = family(mt)
+    cfg = {**fam.defaults, **raw, "model_type": fam.model_type}
+    common = common_fields(cfg, fam.num_experts_key)
+    try:
+        return ModelConfig(**{**common, **fam.parse(cfg, common)})
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"config.json holds an invalid value ({e}): repair it") from None
+
+
+def num_experts_key(raw: dict, fam: Family) -> str:
+    """The config.json key holding the routed expert count (transformers 5 writes Qwen3-MoE's as
+    ``num_local_experts`` where hub checkpoints say ``num_experts``)."""
+    for key in (fam.num_experts_key, "num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(raw.get(key), int) and raw[key] > 0:
+            return key
+    raise UserError(f"config.json has no valid '{fam.num_experts_key}': is this a {fam.model_type} MoE model?")
+

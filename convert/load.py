@@ -10,7 +10,6 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from mone_jax.convert.families import FamilyNames, family
-from mone_jax.convert.reader import CheckpointReader, read_config
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mone_jax.config import ModelConfig, parse_config
+from mone_jax.config import ModelConfig
+from mone_jax.convert.families import Family, family, parse_config
+from mone_jax.convert.formats import read_novices
+from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
+from mone_jax.sharding import param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -51,22 +54,14 @@ class PrunedLayout:
         return [e for e in range(num_experts) if e not in nov]
 
 
-def pruned_layout(cfg: ModelConfig) -> PrunedLayout | None:
-    """The pruned-expert layout declared by the config, or None for a stock checkpoint."""
-    raw, fam, E = cfg.raw, family(cfg.model_type), cfg.num_experts
-    try:
-        block = ((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution")
-        if block:
-            layout = PrunedLayout(_substitution_targets(block, fam, E), compact=True)
-        elif raw.get("approximate_experts"):
-            layout = PrunedLayout({int(layer): {int(e): f"{fam.moe_prefix(int(layer))}.experts.{int(e)}.approx_value"
-                                                for e in ids} for layer, ids in raw["approximate_experts"].items()},
-                                  compact=False)
-        else:
-            return None
-    except (AttributeError, TypeError, ValueError):
-        raise UserError("config.json has a malformed 'compression_config' / 'approximate_experts' block: "
-                        "re-export the pruned checkpoint") from None
+def pruned_layout(raw: dict, cfg: ModelConfig) -> PrunedLayout | None:
+    """The pruned-expert layout declared by config.json ``raw`` (any export format), or None for a stock one."""
+    found = read_novices(raw, family(cfg.model_type))
+    if found is None:
+        return None
+    fmt, novices = found
+    layout = PrunedLayout(novices, compact=fmt.compact)
+    E = cfg.num_experts
     for layer, nov in layout.novices.items():
         if not 0 <= layer < cfg.num_layers or (nov and not cfg.moe_layers[layer]):
             raise UserError(f"config.json prunes layer {layer}, which is not a MoE layer of this model")
@@ -74,33 +69,6 @@ def pruned_layout(cfg: ModelConfig) -> PrunedLayout | None:
             raise UserError(f"config.json prunes experts {sorted(nov)} of layer {layer}: expert ids must lie in "
                             f"0..{E - 1} and at least one expert must be retained")
     return layout
-
-
-def _substitution_targets(block: dict, fam: FamilyNames, num_experts: int) -> dict[int, dict[int, str]]:
-    """{layer: {expert: value tensor key}} of an ``expert_substitution`` block (version 1)."""
-    sem = block.get("router_semantics") or {}
-    if block.get("version") != 1 or not sem.get("preserve_logical_expert_ids", False) \
-            or not sem.get("preserve_router_weights", False) or sem.get("renormalize_after_substitution", True):
-        raise UserError(f"expert_substitution version {block.get('version')} with router_semantics {sem} is not "
-                        "supported: only version 1 with preserved ids / router weights and no renormalisation")
-    out = {}
-    for path, target in (block.get("targets") or {}).items():
-        m = re.fullmatch(rf"model\.layers\.(\d+)\.{re.escape(fam.moe_module)}\.experts", path)
-        if not m or target.get("weight_layout") != "compact_retained_experts":
-            raise UserError(f"expert_substitution target '{path}' is not supported: expected "
-                            f"'model.layers.<l>.{fam.moe_module}.experts' with weight_layout compact_retained_experts")
-        if target.get("num_logical_experts", num_experts) != num_experts:
-            raise UserError(f"expert_substitution target '{path}' has {target.get('num_logical_experts')} logical "
-                            f"experts but config.json says {num_experts}: the config is inconsistent")
-        values = {}
-        for e, rep in (target.get("replacements") or {}).items():
-            key = (rep.get("tensors") or {}).get("value")
-            if not isinstance(key, str) or rep.get("format") != "constant-v1":
-                raise UserError(f"replacement of expert {e} in '{path}' is not a constant-v1 value: "
-                                "only constant (novice) replacements are supported")
-            values[int(e)] = key
-        out[int(m[1])] = values
-    return out
 
 
 class _Filler:
@@ -188,7 +156,7 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
-def _experts(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
+def _experts(f: _Filler, fam: Family, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
     """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     E = blk.cfg.num_experts
@@ -212,7 +180,7 @@ def _experts(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, kept: list
     f.set(blk.down, dn, fam.expert_key(layer, disk[0], 2))
 
 
-def _moe(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
+def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
     pre = fam.moe_prefix(layer)
     E, d = blk.cfg.num_experts, blk.cfg.hidden_size
     f.t(blk.router, fam.router_key(layer))
@@ -235,7 +203,7 @@ def _moe(f: _Filler, fam: FamilyNames, blk: MoEBlock, layer: int, layout: Pruned
             f.t(blk.shared_gate, f"{pre}.{fam.shared_expert_gate}.weight")
 
 
-def _fill_layer(f: _Filler, fam: FamilyNames, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
+def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
     p = f"model.layers.{i}"
     f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
     f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
@@ -246,30 +214,39 @@ def _fill_layer(f: _Filler, fam: FamilyNames, layer: DecoderLayer, i: int, layou
         _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
 
 
-def _check_quantization(cfg: ModelConfig) -> None:
+def _check_quantization(raw: dict, cfg: ModelConfig) -> None:
     """UserError for quantized checkpoints other than GPT-OSS's MXFP4 experts (dequantized on load)."""
-    q = cfg.raw.get("quantization_config")
-    if q and not (cfg.model_type == "gpt_oss" and isinstance(q, dict) and q.get("quant_method") == "mxfp4"):
+    q = raw.get("quantization_config")
+    if q and not (isinstance(q, dict) and q.get("quant_method") in family(cfg.model_type).dequantized):
         method = q.get("quant_method") if isinstance(q, dict) else q
         raise UserError(f"quantized checkpoints ({method}) are not supported, except GPT-OSS MXFP4 experts: "
                         "use the unquantized (bf16) release of the model")
 
 
-def kept_counts(cfg: ModelConfig) -> dict[int, int]:
-    """{MoE layer: retained experts} of the pruned layers of a checkpoint's config ({} for a stock one)."""
-    layout = pruned_layout(cfg)
+def kept_counts(folder: str | Path) -> dict[int, int]:
+    """{MoE layer: retained experts} of the pruned layers of a checkpoint ({} for a stock one)."""
+    raw = read_config(folder)
+    cfg = parse_config(raw)
+    layout = pruned_layout(raw, cfg)
     if layout is None:
         return {}
     return {i: len(layout.kept(i, cfg.num_experts)) for i, nov in layout.novices.items() if nov}
 
 
+def refuse_pruned(folder: str | Path) -> None:
+    """UserError when ``folder`` holds a pruned checkpoint (calibration needs the original model)."""
+    if kept_counts(folder):
+        raise UserError(f"'{folder}' is already pruned: calibrate the original model")
+
+
 def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype="float32") -> DecoderLayer:
     """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
     dt = resolve_dtype(dtype)
-    _check_quantization(cfg)
+    raw = read_config(reader.folder)
+    _check_quantization(raw, cfg)
     if not 0 <= layer_index < cfg.num_layers:
         raise UserError(f"layer {layer_index} does not exist: the model has {cfg.num_layers} layers")
-    layout = pruned_layout(cfg)
+    layout = pruned_layout(raw, cfg)
     kept = len(layout.kept(layer_index, cfg.num_experts)) if layout and layout.novices.get(layer_index) else None
     layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer_index, dt, nnx.Rngs(0), kept))
     _fill_layer(_Filler(reader), family(cfg.model_type), layer, layer_index, layout)
@@ -280,7 +257,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
 def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
     """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
     dt = resolve_dtype(dtype)
-    _check_quantization(cfg)
+    _check_quantization(read_config(reader.folder), cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
     out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
            "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}
@@ -288,25 +265,33 @@ def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float
             for k, v in out.items()}
 
 
-def load_hf(folder: str | Path, dtype="float32", *, progress: bool = True) -> MoEForCausalLM:
+def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, progress: bool = True) -> MoEForCausalLM:
     """Load a Hugging Face MoE checkpoint folder (safetensors) as a Flax NNX model.
 
-    A folder pruned in the substitution or mode-pd layout loads as a pruned model (its novices
-    and retained experts in place), so it can be checked against its PyTorch logits.
+    A folder pruned in any export format loads as a pruned model (its novices and retained experts
+    in place), so it can be checked against its PyTorch logits. With ``mesh`` each layer is placed on
+    the mesh (experts split over its ``expert`` axis) before the next one is read, and the files are
+    reopened per layer, so no host or device holds more than one layer beyond its share of the model.
     """
     cfg = parse_config(read_config(folder))
     dt = resolve_dtype(dtype)
-    kept = kept_counts(cfg)
-    src = str(Path(folder).resolve())
-    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept, source_dir=src))
+    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept_counts(folder)))
+
+    def put(module: nnx.Module) -> None:
+        if mesh is not None:
+            state = nnx.state(module)
+            nnx.update(module, place(state, param_specs(module, state), mesh))
+
     with CheckpointReader(folder) as r:
         head = load_embed_and_head(r, cfg, dt)
-        model.embed.set_value(head["embed"])
-        model.norm.weight.set_value(head["norm"])
-        if model.lm_head is not None:
-            model.lm_head.set_value(head["lm_head"])
-        for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
-            model.layers[i] = load_layer(r, cfg, i, dt)
+    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head")):
+        if var is not None:
+            var.set_value(head[key] if mesh is None else place(head[key], P(), mesh))
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
+        with CheckpointReader(folder) as r:  # reopened per layer: the file pages read leave memory
+            layer = load_layer(r, cfg, i, dt)
+        put(layer)
+        model.layers[i] = layer
     _check_filled(model)
     return model
 

@@ -24,41 +24,12 @@ from __future__ import annotations
 import re
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    DeepseekV2Config,
-    DeepseekV2ForCausalLM,
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
-    Glm4MoeConfig,
-    Glm4MoeForCausalLM,
-    GptOssConfig,
-    GptOssForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 COMPRESSED = "_compressed"
-_FAMILIES: dict[str, tuple[type, type]] = {
-    "olmoe": (OlmoeConfig, OlmoeForCausalLM),
-    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
-    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
-    "mixtral": (MixtralConfig, MixtralForCausalLM),
-    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
-    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
-    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
-    "gpt_oss": (GptOssConfig, GptOssForCausalLM),
-}
 
 
 class NoviceValue(nn.Module):
@@ -171,21 +142,47 @@ class _MoneCausalLM:
             _prune_experts(experts, novices, values)
 
 
-def _define_classes() -> None:
-    """Module-level auto_map targets of every family: ``Mone<Stem>ForCausalLM`` (substitution),
-    ``<Stem>CompressedConfig`` and ``Mone<Stem>CompressedForCausalLM`` (mode-pd layout)."""
-    for model_type, (config_cls, lm_cls) in _FAMILIES.items():
-        stem = lm_cls.__name__.removesuffix("ForCausalLM")
-        compressed = type(
-            f"{stem}CompressedConfig", (config_cls,), {"model_type": model_type + COMPRESSED, "__module__": __name__}
+def _family_of(stem: str) -> str:
+    """The model_type whose stock causal LM is ``<stem>ForCausalLM`` (transformers' auto mapping)."""
+    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        if name == f"{stem}ForCausalLM":
+            return model_type
+    raise AttributeError(f"no transformers causal LM named {stem}ForCausalLM")
+
+
+def _compressed_config(model_type: str) -> type:
+    """``<Stem>CompressedConfig``: the family's config class under the mode-pd model_type, whose checkpoints
+    get the family's own checkpoint conversions."""
+    stem = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type].removesuffix("ForCausalLM")
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
         )
-        globals()[compressed.__name__] = compressed
-        for name, cfg_cls in ((f"Mone{stem}ForCausalLM", config_cls), (f"Mone{stem}CompressedForCausalLM", compressed)):
-            globals()[name] = type(name, (_MoneCausalLM, lm_cls), {"config_class": cfg_cls, "__module__": __name__})
-        # mode-pd exports have their own model_type: give it the family's checkpoint conversions.
+    except ImportError:  # transformers without checkpoint conversions: nothing to register
+        pass
+    else:
         mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:
             register_checkpoint_conversion_mapping(model_type + COMPRESSED, mapping, overwrite=True)
+    return type(f"{stem}CompressedConfig", (CONFIG_MAPPING[model_type],),
+                {"model_type": model_type + COMPRESSED, "__module__": __name__})
 
 
-_define_classes()
+def __getattr__(name: str) -> type:
+    """The auto_map targets, built on first use for any family transformers knows:
+    ``Mone<Stem>ForCausalLM`` (substitution), ``<Stem>CompressedConfig`` and
+    ``Mone<Stem>CompressedForCausalLM`` (mode-pd layout)."""
+    if m := re.fullmatch(r"(\w+)CompressedConfig", name):
+        cls = _compressed_config(_family_of(m[1]))
+    elif m := re.fullmatch(r"Mone(\w+?)(Compressed)?ForCausalLM", name):
+        model_type = _family_of(m[1])
+        config_cls = CONFIG_MAPPING[model_type]
+        if m[2]:
+            config_cls = globals().get(f"{m[1]}CompressedConfig") or __getattr__(f"{m[1]}CompressedConfig")
+        lm_cls = getattr(transformers, f"{m[1]}ForCausalLM")
+        cls = type(name, (_MoneCausalLM, lm_cls), {"config_class": config_cls, "__module__": __name__})
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = cls  # built once: later lookups find the same class
+    return cls

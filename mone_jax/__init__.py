@@ -4,7 +4,7 @@
     stats = mone_jax.calibrate(model, batches)
     plan = mone_jax.plan(stats, keep=N, metric="mone", scope="layer")
     pruned = mone_jax.prune(model, stats, plan)
-    mone_jax.save_hf(pruned, "out_dir", format="substitution")
+    mone_jax.save_hf(pruned, "out_dir", format="substitution", source="hf_folder")
 """
 
 from __future__ import annotations
@@ -42,16 +42,10 @@ def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, m
     return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed)
 
 
-def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, dtype: str | None = None,
+def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, source, dtype: str | None = None,
             overwrite: bool = False) -> dict:
-    """Export a (pruned) model as a Hugging Face folder; returns the export summary."""
-    from mone_jax.config import parse_config
-    from mone_jax.convert.export import export_pruned
-    from mone_jax.convert.reader import read_config
-    from mone_jax.pruning import pruned_layout
+    """Export the arrays ``model`` holds (pruned or not) as a Hugging Face folder in ``format``; ``source`` is
+    the checkpoint folder the model was loaded from (its config.json and tokenizer files are carried over)."""
+    from mone_jax.convert.export import export_model
 
-    if not model.source_dir:
-        raise UserError("this model was not loaded from a Hugging Face folder, so it cannot be exported")
-    num_experts = parse_config(read_config(model.source_dir)).num_experts
-    layout, novices = pruned_layout(model, num_experts)
-    return export_pruned(model.source_dir, out_dir, layout, novices, fmt=format, dtype=dtype, overwrite=overwrite)
+    return export_model(model, source, out_dir, fmt=format, dtype=dtype, overwrite=overwrite)

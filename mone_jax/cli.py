@@ -168,13 +168,10 @@ def _check_file_out(path: str | None) -> None:
 
 def _checked_config(folder: str):
     """The parsed config.json of ``folder``, its sizes checked for sense."""
-    from mone_jax.config import parse_config
+    from mone_jax.convert.families import parse_config
     from mone_jax.convert.reader import read_config
 
-    try:
-        cfg = parse_config(read_config(folder))
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"config.json in '{folder}' holds an invalid value ({e}): repair it") from None
+    cfg = parse_config(read_config(folder))
     sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
              "num_attention_heads": cfg.num_heads, "the number of experts": cfg.num_experts,
              "num_experts_per_tok": cfg.top_k}

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mone_jax.config import parse_config
-from mone_jax.convert.families import family
+from mone_jax.convert.families import family, parse_config
 from mone_jax.convert.reader import CheckpointReader, read_config
 
 

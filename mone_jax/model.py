@@ -142,7 +142,7 @@ class MoEBlock(nnx.Module):
 
     def glu(self):
         """The experts' activation ``glu(gate, up)``."""
-        if self.cfg.glu == "gpt_oss":
+        if self.cfg.glu == "clamped_swiglu":
             return partial(clamped_swiglu, alpha=self.cfg.swiglu_alpha, limit=self.cfg.swiglu_limit)
         return silu_glu
 
@@ -218,8 +218,7 @@ class MoEForCausalLM(nnx.Module):
     ``kept`` ({layer: K}) builds MoE layers pruned to K experts plus E - K novices.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs, kept: dict[int, int] | None = None,
-                 source_dir: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs, kept: dict[int, int] | None = None):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.impl = default_impl()
@@ -227,7 +226,6 @@ class MoEForCausalLM(nnx.Module):
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         kept = kept or {}
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
-        self.source_dir = source_dir  # the Hugging Face folder the weights came from (for export)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 

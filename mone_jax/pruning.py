@@ -89,22 +89,9 @@ def prune(model: MoEForCausalLM, stats: Stats, plan: dict, *, mode: str = "subst
         new_cfg, kept = cfg.replace(num_experts=next(iter(kept.values()))), None
     else:
         new_cfg = cfg
-    pruned = nnx.eval_shape(lambda: MoEForCausalLM(new_cfg, model.dtype, rngs=nnx.Rngs(0), kept=kept,
-                                                   source_dir=model.source_dir))
+    pruned = nnx.eval_shape(lambda: MoEForCausalLM(new_cfg, model.dtype, rngs=nnx.Rngs(0), kept=kept))
     state = nnx.state(pruned)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(pruned, state)
     pruned.impl, pruned.block = model.impl, model.block
     return pruned
-
-
-def pruned_layout(model: MoEForCausalLM, num_experts: int) -> tuple[dict, dict[int, dict[int, np.ndarray]]]:
-    """The plan and novice vectors a pruned model carries (for export), in original expert ids."""
-    layers, novices = {}, {}
-    for i, blk in model.moe_blocks().items():
-        kept = [int(e) for e in np.asarray(blk.kept_ids[...])]
-        nov_ids = [int(e) for e in np.asarray(blk.novice_ids[...])]
-        values = np.asarray(blk.novice_values[...], np.float32)
-        layers[str(i)] = {"kept": sorted(kept), "novices": sorted(set(range(num_experts)) - set(kept))}
-        novices[i] = {e: values[j] for j, e in enumerate(nov_ids)}
-    return {"layers": layers}, novices

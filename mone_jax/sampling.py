@@ -22,12 +22,9 @@ from mone_jax.model import MoEForCausalLM
 
 def start_token(model: MoEForCausalLM) -> int:
     """The model's BOS id, else its (first) EOS id, else 0."""
-    raw = model.config.raw
-    for key in ("bos_token_id", "eos_token_id"):
-        tok = raw.get(key)
-        if isinstance(tok, list):
-            tok = tok[0] if tok else None
-        if isinstance(tok, int) and 0 <= tok < model.config.vocab_size:
+    cfg = model.config
+    for tok in (cfg.bos_token_id, cfg.eos_token_id):
+        if tok is not None and 0 <= tok < cfg.vocab_size:
             return tok
     return 0
 

@@ -96,9 +96,10 @@ def calibrate_cli(args, calib_batches: Callable):
     mesh = _mesh(args, cfg)
     model = None
     if not args.sequential:
-        from mone_jax.sharding import load_sharded
+        from mone_jax.convert.load import load_hf, refuse_pruned
 
-        model = load_sharded(args.model, mesh, args.dtype, progress=not args.quiet)
+        refuse_pruned(args.model)
+        model = load_hf(args.model, args.dtype, mesh=mesh, progress=not args.quiet)
     batches = calib_batches(args, cfg, args.model, model)
     ckpt = None
     if args.checkpoint_dir:

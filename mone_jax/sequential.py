@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mone_jax.calibration import as_batch, empty_stats, shard_batch
 from mone_jax.config import ModelConfig
 from mone_jax.convert.export import export_pruned
-from mone_jax.convert.load import config_of, kept_counts, load_layer, resolve_dtype
+from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.model import attention_biases
@@ -138,8 +138,7 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
     :func:`~mone_jax.calibration.calibrate` on the loaded model.
     """
     cfg = config_of(folder)
-    if kept_counts(cfg):
-        raise UserError(f"'{folder}' is already pruned: calibrate the original model")
+    refuse_pruned(folder)
     dt = resolve_dtype(dtype)
     mesh = mesh or single_device_mesh()
     impl = impl or default_impl()

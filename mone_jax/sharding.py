@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
-from mone_jax.model import MoEBlock, MoEForCausalLM
+from mone_jax.model import MoEBlock
 from mone_jax.moe import ExpertStats, dispatch
 
 AXES = ("data", "expert")
@@ -140,39 +138,6 @@ def place(tree, specs, mesh: Mesh):
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(put, tree, specs)
-
-
-def load_sharded(folder, mesh: Mesh, dtype="float32", *, progress: bool = True) -> MoEForCausalLM:
-    """The (unpruned) Hugging Face model in ``folder``, placed on ``mesh`` layer by layer.
-
-    Each layer is read on its own and spread over the mesh before the next one, so no device
-    (and no host) ever holds more than one layer beyond its share of the model.
-    """
-    from mone_jax.convert.load import config_of, kept_counts, load_embed_and_head, load_layer, resolve_dtype
-    from mone_jax.convert.reader import CheckpointReader
-
-    cfg = config_of(folder)
-    if kept_counts(cfg):
-        raise UserError(f"'{folder}' is already pruned: calibrate the original model")
-    dt = resolve_dtype(dtype)
-    src = str(Path(folder).resolve())
-    model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), source_dir=src))
-
-    def put(module: nnx.Module) -> None:
-        state = nnx.state(module)
-        nnx.update(module, place(state, param_specs(module, state), mesh))
-
-    with CheckpointReader(folder) as reader:
-        head = load_embed_and_head(reader, cfg, dt)
-    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head")):
-        if var is not None:
-            var.set_value(place(head.pop(key), P(), mesh))
-    for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
-        with CheckpointReader(folder) as reader:  # reopened per layer: the file pages read leave memory
-            layer = load_layer(reader, cfg, i, dt)
-        put(layer)
-        model.layers[i] = layer
-    return model
 
 
 def ep_dispatch(*args, axis: str, **kwargs):

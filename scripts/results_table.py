@@ -23,9 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mone_jax.convert.load import load_hf  # noqa: E402
-
 from mone_jax.calibration import calibrate  # noqa: E402
+from mone_jax.convert.load import load_hf  # noqa: E402
 from mone_jax.data import load_token_blocks  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
 from mone_jax.evaluate import perplexity  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -26,16 +25,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mone_jax.convert.families import parse_config
+from mone_jax.convert.state_dict import hf_state_dict
+from mone_jax.data import load_token_blocks
+from mone_jax.evaluate import perplexity, unigram_perplexity
+from mone_jax.model import MoEForCausalLM, attention_biases, route
+from mone_jax.rope import rope_tables
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mone_jax.convert.families import family  # noqa: E402
-
-from mone_jax.config import parse_config  # noqa: E402
-from mone_jax.data import load_token_blocks  # noqa: E402
-from mone_jax.evaluate import perplexity, unigram_perplexity  # noqa: E402
-from mone_jax.model import MoEForCausalLM, attention_biases, route  # noqa: E402
-from mone_jax.rope import rope_tables  # noqa: E402
 
 EOS = "<|endoftext|>"
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -165,36 +162,12 @@ def make_step(graphdef, tx, aux_coef: float):
     return step
 
 
-def hf_tensors(model: MoEForCausalLM) -> dict[str, np.ndarray]:
-    """The model's weights under Qwen3-MoE's on-disk key names (torch [out, in] layout)."""
-    fam = family(model.config.model_type)
-    a = lambda v: np.ascontiguousarray(np.asarray(v[...], np.float32))  # noqa: E731
-    out = {"model.embed_tokens.weight": a(model.embed), "model.norm.weight": a(model.norm.weight)}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = a(layer.input_layernorm.weight)
-        out[f"{p}.post_attention_layernorm.weight"] = a(layer.post_attention_layernorm.weight)
-        att = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{p}.self_attn.{name}.weight"] = a(getattr(att, name).kernel).T.copy()
-        out[f"{p}.self_attn.q_norm.weight"] = a(att.q_norm.weight)
-        out[f"{p}.self_attn.k_norm.weight"] = a(att.k_norm.weight)
-        blk = layer.mlp
-        out[fam.router_key(i)] = a(blk.router).T.copy()
-        gate_up, down = a(blk.gate_up), a(blk.down)
-        f = gate_up.shape[-1] // 2
-        for e in range(gate_up.shape[0]):
-            out[fam.expert_key(i, e, 0)] = gate_up[e, :, :f].T.copy()
-            out[fam.expert_key(i, e, 1)] = gate_up[e, :, f:].T.copy()
-            out[fam.expert_key(i, e, 2)] = down[e].T.copy()
-    return out
-
-
 def write_folder(out: Path, model: MoEForCausalLM, eos: int, config: dict, card: str) -> None:
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in hf_state_dict(model).items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": True,
            "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 64}

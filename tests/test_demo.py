@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_close_logits, torch, torch_logits, transformers
-from mone_jax.convert.load import load_hf
 
 from mone_jax.cli import main
+from mone_jax.convert.load import load_hf
 from mone_jax.data import load_token_blocks
 from mone_jax.demo import demo_model_dir
 from mone_jax.evaluate import perplexity, predicted
@@ -140,7 +140,7 @@ def test_training_script_forward_and_export(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from mone_jax.config import parse_config
+    from mone_jax.convert.families import parse_config
     from mone_jax.model import MoEForCausalLM
 
     spec = importlib.util.spec_from_file_location("train_demo", Path(__file__).parents[1] / "scripts" / "train_demo.py")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import transformers
 from conftest import assert_close_logits, torch_logits
-from mone_jax.convert.export import verify_export
 
 import mone_jax
+from mone_jax.convert.export import verify_export
 
 
 def _pipeline(hf_models, family, variant="a", keep=None, seed=0):
@@ -29,10 +29,10 @@ def _pipeline(hf_models, family, variant="a", keep=None, seed=0):
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("fmt", ["substitution", "drop", "modepd"])
 def test_export_matches_jax(hf_models, tmp_path, family, fmt):
-    _, hf, model, stats, plan = _pipeline(hf_models, family)
+    folder, hf, model, stats, plan = _pipeline(hf_models, family)
     pruned = mone_jax.prune(model, stats, plan, mode="drop" if fmt == "drop" else "substitute")
     out = tmp_path / f"e2e_{family}_{fmt}"
-    summary = mone_jax.save_hf(pruned, out, format=fmt)
+    summary = mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     assert verify_export(out) == []
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt != "drop").eval()
     ids = np.random.default_rng(3).integers(0, hf.config.vocab_size, (2, 12)).astype(np.int32)
@@ -44,7 +44,7 @@ def test_export_matches_jax(hf_models, tmp_path, family, fmt):
 def test_export_size_drops_as_planned(hf_models, tmp_path):
     folder, hf, model, stats, plan = _pipeline(hf_models, "olmoe", keep=3)
     out = tmp_path / "sized"
-    summary = mone_jax.save_hf(mone_jax.prune(model, stats, plan), out)
+    summary = mone_jax.save_hf(mone_jax.prune(model, stats, plan), out, source=folder)
     cfg = model.config
     n_moe, E, K = len(cfg.moe_layer_ids), cfg.num_experts, 3
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -84,9 +84,9 @@ def test_cli_prune_and_verify(hf_models, tmp_path):
 def test_reexport_of_a_pruned_checkpoint_is_refused(hf_models, tmp_path):
     from mone_jax.errors import UserError
 
-    _, _, model, stats, plan = _pipeline(hf_models, "olmoe")
+    folder, _, model, stats, plan = _pipeline(hf_models, "olmoe")
     out = tmp_path / "once"
-    mone_jax.save_hf(mone_jax.prune(model, stats, plan), out)
+    mone_jax.save_hf(mone_jax.prune(model, stats, plan), out, source=folder)
     again = mone_jax.load_hf(out, progress=False)  # imports the substitution layout
     with pytest.raises(UserError, match="already a pruned checkpoint"):
-        mone_jax.save_hf(again, tmp_path / "twice")
+        mone_jax.save_hf(again, tmp_path / "twice", source=out)

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mone_jax.convert.export import verify_export
-from mone_jax.convert.reader import CheckpointReader
 from safetensors.numpy import load_file, save, save_file
 
+from mone_jax.convert.export import verify_export
+from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.scoring import make_plan, save_plan
 from mone_jax.stats import LayerStats, Stats

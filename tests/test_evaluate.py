@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 from conftest import torch, transformers
-from mone_jax.convert.load import load_hf
 
 from mone_jax import save_hf
 from mone_jax.calibration import calibrate
 from mone_jax.cli import main
+from mone_jax.convert.load import load_hf
 from mone_jax.errors import UserError
 from mone_jax.evaluate import perplexity, predicted, unigram_perplexity
 from mone_jax.pruning import prune
@@ -57,7 +57,7 @@ def test_pruned_export_matches_transformers(hf_models, data, tmp_path, fmt):
     model = load_hf(folder, progress=False)
     stats = calibrate(model, [ids], progress=False)
     pruned = prune(model, stats, make_plan(stats, ratio=0.5), mode="drop" if fmt == "drop" else "substitute")
-    save_hf(pruned, tmp_path / fmt, format=fmt)
+    save_hf(pruned, tmp_path / fmt, format=fmt, source=folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt, trust_remote_code=True,
                                                            dtype=torch.float32).eval()
     ref = hf_perplexity(hf, ids, mask)

@@ -21,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 
 from mone_jax.convert import export as export_mod  # noqa: E402
 from mone_jax.convert.export import export_pruned, verify_export  # noqa: E402
-
 from mone_jax.errors import UserError  # noqa: E402
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 64

@@ -66,7 +66,7 @@ def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, f
     plan = mone_jax.plan(stats, keep=keep)
     pruned = mone_jax.prune(model, stats, plan, mode="drop" if fmt == "drop" else "substitute")
     out = tmp_path / f"{family}_{variant}_{fmt}"  # unique: transformers caches remote code by folder name
-    mone_jax.save_hf(pruned, out, format=fmt)
+    mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     ids = _ids(hf.config.vocab_size)
     ours = np.asarray(pruned(ids))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt != "drop").eval()
@@ -142,7 +142,8 @@ def test_modepd_written_from_torch_matches_torch(tmp_path, family, variant):
 
 def test_bad_pruned_configs_are_refused(sources, tmp_path):
     folder, hf, model, stats = sources("deepseek_v3", "moonlight")
-    mone_jax.save_hf(mone_jax.prune(model, stats, mone_jax.plan(stats, keep=5)), tmp_path / "sub", format="substitution")
+    mone_jax.save_hf(mone_jax.prune(model, stats, mone_jax.plan(stats, keep=5)), tmp_path / "sub",
+                     format="substitution", source=folder)
     cfg_path = tmp_path / "sub" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     block = cfg["compression_config"]["transform_config"]["expert_substitution"]

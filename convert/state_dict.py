@@ -1,0 +1,96 @@
+"""Flax model -> Hugging Face tensors: the writing direction of :mod:`.load`, under the same family names.
+
+``hf_state_dict(model)`` gives the model's own arrays under the family's on-disk names (torch
+``[out, in]`` layout; per-expert keys, or GPT-OSS's fused interleaved stacks). A pruned MoE layer
+yields its K retained experts at indices 0..K-1 (compact, ascending original id) and no novices:
+the export formats (:mod:`.formats`) rename and add those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from mone_jax.convert.families import Family, family
+from mone_jax.layers import Linear, RMSNorm
+from mone_jax.model import MLP, MoEBlock, MoEForCausalLM
+
+
+def _np(var: nnx.Variable) -> np.ndarray:
+    return np.asarray(var.get_value())
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+
+def _interleave(a: np.ndarray) -> np.ndarray:
+    """[gate | up] halves -> GPT-OSS's interleaved gate/up columns (inverse of the loader's de-interleave)."""
+    f = a.shape[-1] // 2
+    out = np.empty_like(a)
+    out[..., 0::2], out[..., 1::2] = a[..., :f], a[..., f:]
+    return out
+
+
+def _attention(attn: nnx.Module, p: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, mod in vars(attn).items():
+        if isinstance(mod, Linear):
+            out[f"{p}.{name}.weight"] = _t(_np(mod.kernel))
+            if mod.bias is not None:
+                out[f"{p}.{name}.bias"] = _np(mod.bias)
+        elif isinstance(mod, RMSNorm):
+            out[f"{p}.{name}.weight"] = _np(mod.weight)
+    if getattr(attn, "sinks", None) is not None:
+        out[f"{p}.sinks"] = _np(attn.sinks)
+    return out
+
+
+def _mlp(m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, np.ndarray]:
+    gu = _np(m.gate_up)
+    f = gu.shape[-1] // 2
+    return {f"{p}.{names[0]}.weight": _t(gu[:, :f]), f"{p}.{names[1]}.weight": _t(gu[:, f:]),
+            f"{p}.{names[2]}.weight": _t(_np(m.down))}
+
+
+def _experts(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
+    gu, dn = _np(blk.gate_up), _np(blk.down)
+    if fam.fused_on_disk:
+        pre = f"{fam.moe_prefix(layer)}.experts"
+        return {f"{pre}.gate_up_proj": _interleave(gu), f"{pre}.gate_up_proj_bias": _interleave(_np(blk.gate_up_bias)),
+                f"{pre}.down_proj": dn, f"{pre}.down_proj_bias": _np(blk.down_bias)}
+    f = gu.shape[-1] // 2
+    out = {}
+    for j in range(gu.shape[0]):
+        out[fam.expert_key(layer, j, 0)] = _t(gu[j, :, :f])
+        out[fam.expert_key(layer, j, 1)] = _t(gu[j, :, f:])
+        out[fam.expert_key(layer, j, 2)] = _t(dn[j])
+    return out
+
+
+def _moe(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
+    out = {fam.router_key(layer): _t(_np(blk.router)), **_experts(fam, blk, layer)}
+    if blk.router_bias is not None:
+        out[fam.router_key(layer, "bias")] = _np(blk.router_bias)
+    if blk.score_bias is not None:
+        out[fam.router_key(layer, fam.score_bias)] = _np(blk.score_bias)
+    if blk.shared is not None:
+        out.update(_mlp(blk.shared, f"{fam.moe_prefix(layer)}.{fam.shared_expert}"))
+        if blk.shared_gate is not None:
+            out[f"{fam.moe_prefix(layer)}.{fam.shared_expert_gate}.weight"] = _t(_np(blk.shared_gate))
+    return out
+
+
+def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
+    """Every array of ``model`` under its Hugging Face name (see the module docstring)."""
+    fam = family(model.config.model_type)
+    out = {"model.embed_tokens.weight": _np(model.embed), "model.norm.weight": _np(model.norm.weight)}
+    if model.lm_head is not None:
+        out["lm_head.weight"] = _t(_np(model.lm_head))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
+        out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
+        out.update(_attention(layer.self_attn, f"{p}.self_attn"))
+        out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
+    return out
