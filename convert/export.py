@@ -84,7 +84,7 @@ def export_pruned(
 ) -> dict:
     """Write the pruned checkpoint of ``src_dir`` to ``out_dir`` and return a summary dict.
 
-    ``plan`` is the plan dict (DESIGN.md section 3); ``novices[l][e]`` the [hidden] novice vector of
+    ``plan`` is the plan dict (docs/formats.md); ``novices[l][e]`` the [hidden] novice vector of
     each novice expert (unused for ``fmt="drop"``).
     """
     f = export_format(fmt)

@@ -1,7 +1,7 @@
 """Hugging Face folder -> Flax NNX model, reading one tensor at a time.
 
 Besides stock checkpoints this reads checkpoints whose routed experts were pruned to novices,
-in the two layouts of DESIGN.md section 4 (whoever wrote them: this project or the PyTorch
+in the layouts of docs/formats.md (whoever wrote them: this project or the PyTorch
 reference): ``substitution`` (config ``compression_config.transform_config.expert_substitution``,
 retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) and ``modepd``
 (config ``approximate_experts``, retained experts at their original indices,

@@ -36,7 +36,7 @@ def __getattr__(name: str):
 
 def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, metric: str = "mone",
          scope: str = "layer", seed: int = 0) -> dict:
-    """Which experts stay and which become novices (DESIGN.md section 3)."""
+    """Which experts stay and which become novices (docs/formats.md)."""
     from mone_jax.scoring import make_plan
 
     return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed)

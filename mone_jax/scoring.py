@@ -1,4 +1,4 @@
-"""Expert redundancy scores and the keep / novice plan (DESIGN.md sections 1 and 3)."""
+"""Expert redundancy scores and the keep / novice plan (docs/formats.md)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ class Stats:
             )
 
     def save(self, path: str | Path) -> None:
-        """Write the DESIGN.md stats file atomically (temporary sibling, then rename)."""
+        """Write the statistics file (docs/formats.md) atomically (temporary sibling, then rename)."""
         path = Path(path)
         tensors = {"tokens": np.asarray(self.tokens, np.int64)}
         for i, s in self.layers.items():

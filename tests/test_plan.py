@@ -1,4 +1,4 @@
-"""Scores and plans on constructed statistics (DESIGN.md sections 1 and 3), plus property tests."""
+"""Scores and plans on constructed statistics (docs/formats.md), plus property tests."""
 
 from __future__ import annotations
 
