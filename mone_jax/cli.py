@@ -126,8 +126,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from mone_jax.scale import init_distributed, is_writer
     from mone_jax.planning import make_plan
+    from mone_jax.scale import init_distributed, is_writer
     from mone_jax.sequential import export_from_stats
 
     init_distributed(args)
