@@ -116,7 +116,7 @@ def _routes_as_original_among_survivors(original, dropped, plan: dict, ids: np.n
             _, w0, idx0 = gate(hidden)
         idx, order = torch.sort(kept[idx], dim=-1)
         idx0, order0 = torch.sort(idx0, dim=-1)
-        if not torch.equal(idx, idx0) or not torch.allclose(w.gather(1, order), w0.gather(1, order0), rtol=1e-6):
+        if not torch.equal(idx, idx0) or not torch.allclose(w.gather(1, order), w0.gather(1, order0), atol=1e-6):
             return False
     return True
 
