@@ -217,7 +217,7 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
 def test_export_roundtrip(family, fmt, source, out):
     src, original = source(family)
     keep = 4 if fmt == "drop" else _varying_keep(original)
-    plan, novices = _plan(original, keep, groups=getattr(original.config, "n_group", None) or 1 if fmt == "drop" else 1)
+    plan, novices = _plan(original, keep, groups=(getattr(original.config, "n_group", None) or 1) if fmt == "drop" else 1)
     summary = export_pruned(src, out, plan, novices, fmt=fmt)
     assert verify_export(out) == []
     loaded = _load(out, fmt)
