@@ -519,7 +519,7 @@ def pruned_costs(args, models: dict, stats_out: dict, rss: PeakRSS) -> list[dict
     for r in (float(x) for x in args.prune_ratios.split(",") if x):
         plan = mone_jax.plan(stats, ratio=r)
         variants[f"pruned {r:.0%}"] = mone_jax.prune(model, stats, plan)
-        kept = sum(int(stats.layers[int(i)].count[e["kept"]].sum()) for i, e in plan["layers"].items())
+        kept = sum(int(stats.layers[i].count[list(lp.kept)].sum()) for i, lp in plan.layers.items())
         share[f"pruned {r:.0%}"] = kept / sum(int(s.count.sum()) for s in stats.layers.values())
     runs: dict[str, Callable] = {}
     for name, m in variants.items():

@@ -24,10 +24,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, num_experts_key, parse_config
+from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
 from mone_jax.convert.formats import MODELING, ExportFormat, export_format
 from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 from mone_jax.errors import UserError
+from mone_jax.planning import LayerPlan, Plan
 
 MANIFEST = "mone_manifest.json"
 _HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
@@ -45,12 +46,6 @@ _COPIED = (
     "vocab.txt", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
 _COPIED_SUFFIXES = (".model", ".tiktoken")
-
-
-@dataclass(frozen=True)
-class _LayerPlan:
-    kept: list[int]
-    novices: list[int]
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class _Tensor:
 def export_pruned(
     src_dir: str | Path,
     out_dir: str | Path,
-    plan: dict,
+    plan: Plan | dict,
     novices: dict[int, dict[int, np.ndarray]],
     *,
     fmt: str = "substitution",
@@ -84,7 +79,8 @@ def export_pruned(
 ) -> dict:
     """Write the pruned checkpoint of ``src_dir`` to ``out_dir`` and return a summary dict.
 
-    ``plan`` is the plan dict (docs/formats.md); ``novices[l][e]`` the [hidden] novice vector of
+    ``plan`` is a :class:`~mone_jax.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
+    [hidden] novice vector of
     each novice expert (unused for ``fmt="drop"``).
     """
     f = export_format(fmt)
@@ -92,10 +88,8 @@ def export_pruned(
     cfg, fam = _source_config(src, dtype, max_shard_bytes)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
-        layers = _layer_plans(plan, cfg, fam, reader)
-        if f.mode == "drop":
-            _check_drop(layers, cfg, fam, reader)
-        else:
+        layers = _checked_plan(plan, cfg, fam, reader, f).layers
+        if f.mode != "drop":
             _check_novices(layers, novices, cfg)
         out_dtype = _OUT_DTYPES[dtype] if dtype else None
         model_dtype = _OUT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
@@ -240,36 +234,20 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder '{out}' is not empty: pass overwrite=True (--overwrite) or pick another folder")
 
 
-def _layer_plans(plan: dict, cfg: dict, fam: Family, reader: CheckpointReader) -> dict[int, _LayerPlan]:
-    """Validated per-layer (kept, novices) of ``plan``, keyed by int layer index."""
-    n_experts = cfg[num_experts_key(cfg, fam)]
-    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict) or not plan["layers"]:
-        raise UserError("the plan has no 'layers' object: pass a plan written by the plan step")
-    layers = {}
-    for key, entry in plan["layers"].items():
-        try:
-            layer = int(key)
-            kept = sorted(int(e) for e in entry["kept"])
-            nov = sorted(int(e) for e in entry.get("novices", []))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"plan layer '{key}' is malformed: it needs integer 'kept' and 'novices' lists") from None
-        if sorted(kept + nov) != list(range(n_experts)):
-            raise UserError(
-                f"plan layer {layer}: kept + novices must list every expert 0..{n_experts - 1} exactly once: "
-                "the plan does not belong to this model"
-            )
-        if not kept:
-            raise UserError(f"plan layer {layer} keeps no expert: keep at least one per layer")
+def _checked_plan(plan: Plan | dict, cfg: dict, fam: Family, reader: CheckpointReader, f: ExportFormat) -> Plan:
+    """``plan`` validated against the source's config; each planned layer's router has one row per expert."""
+    model_cfg = parse_config(cfg)
+    plan = Plan.from_dict(plan).validate(model_cfg, f.mode)
+    for layer in plan.layers:
         router = fam.router_key(layer)
-        if router not in reader:
-            raise UserError(f"plan layer {layer} is not a MoE layer of this checkpoint (no '{router}')")
-        if reader.shape(router)[0] != n_experts:
-            raise UserError(f"'{router}' has {reader.shape(router)[0]} rows but config.json says {n_experts} experts")
-        layers[layer] = _LayerPlan(kept, nov)
-    return dict(sorted(layers.items()))
+        rows = reader.shape(router)[0] if router in reader else None
+        if rows != model_cfg.num_experts:
+            raise UserError(f"'{router}' has {rows or 'no'} rows but config.json says {model_cfg.num_experts} "
+                            "experts: the checkpoint does not match its config")
+    return plan
 
 
-def _check_novices(layers: dict[int, _LayerPlan], novices: dict, cfg: dict) -> None:
+def _check_novices(layers: dict[int, LayerPlan], novices: dict, cfg: dict) -> None:
     hidden = cfg.get("hidden_size")
     for layer, lp in layers.items():
         for e in lp.novices:
@@ -283,32 +261,13 @@ def _check_novices(layers: dict[int, _LayerPlan], novices: dict, cfg: dict) -> N
                 )
 
 
-def _check_drop(layers: dict[int, _LayerPlan], cfg: dict, fam: Family, reader: CheckpointReader) -> None:
-    counts = {len(lp.kept) for lp in layers.values()}
-    if len(counts) != 1:
-        raise UserError(f"--format drop needs the same expert count in every layer, the plan keeps {sorted(counts)}")
-    (k,) = counts
-    if missing := sorted(set(_moe_layers(reader, fam)) - set(layers)):
-        raise UserError(f"--format drop prunes every MoE layer, but the plan lacks layers {missing}")
-    top_k = int(cfg.get("num_experts_per_tok") or 1)
-    if k < top_k:
-        raise UserError(f"--format drop keeps {k} experts per layer, fewer than top-k = {top_k}: keep more")
-    groups = int(cfg.get("n_group") or 1)
-    if groups > 1:
-        if k % groups:
-            raise UserError(f"--format drop: {k} kept experts do not split into n_group = {groups} groups")
-        per_group = k // groups
-        if per_group * int(cfg.get("topk_group") or groups) < top_k or (fam.score_bias and per_group < 2):
-            raise UserError(f"--format drop: {per_group} experts per group are too few for this router; keep more")
-
-
 # ---------------------------------------------------------------------------------------------- tensors
 
 
 def _plan_tensors(
     reader: CheckpointReader,
     fam: Family,
-    layers: dict[int, _LayerPlan],
+    layers: dict[int, LayerPlan],
     novices: dict,
     f: ExportFormat,
     out_dtype: np.dtype | None,

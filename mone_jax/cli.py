@@ -115,31 +115,31 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from mone_jax.scoring import make_plan, save_plan
+    from mone_jax.planning import make_plan
     from mone_jax.stats import Stats
 
     stats = Stats.load(args.stats)
     plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
-    save_plan(plan, args.plan_out)
-    print(f"plan: keep {plan['keep']} of {stats.num_experts} experts per layer ({args.metric}, {args.scope}) "
+    plan.save(args.plan_out)
+    print(f"plan: keep {plan.keep} of {stats.num_experts} experts per layer ({args.metric}, {args.scope}) "
           f"-> {args.plan_out}")
 
 
 def cmd_prune(args) -> None:
+    from mone_jax.planning import make_plan
     from mone_jax.scale import init_distributed, is_writer
-    from mone_jax.scoring import make_plan, save_plan
     from mone_jax.sequential import export_from_stats
 
     init_distributed(args)
     stats = _calibrate(args) if args.reused_stats is None else args.reused_stats
     plan = args.reused_plan or make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric,
-                                         scope=args.scope, seed=args.seed)
+                                         scope=args.scope, seed=args.seed, n_group=args.n_group)
     if not is_writer():
         return
     if args.stats_out:  # before the export: a failed export does not lose the calibration
         stats.save(args.stats_out)
     if args.plan_out:
-        save_plan(plan, args.plan_out)
+        plan.save(args.plan_out)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     summary = export_from_stats(args.model, args.out, stats, plan, fmt=args.format, dtype=args.dtype,
                                 out_dtype=args.out_dtype, overwrite=args.overwrite)
@@ -189,7 +189,7 @@ def _preflight(args) -> None:
     """Check the model folder, the numbers and the files of ``calibrate`` / ``prune`` against the model's
     config.json and read the calibration data, all before the model loads (minutes for a large one)."""
     from mone_jax.convert.reader import CheckpointReader
-    from mone_jax.scoring import load_plan, resolve_keep
+    from mone_jax.planning import Plan, check_drop_keep, resolve_keep
     from mone_jax.stats import Stats
 
     _check_file_out(args.stats_out)
@@ -202,14 +202,14 @@ def _preflight(args) -> None:
         if args.stats:
             args.reused_stats = Stats.load(args.stats)
             args.reused_stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+        drop = args.format == "drop"
+        args.n_group = cfg.n_group if drop else 1  # a drop plan keeps the same number in every router group
         if args.plan:
-            from mone_jax.pruning import check_plan  # imports flax: only when needed
-
-            args.reused_plan = load_plan(args.plan)
-            check_plan(args.reused_plan, cfg.num_experts, cfg.moe_layer_ids,
-                       mode="drop" if args.format == "drop" else "substitute", top_k=cfg.top_k)
-        elif resolve_keep(cfg.num_experts, args.keep, args.ratio) < cfg.top_k and args.format == "drop":
-            raise UserError(f"--format drop must keep at least top-k = {cfg.top_k} experts per layer: raise --keep")
+            args.reused_plan = Plan.load(args.plan).validate(cfg, "drop" if drop else "substitute")
+        else:
+            keep = resolve_keep(cfg.num_experts, args.keep, args.ratio)
+            if drop:
+                check_drop_keep(cfg, keep)
     if args.calib not in (None, "self"):
         args.batches = _calib_batches(args, cfg, args.model)
 
@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    from mone_jax.scoring import METRICS, SCOPES
+    from mone_jax.planning import SCOPES
+    from mone_jax.scoring import METRICS
 
     if getattr(args, "metric", None) is not None and args.metric not in METRICS:
         raise UserError(f"unknown metric '{args.metric}': use one of {', '.join(METRICS)}")

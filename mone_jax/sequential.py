@@ -37,7 +37,7 @@ from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.model import attention_biases
 from mone_jax.moe import default_impl
-from mone_jax.pruning import check_plan
+from mone_jax.planning import Plan
 from mone_jax.resume import CalibCheckpoint, check_digest
 from mone_jax.rope import rope_tables
 from mone_jax.sharding import (
@@ -242,7 +242,7 @@ class _Run:
             self.checkpoint.save(self.acc, position, self.digest)
 
 
-def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, plan: dict, *, fmt: str = "substitution",
+def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, plan: Plan | dict, *, fmt: str = "substitution",
                       dtype="float32", out_dtype: str | None = None, overwrite: bool = False) -> dict:
     """Write the pruned checkpoint of ``folder`` without loading the model.
 
@@ -251,12 +251,10 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, pla
     :func:`~mone_jax.pruning.prune` sets them, so the folder equals the full-model export.
     """
     cfg = config_of(folder)
-    check_plan(plan, cfg.num_experts, cfg.moe_layer_ids, mode="drop" if fmt == "drop" else "substitute",
-               top_k=cfg.top_k, n_group=cfg.n_group)
+    plan = Plan.from_dict(plan).validate(cfg, "drop" if fmt == "drop" else "substitute")
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     dt = resolve_dtype(dtype)
-    novices = {int(k): {} if fmt == "drop" else
-               {e: stats.layers[int(k)].mean[e].astype(np.float32).astype(dt).astype(np.float32)
-                for e in entry["novices"]}
-               for k, entry in plan["layers"].items()}
+    novices = {i: {} if fmt == "drop" else
+               {e: stats.layers[i].mean[e].astype(np.float32).astype(dt).astype(np.float32) for e in lp.novices}
+               for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite)

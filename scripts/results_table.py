@@ -28,8 +28,9 @@ from mone_jax.convert.load import load_hf  # noqa: E402
 from mone_jax.data import load_token_blocks  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
 from mone_jax.evaluate import perplexity  # noqa: E402
+from mone_jax.planning import make_plan  # noqa: E402
 from mone_jax.pruning import prune  # noqa: E402
-from mone_jax.scoring import METRICS, make_plan  # noqa: E402
+from mone_jax.scoring import METRICS  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 MODES = {"substitute": "MoNE novices (substitution)", "drop": "experts dropped (drop)"}
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
                 cell = []
                 for seed in range(args.random_seeds) if metric == "random" else [0]:
                     plan = make_plan(stats, ratio=ratio, metric=metric, scope="layer", seed=seed)
-                    plans.setdefault((metric, ratio), plan)
+                    plans.setdefault((metric, ratio), plan.to_dict())
                     cell.append(ppl(prune(model, stats, plan, mode=mode)))
                 rows.setdefault(metric, {})[f"{mode}@{ratio}"] = cell
                 print(f"{mode} {ratio:.0%} {metric}: {cell}", flush=True)

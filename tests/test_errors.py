@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save, save_file
 from mone_jax.convert.export import verify_export
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
-from mone_jax.scoring import make_plan, save_plan
+from mone_jax.planning import Plan, make_plan, save_plan
 from mone_jax.stats import LayerStats, Stats
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 96  # tests/conftest.py's olmoe "a"
@@ -166,7 +166,7 @@ def inputs(hf_models, tmp_path_factory) -> Inputs:
     _stats(4).save(d / "stats_4_experts.safetensors")
     save_plan(make_plan(good, keep=4), d / "plan.json")
     save_plan(make_plan(_stats(4), keep=2), d / "plan_4_experts.json")
-    uneven = make_plan(good, keep=4)
+    uneven = make_plan(good, keep=4).to_dict()
     uneven["layers"]["1"] = {"kept": [0, 1, 2, 3, 4], "novices": [5, 6, 7]}
     save_plan(uneven, d / "plan_uneven.json")
     bad = _stats(E)
@@ -227,7 +227,7 @@ CASES: dict[str, tuple[Callable[[Inputs, Path], list], str]] = {
                                                "--plan", i.dir / "plan_uneven.json", calib=None, keep=()),
                            "drop mode needs the same keep count in every layer"),
     "drop keeps < top-k": (lambda i, o: _prune(i, o, "--format", "drop", keep=("--keep", "1")),
-                           "--format drop must keep at least top-k = 2"),
+                           "drop mode must keep at least top-k = 2"),
     "empty calibration data": (lambda i, o: _prune(i, o, calib="empty.npy"), "must hold non-empty integer token ids"),
     "empty text": (lambda i, o: _prune(i, o, model="tokenizer", calib="empty.txt"), "empty.txt is empty"),
     "fewer tokens than a block (npy)": (lambda i, o: _prune(i, o, "--seq-len", "16", calib="short.npy"),
@@ -300,6 +300,40 @@ def test_custom_code_is_ignored_with_a_warning(inputs, tmp_path):
     assert not (inputs.dir / "pwned_code").exists()
     assert verify_export(tmp_path / "out") == []
     assert "modeling_evil" not in (tmp_path / "out" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("keep, expect", [("6", "multiple of the router's n_group = 4"),
+                                          ("4", "1 experts in each of the router's 4 groups, too few")])
+def test_impossible_grouped_drop_refused_before_calibrating(hf_models, inputs, tmp_path, keep, expect):
+    """16 experts in 4 groups, 2 groups per token, top-k 4: a drop to 6 (or 4) per layer cannot keep the
+    groups (or fill the top-k). Without --quiet a calibration would have printed its progress."""
+    src, _ = hf_models("deepseek_v3", "grouped_yarn")
+    p = _cli(["prune", src, "--calib", inputs.dir / "ids.npy", "--keep", keep, "--format", "drop",
+              "--out", tmp_path / "out", "--stats-out", tmp_path / "s.safetensors"])
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == "" and p.stderr.count("\n") == 1 and p.stderr.startswith("mone-jax: error: "), p.stderr
+    assert expect in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grouped_drop_plan_keeps_every_group(hf_models, tmp_path):
+    """prune --format drop on a group-limited router keeps the best keep / n_group of each group."""
+    src, _ = hf_models("deepseek_v3", "grouped_yarn")  # MoE layer 1: 16 experts in 4 groups
+    rng = np.random.default_rng(1)
+    stats = Stats({1: LayerStats(rng.integers(2, 20, 16), rng.random(16), rng.normal(size=(16, HIDDEN)),
+                                 rng.random((16, HIDDEN)), rng.random(16))}, 64, {"model_type": "deepseek_v3"})
+    stats.layers[1].weight_sum[:8] += 10.0  # the best eight all lie in groups 0 and 1
+    stats.save(tmp_path / "stats.safetensors")
+    stats = Stats.load(tmp_path / "stats.safetensors")
+    p = _cli(["prune", src, "--stats", tmp_path / "stats.safetensors", "--keep", "8", "--format", "drop",
+              "--out", tmp_path / "out", "--plan-out", tmp_path / "plan.json", "--quiet"])
+    assert p.returncode == 0, p.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    for g in range(4):  # a float64 reference of the selection
+        score = stats.layers[1].weight_sum[4 * g:4 * g + 4] / 64 * np.sqrt(stats.layers[1].var[4 * g:4 * g + 4].sum(1))
+        want = sorted(4 * g + int(e) for e in np.argsort(-score, kind="stable")[:2])
+        assert [e for e in plan["layers"]["1"]["kept"] if 4 * g <= e < 4 * g + 4] == want
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["n_routed_experts"] == 8
 
 
 def test_reused_stats_and_plan(inputs, tmp_path):
@@ -417,10 +451,15 @@ _IDS = st.lists(st.integers(-1, 8), max_size=9) | _JSON
                                                              st.fixed_dictionaries({"kept": _IDS, "novices": _IDS})
                                                              | _JSON, max_size=3) | _JSON}) | _JSON,
        drop=st.booleans())
-def test_any_plan_is_accepted_or_gives_a_user_error(plan, drop):
-    from mone_jax.pruning import check_plan
-
+def test_any_plan_is_accepted_or_gives_a_user_error(plan, drop, olmoe_config):
     try:
-        check_plan(plan, E, [0, 1], mode="drop" if drop else "substitute", top_k=TOP_K)
+        Plan.from_dict(plan).validate(olmoe_config, "drop" if drop else "substitute")
     except UserError:
         pass
+
+
+@pytest.fixture(scope="module")
+def olmoe_config(inputs):
+    from mone_jax.convert.load import config_of
+
+    return config_of(inputs.src)

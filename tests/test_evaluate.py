@@ -15,8 +15,8 @@ from mone_jax.cli import main
 from mone_jax.convert.load import load_hf
 from mone_jax.errors import UserError
 from mone_jax.evaluate import perplexity, predicted, unigram_perplexity
+from mone_jax.planning import make_plan
 from mone_jax.pruning import prune
-from mone_jax.scoring import make_plan
 
 RTOL = 1e-4
 

@@ -95,13 +95,15 @@ def _moe_layers(model) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-def _plan(model, keep: dict[int, int] | int, seed: int = 1) -> tuple[dict, dict]:
-    """Random plan (kept subsets differ per layer) and random novice vectors."""
+def _plan(model, keep: dict[int, int] | int, seed: int = 1, groups: int = 1) -> tuple[dict, dict]:
+    """Random plan (kept subsets differ per layer; with ``groups``, k / groups in each contiguous group of
+    ids, as drop mode needs for a group-limited router) and random novice vectors."""
     rng = np.random.default_rng(seed)
     layers, novices = {}, {}
     for layer in _moe_layers(model):
         k = keep if isinstance(keep, int) else keep[layer]
-        kept = sorted(rng.choice(E, k, replace=False).tolist())
+        size = E // groups
+        kept = sorted(g * size + e for g in range(groups) for e in rng.choice(size, k // groups, replace=False).tolist())
         nov = [e for e in range(E) if e not in kept]
         layers[str(layer)] = {"kept": kept, "novices": nov, "scores": rng.random(E).tolist()}
         novices[layer] = {e: rng.normal(0.0, 1.0, HIDDEN).astype(np.float32) for e in nov}
@@ -214,7 +216,7 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
 def test_export_roundtrip(family, fmt, source, out):
     src, original = source(family)
     keep = 4 if fmt == "drop" else _varying_keep(original)
-    plan, novices = _plan(original, keep)
+    plan, novices = _plan(original, keep, groups=(getattr(original.config, "n_group", None) or 1) if fmt == "drop" else 1)
     summary = export_pruned(src, out, plan, novices, fmt=fmt)
     assert verify_export(out) == []
     loaded = _load(out, fmt)
@@ -378,8 +380,8 @@ def test_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "family, keep, match",
     [
-        ("olmoe", {0: 4, 1: 5}, "same expert count"),
-        ("olmoe", 1, "fewer than top-k"),
+        ("olmoe", {0: 4, 1: 5}, "same keep count in every layer"),
+        ("olmoe", 1, "at least top-k = 2"),
         ("deepseek_v3", 5, "n_group"),
     ],
 )

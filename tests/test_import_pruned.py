@@ -63,7 +63,7 @@ def _close(ours, ref, rel: float = REL) -> None:
 @pytest.mark.parametrize("family,variant,keep,fmt", CASES)
 def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, fmt):
     folder, hf, model, stats = sources(family, variant)
-    plan = mone_jax.plan(stats, keep=keep)
+    plan = mone_jax.plan(stats, keep=keep, n_group=model.config.n_group if fmt == "drop" else 1)
     pruned = mone_jax.prune(model, stats, plan, mode="drop" if fmt == "drop" else "substitute")
     out = tmp_path / f"{family}_{variant}_{fmt}"  # unique: transformers caches remote code by folder name
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)

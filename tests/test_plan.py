@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mone_jax import planning
+from mone_jax.config import ModelConfig, RopeConfig
 from mone_jax.errors import UserError
-from mone_jax.scoring import METRICS, make_plan
+from mone_jax.planning import Plan
+from mone_jax.scoring import METRICS
 from mone_jax.stats import LayerStats, Stats
+
+
+def make_plan(stats: Stats, **kw) -> dict:
+    """The plan as its JSON object (DESIGN.md section 3)."""
+    return planning.make_plan(stats, **kw).to_dict()
 
 
 def _stats(counts, wsums, vars_, tokens=100, d=3, reap=None) -> Stats:
@@ -134,3 +144,94 @@ def test_merge_is_split_invariant(seed, cuts):
     for f in ("weight_sum", "mean", "m2", "reap_sum"):
         np.testing.assert_allclose(getattr(acc.layers[0], f), getattr(whole.layers[0], f), rtol=1e-9, atol=1e-9)
     assert acc.tokens == N
+
+
+def _cfg(E=8, top_k=2, n_group=1, topk_group=1, group_score="top2") -> ModelConfig:
+    """A model whose layers 1 and 3 are MoE layers (sizes irrelevant to a plan)."""
+    return ModelConfig("deepseek_v3", 96, 32, 4, 4, 4, 16, 40, 1e-6, 256, False, RopeConfig(),
+                       moe_layers=(False, True, False, True), num_experts=E, top_k=top_k, n_group=n_group,
+                       topk_group=topk_group, group_score=group_score)
+
+
+def _plan(*kept_per_layer, E=8) -> Plan:
+    return Plan.from_dict({"layers": {str(i): {"kept": k, "novices": [e for e in range(E) if e not in k]}
+                                      for i, k in zip((1, 3), kept_per_layer)}})
+
+
+def test_drop_plan_keeps_the_best_of_every_group():
+    # frequency scores: the best four experts overall all lie in ids 0..3
+    s = _stats([[9, 8, 7, 6, 1, 2, 2, 0]], [[1.0] * 8], [[1.0] * 8], tokens=10)
+    assert make_plan(s, keep=4, metric="frequency")["layers"]["1"]["kept"] == [0, 1, 2, 3]
+    assert make_plan(s, keep=4, metric="frequency", n_group=2)["layers"]["1"]["kept"] == [0, 1, 5, 6]  # tie: 5 < 6
+    assert make_plan(s, keep=4, metric="frequency", n_group=4)["layers"]["1"]["kept"] == [0, 2, 5, 6]
+    for kw in [dict(keep=3, n_group=2), dict(keep=4, n_group=2, scope="model")]:
+        with pytest.raises(UserError, match="same number in every group"):
+            make_plan(s, **kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(G=st.sampled_from([2, 4]), size=st.integers(2, 4), per=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_grouped_plans_pass_drop_validation(G, size, per, seed):
+    per = min(per, size)
+    E, rng = G * size, np.random.default_rng(seed)
+    s = _stats(rng.integers(0, 20, (2, E)), rng.random((2, E)), rng.random((2, E)))
+    plan = planning.make_plan(s, keep=G * per, n_group=G)
+    cfg = _cfg(E, top_k=per, n_group=G, topk_group=1, group_score="max")
+    assert plan.validate(cfg, "drop") is plan
+    for lp in plan.layers.values():
+        sc = np.asarray(lp.scores)
+        for g in range(G):  # each group keeps its best `per` (ties: lower id), by a plain loop
+            ids = list(range(g * size, (g + 1) * size))
+            want = sorted(sorted(ids, key=lambda e: (-sc[e], e))[:per])
+            assert [e for e in lp.kept if e in ids] == want
+
+
+@pytest.mark.parametrize("plan, cfg, match", [
+    (_plan([0, 1, 2, 3], [0, 1, 4, 5]), _cfg(n_group=2), "keeps \\[4, 0\\] experts in the router's 2 groups"),
+    (_plan([0, 1, 4], [0, 1, 4]), _cfg(n_group=2), "multiple of the router's n_group = 2"),
+    (_plan([0, 4], [1, 5]), _cfg(n_group=2, top_k=2), "1 experts in each of the router's 2 groups, too few"),
+    (_plan([0, 1, 4, 5], [0, 1, 4, 5]), _cfg(n_group=2, top_k=3), "too few for top-k = 3 from 1 groups"),
+    (_plan([0, 1], [0, 1, 2]), _cfg(), "same keep count in every layer"),
+    (_plan([0], [1]), _cfg(top_k=2), "at least top-k = 2"),
+])
+def test_drop_validation_refuses(plan, cfg, match):
+    with pytest.raises(UserError, match=match):
+        plan.validate(cfg, "drop")
+
+
+def test_validation_against_the_model():
+    assert _plan([0, 1, 2, 3], [0, 1, 4, 5]).validate(_cfg(n_group=2), "substitute")  # groups: drop only
+    assert _plan([0, 4], [1, 5]).validate(_cfg(n_group=2, topk_group=2, top_k=2, group_score="max"), "drop")
+    with pytest.raises(UserError, match="partition experts 0..7"):
+        _plan([0, 1], [0, 1], E=4).validate(_cfg(), "substitute")
+    with pytest.raises(UserError, match="lacks MoE layers \\[3\\]"):
+        Plan.from_dict({"layers": {"1": {"kept": [0], "novices": list(range(1, 8))}}}).validate(_cfg())
+    with pytest.raises(UserError, match="plan layer 2 is not a MoE layer"):
+        Plan.from_dict({"layers": {str(i): {"kept": [0], "novices": list(range(1, 8))} for i in (1, 2, 3)}}).validate(
+            _cfg())
+    with pytest.raises(UserError, match="unknown prune mode"):
+        _plan([0], [0]).validate(_cfg(), "gguf")
+
+
+@pytest.mark.parametrize("bad", [[], {"layers": {}}, {"layers": {"x": {"kept": [0], "novices": []}}},
+                                 {"layers": {"1": {"kept": [0]}}}, {"layers": {"1": {"kept": [True], "novices": []}}},
+                                 {"layers": {"1": {"kept": [0.0], "novices": []}}},
+                                 {"layers": {"1": {"kept": [0], "novices": [], "scores": ["a"]}}}])
+def test_malformed_plans_are_refused(bad):
+    with pytest.raises(UserError, match="plan"):
+        Plan.from_dict(bad)
+
+
+def test_json_round_trip(tmp_path):
+    s = _stats([[10, 10, 10, 1]], [[5.0, 1.0, 2.0, 50.0]], [[4.0, 100.0, 1.0, 9.0]], tokens=10)
+    plan = planning.make_plan(s, keep=2)
+    plan.save(tmp_path / "p.json")
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d == {"metric": "mone", "scope": "layer", "keep": 2,
+                 "layers": {"1": {"kept": [0, 1], "novices": [2, 3], "scores": d["layers"]["1"]["scores"]}}}
+    assert Plan.load(tmp_path / "p.json") == plan
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="is not a valid plan file"):
+        Plan.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
-from conftest import FAMILY_VARIANTS, assert_close_logits, torch_logits
+from conftest import FAMILY_VARIANTS, assert_close_logits, torch, torch_logits, transformers
 from flax import nnx
 from torch_apply import drop, substitute
 
@@ -20,8 +22,7 @@ def _calib(hf, model, seed=0):
 
 
 def _novices(stats, plan):
-    return {int(k): {e: stats.layers[int(k)].mean[e].astype(np.float32) for e in v["novices"]}
-            for k, v in plan["layers"].items()}
+    return {i: {e: stats.layers[i].mean[e].astype(np.float32) for e in lp.novices} for i, lp in plan.layers.items()}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,10 @@ def test_pruned_matches_independent_torch(hf_models, ids, family, variant):
     E, k = model.config.num_experts, model.config.top_k
     plan = mone_jax.plan(stats, keep=max(k, E // 2))
     ours = np.asarray(mone_jax.prune(model, stats, plan)(ids))
-    assert_close_logits(ours, torch_logits(substitute(hf, plan, _novices(stats, plan)), ids))
+    assert_close_logits(ours, torch_logits(substitute(hf, plan.to_dict(), _novices(stats, plan)), ids))
     assert np.abs(ours - np.asarray(model(ids))).max() > 1e-6  # pruning really changed something
     ours_drop = np.asarray(mone_jax.prune(model, stats, plan, mode="drop")(ids))
-    assert_close_logits(ours_drop, torch_logits(drop(hf, plan), ids))
+    assert_close_logits(ours_drop, torch_logits(drop(hf, plan.to_dict()), ids))
 
 
 def test_prune_params_shapes_and_novices(hf_models):
@@ -58,12 +59,12 @@ def test_prune_params_shapes_and_novices(hf_models):
     plan = mone_jax.plan(stats, keep=3, metric="frequency")
     params = nnx.to_pure_dict(nnx.state(model))
     new = prune_params(params, stats, plan)
-    for key, v in plan["layers"].items():
-        blk, old = new["layers"][int(key)]["mlp"], params["layers"][int(key)]["mlp"]
+    for i, lp in plan.layers.items():
+        blk, old = new["layers"][i]["mlp"], params["layers"][i]["mlp"]
         assert blk["gate_up"].shape[0] == 3 and blk["down"].shape[0] == 3
-        np.testing.assert_array_equal(blk["gate_up"], np.asarray(old["gate_up"])[v["kept"]])
-        np.testing.assert_array_equal(blk["novice_ids"], v["novices"])
-        np.testing.assert_allclose(blk["novice_values"], stats.layers[int(key)].mean[v["novices"]], rtol=1e-6)
+        np.testing.assert_array_equal(blk["gate_up"], np.asarray(old["gate_up"])[list(lp.kept)])
+        np.testing.assert_array_equal(blk["novice_ids"], lp.novices)
+        np.testing.assert_allclose(blk["novice_values"], stats.layers[i].mean[list(lp.novices)], rtol=1e-6)
         assert blk["router"] is old["router"]  # router unchanged
     assert params["layers"][0]["mlp"]["gate_up"].shape[0] == 8  # input untouched (pure function)
 
@@ -72,7 +73,7 @@ def test_bad_plans_are_refused(hf_models):
     folder, hf = hf_models("olmoe", "a")
     model = mone_jax.load_hf(folder, progress=False)
     stats = _calib(hf, model)
-    plan = mone_jax.plan(stats, keep=3)
+    plan = mone_jax.plan(stats, keep=3).to_dict()
     bad = {**plan, "layers": {**plan["layers"], "0": {"kept": [0, 1], "novices": [1, 2, 3, 4, 5, 6, 7]}}}
     with pytest.raises(UserError, match="partition"):
         mone_jax.prune(model, stats, bad)
@@ -86,10 +87,65 @@ def test_bad_plans_are_refused(hf_models):
         mone_jax.calibrate(pruned, [np.zeros((1, 4), np.int32)], progress=False)
 
 
-def test_drop_needs_keep_divisible_by_router_groups():
-    from mone_jax.pruning import check_plan
+# (family, variant, keep): group-limited routers, keep / n_group experts per group
+GROUPED = [("deepseek_v3", "grouped_yarn", 8), ("glm4_moe", "a", 4)]
 
-    plan = {"layers": {"1": {"kept": [0, 1, 2], "novices": [3, 4, 5, 6, 7]}}}
-    check_plan(plan, 8, [1], mode="drop", top_k=2, n_group=1)
-    with pytest.raises(UserError, match="n_group = 2"):
-        check_plan(plan, 8, [1], mode="drop", top_k=2, n_group=2)
+
+def _routes(model, ids: np.ndarray) -> dict[int, tuple]:
+    """Per MoE layer of a transformers model: the router's input, chosen expert ids [T, k] and weights."""
+    got, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda mod, args, out, i=i: got.__setitem__(i, (args[0], out[2], out[1]))))
+    torch_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def _routes_as_original_among_survivors(original, dropped, plan: dict, ids: np.ndarray) -> bool:
+    """Whether each of ``dropped``'s routers picks, for the hidden states it sees, the experts (and weights)
+    that the original router picks when the pruned experts may not be chosen (e_score_correction_bias -inf):
+    the original group structure, only among the survivors."""
+    for i, (hidden, idx, w) in _routes(dropped, ids).items():
+        kept = torch.tensor(plan["layers"][str(i)]["kept"])
+        gate = copy.deepcopy(original.model.layers[i].mlp.gate)
+        with torch.no_grad():
+            gate.e_score_correction_bias[[e for e in range(gate.num_experts) if e not in kept]] = -torch.inf
+            _, w0, idx0 = gate(hidden)
+        idx, order = torch.sort(kept[idx], dim=-1)
+        idx0, order0 = torch.sort(idx0, dim=-1)
+        if not torch.equal(idx, idx0) or not torch.allclose(w.gather(1, order), w0.gather(1, order0), atol=1e-6):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("family,variant,keep", GROUPED)
+def test_grouped_drop_export_matches_torch_and_routes_among_survivors(hf_models, ids, tmp_path, family, variant,
+                                                                       keep):
+    folder, hf = hf_models(family, variant)
+    model = mone_jax.load_hf(folder, progress=False)
+    model.impl = "dense"
+    stats = _calib(hf, model)
+    cfg = model.config
+    plan = mone_jax.plan(stats, keep=keep, n_group=cfg.n_group)
+    size = cfg.num_experts // cfg.n_group
+    for lp in plan.layers.values():  # the same number in every contiguous group of ids
+        assert np.bincount(np.asarray(lp.kept) // size).tolist() == [keep // cfg.n_group] * cfg.n_group
+    pruned = mone_jax.prune(model, stats, plan, mode="drop")
+    out = tmp_path / f"drop_{family}_{variant}"
+    mone_jax.save_hf(pruned, out, format="drop")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = drop(hf, plan.to_dict())
+    want = torch_logits(ref, ids)
+    for got in (np.asarray(pruned(ids)), torch_logits(exported, ids)):
+        err = np.abs(np.asarray(got, np.float64) - want).max()
+        assert err <= 1e-5 * np.abs(want).max(), err
+    assert _routes_as_original_among_survivors(hf, exported, plan.to_dict(), ids)
+    # the check has teeth: keeping unequal numbers per group moves survivors into other groups
+    naive = {"layers": {str(i): {"kept": list(range(keep)), "novices": list(range(keep, cfg.num_experts))}
+                        for i in plan.layers}}
+    assert not _routes_as_original_among_survivors(hf, drop(hf, naive), naive, ids)
+    with pytest.raises(UserError, match="same number in every group"):
+        mone_jax.prune(model, stats, naive, mode="drop")

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import mone_jax
 from mone_jax.calibration import calibrate
 from mone_jax.errors import UserError
-from mone_jax.scoring import make_plan
+from mone_jax.planning import Plan, make_plan
 from mone_jax.sharding import make_mesh, mesh_shape, param_specs
 from mone_jax.stats import Stats
 
@@ -41,8 +41,8 @@ def assert_stats_equal(got: Stats, ref: Stats, rtol: float = 1e-6) -> None:
             assert np.abs(a - b).max() <= rtol * np.abs(b).max(), f"layer {i} {f}"
 
 
-def kept(plan: dict) -> dict:
-    return {k: (v["kept"], v["novices"]) for k, v in plan["layers"].items()}
+def kept(plan: Plan) -> dict:
+    return {i: (lp.kept, lp.novices) for i, lp in plan.layers.items()}
 
 
 @pytest.mark.parametrize("family,variant", [("olmoe", "a"), ("qwen2_moe", "b")])

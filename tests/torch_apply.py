@@ -32,16 +32,20 @@ def substitute(hf_model, plan: dict, novices: dict[int, dict[int, np.ndarray]]):
 
 
 def drop(hf_model, plan: dict):
-    """Copy of ``hf_model`` with pruned experts and their router rows removed."""
+    """Copy of ``hf_model`` with pruned experts and every per-expert router entry (weight rows, bias,
+    e_score_correction_bias) removed; grouped routers then form groups from the kept ids in order."""
     model = copy.deepcopy(hf_model)
     for i, layer in enumerate(model.model.layers):
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         if not hasattr(mlp, "experts"):
             continue
+        router = getattr(mlp, "router", None) or mlp.gate
         kept = torch.tensor(plan["layers"][str(i)]["kept"], dtype=torch.long)
         with torch.no_grad():
-            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight[kept].clone())
-            mlp.experts.gate_up_proj = torch.nn.Parameter(mlp.experts.gate_up_proj[kept].clone())
-            mlp.experts.down_proj = torch.nn.Parameter(mlp.experts.down_proj[kept].clone())
-        mlp.gate.num_experts = mlp.experts.num_experts = len(kept)
+            for mod in (router, mlp.experts):
+                for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                    assert t.shape[0] == mod.num_experts, name  # every tensor here is per expert
+                    new = t[kept].clone()
+                    setattr(mod, name, torch.nn.Parameter(new) if isinstance(t, torch.nn.Parameter) else new)
+            router.num_experts = mlp.experts.num_experts = len(kept)
     return model
