@@ -217,8 +217,8 @@ def parse_config(raw: dict) -> ModelConfig:
         raise UserError("config.json has no 'model_type': pass a Hugging Face model folder")
     fam = family(mt)
     cfg = {**fam.defaults, **raw, "model_type": fam.model_type}
-    common = common_fields(cfg, fam.num_experts_key)
     try:
+        common = common_fields(cfg, fam.num_experts_key)
         return ModelConfig(**{**common, **fam.parse(cfg, common)})
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"config.json holds an invalid value ({e}): repair it") from None

@@ -135,7 +135,7 @@ def test_grouped_drop_export_matches_torch_and_routes_among_survivors(hf_models,
         assert np.bincount(np.asarray(lp.kept) // size).tolist() == [keep // cfg.n_group] * cfg.n_group
     pruned = mone_jax.prune(model, stats, plan, mode="drop")
     out = tmp_path / f"drop_{family}_{variant}"
-    mone_jax.save_hf(pruned, out, format="drop")
+    mone_jax.save_hf(pruned, out, format="drop", source=folder)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ref = drop(hf, plan.to_dict())
     want = torch_logits(ref, ids)
