@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
+from mone_jax.io import token_ids
 
 # File suffix -> `datasets` builder. Compressed variants are read by the builders directly.
 _BUILDERS = {
@@ -68,7 +69,7 @@ def load_token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num
         else:
             docs = _local_documents(path, text_field, rng)
             blocks = _text_blocks(docs, spec, tokenizer_dir, num_samples, seq_len, rng)
-    return _checked_ids(blocks, vocab_size, spec)
+    return token_ids(blocks, vocab_size, spec)
 
 
 def _sampled_blocks(sampler: Callable[[int, int, int], np.ndarray] | None, num_samples: int,
@@ -274,16 +275,6 @@ def _block_count(available: int, num_samples: int, source: str) -> int:
         warnings.warn(f"{source} holds only {available} blocks, fewer than the {num_samples} asked; using them all",
                       stacklevel=2)
     return min(available, num_samples)
-
-
-def _checked_ids(blocks: np.ndarray, vocab_size: int | None, source: str) -> np.ndarray:
-    """``blocks`` as int32 after checking every id lies in [0, vocab_size)."""
-    limit = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
-    low, high = int(blocks.min()), int(blocks.max())
-    if low < 0 or high >= limit:
-        raise UserError(f"{source} has token ids in [{low}, {high}], outside [0, {limit}); "
-                        "make the data with this model's tokenizer")
-    return blocks.astype(np.int32)
 
 
 def _first_line(error: BaseException) -> str:

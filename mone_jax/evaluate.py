@@ -16,6 +16,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
+from mone_jax.io import token_ids
 from mone_jax.model import MoEForCausalLM
 
 _LOGIT_ELEMENTS = 1 << 25  # float32 logits computed at once (128 MiB): positions are chunked to fit
@@ -55,13 +56,9 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     Rows are evaluated ``batch_size`` at a time (the last batch padded with masked rows, so one
     shape compiles once); NLL sums are accumulated in float64 on the host.
     """
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] < 2:
-        raise UserError(f"evaluation needs integer token ids [N, T] with T >= 2, got {ids.dtype} {list(ids.shape)}")
-    V = model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= V:
-        raise UserError(f"token ids must lie in [0, {V}), found {ids.min()}..{ids.max()}: "
-                        "the data was tokenized for another model")
+    ids = token_ids(ids, model.config.vocab_size, "the evaluation data")
+    if ids.shape[1] < 2:
+        raise UserError(f"evaluation needs sequences of at least 2 tokens, got {list(ids.shape)}")
     mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
     if mask.shape != ids.shape:
         raise UserError(f"attention mask shape {list(mask.shape)} differs from the ids' {list(ids.shape)}")
@@ -69,7 +66,7 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     pad = -ids.shape[0] % bs
     ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]).astype(np.int32)
     mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-    chunk = max(1, min(bs * (ids.shape[1] - 1), _LOGIT_ELEMENTS // V))
+    chunk = max(1, min(bs * (ids.shape[1] - 1), _LOGIT_ELEMENTS // model.config.vocab_size))
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0
     for i in tqdm(range(0, ids.shape[0], bs), desc="evaluating", unit="batch", disable=not progress):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mone_jax.errors import UserError
+from mone_jax.io import atomic_write_text
 from mone_jax.scoring import METRICS, layer_scores
 
 if TYPE_CHECKING:
@@ -87,14 +88,7 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary sibling renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def validate(self, cfg: ModelConfig, mode: str = "substitute") -> Plan:
         """``self`` if it fits the model ``cfg`` and prune ``mode`` ("substitute" or "drop"), else UserError."""
