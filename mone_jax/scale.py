@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 
 from mone_jax.errors import UserError
 
@@ -33,7 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def init_distributed(args) -> None:
-    """``jax.distributed.initialize`` when the flags ask for several processes; before any JAX work."""
+    """``jax.distributed.initialize`` when the options (``--coordinator`` ..., or a
+    :class:`~mone_jax.jobs.ScaleOptions`) ask for several processes; before any JAX work."""
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and all(v is None for v in explicit):
         return
@@ -64,7 +64,7 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def _mesh(args, cfg):
+def _mesh(job):
     """The --mesh over all devices; ``auto`` weighs the model against the device memory where known."""
     import jax
     from flax import nnx
@@ -73,47 +73,45 @@ def _mesh(args, cfg):
     from mone_jax.model import MoEForCausalLM
     from mone_jax.sharding import make_mesh, mesh_shape, param_bytes
 
+    cfg = job.config
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     sizes = (0, 0)
-    if limit and not args.sequential:
-        dt = resolve_dtype(args.dtype)
+    if limit and not job.scale.sequential:
+        dt = resolve_dtype(job.dtype)
         sizes = param_bytes(nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0))))
-    return make_mesh(mesh_shape(args.mesh, jax.device_count(), cfg.num_experts, param_bytes=sizes,
+    return make_mesh(mesh_shape(job.scale.mesh, jax.device_count(), cfg.num_experts, param_bytes=sizes,
                                 device_bytes=limit))
 
 
-def calibrate_cli(args, calib_batches: Callable):
-    """Statistics of ``args.model``: loaded layer by layer onto the mesh, or streamed with --sequential."""
-    from mone_jax.calibration import identity
-    from mone_jax.convert.load import config_of
+def run_calibration(job):
+    """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
+    streamed with --sequential."""
+    from mone_jax.calibration import calibrate, identity
+    from mone_jax.convert.load import load_hf, refuse_pruned
+    from mone_jax.jobs import read_batches
     from mone_jax.resume import CalibCheckpoint
+    from mone_jax.sequential import calibrate_sequential
 
-    if args.offload_dir and not args.sequential:
-        raise UserError("--offload-dir applies to --sequential runs only")
-    if args.sequential and args.calib == "self":
-        raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
-    cfg = config_of(args.model)
-    mesh = _mesh(args, cfg)
+    opts, cfg = job.scale, job.config
+    mesh = _mesh(job)
     model = None
-    if not args.sequential:
-        from mone_jax.convert.load import load_hf, refuse_pruned
+    if not opts.sequential:
+        refuse_pruned(job.model)
+        model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)
+    batches = job.batches
+    if batches is None:  # sampled from the loaded model
+        from mone_jax.sampling import sampler_for
 
-        refuse_pruned(args.model)
-        model = load_hf(args.model, args.dtype, mesh=mesh, progress=not args.quiet)
-    batches = calib_batches(args, cfg, args.model, model)
+        batches = read_batches(job, sampler_for(model))
     ckpt = None
-    if args.checkpoint_dir:
-        ckpt = CalibCheckpoint(args.checkpoint_dir, args.checkpoint_every,
-                               identity(cfg, "sequential" if args.sequential else "full", args.dtype))
+    if opts.checkpoint_dir:
+        ckpt = CalibCheckpoint(opts.checkpoint_dir, opts.checkpoint_every,
+                               identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
-        if args.sequential:
-            from mone_jax.sequential import calibrate_sequential
-
-            return calibrate_sequential(args.model, batches, dtype=args.dtype, mesh=mesh, offload_dir=args.offload_dir,
-                                        progress=not args.quiet, checkpoint=ckpt)
-        from mone_jax.calibration import calibrate
-
-        return calibrate(model, batches, mesh=mesh, progress=not args.quiet, checkpoint=ckpt)
+        if opts.sequential:
+            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
+                                        progress=job.progress, checkpoint=ckpt)
+        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
     finally:
         if ckpt is not None:
             ckpt.close()

@@ -82,7 +82,7 @@ def test_sampling_is_seeded(demo):
     assert a.shape == (3, 16) and a.dtype == np.int32
     np.testing.assert_array_equal(a, b)
     assert (a != c).any() and (a[0] != a[1]).any()
-    assert (a[:, 0] == demo.config.raw["bos_token_id"]).all()
+    assert (a[:, 0] == demo.config.bos_token_id).all()
     assert a.min() >= 0 and a.max() < demo.config.vocab_size
 
 

@@ -1,0 +1,225 @@
+"""Typed jobs of ``calibrate`` and ``prune``: every option resolved and every input checked against the
+model's config.json before the first heavy step (model load, calibration, export)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mone_jax.config import ModelConfig
+from mone_jax.convert.families import parse_config
+from mone_jax.convert.formats import ExportFormat, export_format
+from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.errors import UserError
+from mone_jax.io import token_ids
+from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.scoring import METRICS
+from mone_jax.stats import Stats
+
+CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """Mesh, layer streaming, resumable checkpoints and multi-host options (see mone_jax.scale)."""
+
+    mesh: str = "auto"
+    sequential: bool = False
+    offload_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout: int = 100
+
+
+@dataclass(frozen=True)
+class CalibJob:
+    """What a calibration run needs; ``batches`` were read before the model loads (None: ``--calib self``,
+    sampled from the loaded model)."""
+
+    model: str
+    config: ModelConfig
+    dtype: str
+    calib: str
+    num_samples: int
+    seq_len: int
+    seed: int
+    text_field: str
+    batch_size: int
+    batches: tuple[np.ndarray, ...] | None
+    scale: ScaleOptions
+    progress: bool
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """Calibrate (or reuse ``stats``), plan (or reuse ``plan``), prune and export."""
+
+    model: str
+    config: ModelConfig
+    dtype: str  # compute dtype (novices are rounded through it, as the in-memory prune does)
+    calib: CalibJob | None  # None: the statistics are reused
+    stats: Stats | None
+    plan: Plan | None
+    keep: int
+    metric: str
+    scope: str
+    seed: int
+    format: ExportFormat
+    out: Path
+    stats_out: str | None
+    plan_out: str | None
+    out_dtype: str | None
+    overwrite: bool
+
+
+def checked_config(folder: str) -> ModelConfig:
+    """The parsed config.json of ``folder``, its sizes checked for sense, its weights' headers read."""
+    cfg = parse_config(read_config(folder))
+    sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+             "num_attention_heads": cfg.num_heads, "the number of experts": cfg.num_experts,
+             "num_experts_per_tok": cfg.top_k}
+    if bad := next((k for k, v in sizes.items() if v <= 0), None):
+        raise UserError(f"config.json in '{folder}' gives {bad} = {sizes[bad]}, which must be positive: repair it")
+    if cfg.top_k > cfg.num_experts:
+        raise UserError(f"config.json in '{folder}' routes each token to {cfg.top_k} of {cfg.num_experts} experts: "
+                        "num_experts_per_tok cannot exceed the experts; repair it")
+    if not cfg.moe_layer_ids:
+        raise UserError(f"'{folder}' has no MoE layer: there are no experts to prune")
+    CheckpointReader(folder).close()  # safetensors weights present, headers sound
+    return cfg
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def _file_out(path: str | None) -> None:
+    if path and Path(path).is_dir():
+        raise UserError(f"'{path}' is a folder: give a file name to write")
+
+
+def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str, *, num_samples: int | None = None,
+              seq_len: int | None = None) -> CalibJob:
+    """A checked calibration job; text and token files are read (and checked) now."""
+    _positive(args, "batch_size", "num_samples", "seq_len", "checkpoint_every")
+    scale = ScaleOptions(**{k: getattr(args, k) for k in ScaleOptions.__dataclass_fields__})
+    if scale.offload_dir and not scale.sequential:
+        raise UserError("--offload-dir applies to --sequential runs only")
+    if scale.sequential and calib == "self":
+        raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
+    job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
+                   seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
+                   not args.quiet)
+    if calib == "self":
+        return job
+    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
+
+
+def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, ...]:
+    """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
+    --seq-len is used as it is."""
+    cfg = job.config
+    if raw_npy:
+        path = Path(job.calib)
+        if not path.is_file():
+            raise UserError(f"calibration file '{job.calib}' does not exist")
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"'{job.calib}' is not a plain .npy array ({e})") from None
+    else:
+        from mone_jax.data import load_token_blocks  # tokenizers and datasets: only when needed
+
+        ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
+    ids = token_ids(ids, cfg.vocab_size, f"'{job.calib}'")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    bs = job.batch_size
+    n = (ids.shape[0] // bs) * bs or ids.shape[0]
+    return tuple(ids[i:i + bs] for i in range(0, n, bs))
+
+
+def calibrate_job(args: argparse.Namespace) -> CalibJob:
+    """``mone-jax calibrate``."""
+    if args.calib is None:
+        raise UserError(CALIB_HELP)
+    _file_out(args.stats_out)
+    return calib_job(args, args.model, checked_config(args.model), args.calib)
+
+
+def prune_job(args: argparse.Namespace) -> PruneJob:
+    """``mone-jax prune``: with no model, the shipped demo model with demo defaults."""
+    model, calib, out, ratio = args.model, args.calib, args.out, args.ratio
+    num_samples, seq_len = args.num_samples, args.seq_len
+    if model is None:
+        from mone_jax.demo import demo_model_dir
+
+        model, out = str(demo_model_dir()), out or "mone-demo-out"
+        calib = calib or (None if args.stats else "self")
+        if args.keep is None and ratio is None and not args.plan:
+            ratio = 0.25
+        if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
+            num_samples, seq_len = num_samples or 16, seq_len or 64
+    if args.metric not in METRICS:
+        raise UserError(f"unknown metric '{args.metric}': use one of {', '.join(METRICS)}")
+    if args.scope not in SCOPES:
+        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    fmt = export_format(args.format)
+    if args.plan and (args.keep is not None or ratio is not None):
+        raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
+    if args.keep is None and ratio is None and not args.plan:
+        raise UserError("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
+    if fmt.mode == "drop" and args.scope == "model" and not args.plan:
+        raise UserError("--format drop needs the same number of experts in every layer, which --scope model "
+                        "does not give: use --scope layer or --format substitution")
+    if args.stats and calib:
+        raise UserError("--stats reuses computed statistics: drop --calib")
+    if calib is None and not args.stats:
+        raise UserError(CALIB_HELP)
+    if out is None:
+        raise UserError("give the output folder with --out")
+    for path in (args.stats_out, args.plan_out):
+        _file_out(path)
+    cfg = checked_config(model)
+    _check_out(Path(out), model, args)
+    stats = plan = None
+    keep = 0
+    if args.stats:
+        stats = Stats.load(args.stats)
+        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+    if args.plan:
+        plan = Plan.load(args.plan).validate(cfg, fmt.mode)
+    else:
+        keep = resolve_keep(cfg.num_experts, args.keep, ratio)
+        if fmt.mode == "drop":
+            check_drop_keep(cfg, keep)
+    calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
+                                                           seq_len=seq_len)
+    return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+
+
+def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --out that the export could not or should not replace."""
+    src = Path(model).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file: give a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output folder '{out}' exists and is not empty: choose another --out or pass --overwrite")
+    if out.resolve() == src or out.resolve() in src.parents:
+        raise UserError(f"--out '{out}' would replace the model folder '{model}': choose another --out")
+    for f in (args.stats_out, args.plan_out):
+        if f and out.resolve() in Path(f).resolve().parents:
+            raise UserError(f"'{f}' lies inside --out '{out}', which the export replaces: write it elsewhere")
