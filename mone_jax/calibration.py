@@ -1,7 +1,7 @@
 """Calibration: one jitted, sharded step per batch; batch statistics merged exactly on the host.
 
-The step runs under :func:`jax.shard_map` on a (data, expert) mesh (one device by default):
-experts split over ``expert``, batch rows over ``data``, statistics reduced over all devices
+The step is jitted on a (data, expert) mesh (one device by default): batch rows split over all
+devices, experts over ``expert``, each MoE block expert-parallel with its statistics reduced
 inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
 on the host. With a :class:`~mone_jax.resume.CalibCheckpoint` the running statistics and the
 batch position are saved every few batches and a rerun resumes from them.
@@ -25,13 +25,12 @@ from mone_jax.model import MoEForCausalLM
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.sharding import (
     batch_spec,
-    expert_parallel,
     global_batch,
     padded_rows,
+    padded_state,
     param_specs,
     place,
     process_rows,
-    reduce_stats,
     single_device_mesh,
 )
 from mone_jax.stats import LayerStats, Stats
@@ -39,25 +38,18 @@ from mone_jax.stats import LayerStats, Stats
 
 @lru_cache(maxsize=16)
 def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def):
-    """Jitted (state, ids, mask) -> ({moe layer: ExpertStats}, tokens), replicated on every device."""
+    """Jitted (state, ids, mask) -> ({moe layer: LayerStats}, tokens), replicated on every device.
+    Call it under ``jax.set_mesh(mesh)``: the MoE blocks read the mesh from there."""
     specs = jax.tree.unflatten(spec_def, spec_leaves)
-    bspec = batch_spec(mesh)
+    rows = NamedSharding(mesh, batch_spec(mesh))
 
-    def body(state, ids, mask):
+    def step(state, ids, mask):
         model = nnx.merge(graphdef, state)
-        if mesh.shape["expert"] > 1:
-            expert_parallel(model)
         _, stats = model.hidden_states(ids, mask, collect=True)  # no logits: calibration needs none
-        n = mask.sum(dtype=jnp.int32)
-        if mesh.shape["data"] > 1:
-            stats = {i: reduce_stats(s, "data") for i, s in stats.items()}
-            n = jax.lax.psum(n, "data")
-        return stats, n
+        return stats, mask.sum(dtype=jnp.int32)
 
-    # check_vma=False: the dispatch internals (scan carries, cond branches) are not vma-annotated
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, bspec, bspec), out_specs=(P("expert"), P()),
-                       check_vma=False)
-    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    return jax.jit(step, in_shardings=(shardings, rows, rows), out_shardings=NamedSharding(mesh, P()))
 
 
 def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +105,8 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
     cfg = model.config
     mesh = mesh or single_device_mesh()
     graphdef, state = nnx.split(model)
-    specs = param_specs(model, state)
+    state = padded_state(state, mesh)
+    specs = param_specs(state)
     state = place(state, specs, mesh)
     leaves, treedef = jax.tree.flatten(specs)
     step = _step(graphdef, mesh, tuple(leaves), treedef)
@@ -132,7 +125,8 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             if seen == start:
                 check_digest(checkpoint.directory, expected, digest.hexdigest())
             continue
-        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
+        with jax.set_mesh(mesh):
+            out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
         if pending is not None:
             acc = _fold(acc, *pending, checkpoint)
         pending = (out, seen, digest.hexdigest())

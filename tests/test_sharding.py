@@ -64,7 +64,7 @@ def test_param_specs_split_only_routed_experts(hf_models):
     model = mone_jax.load_hf(hf_models("qwen2_moe", "b")[0], progress=False)
     from flax import nnx
 
-    specs = nnx.to_flat_state(param_specs(model, nnx.state(model)))
+    specs = nnx.to_flat_state(param_specs(nnx.state(model)))
     split = {".".join(map(str, path)) for path, v in specs if v.get_value() == P("expert")}
     assert split == {f"layers.{i}.mlp.{n}" for i in (1, 2) for n in ("gate_up", "down", "kept_ids")}
 
