@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 from conftest import PER_FAMILY
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import mone_jax
-from mone_jax.calibration import calibrate
+from mone_jax.calibration import _step, calibrate, shard_batch
 from mone_jax.errors import UserError
 from mone_jax.scoring import make_plan
-from mone_jax.sharding import make_mesh, mesh_shape, param_specs
+from mone_jax.sharding import make_mesh, mesh_shape, padded_state, param_specs, place
 from mone_jax.stats import FLOATS, Stats
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -70,6 +71,33 @@ def test_expert_mesh_matches_one_device(hf_models, family, variant, shape):
     got = calibrate(model, data, mesh=make_mesh(shape), progress=False)
     assert all(s.count.shape == (model.config.num_experts,) for s in got.layers.values())
     assert_stats_equal(got, calibrate(model, data, progress=False))
+
+
+def step_flops(model, shape: tuple[int, int], rows: int = 8, seq: int = 64) -> float:
+    """XLA's per-device flop count of the compiled calibration step on a ``shape`` mesh."""
+    mesh = make_mesh(shape)
+    graphdef, state = nnx.split(model)
+    state = padded_state(state, mesh)
+    specs = param_specs(state)
+    leaves, treedef = jax.tree.flatten(specs)
+    ids, mask = np.zeros((rows, seq), np.int32), np.ones((rows, seq), bool)
+    with jax.set_mesh(mesh):
+        compiled = _step(graphdef, mesh, tuple(leaves), treedef).lower(
+            place(state, specs, mesh), shard_batch(ids, mesh), shard_batch(mask, mesh)).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_expert_mesh_does_not_repeat_attention(hf_models):
+    """With the all-experts ``dense`` dispatch (no data-dependent loop, so XLA counts every flop), a
+    device's work is its share of the batch whatever the mesh: (E / X experts) x (X gathered rows)
+    for the experts, its own rows for attention and dense layers. Attention repeated over the
+    expert axis would multiply attention's flops (about a third of the step here) by X."""
+    model = mone_jax.load_hf(hf_models("olmoe", "a")[0], progress=False)
+    model.impl = "dense"
+    base = step_flops(model, (8, 1))
+    for shape in [(2, 4), (1, 8)]:
+        assert step_flops(model, shape) < 1.25 * base, shape
 
 
 def test_param_specs_split_only_routed_experts(hf_models):
