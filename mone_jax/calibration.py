@@ -1,8 +1,8 @@
 """Calibration: one jitted, sharded step per batch; batch statistics merged exactly on the host.
 
-The step is jitted on a (data, expert) mesh (one device by default): batch rows split over all
-devices, experts over ``expert``, each MoE block expert-parallel with its statistics reduced
-inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
+The step runs under :func:`jax.shard_map` on a (data, expert) mesh (one device by default): batch
+rows split over all devices, experts over ``expert``, each MoE block expert-parallel with its
+statistics reduced inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
 on the host. With a :class:`~mone_jax.resume.CalibCheckpoint` the running statistics and the
 batch position are saved every few batches and a rerun resumes from them.
 """
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
 from mone_jax.model import MoEForCausalLM
+from mone_jax.moe import EXPERT
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.sharding import (
     batch_spec,
@@ -37,19 +38,27 @@ from mone_jax.stats import LayerStats, Stats
 
 
 @lru_cache(maxsize=16)
-def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def):
+def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, num_experts: int):
     """Jitted (state, ids, mask) -> ({moe layer: LayerStats}, tokens), replicated on every device.
-    Call it under ``jax.set_mesh(mesh)``: the MoE blocks read the mesh from there."""
-    specs = jax.tree.unflatten(spec_def, spec_leaves)
-    rows = NamedSharding(mesh, batch_spec(mesh))
 
-    def step(state, ids, mask):
+    One ``shard_map`` over the mesh: every device runs attention and dense layers on its own rows
+    only; the MoE blocks gather rows over ``expert`` around their local experts."""
+    specs = jax.tree.unflatten(spec_def, spec_leaves)
+    rows = batch_spec(mesh)
+
+    def body(state, ids, mask):
         model = nnx.merge(graphdef, state)
         _, stats = model.hidden_states(ids, mask, collect=True)  # no logits: calibration needs none
-        return stats, mask.sum(dtype=jnp.int32)
+        return stats, jax.lax.psum(mask.sum(dtype=jnp.int32), mesh.axis_names)
 
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-    return jax.jit(step, in_shardings=(shardings, rows, rows), out_shardings=NamedSharding(mesh, P()))
+    # check_vma=False: the dispatch internals (scan carries, switch branches) are not vma-annotated
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(P(EXPERT), P()), check_vma=False)
+
+    def step(state, ids, mask):
+        stats, n = fn(state, ids, mask)
+        return jax.tree.map(lambda a: a[:num_experts], stats), n  # padding expert rows dropped
+
+    return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
 
 
 def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +118,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
     specs = param_specs(state)
     state = place(state, specs, mesh)
     leaves, treedef = jax.tree.flatten(specs)
-    step = _step(graphdef, mesh, tuple(leaves), treedef)
+    step = _step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts)
     acc, start, digest = empty_stats(cfg), 0, DataDigest()
     if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
         acc, position, expected = found
@@ -125,8 +134,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             if seen == start:
                 check_digest(checkpoint.directory, expected, digest.hexdigest())
             continue
-        with jax.set_mesh(mesh):
-            out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
+        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
         if pending is not None:
             acc = _fold(acc, *pending, checkpoint)
         pending = (out, seen, digest.hexdigest())

@@ -113,7 +113,7 @@ class MoEBlock(nnx.Module):
     a mesh whose expert axis does not divide K: inert padding rows that no token reaches.
     Router-side arrays (``router``, ``router_bias``, ``score_bias``) have E columns / entries.
 
-    Under ``jax.set_mesh`` with a mesh of several devices, the experts run expert-parallel
+    Inside a ``shard_map`` over a (data, expert) mesh the experts run expert-parallel
     (:func:`~mone_jax.moe.expert_parallel_dispatch`); with a ``stats_mask`` the block sows its
     :class:`~mone_jax.stats.LayerStats` into ``nnx.Intermediate`` (see :func:`capture_stats`).
     """
@@ -167,12 +167,12 @@ class MoEBlock(nnx.Module):
         if E > K:
             slot = jnp.full((E,), rows, jnp.int32).at[self.kept_ids[:K]].set(jnp.arange(K, dtype=jnp.int32))
         mesh = jax.sharding.get_abstract_mesh()
-        parallel = mesh.size > 1 and EXPERT in mesh.axis_names
+        parallel = EXPERT in mesh.manual_axes  # inside the calibration steps' shard_map
         fn = partial(expert_parallel_dispatch, mesh=mesh) if parallel else dispatch
         y, stats = fn(xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
                       stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu())
-        if stats is not None:
-            self.sow(nnx.Intermediate, "stats", LayerStats(*(a[:K] for a in stats)))  # padding rows dropped
+        if stats is not None:  # local expert rows under shard_map; else padding rows dropped here
+            self.sow(nnx.Intermediate, "stats", stats if parallel else LayerStats(*(a[:K] for a in stats)))
         if E > K:  # novices: weights scattered to [T, E] times the novice vectors (zero rows for kept experts)
             table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
             dense_w = jnp.zeros((B * T, E), jnp.float32).at[jnp.arange(B * T)[:, None], ids].add(w)

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from mone_jax.stats import FIELDS, LayerStats, chan_merge
 
@@ -240,33 +239,22 @@ def merge_over(stats: LayerStats, axis: str) -> LayerStats:
 
 
 def expert_parallel_dispatch(x, expert_ids, weights, experts: Experts, *, mesh, stats_mask=None, **kw):
-    """:func:`dispatch` with token rows split over (``data``, ``expert``) and experts over ``expert``.
+    """:func:`dispatch` inside a ``shard_map`` over ``mesh`` (axes ``data``, ``expert``): token rows split
+    over both axes, the E / X local expert rows of this device.
 
-    Each shard all-gathers the rows of its ``expert`` group, runs the pairs routed to its own
-    E / X experts (every other id becomes the local skip id), and the partial outputs are summed
-    and scattered back to their rows (``psum_scatter``). Statistics [E] come out split over
-    ``expert`` and merged over ``data``. Rows must divide by the mesh size, expert rows by X.
+    The rows of the device's ``expert`` group are all-gathered, the pairs routed to local experts
+    run (every other id becomes the local skip id), and the partial outputs are summed and
+    scattered back to their rows (``psum_scatter``): collectives surround the experts alone.
+    Statistics cover the local experts and are merged over ``data`` (:func:`merge_over`).
     """
     X, D = mesh.shape[EXPERT], mesh.shape[DATA]
-    rows = P((DATA, EXPERT))
-    collect = stats_mask is not None
-
-    def body(x, ids, w, ex, *mask):
-        if X > 1:
-            x, ids, w, mask = jax.lax.all_gather((x, ids, w, mask), EXPERT, tiled=True)
-        K = ex.gate_up.shape[0]
-        local = ids - jax.lax.axis_index(EXPERT) * K
-        local = jnp.where((local >= 0) & (local < K), local, K)
-        y, st = dispatch(x, local, w, ex, stats_mask=mask[0] if collect else None, **kw)
-        if X > 1:
-            y = jax.lax.psum_scatter(y, EXPERT, tiled=True)
-        if not collect:
-            return y
-        return y, (merge_over(st, DATA) if D > 1 else st)
-
-    especs = jax.tree.map(lambda _: P(EXPERT), experts)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, especs) + (rows,) * collect,
-                       out_specs=(rows, P(EXPERT)) if collect else rows,
-                       check_vma=False)  # the dispatch internals (scan carries, switch branches) are not vma-annotated
-    out = fn(x, expert_ids, weights, experts, *((stats_mask,) if collect else ()))
-    return out if collect else (out, None)
+    if X > 1:
+        x, expert_ids, weights, stats_mask = jax.lax.all_gather((x, expert_ids, weights, stats_mask), EXPERT,
+                                                                tiled=True)
+    K = experts.gate_up.shape[0]
+    local = expert_ids - jax.lax.axis_index(EXPERT) * K
+    local = jnp.where((local >= 0) & (local < K), local, K)
+    y, stats = dispatch(x, local, weights, experts, stats_mask=stats_mask, **kw)
+    if X > 1:
+        y = jax.lax.psum_scatter(y, EXPERT, tiled=True)
+    return y, (merge_over(stats, DATA) if stats is not None and D > 1 else stats)

@@ -36,7 +36,7 @@ from mone_jax.convert.load import config_of, kept_counts, load_layer, resolve_dt
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
 from mone_jax.model import attention_biases, capture_stats
-from mone_jax.moe import default_impl
+from mone_jax.moe import EXPERT, default_impl
 from mone_jax.pruning import check_plan
 from mone_jax.resume import CalibCheckpoint, check_digest
 from mone_jax.rope import rope_tables
@@ -59,19 +59,25 @@ EMBED = "model.embed_tokens.weight"
 @lru_cache(maxsize=16)
 def _layer_step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, cfg: ModelConfig, dtype, impl: str,
                 block: int | None):
-    """Jitted (state, x, mask) -> (layer output split like x, replicated LayerStats or None); called under
-    ``jax.set_mesh(mesh)`` as the full model's step."""
+    """Jitted (state, x, mask) -> (layer output split like x, replicated LayerStats or None): one
+    ``shard_map`` as in the full model's step."""
     specs = jax.tree.unflatten(spec_def, spec_leaves)
-    rows = NamedSharding(mesh, batch_spec(mesh))
+    rows = batch_spec(mesh)
 
-    def step(state, x, mask):
+    def body(state, x, mask):
         layer = nnx.merge(graphdef, state)
         cos, sin = rope_tables(cfg.rope, x.shape[1], dtype)
         y, stats = capture_stats(layer, x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
         return y, next(iter(stats.values()), None)
 
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-    return jax.jit(step, in_shardings=(shardings, rows, rows), out_shardings=(rows, NamedSharding(mesh, P())))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(rows, P(EXPERT)),
+                       check_vma=False)  # the dispatch internals are not vma-annotated
+
+    def step(state, x, mask):
+        y, stats = fn(state, x, mask)
+        return y, jax.tree.map(lambda a: a[:cfg.num_experts], stats)  # padding expert rows dropped
+
+    return jax.jit(step, out_shardings=(NamedSharding(mesh, rows), NamedSharding(mesh, P())))
 
 
 class _Hidden:
@@ -178,8 +184,7 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
         first = start_batch if i == start_layer else 0
         pending = None  # fetch batch b's output while batch b+1 runs
         for b in range(first, run.nb):
-            with jax.set_mesh(mesh):
-                out = step(state, global_batch(src[b], mesh, rows[b]), masks[b])
+            out = step(state, global_batch(src[b], mesh, rows[b]), masks[b])
             if pending is not None:
                 run.fold(i, *pending)
             pending = (b, out)

@@ -3,9 +3,9 @@
 The mesh has two axes: ``data`` and ``expert``. Batch rows are split over both (every device runs
 attention and dense layers on its own rows, none twice). The routed-expert arrays (the
 :class:`~mone_jax.layers.ExpertParam` / :class:`~mone_jax.layers.ExpertBuffer` variables) are
-split over ``expert``, every other parameter is replicated. Inside each MoE block
-(:func:`~mone_jax.moe.expert_parallel_dispatch`, active under ``jax.set_mesh``) an ``expert``
-group gathers its rows, each device runs its own experts, the outputs are reduce-scattered back
+split over ``expert``, every other parameter is replicated. The calibration steps run the model
+in one ``shard_map``; inside each MoE block (:func:`~mone_jax.moe.expert_parallel_dispatch`) an
+``expert`` group gathers its rows, each device runs its own experts, the outputs are reduce-scattered back
 and the statistics merged over ``data``. An expert count that the expert axis does not divide is
 padded (:func:`padded_state`) with inert rows that no token reaches.
 """

@@ -73,31 +73,32 @@ def test_expert_mesh_matches_one_device(hf_models, family, variant, shape):
     assert_stats_equal(got, calibrate(model, data, progress=False))
 
 
-def step_flops(model, shape: tuple[int, int], rows: int = 8, seq: int = 64) -> float:
+def step_flops(model, shape: tuple[int, int], rows: int = 32, seq: int = 64) -> float:
     """XLA's per-device flop count of the compiled calibration step on a ``shape`` mesh."""
-    mesh = make_mesh(shape)
+    mesh = make_mesh(shape, jax.devices()[:shape[0] * shape[1]])
     graphdef, state = nnx.split(model)
     state = padded_state(state, mesh)
     specs = param_specs(state)
     leaves, treedef = jax.tree.flatten(specs)
     ids, mask = np.zeros((rows, seq), np.int32), np.ones((rows, seq), bool)
-    with jax.set_mesh(mesh):
-        compiled = _step(graphdef, mesh, tuple(leaves), treedef).lower(
-            place(state, specs, mesh), shard_batch(ids, mesh), shard_batch(mask, mesh)).compile()
+    compiled = _step(graphdef, mesh, tuple(leaves), treedef, model.config.num_experts).lower(
+        place(state, specs, mesh), shard_batch(ids, mesh), shard_batch(mask, mesh)).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 def test_expert_mesh_does_not_repeat_attention(hf_models):
     """With the all-experts ``dense`` dispatch (no data-dependent loop, so XLA counts every flop), a
-    device's work is its share of the batch whatever the mesh: (E / X experts) x (X gathered rows)
-    for the experts, its own rows for attention and dense layers. Attention repeated over the
-    expert axis would multiply attention's flops (about a third of the step here) by X."""
+    device's work is about 1/8 of one device's on every 8-device mesh: (E / X experts) x (X gathered
+    rows) for the experts, its own rows for attention and dense layers; only the statistics' passes
+    over the gathered (token, expert) pairs grow with X (measured 1.07, 1.14, 1.25 x 1/8). Attention
+    repeated over the expert axis (or replicated) would multiply its flops, about a third of the
+    step here, by X (or 8)."""
     model = mone_jax.load_hf(hf_models("olmoe", "a")[0], progress=False)
     model.impl = "dense"
-    base = step_flops(model, (8, 1))
-    for shape in [(2, 4), (1, 8)]:
-        assert step_flops(model, shape) < 1.25 * base, shape
+    share = step_flops(model, (1, 1)) / 8
+    for shape in [(8, 1), (2, 4), (1, 8)]:
+        assert step_flops(model, shape) < 1.4 * share, shape
 
 
 def test_param_specs_split_only_routed_experts(hf_models):
