@@ -49,9 +49,11 @@ def test_sequential_streams_layers(hf_models, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family,variant", [("olmoe", "a"), ("qwen2_moe", "a")])  # 8 and 6 (padded) experts
 def test_sequential_on_a_mesh(hf_models, family, variant):
+    """Within float32 rounding: expert outputs summed across shards round differently, and layer l's
+    hidden states carry that into layer l + 1's statistics."""
     folder, _ = hf_models(family, variant)
     model = mone_jax.load_hf(folder, progress=False)
-    data = batches(model.config.vocab_size, seed=3)
+    data = batches(model.config.vocab_size)
     got = seq.calibrate_sequential(folder, data, mesh=make_mesh((2, 4)), progress=False)
     assert_stats_equal(got, calibrate(model, data, progress=False))
 
