@@ -28,7 +28,7 @@ from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
-from mone_jax.sharding import param_specs, place
+from mone_jax.sharding import padded_state, param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -278,9 +278,9 @@ def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, pr
     model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept_counts(folder)))
 
     def put(module: nnx.Module) -> None:
-        if mesh is not None:
-            state = nnx.state(module)
-            nnx.update(module, place(state, param_specs(module, state), mesh))
+        if mesh is not None:  # expert stacks padded to a multiple of the expert axis with inert rows
+            state = padded_state(nnx.state(module), mesh)
+            nnx.update(module, place(state, param_specs(state), mesh))
 
     with CheckpointReader(folder) as r:
         head = load_embed_and_head(r, cfg, dt)

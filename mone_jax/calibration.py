@@ -1,8 +1,8 @@
 """Calibration: one jitted, sharded step per batch; batch statistics merged exactly on the host.
 
-The step runs under :func:`jax.shard_map` on a (data, expert) mesh (one device by default):
-experts split over ``expert``, batch rows over ``data``, statistics reduced over all devices
-inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
+The step runs under :func:`jax.shard_map` on a (data, expert) mesh (one device by default): batch
+rows split over all devices, experts over ``expert``, each MoE block expert-parallel with its
+statistics reduced inside the step (see :mod:`mone_jax.sharding`). Batch statistics are then Chan-merged in float64
 on the host. With a :class:`~mone_jax.resume.CalibCheckpoint` the running statistics and the
 batch position are saved every few batches and a rerun resumes from them.
 """
@@ -22,42 +22,43 @@ from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
 from mone_jax.model import MoEForCausalLM
+from mone_jax.moe import EXPERT
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.sharding import (
     batch_spec,
-    expert_parallel,
     global_batch,
     padded_rows,
+    padded_state,
     param_specs,
     place,
     process_rows,
-    reduce_stats,
     single_device_mesh,
 )
 from mone_jax.stats import LayerStats, Stats
 
 
 @lru_cache(maxsize=16)
-def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def):
-    """Jitted (state, ids, mask) -> ({moe layer: ExpertStats}, tokens), replicated on every device."""
+def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, num_experts: int):
+    """Jitted (state, ids, mask) -> ({moe layer: LayerStats}, tokens), replicated on every device.
+
+    One ``shard_map`` over the mesh: every device runs attention and dense layers on its own rows
+    only; the MoE blocks gather rows over ``expert`` around their local experts."""
     specs = jax.tree.unflatten(spec_def, spec_leaves)
-    bspec = batch_spec(mesh)
+    rows = batch_spec(mesh)
 
     def body(state, ids, mask):
         model = nnx.merge(graphdef, state)
-        if mesh.shape["expert"] > 1:
-            expert_parallel(model)
         _, stats = model.hidden_states(ids, mask, collect=True)  # no logits: calibration needs none
-        n = mask.sum(dtype=jnp.int32)
-        if mesh.shape["data"] > 1:
-            stats = {i: reduce_stats(s, "data") for i, s in stats.items()}
-            n = jax.lax.psum(n, "data")
-        return stats, n
+        return stats, jax.lax.psum(mask.sum(dtype=jnp.int32), mesh.axis_names)
 
-    # check_vma=False: the dispatch internals (scan carries, cond branches) are not vma-annotated
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, bspec, bspec), out_specs=(P("expert"), P()),
-                       check_vma=False)
-    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+    # check_vma=False: the dispatch internals (scan carries, switch branches) are not vma-annotated
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(P(EXPERT), P()), check_vma=False)
+
+    def step(state, ids, mask):
+        stats, n = fn(state, ids, mask)
+        return jax.tree.map(lambda a: a[:num_experts], stats), n  # padding expert rows dropped
+
+    return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
 
 
 def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +114,11 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
     cfg = model.config
     mesh = mesh or single_device_mesh()
     graphdef, state = nnx.split(model)
-    specs = param_specs(model, state)
+    state = padded_state(state, mesh)
+    specs = param_specs(state)
     state = place(state, specs, mesh)
     leaves, treedef = jax.tree.flatten(specs)
-    step = _step(graphdef, mesh, tuple(leaves), treedef)
+    step = _step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts)
     acc, start, digest = empty_stats(cfg), 0, DataDigest()
     if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
         acc, position, expected = found

@@ -11,9 +11,17 @@ class Buffer(nnx.Variable):
     """Non-trainable array state (expert id maps, score-correction biases)."""
 
 
-def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
+class ExpertParam(nnx.Param):
+    """A routed-expert parameter: one row per expert (split over the mesh's ``expert`` axis)."""
+
+
+class ExpertBuffer(Buffer):
+    """Non-trainable per-expert rows (the kept experts' original ids), split like :class:`ExpertParam`."""
+
+
+def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
     """A parameter drawn from N(0, std^2) (placeholder values: checkpoints overwrite them)."""
-    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+    return kind((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
 
 
 class RMSNorm(nnx.Module):

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
-from mone_jax.layers import Buffer, Linear, RMSNorm, attend, dot, normal_param
+from mone_jax.layers import Buffer, ExpertBuffer, ExpertParam, Linear, RMSNorm, attend, dot, normal_param
 from mone_jax.mla import MLAttention
-from mone_jax.moe import Experts, ExpertStats, default_impl, dispatch, silu_glu
+from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
+from mone_jax.stats import LayerStats
 
 MASK_VALUE = -1e30
 
@@ -107,9 +108,14 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array, alpha: float, limit: float) -
 class MoEBlock(nnx.Module):
     """Router + routed experts (+ shared expert). Pruned: K expert rows plus E - K novice vectors.
 
-    Per-expert arrays (``gate_up``, ``down`` and, with ``expert_bias``, ``gate_up_bias``,
-    ``down_bias``) have K rows; router-side arrays (``router``, ``router_bias``, ``score_bias``)
-    have E columns / entries.
+    Per-expert arrays (:class:`~mone_jax.layers.ExpertParam` ``gate_up``, ``down`` and, with
+    ``expert_bias``, ``gate_up_bias``, ``down_bias``; the ``kept_ids`` buffer) have K rows, or more on
+    a mesh whose expert axis does not divide K: inert padding rows that no token reaches.
+    Router-side arrays (``router``, ``router_bias``, ``score_bias``) have E columns / entries.
+
+    Inside a ``shard_map`` over a (data, expert) mesh the experts run expert-parallel
+    (:func:`~mone_jax.moe.expert_parallel_dispatch`); with a ``stats_mask`` the block sows its
+    :class:`~mone_jax.stats.LayerStats` into ``nnx.Intermediate`` (see :func:`capture_stats`).
     """
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, kept: int | None = None):
@@ -119,21 +125,17 @@ class MoEBlock(nnx.Module):
         self.router = normal_param(rngs, (d, E), jnp.float32 if cfg.router_fp32 else dtype)
         self.router_bias = nnx.Param(jnp.zeros((E,), dtype)) if cfg.router_bias else None
         self.score_bias = Buffer(jnp.zeros((E,), jnp.float32)) if cfg.score_bias else None
-        self.gate_up = normal_param(rngs, (K, d, 2 * f), dtype)
-        self.down = normal_param(rngs, (K, f, d), dtype)
-        self.gate_up_bias = nnx.Param(jnp.zeros((K, 2 * f), dtype)) if cfg.expert_bias else None
-        self.down_bias = nnx.Param(jnp.zeros((K, d), dtype)) if cfg.expert_bias else None
-        self.kept_ids = Buffer(jnp.arange(K, dtype=jnp.int32))
+        self.num_kept = K
+        self.gate_up = normal_param(rngs, (K, d, 2 * f), dtype, kind=ExpertParam)
+        self.down = normal_param(rngs, (K, f, d), dtype, kind=ExpertParam)
+        self.gate_up_bias = ExpertParam(jnp.zeros((K, 2 * f), dtype)) if cfg.expert_bias else None
+        self.down_bias = ExpertParam(jnp.zeros((K, d), dtype)) if cfg.expert_bias else None
+        self.kept_ids = ExpertBuffer(jnp.arange(K, dtype=jnp.int32))
         self.novice_ids = Buffer(jnp.zeros((E - K,), jnp.int32))
         self.novice_values = nnx.Param(jnp.zeros((E - K, d), dtype))
         fs = cfg.shared_expert_intermediate_size
         self.shared = MLP(d, fs, dtype, rngs) if fs else None
         self.shared_gate = normal_param(rngs, (d, 1), dtype) if fs and cfg.shared_expert_gate else None
-        self.dispatch_fn = dispatch  # mone_jax.sharding swaps in an expert-parallel wrapper
-
-    @property
-    def num_kept(self) -> int:
-        return self.gate_up.shape[0]
 
     def experts(self) -> Experts:
         if self.gate_up_bias is None:
@@ -156,18 +158,21 @@ class MoEBlock(nnx.Module):
             logits = logits + self.router_bias[...]
         return route(logits, self.cfg, None if self.score_bias is None else self.score_bias[...])
 
-    def __call__(self, x: jax.Array, stats_mask: jax.Array | None, impl: str, block: int | None):
+    def __call__(self, x: jax.Array, stats_mask: jax.Array | None, impl: str, block: int | None) -> jax.Array:
         B, T, d = x.shape
         xt = x.reshape(B * T, d)
         ids, w = self.route(xt)
-        E, K = self.cfg.num_experts, self.num_kept
-        # original ids -> compact rows of kept experts; novices go to the skip id K
+        E, K, rows = self.cfg.num_experts, self.num_kept, self.gate_up.shape[0]
+        # original ids -> compact rows of kept experts; novices go to the skip id (the row count)
         if E > K:
-            slot = jnp.full((E,), K, jnp.int32).at[self.kept_ids[...]].set(jnp.arange(K, dtype=jnp.int32))
-        y, stats = self.dispatch_fn(
-            xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
-            stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu(),
-        )
+            slot = jnp.full((E,), rows, jnp.int32).at[self.kept_ids[:K]].set(jnp.arange(K, dtype=jnp.int32))
+        mesh = jax.sharding.get_abstract_mesh()
+        parallel = EXPERT in mesh.manual_axes  # inside the calibration steps' shard_map
+        fn = partial(expert_parallel_dispatch, mesh=mesh) if parallel else dispatch
+        y, stats = fn(xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
+                      stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu())
+        if stats is not None:  # local expert rows under shard_map; else padding rows dropped here
+            self.sow(nnx.Intermediate, "stats", stats if parallel else LayerStats(*(a[:K] for a in stats)))
         if E > K:  # novices: weights scattered to [T, E] times the novice vectors (zero rows for kept experts)
             table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
             dense_w = jnp.zeros((B * T, E), jnp.float32).at[jnp.arange(B * T)[:, None], ids].add(w)
@@ -177,7 +182,7 @@ class MoEBlock(nnx.Module):
             if self.shared_gate is not None:
                 s = jax.nn.sigmoid(jnp.dot(xt, self.shared_gate[...])) * s
             y = y + s
-        return y.reshape(B, T, d), stats
+        return y.reshape(B, T, d)
 
 
 class DecoderLayer(nnx.Module):
@@ -193,11 +198,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
         h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            h, stats = self.mlp(h, stats_mask, impl, block)
-        else:
-            h, stats = self.mlp(h), None
-        return x + h, stats
+        return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+
+
+def capture_stats(fn, *args) -> tuple:
+    """``fn(*args)`` (a module or bound method) and the statistics its MoE blocks sowed, by block path."""
+    out, sown = nnx.capture(fn, nnx.Intermediate)(*args)
+    return out, {path[:-1]: var.get_value()[0] for path, var in nnx.to_flat_state(sown)}
 
 
 def attention_biases(mask: jax.Array, windows: set[int | None]) -> dict[int | None, jax.Array]:
@@ -230,18 +237,21 @@ class MoEForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def hidden_states(self, ids, mask=None, *, collect: bool = False):
-        """Final normed hidden states [B, T, d] and, with ``collect``, {moe layer: ExpertStats}."""
+        """Final normed hidden states [B, T, d] and, with ``collect``, {moe layer: LayerStats}."""
         B, T = ids.shape
         mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
         cos, sin = rope_tables(self.config.rope, T, self.dtype)
         biases = attention_biases(mask, {layer.window for layer in self.layers})
         x = self.embed[...][ids]
-        stats: dict[int, ExpertStats] = {}
-        for i, layer in enumerate(self.layers):
-            x, st = layer(x, cos, sin, biases, mask if collect else None, self.impl, self.block)
-            if st is not None:
-                stats[i] = st
-        return self.norm(x), stats
+        if not collect:
+            return self.norm(self._decode(x, cos, sin, biases, None)), {}
+        x, stats = capture_stats(self._decode, x, cos, sin, biases, mask)
+        return self.norm(x), {path[1]: s for path, s in stats.items()}  # path: layers, i, mlp
+
+    def _decode(self, x, cos, sin, biases, stats_mask):
+        for layer in self.layers:
+            x = layer(x, cos, sin, biases, stats_mask, self.impl, self.block)
+        return x
 
     def logits(self, h: jax.Array) -> jax.Array:
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

@@ -11,6 +11,9 @@ Three implementations give the same result to fp32 rounding:
 - ``dense``: every expert on every token, then masked; a test oracle only.
 
 Pairs whose expert id equals ``num_experts`` are skipped (used for novices and padding).
+
+:func:`expert_parallel_dispatch` runs any of them with experts split over a mesh's ``expert``
+axis: the collectives surround the experts alone, so attention and dense layers never repeat.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mone_jax.stats import FIELDS, LayerStats, chan_merge
+
 IMPLS = ("scan", "ragged", "dense")
+DATA, EXPERT = "data", "expert"  # mesh axes: batch rows, routed experts
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -33,16 +39,6 @@ class Experts(NamedTuple):
     down: jax.Array
     gate_up_bias: jax.Array | None = None
     down_bias: jax.Array | None = None
-
-
-class ExpertStats(NamedTuple):
-    """Sufficient statistics of one layer's experts over a batch (float32, count exact)."""
-
-    count: jax.Array  # [E] int32: routed non-padding tokens
-    weight_sum: jax.Array  # [E] sum of applied routing weights
-    mean: jax.Array  # [E, d] mean raw expert output over routed tokens
-    m2: jax.Array  # [E, d] sum of squared deviations from the mean
-    reap_sum: jax.Array  # [E] sum over routed tokens of weight * ||raw output||_2
 
 
 def silu_glu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -63,19 +59,9 @@ def _expert_mlp(x, gate_up, down, glu, b_gu=None, b_d=None):
     return y + b_d if b_d is not None else y
 
 
-def _pair_counts(ids: jax.Array, w: jax.Array, valid: jax.Array, n: int):
-    onehot = (ids[:, None] == jnp.arange(n)[None, :]) & valid[:, None]
-    return onehot.sum(0, dtype=jnp.int32), (onehot * w[:, None]).sum(0)
-
-
-def _chan_merge(a: tuple, b: tuple) -> tuple:
-    """Chan et al. parallel merge of (count, mean, m2) moments; counts as float."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    safe = jnp.maximum(n, 1.0)
-    delta = mb - ma
-    return n, ma + delta * (nb / safe)[..., None], m2a + m2b + delta**2 * (na * nb / safe)[..., None]
+def _zero_stats(lead: tuple, d: int) -> LayerStats:
+    """Float zeros for every field of :data:`~mone_jax.stats.FIELDS`, shape ``lead`` (+ [d] per dimension)."""
+    return LayerStats(*(jnp.zeros((*lead, d) if f.per_dim else lead, jnp.float32) for f in FIELDS))
 
 
 def block_size_for(num_pairs: int, num_experts: int, block: int | None) -> int:
@@ -96,11 +82,11 @@ def dispatch(
     block: int | None = None,
     stats_mask: jax.Array | None = None,
     glu: Callable = silu_glu,
-) -> tuple[jax.Array, ExpertStats | None]:
+) -> tuple[jax.Array, LayerStats | None]:
     """Apply routed experts: ``y[t] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t])``.
 
     x [T, d]; expert_ids [T, k] int32 in [0, E] (E = skip); weights [T, k]. With ``stats_mask``
-    ([T] bool: tokens that count) also returns the batch's :class:`ExpertStats`.
+    ([T] bool: tokens that count) also returns the batch's :class:`~mone_jax.stats.LayerStats`.
     """
     T, k = expert_ids.shape
     E = experts.gate_up.shape[0]
@@ -109,13 +95,8 @@ def dispatch(
     tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
     fn = {"scan": _scan, "ragged": _ragged, "dense": _dense}[impl]
     valid = None if stats_mask is None else stats_mask[tok] & (ids < E)
-    y, moments = fn(x, ids, w, tok, experts, valid, glu, block)
-    y = y.astype(x.dtype)
-    if stats_mask is None:
-        return y, None
-    count, wsum = _pair_counts(ids, w, valid, E)
-    mean, m2, reap = moments
-    return y, ExpertStats(count, wsum, mean, m2, reap)
+    y, stats = fn(x, ids, w, tok, experts, valid, glu, block)
+    return y.astype(x.dtype), stats
 
 
 def _chunk_sizes(block: int) -> tuple[int, ...]:
@@ -166,11 +147,10 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
         mb = jnp.dot(m, yb, precision=HIGHEST) / jnp.maximum(nb, 1.0)
         q = jnp.dot(m, jnp.square(yb - mb), precision=HIGHEST)  # two-pass: deviations from the step's mean
         r = jnp.dot(m * wb, jnp.sqrt(jnp.square(yb).sum(1)), precision=HIGHEST)
-        return out, (nb, mb, q, r)
+        return out, LayerStats(nb, jnp.dot(m, wb, precision=HIGHEST), mb, q, r)
 
     def skip(e, p):
-        z = jnp.zeros((), jnp.float32)
-        return jnp.zeros((B, d), jnp.float32), ((z, jnp.zeros((d,)), jnp.zeros((d,)), z) if collect else ())
+        return jnp.zeros((B, d), jnp.float32), (_zero_stats((), d) if collect else ())
 
     branches = [skip] + [partial(compute, S) for S in sizes]
 
@@ -181,19 +161,17 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
         p = starts[ec] + rel
         yw, st = jax.lax.switch(jnp.where(n > 0, jnp.searchsorted(jnp.array(sizes), n) + 1, 0), branches, ec, p)
         y = y.at[jax.lax.dynamic_slice_in_dim(s_tok, p, B)].add(yw)
-        if collect:
-            nb, mb, q, r = st
-            cnt, mean, m2, reap = mom
-            c, mu, q = _chan_merge((cnt[ec], mean[ec], m2[ec]), (nb, mb, q))
-            mom = (cnt.at[ec].set(c), mean.at[ec].set(mu), m2.at[ec].set(q), reap.at[ec].add(r))
+        if collect:  # the step's statistics merged into expert ec's running ones
+            merged = chan_merge(tuple(a[ec] for a in mom), st)
+            mom = LayerStats(*(a.at[ec].set(v) for a, v in zip(mom, merged)))
         done = rel + n >= counts[ec]
         return (jnp.where(done, next_e[jnp.minimum(e + 1, E)], e), jnp.where(done, 0, rel + n), y, mom), None
 
-    mom = (jnp.zeros((E,)), jnp.zeros((E, d)), jnp.zeros((E, d)), jnp.zeros((E,))) if collect else ()
+    mom = _zero_stats((E,), d) if collect else ()
     init = (next_e[0], jnp.zeros((), jnp.int32), jnp.zeros((T + 1, d), jnp.float32), mom)
     # each expert takes ceil(count / B) steps: at most P // B + E in all
     (_, _, y, mom), _ = jax.lax.scan(body, init, None, length=P // B + E)
-    return y[:T], (mom[1:] if collect else None)
+    return y[:T], (mom._replace(count=mom.count.astype(jnp.int32)) if collect else None)  # float32: exact to 2^24
 
 
 def _combine(y_pairs: jax.Array, w: jax.Array, T: int) -> jax.Array:
@@ -201,15 +179,18 @@ def _combine(y_pairs: jax.Array, w: jax.Array, T: int) -> jax.Array:
     return (y_pairs * w[:, None]).reshape(T, -1, y_pairs.shape[-1]).sum(1)
 
 
-def _segment_moments(y, seg, valid, w, E):
-    """Two-pass per-expert mean / M2 / REAP sum over rows ``y`` with expert ``seg``."""
+def _segment_stats(y, seg, valid, w, E) -> LayerStats:
+    """Two-pass per-expert statistics over rows ``y`` with expert ``seg`` (E = skip)."""
     m = valid.astype(jnp.float32)
-    n = jax.ops.segment_sum(m, seg, E + 1)[:E]
-    mean = jax.ops.segment_sum(y * m[:, None], seg, E + 1)[:E] / jnp.maximum(n, 1.0)[:, None]
+
+    def total(v):
+        return jax.ops.segment_sum(v, seg, E + 1)[:E]
+
+    n = total(m)
+    mean = total(y * m[:, None]) / jnp.maximum(n, 1.0)[:, None]
     dev = (y - mean[jnp.minimum(seg, E - 1)]) * m[:, None]
-    m2 = jax.ops.segment_sum(dev * dev, seg, E + 1)[:E]
-    reap = jax.ops.segment_sum(m * w * jnp.linalg.norm(y, axis=-1), seg, E + 1)[:E]
-    return mean, m2, reap
+    return LayerStats(total(valid.astype(jnp.int32)), total(m * w), mean, total(dev * dev),
+                      total(m * w * jnp.linalg.norm(y, axis=-1)))
 
 
 def _ragged(x, ids, w, tok, ex: Experts, valid, glu, block):
@@ -231,7 +212,7 @@ def _ragged(x, ids, w, tok, ex: Experts, valid, glu, block):
     out = _combine(jnp.zeros_like(y).at[order].set(y), w, x.shape[0])
     if valid is None:
         return out, None
-    return out, _segment_moments(y, sid, valid[order], w[order], E)
+    return out, _segment_stats(y, sid, valid[order], w[order], E)
 
 
 def _dense(x, ids, w, tok, ex: Experts, valid, glu, block):
@@ -244,4 +225,36 @@ def _dense(x, ids, w, tok, ex: Experts, valid, glu, block):
     out = _combine(y_pairs, w, x.shape[0])
     if valid is None:
         return out, None
-    return out, _segment_moments(y_pairs, ids, valid, w, E)
+    return out, _segment_stats(y_pairs, ids, valid, w, E)
+
+
+def merge_over(stats: LayerStats, axis: str) -> LayerStats:
+    """Statistics of disjoint token shards merged over mesh ``axis`` (inside shard_map): all-gathered,
+    then folded with the same :func:`~mone_jax.stats.chan_merge` as every other merge."""
+    g = jax.lax.all_gather(stats, axis)
+    out = tuple(a[0] for a in g)
+    for i in range(1, g.count.shape[0]):
+        out = chan_merge(out, tuple(a[i] for a in g))
+    return LayerStats(*out)
+
+
+def expert_parallel_dispatch(x, expert_ids, weights, experts: Experts, *, mesh, stats_mask=None, **kw):
+    """:func:`dispatch` inside a ``shard_map`` over ``mesh`` (axes ``data``, ``expert``): token rows split
+    over both axes, the E / X local expert rows of this device.
+
+    The rows of the device's ``expert`` group are all-gathered, the pairs routed to local experts
+    run (every other id becomes the local skip id), and the partial outputs are summed and
+    scattered back to their rows (``psum_scatter``): collectives surround the experts alone.
+    Statistics cover the local experts and are merged over ``data`` (:func:`merge_over`).
+    """
+    X, D = mesh.shape[EXPERT], mesh.shape[DATA]
+    if X > 1:
+        x, expert_ids, weights, stats_mask = jax.lax.all_gather((x, expert_ids, weights, stats_mask), EXPERT,
+                                                                tiled=True)
+    K = experts.gate_up.shape[0]
+    local = expert_ids - jax.lax.axis_index(EXPERT) * K
+    local = jnp.where((local >= 0) & (local < K), local, K)
+    y, stats = dispatch(x, local, weights, experts, stats_mask=stats_mask, **kw)
+    if X > 1:
+        y = jax.lax.psum_scatter(y, EXPERT, tiled=True)
+    return y, (merge_over(stats, DATA) if stats is not None and D > 1 else stats)

@@ -17,9 +17,7 @@ import numpy as np
 from etils import epath
 
 from mone_jax.errors import UserError
-from mone_jax.stats import LayerStats, Stats
-
-FIELDS = ("count", "weight_sum", "mean", "m2", "reap_sum")
+from mone_jax.stats import NAMES, LayerStats, Stats
 
 
 class DataDigest:
@@ -39,12 +37,12 @@ class DataDigest:
 
 
 def _tree(stats: Stats) -> dict:
-    layers = {str(i): {f: np.asarray(getattr(s, f)) for f in FIELDS} for i, s in stats.layers.items()}
+    layers = {str(i): {f: np.asarray(getattr(s, f)) for f in NAMES} for i, s in stats.layers.items()}
     return {"tokens": np.asarray(stats.tokens, np.int64), "layers": layers}
 
 
 def _stats(tree: dict, meta: dict) -> Stats:
-    layers = {int(i): LayerStats(**{f: np.asarray(v[f]) for f in FIELDS}) for i, v in tree["layers"].items()}
+    layers = {int(i): LayerStats(**{f: np.asarray(v[f]) for f in NAMES}) for i, v in tree["layers"].items()}
     return Stats(layers, int(tree["tokens"]), meta)
 
 

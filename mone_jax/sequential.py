@@ -35,21 +35,20 @@ from mone_jax.convert.export import export_pruned
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
-from mone_jax.model import attention_biases
-from mone_jax.moe import default_impl
+from mone_jax.model import attention_biases, capture_stats
+from mone_jax.moe import EXPERT, default_impl
 from mone_jax.planning import Plan
 from mone_jax.resume import CalibCheckpoint, check_digest
 from mone_jax.rope import rope_tables
 from mone_jax.sharding import (
     batch_spec,
-    expert_parallel,
     global_batch,
     local_rows,
     padded_rows,
+    padded_state,
     param_specs,
     place,
     process_rows,
-    reduce_stats,
     single_device_mesh,
 )
 from mone_jax.stats import LayerStats, Stats
@@ -60,23 +59,25 @@ EMBED = "model.embed_tokens.weight"
 @lru_cache(maxsize=16)
 def _layer_step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, cfg: ModelConfig, dtype, impl: str,
                 block: int | None):
-    """Jitted (state, x, mask) -> (layer output split over data, replicated ExpertStats or None)."""
+    """Jitted (state, x, mask) -> (layer output split like x, replicated LayerStats or None): one
+    ``shard_map`` as in the full model's step."""
     specs = jax.tree.unflatten(spec_def, spec_leaves)
-    bspec = batch_spec(mesh)
+    rows = batch_spec(mesh)
 
     def body(state, x, mask):
         layer = nnx.merge(graphdef, state)
-        if mesh.shape["expert"] > 1:
-            expert_parallel(layer)
         cos, sin = rope_tables(cfg.rope, x.shape[1], dtype)
-        y, stats = layer(x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
-        if stats is not None and mesh.shape["data"] > 1:
-            stats = reduce_stats(stats, "data")
-        return y, stats
+        y, stats = capture_stats(layer, x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
+        return y, next(iter(stats.values()), None)
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, bspec, bspec), out_specs=(bspec, P("expert")),
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(rows, P(EXPERT)),
                        check_vma=False)  # the dispatch internals are not vma-annotated
-    return jax.jit(fn, out_shardings=(NamedSharding(mesh, bspec), NamedSharding(mesh, P())))
+
+    def step(state, x, mask):
+        y, stats = fn(state, x, mask)
+        return y, jax.tree.map(lambda a: a[:cfg.num_experts], stats)  # padding expert rows dropped
+
+    return jax.jit(step, out_shardings=(NamedSharding(mesh, rows), NamedSharding(mesh, P())))
 
 
 class _Hidden:
@@ -172,7 +173,8 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
         with CheckpointReader(folder) as reader:  # reopened per layer: its pages leave memory with it
             layer = load_layer(reader, cfg, i, dt)
         graphdef, state = nnx.split(layer)
-        specs = param_specs(layer, state)
+        state = padded_state(state, mesh)
+        specs = param_specs(state)
         state = place(state, specs, mesh)
         del layer
         leaves, treedef = jax.tree.flatten(specs)

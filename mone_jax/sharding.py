@@ -1,23 +1,18 @@
-"""Device mesh, partition rules and the pieces of the sharded calibration step.
+"""Device mesh, partition rules and batch layout of the sharded calibration step.
 
-The mesh has two axes: ``data`` (batch rows) and ``expert`` (routed experts). The routed-expert
-arrays of every MoE block (``gate_up``, ``down``, their biases, ``kept_ids``) are split over
-``expert``; every other parameter is replicated (routers, attention and dense layers are small
-next to the experts of the models this tool targets).
-
-Inside :func:`jax.shard_map` an expert shard holds E / X expert rows and the matching slice of
-``kept_ids`` (their original ids). The MoE block then maps every expert that is not local to the
-skip id, so the shard computes only the (token, expert) pairs routed to its own experts; the
-partial outputs are summed over ``expert`` (:func:`expert_parallel`). Each shard's statistics
-cover its local experts and its local batch rows; :func:`reduce_stats` merges them over ``data``
-with an exact collective form of Chan's merge, so a step returns the statistics of the whole
-global batch, reduced inside the jitted computation.
+The mesh has two axes: ``data`` and ``expert``. Batch rows are split over both (every device runs
+attention and dense layers on its own rows, none twice). The routed-expert arrays (the
+:class:`~mone_jax.layers.ExpertParam` / :class:`~mone_jax.layers.ExpertBuffer` variables) are
+split over ``expert``, every other parameter is replicated. The calibration steps run the model
+in one ``shard_map``; inside each MoE block (:func:`~mone_jax.moe.expert_parallel_dispatch`) an
+``expert`` group gathers its rows, each device runs its own experts, the outputs are reduce-scattered back
+and the statistics merged over ``data``. An expert count that the expert axis does not divide is
+padded (:func:`padded_state`) with inert rows that no token reaches.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +22,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mone_jax.errors import UserError
-from mone_jax.model import MoEBlock
-from mone_jax.moe import ExpertStats, dispatch
+from mone_jax.layers import ExpertBuffer, ExpertParam
+from mone_jax.moe import DATA, EXPERT
 
-AXES = ("data", "expert")
-EXPERT_ROWS = ("gate_up", "down", "gate_up_bias", "down_bias", "kept_ids")  # MoEBlock arrays with K rows
+AXES = (DATA, EXPERT)
 DEVICE_FILL = 0.7  # auto mesh: the share of a device's memory the parameters may take
 
 
@@ -51,10 +45,10 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
 
 def mesh_shape(spec: str | None, num_devices: int, num_experts: int, *, param_bytes: tuple[int, int] = (0, 0),
                device_bytes: int | None = None) -> tuple[int, int]:
-    """(D, X) from ``--mesh`` with D * X = num_devices and X dividing num_experts.
+    """(D, X) from ``--mesh`` with D * X = num_devices (X need not divide num_experts: the stack is padded).
 
-    ``auto`` picks the smallest X for which the replicated parameters plus 1/X of the expert
-    parameters (``param_bytes`` = (replicated, expert)) take at most DEVICE_FILL of
+    ``auto`` picks the smallest X for which the replicated parameters plus a device's share of the
+    (padded) expert parameters (``param_bytes`` = (replicated, expert)) take at most DEVICE_FILL of
     ``device_bytes``; without a known device memory (CPU) it is pure data parallelism, X = 1.
     """
     axes = parse_mesh(spec)
@@ -62,8 +56,8 @@ def mesh_shape(spec: str | None, num_devices: int, num_experts: int, *, param_by
         X = 1
         if device_bytes:
             rep, ex = param_bytes
-            fits = [x for x in range(1, num_devices + 1) if num_devices % x == 0 and num_experts % x == 0
-                    and rep + ex / x <= DEVICE_FILL * device_bytes]
+            fits = [x for x in range(1, num_devices + 1) if num_devices % x == 0
+                    and rep + ex * -(-num_experts // x) / num_experts <= DEVICE_FILL * device_bytes]
             if not fits:
                 raise UserError(f"the model ({(rep + ex) / 2**30:.1f} GiB) does not fit {num_devices} devices of "
                                 f"{device_bytes / 2**30:.1f} GiB even with experts split over all of them: "
@@ -79,9 +73,6 @@ def mesh_shape(spec: str | None, num_devices: int, num_experts: int, *, param_by
     if D * X != num_devices:
         raise UserError(f"--mesh data={D},expert={X} needs {D * X} devices but {num_devices} are present: "
                         "make data * expert equal the device count")
-    if num_experts % X:
-        raise UserError(f"--mesh expert={X} does not divide the model's {num_experts} experts: "
-                        "choose an expert axis size that divides it")
     return D, X
 
 
@@ -95,27 +86,36 @@ def single_device_mesh() -> Mesh:
     return make_mesh((1, 1), [jax.devices()[0]])
 
 
-def expert_paths(module: nnx.Module) -> set[tuple]:
-    """State paths of the routed-expert arrays of every MoE block in ``module``."""
-    return {(*path, name) for path, node in nnx.iter_graph(module) if isinstance(node, MoEBlock)
-            for name in EXPERT_ROWS if getattr(node, name, None) is not None}
+def is_expert(v) -> bool:
+    return isinstance(v, (ExpertParam, ExpertBuffer))
 
 
-def param_specs(module: nnx.Module, state: nnx.State):
-    """PartitionSpecs for ``state`` (``nnx.split(module)[1]``): expert rows over ``expert``, rest replicated."""
-    experts = expert_paths(module)
+def _variables(fn, state):
+    return jax.tree.map(fn, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-    def spec(path, _):
-        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        return P("expert") if keys in experts else P()
 
-    return jax.tree_util.tree_map_with_path(spec, state)
+def param_specs(state: nnx.State):
+    """PartitionSpecs for ``state``: expert-row variables over ``expert``, the rest replicated."""
+    return _variables(lambda v: v.replace(P(EXPERT) if is_expert(v) else P()), state)
+
+
+def padded_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """``state`` with every expert-row variable padded by zero rows to a multiple of the expert axis."""
+    X = mesh.shape[EXPERT]
+
+    def pad(v):
+        a = v.get_value()
+        if not is_expert(v) or a.shape[0] % X == 0:
+            return v
+        return v.replace(jnp.pad(a, [(0, -a.shape[0] % X)] + [(0, 0)] * (a.ndim - 1)))
+
+    return _variables(pad, state)
 
 
 def param_bytes(module: nnx.Module) -> tuple[int, int]:
     """(replicated, expert-split) parameter bytes of ``module``."""
     _, state = nnx.split(module)
-    specs = param_specs(module, state)
+    specs = param_specs(state)
     sizes = [(s == P("expert"), math.prod(a.shape) * jnp.dtype(a.dtype).itemsize)
              for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))]
     return sum(n for e, n in sizes if not e), sum(n for e, n in sizes if e)
@@ -140,39 +140,16 @@ def place(tree, specs, mesh: Mesh):
     return jax.tree.map(put, tree, specs)
 
 
-def ep_dispatch(*args, axis: str, **kwargs):
-    """:func:`~mone_jax.moe.dispatch` on local expert rows, partial outputs summed over ``axis``."""
-    y, stats = dispatch(*args, **kwargs)
-    return jax.lax.psum(y, axis), stats
-
-
-def expert_parallel(module: nnx.Module, axis: str = "expert") -> None:
-    """Make every MoE block of ``module`` (merged inside shard_map) combine its experts over ``axis``."""
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, MoEBlock):
-            node.dispatch_fn = partial(ep_dispatch, axis=axis)
-
-
-def reduce_stats(st: ExpertStats, axis: str) -> ExpertStats:
-    """Exact collective Chan merge over ``axis``: n = sum n_i, mean = sum n_i mean_i / n,
-    m2 = sum (m2_i + n_i (mean_i - mean)^2); sums are summed."""
-    n_i = st.count.astype(jnp.float32)[:, None]
-    n = jax.lax.psum(n_i, axis)
-    mean = jax.lax.psum(n_i * st.mean, axis) / jnp.maximum(n, 1.0)
-    m2 = jax.lax.psum(st.m2 + n_i * (st.mean - mean) ** 2, axis)
-    count, wsum, reap = jax.lax.psum((st.count, st.weight_sum, st.reap_sum), axis)
-    return ExpertStats(count, wsum, mean, m2, reap)
 
 
 def batch_spec(mesh: Mesh) -> P:
-    """Rows split over ``data``; a one-wide data axis leaves them replicated (no collectives needed)."""
-    return P("data") if mesh.shape["data"] > 1 else P()
+    """Rows split over every device (``data`` major, ``expert`` minor); one device: unsplit."""
+    return P(AXES) if mesh.size > 1 else P()
 
 
 def padded_rows(rows: int, mesh: Mesh) -> int:
-    """``rows`` rounded up to a multiple of the data axis."""
-    D = mesh.shape["data"]
-    return -(-rows // D) * D
+    """``rows`` rounded up to a multiple of the device count."""
+    return -(-rows // mesh.size) * mesh.size
 
 
 def process_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
@@ -186,13 +163,13 @@ def process_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
 
 
 def global_batch(local: np.ndarray, mesh: Mesh, rows: int) -> jax.Array:
-    """A global [rows, ...] array split over ``data`` from this process's rows ``local``."""
+    """A global [rows, ...] array split by :func:`batch_spec` from this process's rows ``local``."""
     sharding = NamedSharding(mesh, batch_spec(mesh))
     return jax.make_array_from_process_local_data(sharding, local, (rows, *local.shape[1:]))
 
 
 def local_rows(x: jax.Array, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a global array split over ``data`` (this process's rows), on the host."""
+    """Rows [lo, hi) of a global array split by :func:`batch_spec` (this process's rows), on the host."""
     out = np.empty((hi - lo, *x.shape[1:]), x.dtype)
     for shard in x.addressable_shards:
         a, b, _ = shard.index[0].indices(x.shape[0])

@@ -1,7 +1,15 @@
-"""Per-expert calibration statistics: exact Chan/Welford merge on the host and the stats file."""
+"""Per-expert calibration statistics: THE table of fields, one Chan merge, and the stats file.
+
+:data:`FIELDS` lists every per-expert statistic once: its kind (how batches merge), its file key
+and its shape. :class:`LayerStats` (device arrays in the jitted step, float64 NumPy on the host),
+the device scan merge, the collective merge over mesh axes, the float64 host merge, the
+checkpoint tree and the stats file all iterate it. A new statistic is one table entry plus the
+dispatch code that computes it (:mod:`mone_jax.moe`).
+"""
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,42 +22,72 @@ from mone_jax.errors import UserError
 FORMAT_VERSION = "1"
 
 
-@dataclass
-class LayerStats:
-    """Moments of one MoE layer's raw expert outputs (float64 on the host)."""
+@dataclass(frozen=True)
+class Field:
+    """One per-expert statistic.
 
-    count: np.ndarray  # [E] int64
-    weight_sum: np.ndarray  # [E]
-    mean: np.ndarray  # [E, d]
-    m2: np.ndarray  # [E, d]
-    reap_sum: np.ndarray  # [E]
+    ``kind``: ``count`` (exact integer, summed), ``sum`` (summed), ``mean`` / ``m2`` (a moments pair
+    over the routed tokens: mean and sum of squared deviations, merged by Chan's formula).
+    ``key``: the file tensor ``layers.{l}.<key>``; ``per_dim``: shape [E, hidden] instead of [E];
+    ``optional``: older files without it load zeros.
+    """
+
+    name: str
+    kind: str
+    key: str
+    per_dim: bool = False
+    optional: bool = False
+
+
+FIELDS = (
+    Field("count", "count", "count"),  # routed non-padding tokens
+    Field("weight_sum", "sum", "routing_weight_sum"),  # applied routing weights
+    Field("mean", "mean", "output_mean", per_dim=True),  # raw expert output over routed tokens
+    Field("m2", "m2", "output_m2", per_dim=True),
+    Field("reap_sum", "sum", "reap_sum", optional=True),  # weight * ||raw output||_2 over routed tokens
+)
+NAMES = tuple(f.name for f in FIELDS)
+FLOATS = tuple(f.name for f in FIELDS if f.kind != "count")
+
+
+def chan_merge(a, b) -> tuple:
+    """Merge two :data:`FIELDS`-ordered tuples of statistics over disjoint token sets (pure arithmetic:
+    NumPy or jax arrays, any leading expert shape). Exact (Chan et al.) for any split of the tokens."""
+    na, nb = a[0] * 1.0, b[0] * 1.0  # counts as floats (float64 for int64 NumPy, float32 for jax ints)
+    n = na + nb
+    safe = (n + (n == 0))[..., None]  # 1 where both are empty: the merge then keeps zeros
+    mean_a = a[NAMES.index("mean")]
+    delta = b[NAMES.index("mean")] - mean_a
+    out = []
+    for f, x, y in zip(FIELDS, a, b):
+        if f.kind == "mean":
+            out.append(mean_a + delta * nb[..., None] / safe)
+        elif f.kind == "m2":
+            out.append(x + y + delta**2 * (na * nb)[..., None] / safe)
+        else:
+            out.append(x + y)
+    return tuple(out)
+
+
+class LayerStats(namedtuple("_LayerStats", NAMES)):
+    """One MoE layer's statistics, the fields of :data:`FIELDS` in order: jax arrays on the device
+    (a pytree), float64 NumPy arrays (count int64) on the host."""
+
+    __slots__ = ()
 
     @classmethod
     def zeros(cls, num_experts: int, hidden: int) -> LayerStats:
-        E, d = num_experts, hidden
-        return cls(np.zeros(E, np.int64), np.zeros(E), np.zeros((E, d)), np.zeros((E, d)), np.zeros(E))
+        return cls(*(np.zeros((num_experts, hidden) if f.per_dim else num_experts,
+                              np.int64 if f.kind == "count" else np.float64) for f in FIELDS))
 
     @classmethod
     def from_batch(cls, s) -> LayerStats:
-        """From a device :class:`~mone_jax.moe.ExpertStats` (or any object with its fields)."""
-        return cls(
-            np.asarray(s.count, np.int64), np.asarray(s.weight_sum, np.float64), np.asarray(s.mean, np.float64),
-            np.asarray(s.m2, np.float64), np.asarray(s.reap_sum, np.float64),
-        )
+        """Host float64 copy of device statistics ``s``."""
+        return cls(*(np.asarray(x, np.int64 if f.kind == "count" else np.float64) for f, x in zip(FIELDS, s)))
 
     def merge(self, other: LayerStats) -> LayerStats:
         """Chan et al. parallel merge: exact for any split of the tokens into batches."""
-        na, nb = self.count.astype(np.float64), other.count.astype(np.float64)
-        n = na + nb
-        safe = np.maximum(n, 1.0)
-        delta = other.mean - self.mean
-        return LayerStats(
-            self.count + other.count,
-            self.weight_sum + other.weight_sum,
-            self.mean + delta * (nb / safe)[:, None],
-            self.m2 + other.m2 + delta**2 * (na * nb / safe)[:, None],
-            self.reap_sum + other.reap_sum,
-        )
+        return LayerStats(*chan_merge(self, other))
 
     @property
     def var(self) -> np.ndarray:
@@ -83,7 +121,7 @@ class Stats:
     def nonfinite(self) -> tuple[int, str] | None:
         """(layer, field) of the first statistic holding NaN / Inf, or None."""
         for i, s in self.layers.items():
-            for name in ("weight_sum", "mean", "m2", "reap_sum"):
+            for name in FLOATS:
                 if not np.all(np.isfinite(getattr(s, name))):
                     return i, name
         return None
@@ -100,11 +138,8 @@ class Stats:
         path = Path(path)
         tensors = {"tokens": np.asarray(self.tokens, np.int64)}
         for i, s in self.layers.items():
-            tensors[f"layers.{i}.count"] = s.count.astype(np.int64)
-            tensors[f"layers.{i}.routing_weight_sum"] = s.weight_sum.astype(np.float32)
-            tensors[f"layers.{i}.output_mean"] = s.mean.astype(np.float32)
-            tensors[f"layers.{i}.output_m2"] = s.m2.astype(np.float32)
-            tensors[f"layers.{i}.reap_sum"] = s.reap_sum.astype(np.float32)
+            for f, x in zip(FIELDS, s):
+                tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
         meta["format_version"] = FORMAT_VERSION
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,16 +163,7 @@ class Stats:
             raise UserError(f"'{path}' is not a valid statistics file ({e}): recreate it") from None
         try:
             ids = sorted({int(k.split(".")[1]) for k in t if k.startswith("layers.")})
-            layers = {
-                i: LayerStats(
-                    t[f"layers.{i}.count"].astype(np.int64),
-                    t[f"layers.{i}.routing_weight_sum"].astype(np.float64),
-                    t[f"layers.{i}.output_mean"].astype(np.float64),
-                    t[f"layers.{i}.output_m2"].astype(np.float64),
-                    t.get(f"layers.{i}.reap_sum", np.zeros_like(t[f"layers.{i}.routing_weight_sum"])).astype(np.float64),
-                )
-                for i in ids
-            }
+            layers = {i: LayerStats.from_batch(_read_layer(t, i)) for i in ids}
             tokens = int(t["tokens"])
         except KeyError as e:
             raise UserError(f"'{path}' lacks tensor {e}: it is not a mone-jax statistics file") from None
@@ -148,8 +174,8 @@ class Stats:
         first = next(iter(layers.values())).mean
         E, d = first.shape if first.ndim == 2 else (0, 0)
         for i, s in layers.items():
-            if E == 0 or s.mean.shape != (E, d) or s.m2.shape != (E, d) \
-                    or any(a.shape != (E,) for a in (s.count, s.weight_sum, s.reap_sum)) or (s.count < 0).any():
+            if E == 0 or any(x.shape != ((E, d) if f.per_dim else (E,)) for f, x in zip(FIELDS, s)) \
+                    or (s.count < 0).any():
                 raise UserError(f"'{path}': the statistics of layer {i} have inconsistent shapes or negative counts: "
                                 "the file is corrupt; recreate it")
         stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"})
@@ -168,3 +194,10 @@ class Stats:
                 f"match the model ({model_type}, {num_experts} experts, layers {moe_layers}): recalibrate"
             )
 
+
+
+def _read_layer(t: dict, i: int) -> list[np.ndarray]:
+    """Layer i's tensors in :data:`FIELDS` order; a missing optional one (older files) reads as zeros."""
+    count = t[f"layers.{i}.count"]
+    return [t[k] if not f.optional or k in t else np.zeros(count.shape) for f in FIELDS
+            for k in [f"layers.{i}.{f.key}"]]
