@@ -115,7 +115,8 @@ class MoEBlock(nnx.Module):
 
     Inside a ``shard_map`` over a (data, expert) mesh the experts run expert-parallel
     (:func:`~mone_jax.moe.expert_parallel_dispatch`); with a ``stats_mask`` the block sows its
-    :class:`~mone_jax.stats.LayerStats` into ``nnx.Intermediate`` (see :func:`capture_stats`).
+    :class:`~mone_jax.stats.LayerStats` into ``nnx.Intermediate`` (see :func:`capture_sown`); with
+    ``sow_router`` set (before tracing: training a model), it also sows its router logits [T, E].
     """
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, kept: int | None = None):
@@ -136,6 +137,7 @@ class MoEBlock(nnx.Module):
         fs = cfg.shared_expert_intermediate_size
         self.shared = MLP(d, fs, dtype, rngs) if fs else None
         self.shared_gate = normal_param(rngs, (d, 1), dtype) if fs and cfg.shared_expert_gate else None
+        self.sow_router = False
 
     def experts(self) -> Experts:
         if self.gate_up_bias is None:
@@ -156,6 +158,8 @@ class MoEBlock(nnx.Module):
             logits = jnp.dot(xt, self.router[...])
         if self.router_bias is not None:
             logits = logits + self.router_bias[...]
+        if self.sow_router:
+            self.sow(nnx.Intermediate, "router_logits", logits)
         return route(logits, self.cfg, None if self.score_bias is None else self.score_bias[...])
 
     def __call__(self, x: jax.Array, stats_mask: jax.Array | None, impl: str, block: int | None) -> jax.Array:
@@ -201,10 +205,11 @@ class DecoderLayer(nnx.Module):
         return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
 
 
-def capture_stats(fn, *args) -> tuple:
-    """``fn(*args)`` (a module or bound method) and the statistics its MoE blocks sowed, by block path."""
+def capture_sown(fn, *args, name: str = "stats") -> tuple:
+    """``fn(*args)`` (a module or bound method) and the values named ``name`` that its MoE blocks sowed,
+    keyed by block path."""
     out, sown = nnx.capture(fn, nnx.Intermediate)(*args)
-    return out, {path[:-1]: var.get_value()[0] for path, var in nnx.to_flat_state(sown)}
+    return out, {path[:-1]: var.get_value()[0] for path, var in nnx.to_flat_state(sown) if path[-1] == name}
 
 
 def attention_biases(mask: jax.Array, windows: set[int | None]) -> dict[int | None, jax.Array]:
@@ -245,7 +250,7 @@ class MoEForCausalLM(nnx.Module):
         x = self.embed[...][ids]
         if not collect:
             return self.norm(self._decode(x, cos, sin, biases, None)), {}
-        x, stats = capture_stats(self._decode, x, cos, sin, biases, mask)
+        x, stats = capture_sown(self._decode, x, cos, sin, biases, mask)
         return self.norm(x), {path[1]: s for path, s in stats.items()}  # path: layers, i, mlp
 
     def _decode(self, x, cos, sin, biases, stats_mask):

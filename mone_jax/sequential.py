@@ -35,7 +35,7 @@ from mone_jax.convert.export import export_pruned
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
-from mone_jax.model import attention_biases, capture_stats
+from mone_jax.model import attention_biases, capture_sown
 from mone_jax.moe import EXPERT, default_impl
 from mone_jax.planning import Plan
 from mone_jax.resume import CalibCheckpoint, check_digest
@@ -67,7 +67,7 @@ def _layer_step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, cfg: ModelCo
     def body(state, x, mask):
         layer = nnx.merge(graphdef, state)
         cos, sin = rope_tables(cfg.rope, x.shape[1], dtype)
-        y, stats = capture_stats(layer, x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
+        y, stats = capture_sown(layer, x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
         return y, next(iter(stats.values()), None)
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(rows, P(EXPERT)),

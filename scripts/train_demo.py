@@ -29,8 +29,7 @@ from mone_jax.convert.families import parse_config
 from mone_jax.convert.state_dict import hf_state_dict
 from mone_jax.data import load_token_blocks
 from mone_jax.evaluate import perplexity, unigram_perplexity
-from mone_jax.model import MoEForCausalLM, attention_biases, route
-from mone_jax.rope import rope_tables
+from mone_jax.model import MoEForCausalLM, capture_sown, route
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,29 +117,25 @@ def hf_config(args: argparse.Namespace, eos_id: int) -> dict:
     ).to_dict()
 
 
-def forward(model: MoEForCausalLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Logits [B, T, V] and the mean load-balancing loss over MoE layers.
+def record_router_logits(model: MoEForCausalLM) -> MoEForCausalLM:
+    """Make every MoE block sow its router logits (for the load-balancing loss); before tracing."""
+    for blk in model.moe_blocks().values():
+        blk.sow_router = True
+    return model
 
-    The decoder layer's computation written out, so that the router probabilities are at hand.
-    """
+
+def forward(model: MoEForCausalLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [B, T, V] from the model's own forward and the mean load-balancing loss over MoE layers,
+    from the router logits the blocks sow (see :func:`record_router_logits`)."""
     cfg = model.config
-    B, T = ids.shape
-    cos, sin = rope_tables(cfg.rope, T, model.dtype)
-    biases = attention_biases(jnp.ones((B, T), bool), {layer.window for layer in model.layers})
-    x = model.embed[...][ids]
+    (h, _), sown = capture_sown(model.hidden_states, ids, name="router_logits")
     balance = []
-    for layer in model.layers:
-        x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, biases[layer.window])
-        h = layer.post_attention_layernorm(x)
-        blk = layer.mlp
-        router_logits = jnp.dot(h.reshape(B * T, -1), blk.router[...])
+    for router_logits in sown.values():
         chosen, _ = route(router_logits, cfg)
         frac = jax.nn.one_hot(chosen, cfg.num_experts).sum(1).mean(0) / cfg.top_k  # [E] share of assignments
         prob = jax.nn.softmax(router_logits.astype(jnp.float32), -1).mean(0)  # [E] mean router probability
         balance.append(cfg.num_experts * jnp.sum(frac * prob))
-        y, _ = blk(h, None, model.impl, model.block)
-        x = x + y
-    return model.logits(model.norm(x)), jnp.mean(jnp.stack(balance))
+    return model.logits(h), jnp.mean(jnp.stack(balance))
 
 
 def losses(model: MoEForCausalLM, batch: jax.Array, aux_coef: float):
@@ -248,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({time.time() - t0:.0f}s)", flush=True)
 
     config = hf_config(args, eos)
-    model = MoEForCausalLM(parse_config(config), jnp.float32, rngs=nnx.Rngs(args.seed))
+    model = record_router_logits(MoEForCausalLM(parse_config(config), jnp.float32, rngs=nnx.Rngs(args.seed)))
     model.block = args.block
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -149,7 +149,7 @@ def test_training_script_forward_and_export(tmp_path):
     args = td.parse_args(["--vocab", "64", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
                           "--experts", "8", "--expert-size", "16"])
     config = td.hf_config(args, 0)
-    model = nnx.jit(lambda: MoEForCausalLM(parse_config(config), jnp.float32, rngs=nnx.Rngs(1)))()
+    model = td.record_router_logits(nnx.jit(lambda: MoEForCausalLM(parse_config(config), jnp.float32, rngs=nnx.Rngs(1)))())
     ids = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
     logits, balance = nnx.jit(td.forward)(model, jnp.asarray(ids))
     ours = np.asarray(model(ids))
