@@ -16,7 +16,7 @@ from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import METRICS
+from mone_jax.scoring import metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -172,8 +172,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
-    if args.metric not in METRICS:
-        raise UserError(f"unknown metric '{args.metric}': use one of {', '.join(METRICS)}")
+    metric(args.metric)  # known
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)

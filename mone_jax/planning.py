@@ -11,7 +11,8 @@ import numpy as np
 
 from mone_jax.errors import UserError
 from mone_jax.io import atomic_write_text
-from mone_jax.scoring import METRICS, layer_scores
+from mone_jax.scoring import layer_scores
+from mone_jax.scoring import metric as get_metric
 
 if TYPE_CHECKING:
     from mone_jax.config import ModelConfig
@@ -170,8 +171,7 @@ def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = No
 
     ``n_group > 1`` (a drop plan for a group-limited router): the N / n_group best-scored experts of each
     contiguous group of expert ids, so that every group keeps the same number."""
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}': use one of {', '.join(METRICS)}")
+    get_metric(metric)  # known
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
     E = stats.num_experts
