@@ -143,11 +143,7 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
         if not collect:
             return out, ()
         m = jax.lax.dynamic_slice_in_dim(s_valid, p, S) * ok
-        nb = m.sum()
-        mb = jnp.dot(m, yb, precision=HIGHEST) / jnp.maximum(nb, 1.0)
-        q = jnp.dot(m, jnp.square(yb - mb), precision=HIGHEST)  # two-pass: deviations from the step's mean
-        r = jnp.dot(m * wb, jnp.sqrt(jnp.square(yb).sum(1)), precision=HIGHEST)
-        return out, LayerStats(nb, jnp.dot(m, wb, precision=HIGHEST), mb, q, r)
+        return out, _moments(yb, m, wb, lambda v: jnp.dot(m, v, precision=HIGHEST))
 
     def skip(e, p):
         return jnp.zeros((B, d), jnp.float32), (_zero_stats((), d) if collect else ())
@@ -179,18 +175,26 @@ def _combine(y_pairs: jax.Array, w: jax.Array, T: int) -> jax.Array:
     return (y_pairs * w[:, None]).reshape(T, -1, y_pairs.shape[-1]).sum(1)
 
 
+def _moments(y, m, w, total: Callable, per_row: Callable = lambda a: a) -> LayerStats:
+    """Every statistic of :data:`~mone_jax.stats.FIELDS` over rows ``y`` [rows, d] with routing weights ``w``
+    and counting mask ``m`` (1.0 / 0.0): ``total(v)`` sums per-row values ``v`` [rows, ...] per expert,
+    ``per_row`` maps per-expert values back to rows (the mean / m2 pair is two-pass: deviations from the
+    group's own mean)."""
+    n = total(m)
+    mean = total(y * m[:, None]) / jnp.maximum(n, 1.0)[..., None]
+    dev = y - per_row(mean)
+    values = {"count": n, "mean": mean, "m2": total(jnp.square(dev) * m[:, None])}
+    return LayerStats(*(values[f.kind] if f.kind != "sum" else total(m * f.row(y, w)) for f in FIELDS))
+
+
 def _segment_stats(y, seg, valid, w, E) -> LayerStats:
-    """Two-pass per-expert statistics over rows ``y`` with expert ``seg`` (E = skip)."""
-    m = valid.astype(jnp.float32)
+    """Per-expert statistics over rows ``y`` with expert ``seg`` (E = skip)."""
 
     def total(v):
         return jax.ops.segment_sum(v, seg, E + 1)[:E]
 
-    n = total(m)
-    mean = total(y * m[:, None]) / jnp.maximum(n, 1.0)[:, None]
-    dev = (y - mean[jnp.minimum(seg, E - 1)]) * m[:, None]
-    return LayerStats(total(valid.astype(jnp.int32)), total(m * w), mean, total(dev * dev),
-                      total(m * w * jnp.linalg.norm(y, axis=-1)))
+    stats = _moments(y, valid.astype(jnp.float32), w, total, lambda a: a[jnp.minimum(seg, E - 1)])
+    return stats._replace(count=total(valid.astype(jnp.int32)))
 
 
 def _ragged(x, ids, w, tok, ex: Experts, valid, glu, block):

@@ -3,13 +3,14 @@
 :data:`FIELDS` lists every per-expert statistic once: its kind (how batches merge), its file key
 and its shape. :class:`LayerStats` (device arrays in the jitted step, float64 NumPy on the host),
 the device scan merge, the collective merge over mesh axes, the float64 host merge, the
-checkpoint tree and the stats file all iterate it. A new statistic is one table entry plus the
-dispatch code that computes it (:mod:`mone_jax.moe`).
+checkpoint tree and the stats file all iterate it. A new statistic is one table entry (a ``sum``
+field carries its per-token term, which the dispatch in :mod:`mone_jax.moe` evaluates).
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,9 @@ class Field:
     ``kind``: ``count`` (exact integer, summed), ``sum`` (summed), ``mean`` / ``m2`` (a moments pair
     over the routed tokens: mean and sum of squared deviations, merged by Chan's formula).
     ``key``: the file tensor ``layers.{l}.<key>``; ``per_dim``: shape [E, hidden] instead of [E];
-    ``optional``: older files without it load zeros.
+    ``optional``: older files without it load zeros. A ``sum`` field's ``row(y, w)`` gives each routed
+    token's term from its raw expert output ``y`` [rows, hidden] and routing weight ``w`` [rows]
+    (operators only: it runs on jax arrays inside the dispatch).
     """
 
     name: str
@@ -37,14 +40,16 @@ class Field:
     key: str
     per_dim: bool = False
     optional: bool = False
+    row: Callable | None = None
 
 
 FIELDS = (
     Field("count", "count", "count"),  # routed non-padding tokens
-    Field("weight_sum", "sum", "routing_weight_sum"),  # applied routing weights
+    Field("weight_sum", "sum", "routing_weight_sum", row=lambda y, w: w),  # applied routing weights
     Field("mean", "mean", "output_mean", per_dim=True),  # raw expert output over routed tokens
     Field("m2", "m2", "output_m2", per_dim=True),
-    Field("reap_sum", "sum", "reap_sum", optional=True),  # weight * ||raw output||_2 over routed tokens
+    Field("reap_sum", "sum", "reap_sum", optional=True,  # REAP: weight * ||raw output||_2
+          row=lambda y, w: w * ((y * y).sum(-1)) ** 0.5),
 )
 NAMES = tuple(f.name for f in FIELDS)
 FLOATS = tuple(f.name for f in FIELDS if f.kind != "count")
