@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from mone_jax.errors import UserError
+from mone_jax.io import atomic_write
 
 FORMAT_VERSION = "1"
 
@@ -147,13 +148,8 @@ class Stats:
                 tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
         meta["format_version"] = FORMAT_VERSION
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_bytes(save(tensors, metadata=meta))  # a failed write raises OSError
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        data = save(tensors, metadata=meta)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))  # a failed write raises OSError
 
     @classmethod
     def load(cls, path: str | Path) -> Stats:

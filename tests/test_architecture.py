@@ -80,3 +80,12 @@ def test_no_import_cycles():
     for name in graph:
         if name not in state:
             visit(name, [])
+
+
+def test_every_registered_family_is_under_the_shared_cross_checks():
+    """A family added to the registry without a test config would escape every cross-check."""
+    from conftest import PER_FAMILY
+
+    from mone_jax.convert.families import FAMILIES
+
+    assert sorted(FAMILIES) == sorted(f for f, _ in PER_FAMILY)
