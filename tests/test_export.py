@@ -8,65 +8,37 @@ rows removed by hand).
 
 from __future__ import annotations
 
+import copy
 import json
-import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
 from safetensors import safe_open
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from mone_jax.convert import export as export_mod
+from mone_jax.convert.export import export_pruned, verify_export
+from mone_jax.errors import UserError
 
-from mone_jax.convert import export as export_mod  # noqa: E402
-from mone_jax.convert.export import export_pruned, verify_export  # noqa: E402
-from mone_jax.errors import UserError  # noqa: E402
-
-E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 64
-_BASE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-             tie_word_embeddings=False, num_experts_per_tok=TOP_K)
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-            moe_intermediate_size=16, intermediate_size=40, n_routed_experts=E, n_shared_experts=1,
-            first_k_dense_replace=1)
-# family -> (config class, kwargs, router attribute): dense layers and shared experts mixed in where the family has them.
-FAMILIES = {
-    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=2, intermediate_size=16, num_experts=E), "gate"),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16,
-                                         shared_expert_intermediate_size=24, num_experts=E, mlp_only_layers=[1]),
-                  "gate"),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16,
-                                         head_dim=8, num_experts=E, norm_topk_prob=True, mlp_only_layers=[0]),
-                  "gate"),
-    "mixtral": ("MixtralConfig", dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=E), "gate"),
-    "deepseek_v2": ("DeepseekV2Config", dict(num_hidden_layers=3, q_lora_rank=None, topk_method="group_limited_greedy",
-                                             n_group=2, topk_group=1, routed_scaling_factor=1.5, **_MLA), "gate"),
-    "deepseek_v3": ("DeepseekV3Config", dict(num_hidden_layers=3, q_lora_rank=16, n_group=2, topk_group=1,
-                                             **_MLA), "gate"),
-    "glm4_moe": ("Glm4MoeConfig", dict(num_hidden_layers=3, head_dim=8, intermediate_size=40, moe_intermediate_size=16,
-                                       n_routed_experts=E, n_shared_experts=1, first_k_dense_replace=1), "gate"),
-    "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=E,
-                                     sliding_window=4), "router"),
-}
+# Every model comes from conftest's one table of tiny configs (one variant per family: PER_FAMILY); expert
+# counts, hidden size, vocabulary and router groups are read from each model's config. That table mixes in
+# dense layers (qwen2_moe b: layer 0, so MoE layer ids differ from their MoE position; deepseek / glm4:
+# first_k_dense_replace), shared experts, sliding windows shorter than the 12-token input (mixtral b,
+# gpt_oss a), router biases (gpt_oss) and e_score_correction_bias (deepseek_v3, glm4_moe), which the
+# accounting below depends on. The old local table's special-token ids and larger expert init, N(0, 0.3),
+# are not needed: no test uses a tokenizer or masks tokens, every exported tensor is compared exactly with its
+# source (_check_weights), and the roundtrip asserts that novices / dropping move the logits by > 1e-3, far
+# above the comparison tolerance.
 FORMATS = ("substitution", "modepd", "drop")
+# Drop mode must keep a multiple of n_group experts with enough per group for top-k from topk_group groups:
+# deepseek_v2 group_yarn (8 experts, top-3, 4 groups, 2 of them per token) could only "drop" to all 8, so
+# its drop export uses top-2 instead (1 expert kept per group, routing still group-limited).
+DROP_OVERRIDES = {("deepseek_v2", "group_yarn"): dict(num_experts_per_tok=2)}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _build(family: str):
-    cls, kw, _ = FAMILIES[family]
-    cfg = getattr(transformers, cls)(**{**_BASE, **kw})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # diverse routing, sizeable expert outputs, non-zero biases
-        for name, p in model.named_parameters():
-            if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", name) and ".mlp." in name:
-                p.normal_(0.0, 1.0)
-            elif ".experts." in name:
-                p.normal_(0.0, 0.3)
-    return model
 
 
 @pytest.fixture
@@ -75,20 +47,14 @@ def out(tmp_path) -> Path:
     return tmp_path / tmp_path.name
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """family -> (folder, model): one saved random checkpoint per family."""
-    cache: dict = {}
+def _n_experts(model) -> int:
+    cfg = model.config
+    return next(getattr(cfg, a) for a in ("num_experts", "num_local_experts", "n_routed_experts")
+                if getattr(cfg, a, None))
 
-    def get(family: str):
-        if family not in cache:
-            model = _build(family)
-            folder = tmp_path_factory.mktemp(family) / "src"
-            model.save_pretrained(folder)
-            cache[family] = (folder, model)
-        return cache[family]
 
-    return get
+def _groups(model) -> int:
+    return getattr(model.config, "n_group", None) or 1
 
 
 def _moe_layers(model) -> list[int]:
@@ -99,6 +65,7 @@ def _plan(model, keep: dict[int, int] | int, seed: int = 1, groups: int = 1) -> 
     """Random plan (kept subsets differ per layer; with ``groups``, k / groups in each contiguous group of
     ids, as drop mode needs for a group-limited router) and random novice vectors."""
     rng = np.random.default_rng(seed)
+    E, hidden = _n_experts(model), model.config.hidden_size
     layers, novices = {}, {}
     for layer in _moe_layers(model):
         k = keep if isinstance(keep, int) else keep[layer]
@@ -106,7 +73,7 @@ def _plan(model, keep: dict[int, int] | int, seed: int = 1, groups: int = 1) -> 
         kept = sorted(g * size + e for g in range(groups) for e in rng.choice(size, k // groups, replace=False).tolist())
         nov = [e for e in range(E) if e not in kept]
         layers[str(layer)] = {"kept": kept, "novices": nov, "scores": rng.random(E).tolist()}
-        novices[layer] = {e: rng.normal(0.0, 1.0, HIDDEN).astype(np.float32) for e in nov}
+        novices[layer] = {e: rng.normal(0.0, 1.0, hidden).astype(np.float32) for e in nov}
     return {"metric": "mone", "scope": "layer", "keep": keep if isinstance(keep, int) else None,
             "layers": layers}, novices
 
@@ -120,8 +87,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.double()
 
 
-def _ids() -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+def _ids(model) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
 def _assert_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
@@ -212,23 +179,29 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_export_roundtrip(family, fmt, source, out):
-    src, original = source(family)
-    keep = 4 if fmt == "drop" else _varying_keep(original)
-    plan, novices = _plan(original, keep, groups=(getattr(original.config, "n_group", None) or 1) if fmt == "drop" else 1)
+@pytest.mark.parametrize("family, variant", PER_FAMILY)
+def test_export_roundtrip(family, variant, fmt, hf_models, tmp_path, out):
+    if fmt == "drop" and (family, variant) in DROP_OVERRIDES:
+        original = build_hf(family, variant, **DROP_OVERRIDES[family, variant])
+        src = save_hf(original, tmp_path / "src")
+    else:
+        src, original = hf_models(family, variant)
+    E, hidden = _n_experts(original), original.config.hidden_size
+    keep = E // 2 if fmt == "drop" else _varying_keep(original)
+    plan, novices = _plan(original, keep, groups=_groups(original) if fmt == "drop" else 1)
     summary = export_pruned(src, out, plan, novices, fmt=fmt)
     assert verify_export(out) == []
     loaded = _load(out, fmt)
     _check_weights(loaded, original, plan, novices, fmt)
 
-    ids = _ids()
+    ids = _ids(original)
     if fmt == "drop":
         assert type(loaded).__module__.startswith("transformers.models.")
         assert "auto_map" not in json.loads((out / "config.json").read_text())
         ref = _logits(_dropped_reference(original, plan), ids)
+        assert (ref - _logits(original, ids)).abs().max() > 1e-3  # dropping experts does change the output
     else:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+        ref_model = copy.deepcopy(original)  # the session model itself stays untouched
         _patch_mone(ref_model, plan, novices)
         ref = _logits(ref_model, ids)
         assert (ref - _logits(original, ids)).abs().max() > 1e-3  # the novices do change the output
@@ -240,9 +213,9 @@ def test_export_roundtrip(family, fmt, source, out):
         for layer in _moe_layers(original)
     }
     removed = sum(len(v["novices"]) * per_expert[int(k)] for k, v in plan["layers"].items())
-    added = 0 if fmt == "drop" else sum(len(v["novices"]) for v in plan["layers"].values()) * HIDDEN
+    added = 0 if fmt == "drop" else sum(len(v["novices"]) for v in plan["layers"].values()) * hidden
     router = sum(len(v["novices"]) for v in plan["layers"].values()) * (
-        HIDDEN + (family == "gpt_oss") + (family in ("deepseek_v3", "glm4_moe"))
+        hidden + (family == "gpt_oss") + (family in ("deepseek_v3", "glm4_moe"))
     ) if fmt == "drop" else 0
     before = sum(t.numel() for t in original.state_dict().values())
     assert summary["expert_params_removed"] == removed and summary["novice_params_added"] == added
@@ -254,19 +227,20 @@ def test_export_roundtrip(family, fmt, source, out):
 
 
 @pytest.mark.parametrize("fmt", ["substitution", "modepd"])
-def test_keep_all_equals_original(fmt, source, out):
-    src, original = source("qwen2_moe")
-    plan, novices = _plan(original, E)
+def test_keep_all_equals_original(fmt, hf_models, out):
+    src, original = hf_models("qwen2_moe", "b")
+    plan, novices = _plan(original, _n_experts(original))
     export_pruned(src, out, plan, novices, fmt=fmt)
-    ids = _ids()
+    ids = _ids(original)
     assert torch.equal(_logits(_load(out, fmt), ids), _logits(original, ids))
 
 
-def test_substitution_config_block(source, tmp_path):
-    src, original = source("mixtral")
+def test_substitution_config_block(hf_models, tmp_path):
+    src, original = hf_models("mixtral", "b")
     plan, novices = _plan(original, 5)
     export_pruned(src, tmp_path / "out", plan, novices)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    E = _n_experts(original)
     assert cfg["num_local_experts"] == E and cfg["auto_map"] == {
         "AutoModelForCausalLM": "modeling_mone.MoneMixtralForCausalLM"
     }
@@ -287,8 +261,8 @@ def test_substitution_config_block(source, tmp_path):
     assert (tmp_path / "out" / "modeling_mone.py").is_file()
 
 
-def test_modepd_config(source, tmp_path):
-    src, original = source("olmoe")
+def test_modepd_config(hf_models, tmp_path):
+    src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
     export_pruned(src, tmp_path / "out", plan, novices, fmt="modepd")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -297,12 +271,9 @@ def test_modepd_config(source, tmp_path):
     assert cfg["approximate_expert_init_tokens"] == {k: [0, 0, 0] for k in plan["layers"]}
 
 
-def test_sharded_bf16_and_copied_files(source, tmp_path, out):
-    src, original = source("olmoe")
-    work = tmp_path / "src"
-    work.mkdir()
-    for f in src.iterdir():
-        (work / f.name).write_bytes(f.read_bytes())
+def test_sharded_bf16_and_copied_files(hf_models, tmp_path, out):
+    src, original = hf_models("olmoe", "a")
+    work = shutil.copytree(src, tmp_path / "src")  # the session's folder stays untouched
     cfg = json.loads((work / "config.json").read_text())
     (work / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.Model"}}))
     (work / "evil.py").write_text("raise SystemExit('never run')\n")
@@ -322,8 +293,8 @@ def test_sharded_bf16_and_copied_files(source, tmp_path, out):
     assert loaded.dtype == torch.bfloat16 and verify_export(out) == []
 
 
-def test_verify_export_catches_changes(source, tmp_path):
-    src, original = source("olmoe")
+def test_verify_export_catches_changes(hf_models, tmp_path):
+    src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
     out = tmp_path / "out"
     export_pruned(src, out, plan, novices)
@@ -342,8 +313,8 @@ def test_verify_export_catches_changes(source, tmp_path):
     assert verify_export(out) == ["mone_manifest.json is missing"]
 
 
-def test_existing_output_refused_unless_overwrite(source, tmp_path):
-    src, original = source("olmoe")
+def test_existing_output_refused_unless_overwrite(hf_models, tmp_path):
+    src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
     out = tmp_path / "out"
     out.mkdir()
@@ -357,8 +328,8 @@ def test_existing_output_refused_unless_overwrite(source, tmp_path):
         export_pruned(src, src, plan, novices, overwrite=True)
 
 
-def test_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch):
-    src, original = source("olmoe")
+def test_failure_mid_write_leaves_nothing(hf_models, tmp_path, monkeypatch):
+    src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
     real = export_mod._write_shard
     calls = []
@@ -378,23 +349,30 @@ def test_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "family, keep, match",
+    "family, variant, keep, match",
     [
-        ("olmoe", {0: 4, 1: 5}, "same keep count in every layer"),
-        ("olmoe", 1, "at least top-k = 2"),
-        ("deepseek_v3", 5, "n_group"),
+        ("olmoe", "a", {0: 4, 1: 5}, "same keep count in every layer"),
+        ("olmoe", "a", 1, "at least top-k = 2"),
+        ("deepseek_v3", "grouped_yarn", 5, "n_group"),  # 16 experts in 4 groups: 5 is no multiple of 4
+        ("deepseek_v3", "grouped_yarn", list(range(8)), "same number in every group"),  # [4, 4, 0, 0]
     ],
 )
-def test_drop_refusals(family, keep, match, source, tmp_path):
-    src, original = source(family)
-    plan, novices = _plan(original, keep)
+def test_drop_refusals(family, variant, keep, match, hf_models, tmp_path):
+    src, original = hf_models(family, variant)
+    plan, novices = _plan(original, len(keep) if isinstance(keep, list) else keep)
+    if isinstance(keep, list):  # these kept ids in every layer, fresh vectors for the rest
+        E, rng = _n_experts(original), np.random.default_rng(2)
+        for key, entry in plan["layers"].items():
+            entry["kept"], entry["novices"] = keep, [e for e in range(E) if e not in keep]
+            novices[int(key)] = {e: rng.normal(0.0, 1.0, original.config.hidden_size).astype(np.float32)
+                                 for e in entry["novices"]}
     with pytest.raises(UserError, match=match):
         export_pruned(src, tmp_path / "out", plan, novices, fmt="drop")
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_plans_refused(source, tmp_path):
-    src, original = source("olmoe")
+def test_bad_plans_refused(hf_models, tmp_path):
+    src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
     bad = json.loads(json.dumps(plan))
     bad["layers"]["0"]["novices"].pop()
