@@ -58,7 +58,7 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     """
     ids = token_ids(ids, model.config.vocab_size, "the evaluation data")
     if ids.shape[1] < 2:
-        raise UserError(f"evaluation needs sequences of at least 2 tokens, got {list(ids.shape)}")
+        raise UserError(f"evaluation needs token ids [N, T] with T >= 2, got {list(ids.shape)}")
     mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
     if mask.shape != ids.shape:
         raise UserError(f"attention mask shape {list(mask.shape)} differs from the ids' {list(ids.shape)}")
