@@ -121,8 +121,10 @@ def _gpt_oss(cfg: dict, c: dict) -> dict:
                 sliding_windows=sliding_windows(cfg, n, alternate))
 
 
-def _deepseek_like(cfg: dict, c: dict) -> dict:
-    """DeepSeek-V2 (softmax, optional group max), DeepSeek-V3 and GLM-4.5-MoE (sigmoid, group top-2 sum)."""
+def _deepseek_moe(cfg: dict, c: dict) -> dict:
+    """The DeepSeek-style MoE layout and router: dense first layers, shared experts, float32 gate;
+    DeepSeek-V2 softmax (optional group max), else sigmoid with score-correction bias and groups scored
+    by their top-2 sum (DeepSeek-V3 and the families that copied its router)."""
     mt, n_layers, E = c["model_type"], c["num_layers"], c["num_experts"]
     if cfg.get("mlp_bias"):
         raise UserError(f"{mt} with mlp_bias = true is not supported: no released checkpoint uses it")
@@ -133,7 +135,7 @@ def _deepseek_like(cfg: dict, c: dict) -> dict:
         shared_expert_intermediate_size=f * int(cfg.get("n_shared_experts") or 0),
         routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         router_fp32=True,  # transformers keeps these gates in float32
-        sliding_windows=(None,) * n_layers,  # full attention only
+        sliding_windows=(None,) * n_layers,  # full attention unless the family's hook says otherwise
     )
     if mt == "deepseek_v2":
         method = cfg.get("topk_method") or "greedy"
@@ -155,16 +157,25 @@ def _deepseek_like(cfg: dict, c: dict) -> dict:
         raise UserError(f"{E} experts, n_group = {groups}, topk_group = {kept_groups}: the groups must split the "
                         f"experts evenly, hold at least {least} each, and the kept groups at least top-k: "
                         "the config is inconsistent")
-    if mt == "glm4_moe":
-        return {**kw, "qkv_bias": bool(cfg.get("attention_bias", False)),
-                "qk_norm": "head" if cfg.get("use_qk_norm") else "none"}
+    return kw
+
+
+def _deepseek_mla(cfg: dict, c: dict) -> dict:
+    """DeepSeek-V2 / V3: multi-head latent attention, interleaved RoPE on the rotary part."""
     nope, rope_dim = int(need(cfg, "qk_nope_head_dim")), int(need(cfg, "qk_rope_head_dim"))
     bias = bool(cfg.get("attention_bias", False))
-    interleave = mt == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
-    return {**kw, "head_dim": nope + rope_dim, "rope": parse_rope(cfg, rope_dim, c["max_position_embeddings"], interleave),
+    interleave = c["model_type"] == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
+    return {**_deepseek_moe(cfg, c), "head_dim": nope + rope_dim,
+            "rope": parse_rope(cfg, rope_dim, c["max_position_embeddings"], interleave),
             "qkv_bias": bias, "o_bias": bias, "q_lora_rank": int(cfg.get("q_lora_rank") or 0),
             "kv_lora_rank": int(need(cfg, "kv_lora_rank")), "qk_nope_head_dim": nope, "qk_rope_head_dim": rope_dim,
             "v_head_dim": int(need(cfg, "v_head_dim"))}
+
+
+def _glm4_moe(cfg: dict, c: dict) -> dict:
+    """GLM-4.5-MoE: standard attention (partial RoPE, optional per-head q/k norm), DeepSeek-V3 router."""
+    return {**_deepseek_moe(cfg, c), "qkv_bias": bool(cfg.get("attention_bias", False)),
+            "qk_norm": "head" if cfg.get("use_qk_norm") else "none"}
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -176,13 +187,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            shared_expert_gate="shared_expert_gate"),
     Family("qwen3_moe", _qwen3_moe, "num_experts"),
     Family("mixtral", _mixtral, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2")),
-    Family("deepseek_v2", _deepseek_like, "n_routed_experts", **_DS_SHARED, defaults=dict(
+    Family("deepseek_v2", _deepseek_mla, "n_routed_experts", **_DS_SHARED, defaults=dict(
         first_k_dense_replace=0, n_shared_experts=2, routed_scaling_factor=1.0, topk_method="greedy",
         q_lora_rank=1536)),
-    Family("deepseek_v3", _deepseek_like, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+    Family("deepseek_v3", _deepseek_mla, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
            defaults=dict(first_k_dense_replace=3, n_shared_experts=1, routed_scaling_factor=2.5, n_group=8,
                          topk_group=4, norm_topk_prob=True, rope_interleave=True, q_lora_rank=1536)),
-    Family("glm4_moe", _deepseek_like, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+    Family("glm4_moe", _glm4_moe, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
            defaults=dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1,
                          topk_group=1, norm_topk_prob=True, partial_rotary_factor=0.5)),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
