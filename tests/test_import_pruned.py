@@ -13,14 +13,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_close_logits, build_hf, torch, torch_logits, transformers
+from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits, transformers
 from safetensors.numpy import load_file, save_file
 
 import mone_jax
 from mone_jax.errors import UserError
 
 # (family, variant, keep, format): drop mode needs keep to split into the router's groups.
-CASES = [
+_CHOSEN = [
     *[(f, v, k, "substitution") for f, v, k in [("deepseek_v2", "group_yarn", 4), ("deepseek_v3", "grouped_yarn", 8),
                                                  ("glm4_moe", "a", 4), ("gpt_oss", "a", 4)]],
     *[(f, v, k, "modepd") for f, v, k in [("deepseek_v3", "moonlight", 5), ("gpt_oss", "a", 3)]],
@@ -28,6 +28,9 @@ CASES = [
     *[(f, v, k, "drop") for f, v, k in [("deepseek_v2", "lora_greedy", 4), ("deepseek_v3", "grouped_yarn", 8),
                                          ("glm4_moe", "a", 4), ("gpt_oss", "a", 4)]],
 ]
+# every other family of the shared table: a substitution and a drop round trip (keep chosen from its config)
+CASES = _CHOSEN + [(f, v, None, fmt) for f, v in PER_FAMILY if f not in {c[0] for c in _CHOSEN}
+                   for fmt in ("substitution", "drop")]
 REL = 1e-5
 
 
@@ -63,7 +66,10 @@ def _close(ours, ref, rel: float = REL) -> None:
 @pytest.mark.parametrize("family,variant,keep,fmt", CASES)
 def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, fmt):
     folder, hf, model, stats = sources(family, variant)
-    plan = mone_jax.plan(stats, keep=keep, n_group=model.config.n_group if fmt == "drop" else 1)
+    cfg = model.config
+    groups = cfg.n_group if fmt == "drop" else 1
+    keep = keep or -(-cfg.num_experts // (2 * groups)) * groups  # about half, the same number in every group
+    plan = mone_jax.plan(stats, keep=keep, n_group=groups)
     pruned = mone_jax.prune(model, stats, plan, mode="drop" if fmt == "drop" else "substitute")
     out = tmp_path / f"{family}_{variant}_{fmt}"  # unique: transformers caches remote code by folder name
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)

@@ -15,15 +15,18 @@ def substitute(hf_model, plan: dict, novices: dict[int, dict[int, np.ndarray]]):
     for i, mod in experts_modules(model).items():
         entry = plan["layers"][str(i)]
         nov = torch.tensor(sorted(entry["novices"]), dtype=torch.long)
-        table = torch.zeros(mod.gate_up_proj.shape[0], mod.down_proj.shape[1], dtype=torch.float32)
+        table = torch.zeros(mod.gate_up_proj.shape[0], model.config.hidden_size, dtype=torch.float32)
         for e in entry["novices"]:
             table[e] = torch.as_tensor(novices[i][e], dtype=torch.float32)
         orig = mod.forward
 
-        def forward(hidden, top_k_index, top_k_weights, orig=orig, nov=nov, table=table):
+        def forward(hidden, *args, orig=orig, nov=nov, table=table, **kwargs):
+            # every family passes (ids, weights) [T, k] positionally; GPT-OSS as router_indices / routing_weights
+            names = [n for n in ("top_k_index", "top_k_weights", "router_indices", "routing_weights") if n in kwargs]
+            top_k_index, top_k_weights = (list(args) + [kwargs.pop(n) for n in names])[:2]
             is_nov = torch.isin(top_k_index, nov)
             kept_w = torch.where(is_nov, torch.zeros_like(top_k_weights), top_k_weights)
-            out = orig(hidden, top_k_index, kept_w)
+            out = orig(hidden, top_k_index, kept_w, **kwargs)
             nov_w = torch.where(is_nov, top_k_weights, torch.zeros_like(top_k_weights))
             return out + (nov_w[..., None].float() * table[top_k_index]).sum(1).to(out.dtype)
 
