@@ -178,6 +178,16 @@ def _glm4_moe(cfg: dict, c: dict) -> dict:
             "qk_norm": "head" if cfg.get("use_qk_norm") else "none"}
 
 
+def _dots1(cfg: dict, c: dict) -> dict:
+    """dots.llm1: Qwen3-style attention (per-head q/k norm, sliding layers from max_window_layers), DeepSeek-V3
+    router."""
+    n, first_sliding = c["num_layers"], int(cfg.get("max_window_layers") or c["num_layers"])
+    bias = bool(cfg.get("attention_bias", False))
+    return {**_deepseek_moe(cfg, c), "qkv_bias": bias, "o_bias": bias, "qk_norm": "head",
+            "sliding_windows": sliding_windows(cfg, n, lambda n: ["sliding_attention" if i >= first_sliding
+                                                                  else "full_attention" for i in range(n)])}
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -196,6 +206,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("glm4_moe", _glm4_moe, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
            defaults=dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1,
                          topk_group=1, norm_topk_prob=True, partial_rotary_factor=0.5)),
+    Family("dots1", _dots1, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias"),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,

@@ -69,6 +69,11 @@ CONFIGS.update({
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
         n_group=2, topk_group=1, routed_scaling_factor=1.5,
         rope_parameters=dict(**_YARN, partial_rotary_factor=0.5))),
+    ("dots1", "a"): ("Dots1Config", dict(
+        num_hidden_layers=3, head_dim=8, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.5, attention_bias=True, sliding_window=5,
+        max_window_layers=1)),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -79,7 +84,7 @@ ALL_VARIANTS = list(CONFIGS)
 FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")]
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
-              ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("gpt_oss", "a")]
+              ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("gpt_oss", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
