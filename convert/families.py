@@ -213,8 +213,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                          rope_theta=150000.0)),
 ]}
 
-_INPUT_SCALED = "it scales the expert INPUT by the routing weight, so a novice (constant output) is not defined"
-REFUSED = {"llama4": f"Llama-4: {_INPUT_SCALED}", "llama4_text": f"Llama-4: {_INPUT_SCALED}"}
+_LLAMA4 = "Llama-4 scales the expert INPUT by the routing weight, so a novice (constant output) is not defined"
+REFUSED = {"llama4": _LLAMA4, "llama4_text": _LLAMA4}
 
 
 def supported() -> str:
