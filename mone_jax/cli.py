@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args) -> None:
     """Options any command may take that must be positive."""
-    for name in ("batch_size", "num_samples", "seq_len", "keep"):
+    for name in ("batch_size", "num_samples", "seq_len", "keep", "checkpoint_every"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

@@ -96,12 +96,6 @@ def checked_config(folder: str) -> ModelConfig:
     return cfg
 
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-
-
 def _file_out(path: str | None) -> None:
     if path and Path(path).is_dir():
         raise UserError(f"'{path}' is a folder: give a file name to write")
@@ -110,7 +104,6 @@ def _file_out(path: str | None) -> None:
 def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str, *, num_samples: int | None = None,
               seq_len: int | None = None) -> CalibJob:
     """A checked calibration job; text and token files are read (and checked) now."""
-    _positive(args, "batch_size", "num_samples", "seq_len", "checkpoint_every")
     scale = ScaleOptions(**{k: getattr(args, k) for k in ScaleOptions.__dataclass_fields__})
     if scale.offload_dir and not scale.sequential:
         raise UserError("--offload-dir applies to --sequential runs only")

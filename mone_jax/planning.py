@@ -1,4 +1,4 @@
-"""The keep / novice plan (DESIGN.md sections 1 and 3): made from scores, read, written, validated once."""
+"""The keep / novice plan (docs/formats.md): made from scores, read, written, validated once."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Plan:
         return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())))
 
     def to_dict(self) -> dict:
-        """The JSON layout of DESIGN.md section 3 (layer keys as strings)."""
+        """The JSON layout of docs/formats.md (layer keys as strings)."""
         layers = {}
         for i, lp in self.layers.items():
             layers[str(i)] = {"kept": list(lp.kept), "novices": list(lp.novices)}

@@ -18,7 +18,7 @@ from mone_jax.stats import LayerStats, Stats
 
 
 def make_plan(stats: Stats, **kw) -> dict:
-    """The plan as its JSON object (DESIGN.md section 3)."""
+    """The plan as its JSON object (docs/formats.md)."""
     return planning.make_plan(stats, **kw).to_dict()
 
 
