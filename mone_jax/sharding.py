@@ -140,8 +140,6 @@ def place(tree, specs, mesh: Mesh):
     return jax.tree.map(put, tree, specs)
 
 
-
-
 def batch_spec(mesh: Mesh) -> P:
     """Rows split over every device (``data`` major, ``expert`` minor); one device: unsplit."""
     return P(AXES) if mesh.size > 1 else P()
