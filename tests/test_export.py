@@ -20,6 +20,9 @@ from safetensors import safe_open
 
 from mone_jax.convert import export as export_mod
 from mone_jax.convert.export import export_pruned, verify_export
+from mone_jax.convert.families import family
+from mone_jax.convert.formats import FORMATS as REGISTRY
+from mone_jax.convert.formats import export_format
 from mone_jax.errors import UserError
 
 # Every model comes from conftest's one table of tiny configs (one variant per family: PER_FAMILY); expert
@@ -31,7 +34,7 @@ from mone_jax.errors import UserError
 # are not needed: no test uses a tokenizer or masks tokens, every exported tensor is compared exactly with its
 # source (_check_weights), and the roundtrip asserts that novices / dropping move the logits by > 1e-3, far
 # above the comparison tolerance.
-FORMATS = ("substitution", "modepd", "drop")
+FORMATS = tuple(REGISTRY)  # every registered export format is under these tests
 # Drop mode must keep a multiple of n_group experts with enough per group for top-k from topk_group groups:
 # deepseek_v2 group_yarn (8 experts, top-3, 4 groups, 2 of them per token) could only "drop" to all 8, so
 # its drop export uses top-2 instead (1 expert kept per group, routing still group-limited).
@@ -150,7 +153,7 @@ def _dropped_reference(model, plan: dict):
 
 def _load(out: Path, fmt: str):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, trust_remote_code=fmt != "drop", output_loading_info=True
+        out, trust_remote_code=export_format(fmt).ships_modeling, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
@@ -167,16 +170,17 @@ def _data_bytes(folder: Path) -> int:
 
 def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> None:
     """Every loaded parameter equals its source tensor (nothing left randomly initialised)."""
+    f, fam = export_format(fmt), family(original.config.model_type)
     want = dict(original.state_dict())
     for key, entry in plan["layers"].items():
         prefix = f"model.layers.{key}.mlp."
         for name in [n for n in want if n.startswith(prefix + "experts.")]:
             want[name] = want[name][entry["kept"]]
-        if fmt == "drop":
+        if f.mode == "drop":
             for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router."))]:
                 want[name] = want[name][entry["kept"]]
-        for e in entry["novices"] if fmt != "drop" else []:
-            where = f"experts.{e}.approx_value" if fmt == "modepd" else f"expert_replacements.{e}.value"
+        for e in entry["novices"] if f.novice_key else []:  # in memory the MoE module is always `mlp`
+            where = f.novice_key(fam, int(key), e).removeprefix(fam.moe_prefix(int(key)) + ".")
             want[prefix + where] = torch.as_tensor(novices[int(key)][e])
     got = dict(loaded.state_dict())
     assert sorted(got) == sorted(want)
@@ -190,21 +194,22 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family, variant", PER_FAMILY)
 def test_export_roundtrip(family, variant, fmt, hf_models, tmp_path, out):
-    if fmt == "drop" and (family, variant) in DROP_OVERRIDES:
+    drop = export_format(fmt).mode == "drop"
+    if drop and (family, variant) in DROP_OVERRIDES:
         original = build_hf(family, variant, **DROP_OVERRIDES[family, variant])
         src = save_hf(original, tmp_path / "src")
     else:
         src, original = hf_models(family, variant)
     E, hidden = _n_experts(original), original.config.hidden_size
-    keep = E // 2 if fmt == "drop" else _varying_keep(original)
-    plan, novices = _plan(original, keep, groups=_groups(original) if fmt == "drop" else 1)
+    keep = E // 2 if drop else _varying_keep(original)
+    plan, novices = _plan(original, keep, groups=_groups(original) if drop else 1)
     summary = export_pruned(src, out, plan, novices, fmt=fmt)
     assert verify_export(out) == []
     loaded = _load(out, fmt)
     _check_weights(loaded, original, plan, novices, fmt)
 
     ids = _ids(original)
-    if fmt == "drop":
+    if drop:
         assert type(loaded).__module__.startswith("transformers.models.")
         assert "auto_map" not in json.loads((out / "config.json").read_text())
         ref = _logits(_dropped_reference(original, plan), ids)
@@ -222,9 +227,9 @@ def test_export_roundtrip(family, variant, fmt, hf_models, tmp_path, out):
         for layer in _moe_layers(original)
     }
     removed = sum(len(v["novices"]) * per_expert[int(k)] for k, v in plan["layers"].items())
-    added = 0 if fmt == "drop" else sum(len(v["novices"]) for v in plan["layers"].values()) * hidden
+    added = 0 if drop else sum(len(v["novices"]) for v in plan["layers"].values()) * hidden
     router = sum(len(v["novices"]) * _router_row(original, int(k), E) for k, v in plan["layers"].items()) \
-        if fmt == "drop" else 0
+        if drop else 0
     before = sum(t.numel() for t in original.state_dict().values())
     assert summary["expert_params_removed"] == removed and summary["novice_params_added"] == added
     assert summary["params_before"] == before

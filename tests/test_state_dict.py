@@ -10,6 +10,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import mone_jax
+from mone_jax.convert.formats import FORMATS
 from mone_jax.convert.state_dict import hf_state_dict
 from mone_jax.errors import UserError
 
@@ -39,19 +40,20 @@ def _edited_pruned(hf_models, mode: str):
     return folder, pruned
 
 
-@pytest.mark.parametrize("fmt", ["substitution", "modepd", "drop"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_save_hf_writes_the_models_own_arrays(hf_models, tmp_path, fmt):
-    folder, pruned = _edited_pruned(hf_models, "drop" if fmt == "drop" else "substitute")
+    drop = FORMATS[fmt].mode == "drop"
+    folder, pruned = _edited_pruned(hf_models, FORMATS[fmt].mode)
     out = tmp_path / f"edited_{fmt}"
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     back = mone_jax.load_hf(out, progress=False)
     want, got = nnx.to_flat_state(nnx.state(pruned)), dict(nnx.to_flat_state(nnx.state(back)))
     for path, var in want:
-        if fmt == "drop" and path[-1] == "kept_ids":  # a drop export is a stock model: experts renumbered 0..K-1
+        if drop and path[-1] == "kept_ids":  # a drop export is a stock model: experts renumbered 0..K-1
             continue
         np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(var.get_value()), err_msg=str(path))
     ids = np.random.default_rng(5).integers(0, 96, (2, 12)).astype(np.int32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt != "drop").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=FORMATS[fmt].ships_modeling).eval()
     assert_close_logits(np.asarray(pruned(ids)), torch_logits(hf, ids))
 
 
