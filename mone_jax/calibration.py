@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mone_jax.errors import UserError
+from mone_jax.io import token_ids
 from mone_jax.model import MoEForCausalLM
 from mone_jax.moe import EXPERT
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
@@ -67,13 +68,9 @@ def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = np.asarray(b["input_ids"]), b.get("attention_mask")
     else:
         ids, mask = np.asarray(b), None
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"calibration batches must be integer token ids [B, T], got {ids.dtype} {list(ids.shape)}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise UserError(f"calibration token ids must lie in [0, {vocab}), found {ids.min()}..{ids.max()}: "
-                        "the data was tokenized for another model")
-    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
-    return ids.astype(np.int32), mask
+    ids = token_ids(ids, vocab, "a calibration batch")
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool).reshape(ids.shape)
+    return ids, mask
 
 
 def shard_batch(a: np.ndarray, mesh: Mesh) -> jax.Array:

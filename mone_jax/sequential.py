@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mone_jax.calibration import as_batch, empty_stats, shard_batch
 from mone_jax.config import ModelConfig
 from mone_jax.convert.export import export_pruned
+from mone_jax.convert.formats import export_format
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
@@ -253,10 +254,11 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, pla
     :func:`~mone_jax.pruning.prune` sets them, so the folder equals the full-model export.
     """
     cfg = config_of(folder)
-    plan = Plan.from_dict(plan).validate(cfg, "drop" if fmt == "drop" else "substitute")
+    mode = export_format(fmt).mode
+    plan = Plan.from_dict(plan).validate(cfg, mode)
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     dt = resolve_dtype(dtype)
-    novices = {i: {} if fmt == "drop" else
+    novices = {i: {} if mode == "drop" else
                {e: stats.layers[i].mean[e].astype(np.float32).astype(dt).astype(np.float32) for e in lp.novices}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite)
