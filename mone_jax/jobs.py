@@ -16,7 +16,7 @@ from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import metric
+from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -55,6 +55,7 @@ class CalibJob:
     batches: tuple[np.ndarray, ...] | None
     scale: ScaleOptions
     progress: bool
+    semantics: str = "exact"  # scoring.SEMANTICS, recorded in the statistics
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class PruneJob:
     plan_out: str | None
     out_dtype: str | None
     overwrite: bool
+    semantics: str = "exact"  # of the plan made here (scoring.SEMANTICS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -111,7 +113,7 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   not args.quiet)
+                   not args.quiet, check_semantics(getattr(args, "semantics", "exact")))
     if calib == "self":
         return job
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
@@ -166,6 +168,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     metric(args.metric)  # known
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -200,7 +203,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
                                                            seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, semantics)
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

@@ -109,9 +109,12 @@ def run_calibration(job):
                                identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
         if opts.sequential:
-            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
-                                        progress=job.progress, checkpoint=ckpt)
-        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+            stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh,
+                                         offload_dir=opts.offload_dir, progress=job.progress, checkpoint=ckpt)
+        else:
+            stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+        stats.meta["semantics"] = job.semantics  # recorded in the statistics file
+        return stats
     finally:
         if ckpt is not None:
             ckpt.close()
