@@ -90,6 +90,16 @@ class LayerStats(namedtuple("_LayerStats", NAMES)):
 
     __slots__ = ()
 
+    def __new__(cls, *args, **kwargs):
+        """Optional fields left out (callers written before they existed) are zeros."""
+        given = {**dict(zip(NAMES, args)), **kwargs}
+        for f in FIELDS:
+            if f.name not in given and f.optional:
+                lead = np.shape(given["count"])
+                shape = (*lead, np.shape(given["mean"])[-1]) if f.per_dim else lead
+                given[f.name] = np.zeros(shape, np.int64 if f.kind in _INTS else np.float64)
+        return super().__new__(cls, *(given[n] for n in NAMES))
+
     @classmethod
     def zeros(cls, num_experts: int, hidden: int) -> LayerStats:
         return cls(*(np.zeros((num_experts, hidden) if f.per_dim else num_experts,
