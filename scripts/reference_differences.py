@@ -65,6 +65,11 @@ def main() -> None:
         out[f"{scope}_scope_kept_sets_differ"] = f"{differ} of {pairs} (layer, K) pairs, K = 1..{E - 1}"
         out[f"{scope}_scope_reference_keeps_fewer_than_N"] = fewer
         out[f"{scope}_scope_K_where_the_reference_empties_a_layer"] = empty
+    for k in (12, 8):  # the reference's default run (bfloat16 model) against exact float32 statistics
+        theirs = np.load(REF / f"ref_bf16_k{k}.npz")
+        ours = make_plan(one, keep=k)
+        out[f"bf16_reference_vs_exact_fp32_layers_differing_k{k}"] = sum(
+            list(lp.novices) != theirs[f"l{i}.novices"].tolist() for i, lp in ours.layers.items())
     bf16_err = [np.max(np.abs(s.ref_mean.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64) - s.ref_mean)
                        / np.maximum(np.abs(s.ref_mean), 1e-30)) for s in one.layers.values()]
     out["bf16_novice_max_rel_rounding"] = float(max(bf16_err))

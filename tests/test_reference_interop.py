@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from conftest import transformers  # noqa: F401  (skips without transformers)
 from flax import nnx
+from safetensors import safe_open
 
 import mone_jax
+from mone_jax.cli import main
 from mone_jax.convert.export import export_pruned
 from mone_jax.convert.families import parse_config
 from mone_jax.demo import demo_model_dir
@@ -208,3 +210,36 @@ def test_reference_semantics_needs_reference_statistics():
     stats.meta["semantics"] = "reference"
     with pytest.raises(UserError, match="no reference semantics"):
         make_plan(stats, keep=2, metric="reap", semantics="reference")
+
+
+def test_cli_reference_semantics_from_calibration_to_modepd_export(hf_models, tmp_path):
+    folder, _ = hf_models("olmoe", "a")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(1).integers(0, 96, (4, 16)).astype(np.int32))
+    exact, ref = tmp_path / "exact.safetensors", tmp_path / "ref.safetensors"
+    calib = ["--calib", tmp_path / "ids.npy", "--batch-size", "2", "--quiet"]
+    assert main(["calibrate", str(folder), *map(str, calib), "--stats-out", str(ref), "--semantics", "reference"]) == 0
+    stats = Stats.load(ref)
+    assert stats.meta["semantics"] == "reference"
+    Stats(stats.layers, stats.tokens, {**stats.meta, "semantics": "exact"}).save(exact)  # as an exact run writes it
+    with safe_open(str(exact), "np") as f:
+        assert f.metadata()["semantics"] == "exact" and not any("reference" in k for k in f.keys())
+    for s in stats.layers.values():  # two calls: counts and means as exact unless a first call had one token
+        first_single = s.ref_count < s.count
+        np.testing.assert_array_equal(s.ref_count[~first_single], s.count[~first_single])
+        np.testing.assert_allclose(s.ref_mean[~first_single], s.mean[~first_single], rtol=1e-5, atol=1e-6)
+    assert main(["plan", str(exact), "--keep", "5", "--semantics", "reference", "--plan-out",
+                 str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
+    out = tmp_path / "out"
+    assert main(["prune", str(folder), "--stats", str(ref), "--keep", "5", "--semantics", "reference", "--format",
+                 "modepd", "--out", str(out), "--plan-out", str(tmp_path / "p.json"), "--quiet"]) == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["semantics"] == "reference"
+    cfg = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["num_experts"] == 8
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        for layer, entry in plan["layers"].items():
+            for e in entry["novices"]:
+                got = f.get_tensor(f"model.layers.{layer}.mlp.experts.{e}.approx_value").astype(np.float32)
+                want = stats.layers[int(layer)].ref_mean[e].astype(np.float32).astype(ml_dtypes.bfloat16)
+                np.testing.assert_array_equal(got, want.astype(np.float32))
