@@ -252,6 +252,6 @@ def reference_call(acc: LayerStats, batch: LayerStats) -> dict[str, np.ndarray]:
 
 def _read_layer(t: dict, i: int) -> list[np.ndarray]:
     """Layer i's tensors in :data:`FIELDS` order; a missing optional one (older files) reads as zeros."""
-    count = t[f"layers.{i}.count"]
-    return [t[k] if not f.optional or k in t else np.zeros(count.shape) for f in FIELDS
-            for k in [f"layers.{i}.{f.key}"]]
+    count, mean = t[f"layers.{i}.count"], t[f"layers.{i}.output_mean"]
+    return [t[k] if not f.optional or k in t else np.zeros(mean.shape if f.per_dim else count.shape)
+            for f in FIELDS for k in [f"layers.{i}.{f.key}"]]

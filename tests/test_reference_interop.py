@@ -213,7 +213,7 @@ def test_reference_semantics_needs_reference_statistics():
         make_plan(stats, keep=2, metric="reap", semantics="reference")
 
 
-def test_cli_reference_semantics_from_calibration_to_modepd_export(hf_models, tmp_path):
+def test_cli_reference_semantics_from_calibration_to_modepd_export(hf_models, tmp_path, capsys):
     folder, _ = hf_models("olmoe", "a")
     np.save(tmp_path / "ids.npy", np.random.default_rng(1).integers(0, 96, (4, 16)).astype(np.int32))
     exact, ref = tmp_path / "exact.safetensors", tmp_path / "ref.safetensors"
@@ -230,7 +230,9 @@ def test_cli_reference_semantics_from_calibration_to_modepd_export(hf_models, tm
         np.testing.assert_allclose(s.ref_mean[~first_single], s.mean[~first_single], rtol=1e-5, atol=1e-6)
     assert main(["plan", str(exact), "--keep", "5", "--semantics", "reference", "--plan-out",
                  str(tmp_path / "bad.json")]) == 2
+    assert "recalibrate with --semantics reference" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
+    assert Stats.load(exact).layers[0].ref_mean.shape == stats.layers[0].mean.shape  # absent fields read as 0
     out = tmp_path / "out"
     assert main(["prune", str(folder), "--stats", str(ref), "--keep", "5", "--semantics", "reference", "--format",
                  "modepd", "--out", str(out), "--plan-out", str(tmp_path / "p.json"), "--quiet"]) == 0
