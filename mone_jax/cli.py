@@ -48,31 +48,32 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def cmd_calibrate(args) -> None:
     from mone_jax.jobs import calibrate_job
-    from mone_jax.scale import init_distributed, is_writer, run_calibration
+    from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
 
     job = calibrate_job(args)
     init_distributed(job.scale)
     stats = run_calibration(job)
     if is_writer():
         stats.save(args.stats_out)
+    finish(job)
     print(f"calibrated on {stats.tokens} tokens; statistics of {len(stats.layers)} MoE layers -> {args.stats_out}")
 
 
 def cmd_plan(args) -> None:
-    from mone_jax.planning import make_plan
+    from mone_jax.planning import describe_summary, make_plan, plan_summary
     from mone_jax.stats import Stats
 
     stats = Stats.load(args.stats)
     plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
     plan.save(args.plan_out)
-    print(f"plan: keep {plan.keep} of {stats.num_experts} experts per layer ({args.metric}, {args.scope}) "
-          f"-> {args.plan_out}")
+    summary = plan_summary(plan, stats.num_experts, args.ratio)
+    print(f"plan: {describe_summary(summary, stats.num_experts)} ({args.metric}, scope {args.scope}) -> {args.plan_out}")
 
 
 def cmd_prune(args) -> None:
     from mone_jax.jobs import prune_job
-    from mone_jax.planning import make_plan
-    from mone_jax.scale import init_distributed, is_writer, run_calibration
+    from mone_jax.planning import describe_summary, make_plan, plan_summary
+    from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
     from mone_jax.sequential import export_from_stats
 
     job = prune_job(args)
@@ -91,8 +92,12 @@ def cmd_prune(args) -> None:
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
                                 out_dtype=job.out_dtype, overwrite=job.overwrite)
-    print(json.dumps(summary, indent=1))
-    print(f"pruned checkpoint written to {job.out}")
+    if job.calib is not None:
+        finish(job.calib)
+    kept = plan_summary(plan, job.config.num_experts, job.ratio)
+    print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
+    print(f"mone-jax: {describe_summary(kept, job.config.num_experts)}; wrote {job.format.name} checkpoint "
+          f"{job.out}; next: mone-jax eval {job.out} --data HELD_OUT_TEXT", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
@@ -132,9 +137,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mone-jax: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Commands(argparse._SubParsersAction):
+    """Subcommands that also take the global options after their name (``mone-jax prune --debug``)."""
+
+    def add_parser(self, name, **kw):
+        p = super().add_parser(name, **kw)
+        global_args(p, argparse.SUPPRESS)
+        return p
+
+
+def global_args(p: argparse.ArgumentParser, default) -> None:
+    """--debug and --quiet, before or after the command name (``default``: False at the top level, SUPPRESS
+    in a command so that an option given before the command name survives)."""
+    p.add_argument("--debug", action="store_true", default=default, help="show Python tracebacks")
+    p.add_argument("--quiet", action="store_true", default=default, help="no progress or phase lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mone_jax import __version__
+
     ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
-    ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    ap.add_argument("--version", action="version", version=f"mone-jax {__version__}")
+    global_args(ap, False)
+    ap.register("action", "parsers", _Commands)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def model_arg(p, optional=False):
@@ -143,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("model", help="Hugging Face model folder (safetensors)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "

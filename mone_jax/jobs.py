@@ -77,6 +77,7 @@ class PruneJob:
     plan_out: str | None
     out_dtype: str | None
     overwrite: bool
+    ratio: float | None = None  # the requested pruned fraction, when given as one
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -118,7 +119,7 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
 
-def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, ...]:
+def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
     """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
     --seq-len is used as it is."""
     cfg = job.config
@@ -139,9 +140,21 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    bs = job.batch_size
-    n = (ids.shape[0] // bs) * bs or ids.shape[0]
-    return tuple(ids[i:i + bs] for i in range(0, n, bs))
+    return batched(ids, job.batch_size)
+
+
+def batched(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
+    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
+    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
+    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    short = out[-1].shape[0] if out else batch_size
+    if len(out) > 1 and short < batch_size:
+        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
+        pad[:short] = out[-1]
+        mask = np.zeros(pad.shape, np.int32)
+        mask[:short] = 1
+        out[-1] = {"input_ids": pad, "attention_mask": mask}
+    return tuple(out)
 
 
 def calibrate_job(args: argparse.Namespace) -> CalibJob:
@@ -200,7 +213,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
                                                            seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio)
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

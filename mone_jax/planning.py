@@ -215,6 +215,32 @@ def _model_scope(scores: dict[int, np.ndarray], ids: list[int], n: int) -> dict[
     return kept
 
 
+def plan_summary(plan: Plan, num_experts: int, requested_ratio: float | None = None) -> dict:
+    """What a plan keeps: per MoE layer and overall, and the pruned fraction it achieves (next to the requested
+    one, which whole expert counts can only approach)."""
+    per_layer = {i: len(lp.kept) for i, lp in plan.layers.items()}
+    total = num_experts * len(per_layer)
+    out = {"kept_per_layer": {str(i): n for i, n in per_layer.items()}, "experts_kept": sum(per_layer.values()),
+           "experts_total": total, "pruned_fraction": 1 - sum(per_layer.values()) / total}
+    if requested_ratio is not None:
+        out["requested_ratio"] = requested_ratio
+    return out
+
+
+def describe_summary(s: dict, num_experts: int) -> str:
+    """One line for :func:`plan_summary`: kept per layer, overall, achieved vs requested pruned fraction."""
+    counts = list(s["kept_per_layer"].values())
+    if len(set(counts)) == 1:
+        per = f"keep {counts[0]} of {num_experts} experts in each of {len(counts)} MoE layers"
+    else:
+        per = f"keep {'/'.join(map(str, counts))} of {num_experts} experts in MoE layers {'/'.join(s['kept_per_layer'])}"
+    line = f"{per} ({s['experts_kept']} of {s['experts_total']} kept, {s['pruned_fraction']:.1%} pruned"
+    req = s.get("requested_ratio")
+    if req is not None and abs(req - s["pruned_fraction"]) > 1e-9:
+        line += f"; {req:.1%} requested, rounded to whole experts"
+    return line + ")"
+
+
 def load_plan(path: str | Path) -> Plan:
     return Plan.load(path)
 

@@ -83,6 +83,14 @@ def _mesh(job):
                                 device_bytes=limit))
 
 
+def finish(job) -> None:
+    """After the outputs of a finished run are written: its resumable checkpoint is no longer needed."""
+    from mone_jax.resume import remove_checkpoint
+
+    if job.scale.checkpoint_dir:
+        remove_checkpoint(job.scale.checkpoint_dir, job.scale.offload_dir)
+
+
 def run_calibration(job):
     """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
     streamed with --sequential."""
