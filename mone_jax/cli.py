@@ -29,15 +29,23 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_forward(args) -> None:
-    model = _load(args)
-    try:
+    from mone_jax.convert.load import config_of
+
+    try:  # the inputs are checked before the model loads
         ids = np.load(args.tokens, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read token ids from '{args.tokens}' ({e}): give a .npy of int token ids") from None
-    ids = token_ids(ids, model.config.vocab_size, f"'{args.tokens}'")
+    _file_out(args.out)
+    ids = token_ids(ids, config_of(args.model).vocab_size, f"'{args.tokens}'")
+    model = _load(args)
     logits = np.asarray(model(ids), np.float32)
     atomic_write(args.out, lambda tmp: tmp.write_bytes(_npy_bytes(logits)))
     print(f"wrote logits {list(logits.shape)} to {args.out}")
+
+
+def _file_out(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise UserError(f"'{path}' is a folder: give a file name to write")
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -106,13 +114,17 @@ def cmd_eval(args) -> None:
 
     if args.data == "self":
         raise UserError("evaluate on held-out data (a file, folder, .npy or hf:NAME), not on the model's own samples")
-    model = _load(args)
-    cfg = model.config
+    from mone_jax.convert.load import config_of
+
+    cfg = config_of(args.model)
     if args.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
+    if args.json:
+        _file_out(args.json)
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
                             text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
+    model = _load(args)
     result = perplexity(model, ids, batch_size=args.batch_size, progress=not args.quiet)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
     if args.json:

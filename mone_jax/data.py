@@ -122,7 +122,7 @@ def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[obj
     for example in ds:
         if text_field not in example:
             raise UserError(f"{spec} has no field {text_field!r} (fields: {', '.join(example)}); "
-                            "choose the text field")
+                            "choose it with text_field (--text-field on the command line)")
         yield example[text_field]
 
 
@@ -154,7 +154,7 @@ def _local_documents(path: Path, text_field: str, rng: np.random.Generator | Non
         field = "text" if builder == "text" else text_field
         if field not in part.column_names:
             raise UserError(f"{data_files[0]} has no field {field!r} (fields: {', '.join(part.column_names)}); "
-                            "choose the text field")
+                            "choose it with text_field (--text-field on the command line)")
         part = part.select_columns([field])
         parts.append(part if field == "text" else part.rename_column(field, "text"))
     ds = datasets.concatenate_datasets(parts)

@@ -113,9 +113,12 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
                    not args.quiet)
+    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
+        raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
     if calib == "self":
         return job
-    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
 

@@ -89,3 +89,24 @@ def test_finished_sequential_run_leaves_no_checkpoint_and_equal_bytes(hf_models,
     for k in range(4):  # safetensors writes metadata in hash order: our files must not
         stats.save(tmp_path / f"again{k}.safetensors")
         assert (tmp_path / f"again{k}.safetensors").read_bytes() == files[0].read_bytes()
+
+
+def test_bad_inputs_refused_before_slow_work(hf_models, tmp_path, capsys):
+    """A folder with config.json but no weights or tokenizer: each refusal must come from the bad input, which
+    is checked before the model loads or any text is tokenized."""
+    folder, _ = hf_models("olmoe", "a")  # max_position_embeddings 256
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    text = tmp_path / "t.txt"
+    text.write_text("some words to calibrate on\n\nand another paragraph\n")
+    rc, _, err = cli(capsys, "forward", bare, "--tokens", tmp_path / "missing.npy", "--out", tmp_path / "l.npy")
+    assert rc == 2 and "missing.npy" in err
+    rc, _, err = cli(capsys, "eval", bare, "--data", text, "--seq-len", 4096)
+    assert rc == 2 and "--seq-len 4096 exceeds" in err
+    rc, _, err = cli(capsys, "prune", folder, "--calib", text, "--seq-len", 4096, "--keep", 4, "--out", tmp_path / "o")
+    assert rc == 2 and "4096 exceeds" in err  # not the missing tokenizer: nothing was tokenized
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "hello"}) + "\n")
+    rc, _, err = cli(capsys, "eval", "mone_jax/demo/model", "--data", rows, "--seq-len", 8)
+    assert rc == 2 and "no field 'text' (fields: body)" in err and "--text-field" in err
