@@ -79,6 +79,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_prune(args) -> None:
+    from mone_jax import __version__
+    from mone_jax.card import folder_files
     from mone_jax.jobs import prune_job
     from mone_jax.planning import describe_summary, make_plan, plan_summary
     from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
@@ -97,12 +99,16 @@ def cmd_prune(args) -> None:
         stats.save(job.stats_out)
     if job.plan_out:
         plan.save(job.plan_out)
+    kept = plan_summary(plan, job.config.num_experts, job.ratio)
+    c = job.calib
+    calibration = {"data": "reused statistics"} if c is None else {"data": c.calib, "seed": c.seed}
+    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
+                         mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
-                                out_dtype=job.out_dtype, overwrite=job.overwrite)
-    if job.calib is not None:
-        finish(job.calib)
-    kept = plan_summary(plan, job.config.num_experts, job.ratio)
+                                out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    if c is not None:
+        finish(c)
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
     print(f"mone-jax: {describe_summary(kept, job.config.num_experts)}; wrote {job.format.name} checkpoint "
           f"{job.out}; next: mone-jax eval {job.out} --data HELD_OUT_TEXT", file=sys.stderr)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from reference import reference_stats
 from test_calibration import assert_stats_match
 
 import mone_jax
 from mone_jax.cli import main
+from mone_jax.convert.export import verify_export
 from mone_jax.stats import Stats
 
 
@@ -42,7 +44,7 @@ def test_short_last_batch_is_calibrated_not_dropped(hf_models, ids10, tmp_path, 
     assert f"calibrated on {tokens} tokens" in out
 
 
-def test_prune_stdout_is_json_and_the_ratio_is_stated(hf_models, ids10, tmp_path, capsys):
+def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_path, capsys):
     folder, _ = hf_models("qwen3_moe", "a")  # 8 experts, 2 MoE layers
     rc, out, err = cli(capsys, "prune", folder, "--calib", ids10, "--ratio", 0.4, "--scope", "model", "--out",
                        tmp_path / "out", "--plan-out", tmp_path / "p.json", "--stats-out", tmp_path / "s.safetensors",
@@ -56,6 +58,18 @@ def test_prune_stdout_is_json_and_the_ratio_is_stated(hf_models, ids10, tmp_path
     assert summary["plan"]["pruned_fraction"] == pytest.approx(achieved)
     assert achieved != pytest.approx(0.4)  # 0.4 of 8 experts is not a whole number
     assert f"{achieved:.1%} pruned" in err and "40.0% requested" in err and str(tmp_path / "out") in err
+    # the folder says how it was made (11), inspect reads it back (12), without warning about our own code (7)
+    out_dir = tmp_path / "out"
+    front = yaml.safe_load((out_dir / "README.md").read_text().split("---")[1])["mone_jax"]
+    assert front["kept_per_layer"] == kept and front["format"] == "substitution" and front["metric"] == "mone"
+    assert front["version"] == mone_jax.__version__ and front["source_model"] == str(folder)
+    assert front["calibration"]["tokens"] == Stats.load(tmp_path / "s.safetensors").tokens == 120
+    assert json.loads((out_dir / "mone_plan.json").read_text()) == plan
+    assert verify_export(out_dir) == []
+    rc, out, err = cli(capsys, "inspect", out_dir, "--json")
+    pruned = json.loads(out)["pruned_layers"]
+    assert rc == 0 and json.loads(out)["format"] == "substitution" and "warning" not in err
+    assert pruned == {k: {"kept": v["kept"], "novices": v["novices"]} for k, v in plan["layers"].items()}
     # `plan --scope model` states the per-layer counts, not one number for all layers
     rc, out, _ = cli(capsys, "plan", tmp_path / "s.safetensors", "--ratio", 0.4, "--scope", "model", "--plan-out",
                      tmp_path / "q.json")
