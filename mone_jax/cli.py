@@ -142,9 +142,11 @@ def cmd_verify(args) -> None:
     from mone_jax.convert.export import verify_export
 
     problems = verify_export(args.folder)
-    if problems:
-        raise UserError(f"'{args.folder}' failed verification: {problems[0]}"
-                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if len(problems) == 1:
+        raise UserError(f"'{args.folder}' failed verification: {problems[0]}")
+    if problems:  # every problem, one per line, then the verdict
+        print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        raise UserError(f"'{args.folder}' failed verification: the {len(problems)} problems above; re-export it")
     print(f"{args.folder}: all files match the manifest")
 
 

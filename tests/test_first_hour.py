@@ -4,6 +4,7 @@ checkpoints of conftest.py, against independent references (a float64 NumPy loop
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -124,3 +125,20 @@ def test_bad_inputs_refused_before_slow_work(hf_models, tmp_path, capsys):
     rows.write_text(json.dumps({"body": "hello"}) + "\n")
     rc, _, err = cli(capsys, "eval", "mone_jax/demo/model", "--data", rows, "--seq-len", 8)
     assert rc == 2 and "no field 'text' (fields: body)" in err and "--text-field" in err
+
+
+def test_verify_lists_every_problem(tmp_path, capsys):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    files = {name: folder / name for name in ("a.json", "b.json", "c.json")}
+    for path in files.values():
+        path.write_text("{}")
+    manifest = {name: {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2} for name in files}
+    (folder / "mone_manifest.json").write_text(json.dumps({"format_version": 1, "files": manifest}))
+    assert cli(capsys, "verify", folder)[0] == 0
+    files["a.json"].unlink()
+    files["b.json"].write_text("[]")
+    (folder / "extra.txt").write_text("?")
+    rc, _, err = cli(capsys, "verify", folder)
+    assert rc == 2 and err.count("\n") == 4 and "3 problems" in err
+    assert "missing file 'a.json'" in err and "'b.json' changed" in err and "unexpected file 'extra.txt'" in err
