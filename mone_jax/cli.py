@@ -55,7 +55,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def cmd_calibrate(args) -> None:
-    from mone_jax.jobs import calibrate_job
+    from mone_jax.jobs import batches_shape, calibrate_job
     from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
 
     job = calibrate_job(args)
@@ -64,7 +64,10 @@ def cmd_calibrate(args) -> None:
     if is_writer():
         stats.save(args.stats_out)
     finish(job)
-    print(f"calibrated on {stats.tokens} tokens; statistics of {len(stats.layers)} MoE layers -> {args.stats_out}")
+    shape = "" if job.batches is None else " ({} sequences x {} tokens of '{}')".format(*batches_shape(job.batches),
+                                                                                        job.calib)
+    print(f"calibrated on {stats.tokens} tokens{shape}; statistics of {len(stats.layers)} MoE layers "
+          f"-> {args.stats_out}")
 
 
 def cmd_plan(args) -> None:
@@ -150,8 +153,28 @@ def cmd_verify(args) -> None:
     print(f"{args.folder}: all files match the manifest")
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that states each option's default (unless it has none, or the help text says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                and "default" not in text:
+            text += f" (default: {action.default})"
+        return text
+
+
+def one_of(names, what: str = "") -> str:
+    """Help text listing a registry's names (choices are checked by the registry, with its own message)."""
+    return f"{what}{': ' if what else ''}one of {', '.join(names)}"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit code 2)."""
+    """argparse with a one-line error message (exit code 2) and defaults in the help."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"mone-jax: error: {message} (see `{self.prog} --help`)\n")
@@ -175,6 +198,9 @@ def global_args(p: argparse.ArgumentParser, default) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from mone_jax import __version__
+    from mone_jax.convert.formats import FORMATS
+    from mone_jax.planning import SCOPES
+    from mone_jax.scoring import METRICS
 
     ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
     ap.add_argument("--version", action="version", version=f"mone-jax {__version__}")
@@ -187,16 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder (default: the demo model)")
         else:
             p.add_argument("model", help="Hugging Face model folder (safetensors)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="compute dtype")
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
                                                      "hf:NAME[:CONFIG][:SPLIT], or 'self'")
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
-        p.add_argument("--text-field", default="text")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
+        p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration step")
+        p.add_argument("--seed", type=int, default=0, help="seed of the data sampling (and of --metric random)")
         from mone_jax.scale import add_args
 
         add_args(p)
@@ -205,12 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
         g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
-        p.add_argument("--metric", default="mone")
-        p.add_argument("--scope", default="layer")
+        p.add_argument("--metric", default="mone", help=one_of(METRICS, "expert score"))
+        p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies") +
+                       " ('layer': exactly N in every MoE layer; 'model': N x layers overall, at least one per layer)")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("model", help="Hugging Face model folder, original or pruned")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("forward", help="logits for given token ids (cross-framework check)")
@@ -222,29 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="per-expert statistics over calibration data")
     model_arg(p)
     calib_args(p)
-    p.add_argument("--stats-out", required=True)
+    p.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
     p.add_argument("stats", help="statistics file from `mone-jax calibrate`")
     plan_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plan-out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
+    p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go")
+    p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
+                       description="Calibrate, plan, prune and export in one go. With no MODEL: the shipped demo "
+                                   "model with --calib self --num-samples 16 --seq-len 64 --ratio 0.25 "
+                                   "--out mone-demo-out (a first run in under a minute, nothing downloaded).")
     model_arg(p, optional=True)
     calib_args(p)
     plan_args(p, required=False)
     p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--format", default="substitution")
+    p.add_argument("--format", default="substitution", help=one_of(FORMATS, "export format"))
     p.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: as the source)")
-    p.add_argument("--stats-out", default=None)
-    p.add_argument("--plan-out", default=None)
+    p.add_argument("--stats-out", default=None, help="also write the statistics to this file")
+    p.add_argument("--plan-out", default=None, help="also write the plan to this file")
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")
@@ -253,13 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start")
     p.add_argument("--num-samples", type=int, default=256, help="blocks evaluated")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
-    p.add_argument("folder")
+    p.add_argument("folder", help="folder written by `mone-jax prune`")
     p.set_defaults(fn=cmd_verify)
     return ap
 

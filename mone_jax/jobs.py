@@ -160,6 +160,14 @@ def batched(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
     return tuple(out)
 
 
+def batches_shape(batches) -> tuple[int, int]:
+    """(sequences, tokens per sequence) that calibration batches hold, padding rows not counted."""
+    rows = sum(int(np.asarray(b["attention_mask"]).any(1).sum()) if isinstance(b, dict) else b.shape[0]
+               for b in batches)
+    first = batches[0]["input_ids"] if isinstance(batches[0], dict) else batches[0]
+    return rows, int(first.shape[1])
+
+
 def calibrate_job(args: argparse.Namespace) -> CalibJob:
     """``mone-jax calibrate``."""
     if args.calib is None:

@@ -4,6 +4,7 @@ checkpoints of conftest.py, against independent references (a float64 NumPy loop
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_short_last_batch_is_calibrated_not_dropped(hf_models, ids10, tmp_path, 
     assert rc == 0
     ref, tokens = reference_stats(hf, [(np.load(ids10), None)])  # all 10 samples, float64
     assert_stats_match(Stats.load(tmp_path / "s.safetensors"), ref, tokens)
-    assert f"calibrated on {tokens} tokens" in out
+    assert f"calibrated on {tokens} tokens (10 sequences x 12 tokens" in out  # the .npy shape used
 
 
 def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_path, capsys):
@@ -142,3 +143,21 @@ def test_verify_lists_every_problem(tmp_path, capsys):
     rc, _, err = cli(capsys, "verify", folder)
     assert rc == 2 and err.count("\n") == 4 and "3 problems" in err
     assert "missing file 'a.json'" in err and "'b.json' changed" in err and "unexpected file 'extra.txt'" in err
+
+
+def test_help_states_every_option_its_choices_and_defaults(capsys):
+    from mone_jax.cli import build_parser
+    from mone_jax.convert.formats import FORMATS
+    from mone_jax.scoring import METRICS
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, p in commands.items():
+        for action in p._actions:
+            assert action.help, f"`{name} {'/'.join(action.option_strings) or action.dest}` has no help text"
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert all(m in text for m in METRICS) and all(f in text for f in FORMATS)
+    assert "(default: mone)" in text and "(default: layer)" in text and "(default: substitution)" in text
+    assert "--calib self --num-samples 16 --seq-len 64 --ratio 0.25" in text
