@@ -15,10 +15,12 @@ STATS_FILE = "mone_stats_summary.json"
 CARD_FILE = "README.md"
 
 _LOAD = {
-    "substitute": 'from transformers import AutoModelForCausalLM\n'
-                  'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)',
-    "drop": 'from transformers import AutoModelForCausalLM\n'
-            'model = AutoModelForCausalLM.from_pretrained("{out}")  # a stock checkpoint with fewer experts',
+    "substitute": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
+                  'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)  # modeling_mone.py\n'
+                  'tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)',
+    "drop": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
+            'model = AutoModelForCausalLM.from_pretrained("{out}")  # a stock checkpoint with fewer experts\n'
+            'tokenizer = AutoTokenizer.from_pretrained("{out}")',
 }
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +164,27 @@ def test_help_states_every_option_its_choices_and_defaults(capsys):
     assert all(m in text for m in METRICS) and all(f in text for f in FORMATS)
     assert "(default: mone)" in text and "(default: layer)" in text and "(default: substitution)" in text
     assert "--calib self --num-samples 16 --seq-len 64 --ratio 0.25" in text
+
+
+def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_path, capfd):
+    from mone_jax.data import load_token_blocks
+
+    demo = Path(mone_jax.__file__).parent / "demo" / "model"
+    pruned = tmp_path / "pruned"  # a modepd-style config: a model type transformers does not know, and auto_map
+    pruned.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (pruned / name).write_bytes((demo / name).read_bytes())
+    cfg = json.loads((demo / "config.json").read_text())
+    (pruned / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3_moe_compressed", "auto_map": {
+        "AutoConfig": "modeling_mone.Qwen3MoeCompressedConfig"}}))
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning was a word.\n\nAnd then there were many more words to read here.\n")
+    capfd.readouterr()
+    ids = load_token_blocks(str(text), tokenizer_dir=pruned, num_samples=1, seq_len=8, vocab_size=cfg["vocab_size"],
+                            contiguous=True)
+    out, err = capfd.readouterr()
+    assert ids.shape == (1, 8) and out == "" and err == ""  # no split bar, no model-type warning, no prompt
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", "eval", str(demo), "--data", "hf:some/data", "--seq-len", "8"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot be reached" in p.stderr
