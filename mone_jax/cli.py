@@ -14,12 +14,14 @@ import numpy as np
 
 from mone_jax.errors import UserError
 from mone_jax.io import atomic_write, atomic_write_text, token_ids
+from mone_jax.phases import configure, phase
 
 
 def _load(args):
     from mone_jax.convert.load import load_hf
 
-    return load_hf(args.model, dtype=args.dtype, progress=not args.quiet)
+    phase("load", f"the model in '{args.model}' ({args.dtype})")
+    return load_hf(args.model, dtype=args.dtype, progress=args.progress)
 
 
 def cmd_inspect(args) -> None:
@@ -55,6 +57,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def cmd_calibrate(args) -> None:
+    phase("check", f"the options and '{args.model}' (importing JAX and transformers)")
     from mone_jax.jobs import batches_shape, calibrate_job
     from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
 
@@ -82,6 +85,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_prune(args) -> None:
+    phase("check", f"the options and '{args.model or 'the demo model'}' (importing JAX and transformers)")
     from mone_jax import __version__
     from mone_jax.card import folder_files
     from mone_jax.jobs import prune_job
@@ -94,6 +98,7 @@ def cmd_prune(args) -> None:
         init_distributed(job.calib.scale)
     stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
+    phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
     plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
                                  n_group=n_group)
     if not is_writer():
@@ -108,6 +113,7 @@ def cmd_prune(args) -> None:
     extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
                          mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
+    phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
                                 out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
     if c is not None:
@@ -131,10 +137,12 @@ def cmd_eval(args) -> None:
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     if args.json:
         _file_out(args.json)
+    phase("data", f"reading {args.data} into {args.num_samples} blocks of {args.seq_len} tokens")
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
                             text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
     model = _load(args)
-    result = perplexity(model, ids, batch_size=args.batch_size, progress=not args.quiet)
+    phase("evaluate", f"{ids.shape[0]} blocks of {ids.shape[1]} tokens (the first batch compiles)")
+    result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
@@ -310,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
     (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    configure(not args.quiet)  # phase lines on stderr; bars only where a terminal redraws them
+    args.progress = not args.quiet and sys.stderr.isatty()
     if not args.debug:
         warnings.showwarning = _warn
     if getattr(args, "quiet", False):  # the libraries' progress bars and notices too

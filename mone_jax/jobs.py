@@ -15,6 +15,7 @@ from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
+from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.scoring import metric
 from mone_jax.stats import Stats
@@ -112,13 +113,15 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   not args.quiet)
+                   getattr(args, "progress", not args.quiet))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     if calib == "self":
         return job
+    phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
+                                            f" into {job.num_samples} blocks of {job.seq_len} tokens"))
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
 

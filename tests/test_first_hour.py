@@ -41,20 +41,35 @@ def ids10(tmp_path) -> Path:
 
 def test_short_last_batch_is_calibrated_not_dropped(hf_models, ids10, tmp_path, capsys):
     folder, hf = hf_models("olmoe", "a")
-    rc, out, _ = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 4, "--stats-out",
+    rc, out, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 4, "--stats-out",
                      tmp_path / "s.safetensors", "--quiet")
     assert rc == 0
     ref, tokens = reference_stats(hf, [(np.load(ids10), None)])  # all 10 samples, float64
     assert_stats_match(Stats.load(tmp_path / "s.safetensors"), ref, tokens)
     assert f"calibrated on {tokens} tokens (10 sequences x 12 tokens" in out  # the .npy shape used
+    assert "mone-jax: [" not in err  # --quiet: no phase lines
 
 
-def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_path, capsys):
+def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_path, capsys, monkeypatch):
+    import mone_jax.convert.load as load
+
     folder, _ = hf_models("qwen3_moe", "a")  # 8 experts, 2 MoE layers
+    before_load = []
+    real_load = load.load_hf
+
+    def load_hf(*a, **kw):  # the real loader, noting what the user had seen when it started
+        before_load.append(capsys.readouterr().err)
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(load, "load_hf", load_hf)
     rc, out, err = cli(capsys, "prune", folder, "--calib", ids10, "--ratio", 0.4, "--scope", "model", "--out",
-                       tmp_path / "out", "--plan-out", tmp_path / "p.json", "--stats-out", tmp_path / "s.safetensors",
-                       "--quiet")
+                       tmp_path / "out", "--plan-out", tmp_path / "p.json", "--stats-out", tmp_path / "s.safetensors")
     assert rc == 0
+    # phase feedback (6): one line per phase on a non-terminal, the first before the model loads, no bar redraws
+    err = before_load[0] + err
+    phases = [line.split("] ")[1].split(":")[0] for line in err.splitlines() if line.startswith("mone-jax: [")]
+    assert phases == ["check", "data", "load", "compile", "calibrate", "plan", "export"]
+    assert before_load[0].startswith("mone-jax: [") and "\r" not in err
     summary = json.loads(out)  # nothing but JSON on stdout
     plan = json.loads((tmp_path / "p.json").read_text())
     kept = {k: len(v["kept"]) for k, v in plan["layers"].items()}
