@@ -238,7 +238,7 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' exists and is not a folder: pick another path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder '{out}' is not empty: pass overwrite=True (--overwrite) or pick another folder")
+        raise UserError(f"output folder '{out}' is not empty: allow overwriting it or pick another folder")
 
 
 def _checked_plan(plan: Plan | dict, cfg: dict, fam: Family, reader: CheckpointReader, f: ExportFormat) -> Plan:

@@ -37,12 +37,12 @@ def cmd_forward(args) -> None:
         ids = np.load(args.tokens, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read token ids from '{args.tokens}' ({e}): give a .npy of int token ids") from None
-    _file_out(args.out)
+    _file_out(args.logits_out)
     ids = token_ids(ids, config_of(args.model).vocab_size, f"'{args.tokens}'")
     model = _load(args)
     logits = np.asarray(model(ids), np.float32)
-    atomic_write(args.out, lambda tmp: tmp.write_bytes(_npy_bytes(logits)))
-    print(f"wrote logits {list(logits.shape)} to {args.out}")
+    atomic_write(args.logits_out, lambda tmp: tmp.write_bytes(_npy_bytes(logits)))
+    print(f"wrote logits {list(logits.shape)} to {args.logits_out}")
 
 
 def _file_out(path: str | None) -> None:
@@ -77,7 +77,9 @@ def cmd_plan(args) -> None:
     from mone_jax.planning import describe_summary, make_plan, plan_summary
     from mone_jax.stats import Stats
 
-    stats = Stats.load(args.stats)
+    if (args.stats is None) == (args.stats_file is None):
+        raise UserError("give the statistics file once, with --stats FILE")
+    stats = Stats.load(args.stats or args.stats_file)
     plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
     plan.save(args.plan_out)
     summary = plan_summary(plan, stats.num_experts, args.ratio)
@@ -135,8 +137,8 @@ def cmd_eval(args) -> None:
     if args.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    if args.json:
-        _file_out(args.json)
+    if args.result_out:
+        _file_out(args.result_out)
     phase("data", f"reading {args.data} into {args.num_samples} blocks of {args.seq_len} tokens")
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
                             text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
@@ -144,8 +146,8 @@ def cmd_eval(args) -> None:
     phase("evaluate", f"{ids.shape[0]} blocks of {ids.shape[1]} tokens (the first batch compiles)")
     result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    if args.result_out:
+        atomic_write_text(args.result_out, json.dumps(result, indent=1) + "\n")
     print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.5f}) over {result['tokens']} tokens")
 
 
@@ -172,17 +174,30 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
+# command -> {former option name: current one}: one word per concept (``--*-out FILE`` writes a file,
+# ``--out DIR`` the output folder, ``--stats FILE`` reads statistics)
+RENAMED = {"forward": {"--out": "--logits-out"}, "eval": {"--json": "--result-out"}}
+
+
 def one_of(names, what: str = "") -> str:
     """Help text listing a registry's names (choices are checked by the registry, with its own message)."""
     return f"{what}{': ' if what else ''}one of {', '.join(names)}"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit code 2) and defaults in the help."""
+    """argparse with a one-line error message (exit code 2) and defaults in the help; former option names
+    (:data:`RENAMED`) still work and are not shown."""
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", _Help)
         super().__init__(*a, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        cmd = next((a for a in args if not a.startswith("-")), None)
+        renamed = RENAMED.get(cmd, {})
+        args = [renamed.get(a, a) for a in args]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"mone-jax: error: {message} (see `{self.prog} --help`)\n")
@@ -252,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forward", help="logits for given token ids (cross-framework check)")
     model_arg(p)
     p.add_argument("--tokens", required=True, help=".npy of int token ids [B, T]")
-    p.add_argument("--out", required=True, help="output .npy of float32 logits")
+    p.add_argument("--logits-out", required=True, help="logits file to write (.npy, float32 [B, T, vocab])")
     p.set_defaults(fn=cmd_forward)
 
     p = sub.add_parser("calibrate", help="per-expert statistics over calibration data")
@@ -262,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
-    p.add_argument("stats", help="statistics file from `mone-jax calibrate`")
+    p.add_argument("--stats", help="statistics file from `mone-jax calibrate`")
+    p.add_argument("stats_file", nargs="?", help=argparse.SUPPRESS)  # its former place
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
@@ -294,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
-    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--result-out", default=None, help="also write the result as JSON to this file")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")

@@ -137,7 +137,7 @@ class Stats:
         if bad := self.nonfinite():
             raise UserError(
                 f"calibration statistics of layer {bad[0]} contain NaN/Inf ({bad[1]}): the model weights or "
-                "activations overflow; use --dtype float32 or check the checkpoint"
+                "activations overflow; compute in float32 or check the checkpoint"
             )
 
     def save(self, path: str | Path) -> None:

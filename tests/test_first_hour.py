@@ -203,3 +203,25 @@ def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_pat
     p = subprocess.run([sys.executable, "-m", "mone_jax.cli", "eval", str(demo), "--data", "hf:some/data", "--seq-len", "8"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot be reached" in p.stderr
+
+
+def test_one_vocabulary(hf_models, ids10, tmp_path, capsys):
+    folder, hf = hf_models("olmoe", "a")
+    ids = np.load(ids10)[:2]
+    np.save(tmp_path / "two.npy", ids)
+    for flag in ("--logits-out", "--out"):  # the file option's name, and its former name
+        assert cli(capsys, "forward", folder, "--tokens", tmp_path / "two.npy", flag, tmp_path / f"{flag}.npy")[0] == 0
+    assert np.array_equal(np.load(tmp_path / "--logits-out.npy"), np.load(tmp_path / "--out.npy"))
+    model = mone_jax.load_hf(folder, progress=False)
+    stats = mone_jax.calibrate(model, [ids], progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    assert cli(capsys, "plan", "--stats", tmp_path / "s.safetensors", "--keep", 5, "--plan-out", tmp_path / "p.json",
+               "--quiet")[0] == 0
+    plan = mone_jax.load_plan(tmp_path / "p.json")
+    pruned = mone_jax.prune(model, stats, plan, mode="substitution")  # the format's word
+    assert np.array_equal(np.asarray(pruned(ids)), np.asarray(mone_jax.prune(model, stats, plan, mode="substitute")(ids)))
+    for call in (lambda: mone_jax.plan(stats, keep=99), lambda: mone_jax.plan(stats, ratio=1.5),
+                 lambda: mone_jax.plan(stats, keep=3, ratio=0.5), lambda: mone_jax.prune(model, stats, plan, mode="x")):
+        with pytest.raises(mone_jax.UserError) as e:
+            call()
+        assert "--" not in str(e.value)  # Python errors do not name command-line options
