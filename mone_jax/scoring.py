@@ -83,6 +83,6 @@ def layer_scores(s: LayerStats, tokens: int, name: str, rng: np.random.Generator
     if check_semantics(semantics) == "reference":
         if m.reference is None:
             have = ", ".join(k for k, v in REGISTRY.items() if v.reference is not None)
-            raise UserError(f"metric '{name}' has no reference semantics: use one of {have} or --semantics exact")
+            raise UserError(f"metric '{name}' has no reference semantics: use one of {have} or semantics 'exact'")
         return np.asarray(m.reference(s, tokens, rng), np.float64)
     return np.asarray(m.score(s, tokens, rng), np.float64)

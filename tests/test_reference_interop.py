@@ -204,7 +204,7 @@ def test_reference_recurrence_matches_a_numpy_loop():
 def test_reference_semantics_needs_reference_statistics():
     s = LayerStats.zeros(4, 2)._replace(count=np.array([3, 3, 3, 3]), weight_sum=np.ones(4))
     stats = Stats({0: s}, 10, {"semantics": "exact"})
-    with pytest.raises(UserError, match="--semantics reference"):
+    with pytest.raises(UserError, match="calibrated with semantics 'reference'"):
         make_plan(stats, keep=2, semantics="reference")
     with pytest.raises(UserError, match="unknown semantics"):
         make_plan(stats, keep=2, semantics="approximate")
@@ -230,7 +230,7 @@ def test_cli_reference_semantics_from_calibration_to_modepd_export(hf_models, tm
         np.testing.assert_allclose(s.ref_mean[~first_single], s.mean[~first_single], rtol=1e-5, atol=1e-6)
     assert main(["plan", str(exact), "--keep", "5", "--semantics", "reference", "--plan-out",
                  str(tmp_path / "bad.json")]) == 2
-    assert "recalibrate with --semantics reference" in capsys.readouterr().err
+    assert "recalibrate with semantics 'reference'" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
     assert Stats.load(exact).layers[0].ref_mean.shape == stats.layers[0].mean.shape  # absent fields read as 0
     out = tmp_path / "out"
