@@ -188,6 +188,17 @@ def _dots1(cfg: dict, c: dict) -> dict:
                                                                   else "full_attention" for i in range(n)])}
 
 
+def _glm4_moe_lite(cfg: dict, c: dict) -> dict:
+    """GLM-4.7-Flash: DeepSeek-V3 (MLA, sigmoid router with score-correction bias), dense / MoE layers from
+    ``mlp_layer_types``."""
+    n = c["num_layers"]
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    if len(types) != n or set(types) - {"dense", "sparse"}:
+        raise UserError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {n} layers, got {types}: "
+                        "the config is inconsistent")
+    return {**_deepseek_mla(cfg, c), "moe_layers": tuple(t == "sparse" for t in types)}
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -207,6 +218,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            defaults=dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1,
                          topk_group=1, norm_topk_prob=True, partial_rotary_factor=0.5)),
     Family("dots1", _dots1, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias"),
+    Family("glm4_moe_lite", _glm4_moe_lite, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           defaults=dict(n_shared_experts=1, routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True,
+                         rope_interleave=True, q_lora_rank=768)),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,
