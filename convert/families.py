@@ -38,6 +38,7 @@ class Family:
     shared_expert_gate: str | None = None  # Qwen2-MoE sigmoid gate of the shared expert
     router_bias: bool = False  # GPT-OSS router bias
     score_bias: str | None = None  # DeepSeek-V3 / GLM "e_score_correction_bias" (under router)
+    score_bias_module: str | None = None  # where score_bias lives instead, under moe_module ("": MiniMax-M2's block)
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
     dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
@@ -52,10 +53,15 @@ class Family:
     def router_key(self, layer: int, what: str = "weight") -> str:
         return f"{self.moe_prefix(layer)}.{self.router}.{what}"
 
+    def score_bias_key(self, layer: int) -> str:
+        if self.score_bias_module is None:
+            return self.router_key(layer, self.score_bias)
+        return ".".join(p for p in (self.moe_prefix(layer), self.score_bias_module, self.score_bias) if p)
+
     def router_rows(self, layer: int) -> list[str]:
         """Keys of the router tensors with one row per expert (weight, bias, score-correction bias)."""
-        whats = ["weight", "bias" if self.router_bias else None, self.score_bias]
-        return [self.router_key(layer, w) for w in whats if w]
+        whats = ["weight", "bias" if self.router_bias else None]
+        return [self.router_key(layer, w) for w in whats if w] + ([self.score_bias_key(layer)] if self.score_bias else [])
 
 
 # ------------------------------------------------------------------------------------------ parse hooks
@@ -199,6 +205,18 @@ def _glm4_moe_lite(cfg: dict, c: dict) -> dict:
     return {**_deepseek_mla(cfg, c), "moe_layers": tuple(t == "sparse" for t in types)}
 
 
+def _minimax_m2(cfg: dict, c: dict) -> dict:
+    """MiniMax-M2: q/k RMSNorm over the whole projection, partial RoPE from the legacy ``rotary_dim``, sigmoid
+    router with a score-correction bias (selection only), top-k renormalised."""
+    n, rope = c["num_layers"], c["rope"]
+    if cfg.get("rotary_dim"):
+        partial = int(cfg["rotary_dim"]) / c["head_dim"]
+        rope = parse_rope({"partial_rotary_factor": partial, **cfg}, c["head_dim"], c["max_position_embeddings"])
+    return dict(rope=rope, qk_norm="proj", moe_layers=(True,) * n, scoring="sigmoid", score_bias=True,
+                norm_topk_prob=True, moe_intermediate_size=int(need(cfg, "intermediate_size")),
+                sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -221,6 +239,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("glm4_moe_lite", _glm4_moe_lite, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
            defaults=dict(n_shared_experts=1, routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True,
                          rope_interleave=True, q_lora_rank=768)),
+    Family("minimax_m2", _minimax_m2, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2"),
+           score_bias="e_score_correction_bias", score_bias_module=""),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,

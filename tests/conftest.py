@@ -78,6 +78,9 @@ CONFIGS.update({
         **{k: v for k, v in _MLA.items() if k != "first_k_dense_replace"}, num_hidden_layers=3, q_lora_rank=12,
         n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["sparse", "dense", "sparse"], rope_parameters=dict(**_YARN, mscale_all_dim=0.7))),
+    ("minimax_m2", "a"): ("MiniMaxM2Config", dict(
+        num_hidden_layers=2, head_dim=8, rotary_dim=4, intermediate_size=16, num_local_experts=8,
+        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -89,7 +92,7 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
-              ("gpt_oss", "a")]
+              ("minimax_m2", "a"), ("gpt_oss", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):

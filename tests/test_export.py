@@ -90,8 +90,8 @@ def _router_row(model, layer: int, num_experts: int) -> int:
     torch module rather than a list of families."""
     mlp = model.model.layers[layer].mlp
     router = getattr(mlp, "gate", None) or mlp.router
-    return sum(t.numel() for t in [*router.parameters(), *router.buffers()] if t.shape[:1] == (num_experts,)) \
-        // num_experts
+    tensors = [*router.parameters(), *router.buffers(), *mlp.parameters(recurse=False), *mlp.buffers(recurse=False)]
+    return sum(t.numel() for t in tensors if t.shape[:1] == (num_experts,)) // num_experts
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,11 @@ def _patch_mone(model, plan: dict, novices: dict) -> None:
         experts.forward = forward
 
 
+def _block_own(name: str, prefix: str) -> bool:
+    """A tensor of the MoE block itself, not of a submodule (MiniMax-M2's score-correction bias)."""
+    return name.startswith(prefix) and "." not in name[len(prefix):]
+
+
 def _dropped_reference(model, plan: dict):
     """The stock model with the pruned experts and their router rows removed by hand."""
     cfg = model.config.__class__.from_dict(model.config.to_dict())
@@ -143,8 +148,8 @@ def _dropped_reference(model, plan: dict):
     state = dict(model.state_dict())
     for key, entry in plan["layers"].items():
         prefix = f"model.layers.{key}.mlp."
-        for name in [n for n in state if n.startswith(prefix + "experts.") or n.startswith(prefix + "gate.")
-                     or n.startswith(prefix + "router.")]:
+        for name in [n for n in state if n.startswith((prefix + "experts.", prefix + "gate.", prefix + "router."))
+                     or _block_own(n, prefix)]:
             state[name] = state[name][entry["kept"]]
     small = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     small.load_state_dict(state, strict=True)
@@ -177,7 +182,7 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
         for name in [n for n in want if n.startswith(prefix + "experts.")]:
             want[name] = want[name][entry["kept"]]
         if f.mode == "drop":
-            for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router."))]:
+            for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router.")) or _block_own(n, prefix)]:
                 want[name] = want[name][entry["kept"]]
         for e in entry["novices"] if f.novice_key else []:  # in memory the MoE module is always `mlp`
             where = f.novice_key(fam, int(key), e).removeprefix(fam.moe_prefix(int(key)) + ".")

@@ -44,11 +44,13 @@ def drop(hf_model, plan: dict):
             continue
         router = getattr(mlp, "router", None) or mlp.gate
         kept = torch.tensor(plan["layers"][str(i)]["kept"], dtype=torch.long)
+        E = mlp.experts.num_experts
         with torch.no_grad():
-            for mod in (router, mlp.experts):
+            for mod in (router, mlp.experts, mlp):  # MiniMax-M2 keeps its score-correction bias on the MoE block
                 for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-                    assert t.shape[0] == mod.num_experts, name  # every tensor here is per expert
-                    new = t[kept].clone()
-                    setattr(mod, name, torch.nn.Parameter(new) if isinstance(t, torch.nn.Parameter) else new)
+                    assert mod is mlp or t.shape[0] == E, name  # every router / experts tensor is per expert
+                    if t.shape[:1] == (E,):
+                        new = t[kept].clone()
+                        setattr(mod, name, torch.nn.Parameter(new) if isinstance(t, torch.nn.Parameter) else new)
             router.num_experts = mlp.experts.num_experts = len(kept)
     return model
