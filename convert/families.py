@@ -42,6 +42,8 @@ class Family:
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
     dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
+    attn_names: Mapping[str, str] = field(default_factory=dict)  # attention module name -> checkpoint name
+    prepare: Callable[[dict], dict] | None = None  # config.json dict -> the keys the parse reads (HunYuan)
 
     def moe_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_module}"
@@ -217,6 +219,37 @@ def _minimax_m2(cfg: dict, c: dict) -> dict:
                 sliding_windows=(None,) * n)
 
 
+def _hunyuan_prepare(cfg: dict) -> dict:
+    """HunYuan-MoE config keys as the other families spell them: per-layer lists that repeat one value
+    collapsed, ``moe_topk`` as ``num_experts_per_tok``, NTK-alpha RoPE as the RoPE base it stretches to."""
+    if cfg.get("use_cla"):
+        raise UserError("hunyuan_v1_moe with use_cla = true (cross-layer attention) is not supported: "
+                        "transformers does not run it either")
+    out = dict(cfg)
+    for key in ("moe_topk", "num_experts", "num_shared_expert", "moe_intermediate_size"):
+        if isinstance(out.get(key), list):
+            if len(set(out[key])) != 1:
+                raise UserError(f"hunyuan_v1_moe with per-layer {key} {out[key]} is not supported: transformers "
+                                "uses one value for every layer")
+            out[key] = out[key][0]
+    out.setdefault("num_experts_per_tok", out.get("moe_topk"))
+    rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    if rope.get("alpha") and rope.get("rope_type", rope.get("type")) == "dynamic":  # transformers' ntk_alpha
+        dim = int(out.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
+        theta = float(rope.get("rope_theta", out.get("rope_theta", 10000.0))) * float(rope["alpha"]) ** (dim / (dim - 2))
+        out.update(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    return out
+
+
+def _hunyuan_v1_moe(cfg: dict, c: dict) -> dict:
+    """HunYuan-MoE: per-head q/k RMSNorm after RoPE, float32 softmax router (``gate.wg``), renormalised top-k,
+    experts and the ungated shared MLP of ``intermediate_size`` in every layer."""
+    n, bias, f = c["num_layers"], bool(cfg.get("attention_bias", False)), int(need(cfg, "intermediate_size"))
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm="head", qk_norm_after_rope=True, moe_layers=(True,) * n,
+                moe_intermediate_size=f, shared_expert_intermediate_size=f, norm_topk_prob=True, router_fp32=True,
+                sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -241,6 +274,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                          rope_interleave=True, q_lora_rank=768)),
     Family("minimax_m2", _minimax_m2, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2"),
            score_bias="e_score_correction_bias", score_bias_module=""),
+    Family("hunyuan_v1_moe", _hunyuan_v1_moe, "num_experts", router="gate.wg", shared_expert="shared_mlp",
+           attn_names={"q_norm": "query_layernorm", "k_norm": "key_layernorm"}, prepare=_hunyuan_prepare),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,
@@ -274,6 +309,7 @@ def parse_config(raw: dict) -> ModelConfig:
     fam = family(mt)
     cfg = {**fam.defaults, **raw, "model_type": fam.model_type}
     try:
+        cfg = fam.prepare(cfg) if fam.prepare else cfg
         common = common_fields(cfg, fam.num_experts_key)
         return ModelConfig(**{**common, **fam.parse(cfg, common)})
     except (TypeError, ValueError, ZeroDivisionError) as e:

@@ -10,6 +10,7 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,11 @@ class _Filler:
         self.set(var, self.r.get(key), key)
 
 
-def _attention(f: _Filler, attn: nnx.Module, p: str) -> None:
-    """Every Linear / RMSNorm of an attention module (named as in transformers), plus GPT-OSS sinks."""
+def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
+    """Every Linear / RMSNorm of an attention module (named as in transformers, or renamed by ``names``), plus
+    GPT-OSS sinks."""
     for name, mod in vars(attn).items():
+        name = names.get(name, name)
         if isinstance(mod, Linear):
             f.t(mod.kernel, f"{p}.{name}.weight")
             if mod.bias is not None:
@@ -207,7 +210,7 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
     p = f"model.layers.{i}"
     f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
     f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    _attention(f, layer.self_attn, f"{p}.self_attn")
+    _attention(f, layer.self_attn, f"{p}.self_attn", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:

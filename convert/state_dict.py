@@ -8,6 +8,8 @@ the export formats (:mod:`.formats`) rename and add those.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flax import nnx
 
@@ -32,9 +34,10 @@ def _interleave(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _attention(attn: nnx.Module, p: str) -> dict[str, np.ndarray]:
+def _attention(attn: nnx.Module, p: str, names: Mapping[str, str]) -> dict[str, np.ndarray]:
     out = {}
     for name, mod in vars(attn).items():
+        name = names.get(name, name)
         if isinstance(mod, Linear):
             out[f"{p}.{name}.weight"] = _t(_np(mod.kernel))
             if mod.bias is not None:
@@ -91,6 +94,6 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
         out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
-        out.update(_attention(layer.self_attn, f"{p}.self_attn"))
+        out.update(_attention(layer.self_attn, f"{p}.self_attn", fam.attn_names))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

@@ -48,6 +48,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "proj" (OLMoE: over the whole projection) | "head" (Qwen3)
+    qk_norm_after_rope: bool = False  # HunYuan: the per-head q/k norm applies to the rotated q/k
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax

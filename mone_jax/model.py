@@ -36,6 +36,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype) if norm_dims else None
         self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype) if norm_dims else None
         self.per_head_norm = cfg.qk_norm == "head"
+        self.norm_after_rope = cfg.qk_norm_after_rope
         self.heads, self.kv_heads, self.head_dim = H, KV, D
         self.clip = cfg.clip_qkv
         self.interleave = cfg.rope.interleave
@@ -51,9 +52,11 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, self.heads, self.head_dim)
         k = k.reshape(B, T, self.kv_heads, self.head_dim)
         v = v.reshape(B, T, self.kv_heads, self.head_dim)
-        if self.per_head_norm:
+        if self.per_head_norm and not self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         sinks = None if self.sinks is None else self.sinks[...]
         out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
         return self.o_proj(out.reshape(B, T, -1))

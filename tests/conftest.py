@@ -81,6 +81,9 @@ CONFIGS.update({
     ("minimax_m2", "a"): ("MiniMaxM2Config", dict(
         num_hidden_layers=2, head_dim=8, rotary_dim=4, intermediate_size=16, num_local_experts=8,
         num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
+    ("hunyuan_v1_moe", "a"): ("HunYuanMoEV1Config", dict(
+        num_hidden_layers=2, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2, attention_bias=True,
+        rope_parameters=dict(rope_type="dynamic", alpha=10.0, factor=1.0))),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -92,7 +95,7 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
-              ("minimax_m2", "a"), ("gpt_oss", "a")]
+              ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("gpt_oss", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
@@ -104,8 +107,10 @@ def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias)$", name):
+            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)(\.wg)?\.(weight|bias)$", name):
                 t.normal_(0.0, 1.0)
+            elif re.search(r"(query|key)_layernorm\.weight$", name):  # HunYuan: RoPE and norm do not commute
+                t.normal_(1.0, 0.5)
             elif name.endswith("e_score_correction_bias"):
                 t.normal_(0.0, 0.5)
             elif re.search(r"experts\.(gate_up|down)_proj_bias$", name):

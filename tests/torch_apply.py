@@ -46,7 +46,8 @@ def drop(hf_model, plan: dict):
         kept = torch.tensor(plan["layers"][str(i)]["kept"], dtype=torch.long)
         E = mlp.experts.num_experts
         with torch.no_grad():
-            for mod in (router, mlp.experts, mlp):  # MiniMax-M2 keeps its score-correction bias on the MoE block
+            # HunYuan's router weight is in a submodule (gate.wg); MiniMax-M2's score bias is on the MoE block
+            for mod in (*router.modules(), mlp.experts, mlp):
                 for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
                     assert mod is mlp or t.shape[0] == E, name  # every router / experts tensor is per expert
                     if t.shape[:1] == (E,):
