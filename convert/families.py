@@ -250,6 +250,13 @@ def _hunyuan_v1_moe(cfg: dict, c: dict) -> dict:
                 sliding_windows=(None,) * n)
 
 
+def _flex_olmo(cfg: dict, c: dict) -> dict:
+    """FlexOlmo: OLMo2-style post-norm layers with q/k RMSNorm over the whole projection, softmax router."""
+    bias, n = bool(cfg.get("attention_bias", False)), c["num_layers"]
+    return dict(post_norm=True, qkv_bias=bias, o_bias=bias, qk_norm="proj", moe_layers=(True,) * n,
+                moe_intermediate_size=int(need(cfg, "intermediate_size")), sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -276,6 +283,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            score_bias="e_score_correction_bias", score_bias_module=""),
     Family("hunyuan_v1_moe", _hunyuan_v1_moe, "num_experts", router="gate.wg", shared_expert="shared_mlp",
            attn_names={"q_norm": "query_layernorm", "k_norm": "key_layernorm"}, prepare=_hunyuan_prepare),
+    Family("flex_olmo", _flex_olmo, "num_experts"),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,

@@ -28,7 +28,7 @@ from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
-from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
+from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.sharding import padded_state, param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -208,8 +208,9 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
 
 def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
     p = f"model.layers.{i}"
-    f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
-    f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
+    for name in LAYER_NORMS:
+        if getattr(layer, name) is not None:
+            f.plain(getattr(layer, name).weight, f"{p}.{name}.weight")
     _attention(f, layer.self_attn, f"{p}.self_attn", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)

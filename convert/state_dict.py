@@ -15,7 +15,7 @@ from flax import nnx
 
 from mone_jax.convert.families import Family, family
 from mone_jax.layers import Linear, RMSNorm
-from mone_jax.model import MLP, MoEBlock, MoEForCausalLM
+from mone_jax.model import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
 
 
 def _np(var: nnx.Variable) -> np.ndarray:
@@ -92,8 +92,7 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
         out["lm_head.weight"] = _t(_np(model.lm_head))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
-        out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
+        out.update({f"{p}.{n}.weight": _np(getattr(layer, n).weight) for n in LAYER_NORMS if getattr(layer, n) is not None})
         out.update(_attention(layer.self_attn, f"{p}.self_attn", fam.attn_names))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

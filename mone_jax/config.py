@@ -44,6 +44,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: RopeConfig
     hidden_act: str = "silu"
+    post_norm: bool = False  # OLMo2 / FlexOlmo: RMSNorm on each sublayer's output (none on its input)
     # attention
     qkv_bias: bool = False
     o_bias: bool = False

@@ -21,6 +21,8 @@ from mone_jax.rope import apply_rope, rope_tables
 from mone_jax.stats import LayerStats
 
 MASK_VALUE = -1e30
+# a decoder layer's norms as transformers names them (each may be None: post-norm layers have no input norm)
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 
 class Attention(nnx.Module):
@@ -195,14 +197,19 @@ class MoEBlock(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
         d = cfg.hidden_size
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = None if cfg.post_norm else RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.post_feedforward_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.post_norm else None
         self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
+        if self.post_feedforward_layernorm is not None:  # post-norm: sublayer outputs are normed
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, biases[self.window]))
+            h = self.mlp(x, stats_mask, impl, block) if self.is_moe else self.mlp(x)
+            return x + self.post_feedforward_layernorm(h)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))

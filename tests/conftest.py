@@ -84,6 +84,9 @@ CONFIGS.update({
     ("hunyuan_v1_moe", "a"): ("HunYuanMoEV1Config", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2, attention_bias=True,
         rope_parameters=dict(rope_type="dynamic", alpha=10.0, factor=1.0))),
+    ("flex_olmo", "a"): ("FlexOlmoConfig", dict(
+        num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -95,12 +98,13 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
-              ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("gpt_oss", "a")]
+              ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
+              ("gpt_oss", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     """A random transformers model of ``family`` with diverse routing: router weights ~ N(0, 1),
-    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2)."""
+    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2)."""
     cls_name, kw = CONFIGS[(family, variant)]
     cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
