@@ -39,6 +39,7 @@ class Family:
     router_bias: bool = False  # GPT-OSS router bias
     score_bias: str | None = None  # DeepSeek-V3 / GLM "e_score_correction_bias" (under router)
     score_bias_module: str | None = None  # where score_bias lives instead, under moe_module ("": MiniMax-M2's block)
+    score_bias_2d: bool = False  # ERNIE-4.5 stores the score-correction bias as [1, E]
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
     dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
@@ -257,6 +258,26 @@ def _flex_olmo(cfg: dict, c: dict) -> dict:
                 moe_intermediate_size=int(need(cfg, "intermediate_size")), sliding_windows=(None,) * n)
 
 
+def _ernie_prepare(cfg: dict) -> dict:
+    """ERNIE-4.5 writes top-k as ``moe_k``."""
+    return {"num_experts_per_tok": cfg.get("moe_k"), **cfg}
+
+
+def _ernie4_5_moe(cfg: dict, c: dict) -> dict:
+    """ERNIE-4.5-MoE: MoE layers from start / end / interval, interleaved RoPE, float32 softmax router whose
+    statistics buffer (``moe_statics.e_score_correction_bias``) shifts the choice only, renormalised top-k,
+    shared experts."""
+    if cfg.get("use_bias"):
+        raise UserError("ernie4_5_moe with use_bias = true is not supported: no released checkpoint uses it")
+    n, f = c["num_layers"], int(need(cfg, "moe_intermediate_size"))
+    start, step = int(cfg["moe_layer_start_index"]), int(cfg["moe_layer_interval"])
+    end = n - 1 if int(cfg["moe_layer_end_index"]) == -1 else int(cfg["moe_layer_end_index"])
+    return dict(rope=parse_rope(cfg, c["head_dim"], c["max_position_embeddings"], interleave=True),
+                moe_layers=tuple((i + 1) % step == 0 and start <= i <= end for i in range(n)),
+                moe_intermediate_size=f, shared_expert_intermediate_size=f * int(cfg.get("moe_num_shared_experts") or 0),
+                score_bias=True, norm_topk_prob=True, router_fp32=True, sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -284,6 +305,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("hunyuan_v1_moe", _hunyuan_v1_moe, "num_experts", router="gate.wg", shared_expert="shared_mlp",
            attn_names={"q_norm": "query_layernorm", "k_norm": "key_layernorm"}, prepare=_hunyuan_prepare),
     Family("flex_olmo", _flex_olmo, "num_experts"),
+    Family("ernie4_5_moe", _ernie4_5_moe, "moe_num_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           score_bias_module="moe_statics", score_bias_2d=True, prepare=_ernie_prepare,
+           defaults=dict(moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         moe_layer_end_index=-1, moe_layer_interval=1, moe_intermediate_size=1536,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,

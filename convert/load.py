@@ -190,7 +190,7 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
     if blk.router_bias is not None:
         f.plain(blk.router_bias, fam.router_key(layer, "bias"))
     if blk.score_bias is not None:
-        f.plain(blk.score_bias, fam.score_bias_key(layer))
+        f.set(blk.score_bias, f.r.get(fam.score_bias_key(layer)).reshape(-1), fam.score_bias_key(layer))
     novices = layout.novices.get(layer, {}) if layout else {}
     kept = [e for e in range(E) if e not in novices]
     disk = list(range(len(kept))) if layout and layout.compact else kept

@@ -76,7 +76,7 @@ def _moe(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
     if blk.router_bias is not None:
         out[fam.router_key(layer, "bias")] = _np(blk.router_bias)
     if blk.score_bias is not None:
-        out[fam.score_bias_key(layer)] = _np(blk.score_bias)
+        out[fam.score_bias_key(layer)] = _np(blk.score_bias)[None] if fam.score_bias_2d else _np(blk.score_bias)
     if blk.shared is not None:
         out.update(_mlp(blk.shared, f"{fam.moe_prefix(layer)}.{fam.shared_expert}"))
         if blk.shared_gate is not None:

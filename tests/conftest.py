@@ -87,6 +87,9 @@ CONFIGS.update({
     ("flex_olmo", "a"): ("FlexOlmoConfig", dict(
         num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
         attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    ("ernie4_5_moe", "a"): ("Ernie4_5_MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1)),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -99,7 +102,7 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
               ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
-              ("gpt_oss", "a")]
+              ("ernie4_5_moe", "a"), ("gpt_oss", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
 from safetensors import safe_open
+from torch_apply import per_expert
 
 from mone_jax.convert import export as export_mod
 from mone_jax.convert.export import export_pruned, verify_export
@@ -91,7 +92,7 @@ def _router_row(model, layer: int, num_experts: int) -> int:
     mlp = model.model.layers[layer].mlp
     router = getattr(mlp, "gate", None) or mlp.router
     tensors = [*router.parameters(), *router.buffers(), *mlp.parameters(recurse=False), *mlp.buffers(recurse=False)]
-    return sum(t.numel() for t in tensors if t.shape[:1] == (num_experts,)) // num_experts
+    return sum(t.numel() for t in tensors if per_expert(t, [0], num_experts) is not None) // num_experts
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ def _dropped_reference(model, plan: dict):
         prefix = f"model.layers.{key}.mlp."
         for name in [n for n in state if n.startswith((prefix + "experts.", prefix + "gate.", prefix + "router."))
                      or _block_own(n, prefix)]:
-            state[name] = state[name][entry["kept"]]
+            state[name] = per_expert(state[name], entry["kept"], k + len(entry["novices"]))
     small = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     small.load_state_dict(state, strict=True)
     return small
@@ -183,7 +184,7 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
             want[name] = want[name][entry["kept"]]
         if f.mode == "drop":
             for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router.")) or _block_own(n, prefix)]:
-                want[name] = want[name][entry["kept"]]
+                want[name] = per_expert(want[name], entry["kept"], len(entry["kept"]) + len(entry["novices"]))
         for e in entry["novices"] if f.novice_key else []:  # in memory the MoE module is always `mlp`
             where = f.novice_key(fam, int(key), e).removeprefix(fam.moe_prefix(int(key)) + ".")
             want[prefix + where] = torch.as_tensor(novices[int(key)][e])
