@@ -233,7 +233,8 @@ def _hunyuan_prepare(cfg: dict) -> dict:
                 raise UserError(f"hunyuan_v1_moe with per-layer {key} {out[key]} is not supported: transformers "
                                 "uses one value for every layer")
             out[key] = out[key][0]
-    out.setdefault("num_experts_per_tok", out.get("moe_topk"))
+    if out.get("moe_topk") is not None:  # what transformers reads (num_experts_per_tok is its alias)
+        out["num_experts_per_tok"] = out["moe_topk"]
     rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
     if rope.get("alpha") and rope.get("rope_type", rope.get("type")) == "dynamic":  # transformers' ntk_alpha
         dim = int(out.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
@@ -259,8 +260,8 @@ def _flex_olmo(cfg: dict, c: dict) -> dict:
 
 
 def _ernie_prepare(cfg: dict) -> dict:
-    """ERNIE-4.5 writes top-k as ``moe_k``."""
-    return {"num_experts_per_tok": cfg.get("moe_k"), **cfg}
+    """ERNIE-4.5 writes top-k as ``moe_k`` (what transformers reads; num_experts_per_tok is its alias)."""
+    return {**cfg, "num_experts_per_tok": cfg["moe_k"]} if cfg.get("moe_k") is not None else cfg
 
 
 def _ernie4_5_moe(cfg: dict, c: dict) -> dict:
