@@ -48,3 +48,15 @@ def test_hunyuan_per_layer_lists_of_one_value_are_read():
     """Released HunYuan configs repeat top-k per layer (``moe_topk: [8, 8, ...]``)."""
     cfg = parse_config(_config("hunyuan_v1_moe", moe_topk=[2, 2], num_experts_per_tok=None))
     assert cfg.top_k == 2 and cfg.num_experts == 8
+
+
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo"])
+def test_inspect_counts_match_transformers(hf_models, family):
+    """``inspect`` on each new family: MoE layers and parameter counts as the transformers model holds them."""
+    from mone_jax.inspect import summarize
+
+    folder, hf = hf_models(family, "a")
+    s = summarize(folder)
+    assert s["moe_layers"] == [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    assert s["params_routed_experts"] == sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+    assert s["params_total"] == sum(t.numel() for t in hf.state_dict().values())
