@@ -225,3 +225,12 @@ def test_one_vocabulary(hf_models, ids10, tmp_path, capsys):
         with pytest.raises(mone_jax.UserError) as e:
             call()
         assert "--" not in str(e.value)  # Python errors do not name command-line options
+
+
+def test_self_calibration_says_what_it_risks(hf_models, tmp_path, capsys):
+    folder, _ = hf_models("olmoe", "a")
+    rc, _, err = cli(capsys, "calibrate", folder, "--calib", "self", "--num-samples", 2, "--seq-len", 8,
+                     "--stats-out", tmp_path / "s.safetensors", "--quiet")
+    warning = [line for line in err.splitlines() if line.startswith("mone-jax: warning: calibrating on the model's own")]
+    assert rc == 0 and len(warning) == 1 and "balanced mix" in warning[0] and "mone-jax compare" in warning[0]
+    assert Stats.load(tmp_path / "s.safetensors").tokens == 16
