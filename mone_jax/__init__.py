@@ -30,11 +30,11 @@ _LAZY = {
     "Stats": "mone_jax.stats", "MoEForCausalLM": "mone_jax.model", "load_plan": "mone_jax.planning",
     "save_plan": "mone_jax.planning", "make_plan": "mone_jax.planning", "Plan": "mone_jax.planning",
     "calibration_batches": "mone_jax.calibration", "load_token_blocks": "mone_jax.data",
-    "perplexity": "mone_jax.evaluate",
+    "perplexity": "mone_jax.evaluate", "generate": "mone_jax.decoding",
 }
 __all__ = ["load_hf", "calibrate", "plan", "prune", "save_hf", "Stats", "MoEForCausalLM", "UserError",
            "Plan", "load_plan", "save_plan", "calibration_batches", "load_token_blocks", "perplexity",
-           "__version__"]
+           "generate", "__version__"]
 
 
 def __dir__() -> list[str]:
