@@ -1,7 +1,7 @@
-"""`--calib self` on the demo model: this tree against another git revision (default ``main``), side by side.
+"""`--calib self` on the demo model: this tree against another git revision, side by side.
 
-    python bench/self_calib_bench.py                          # 16 x 256, 2 alternating runs of each
-    python bench/self_calib_bench.py --baseline HEAD~3 --reps 3 --num-samples 16 --seq-len 256
+    python bench/self_calib_bench.py --baseline 0c2fbd4    # 16 x 256 against the model without a KV cache
+    python bench/self_calib_bench.py --baseline 0c2fbd4 --reps 3 --num-samples 16 --seq-len 256
 
 The baseline revision is exported with ``git archive`` to a temporary folder. Each run is a fresh
 ``mone-jax calibrate MODEL --calib self`` process (start-up, loading, sampling, calibration), timed
@@ -30,7 +30,9 @@ def export_revision(rev: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
-    (dest / "mone_jax" / "convert").symlink_to("../convert")
+    link = dest / "mone_jax" / "convert"
+    if not link.exists():
+        link.symlink_to("../convert")
     return dest
 
 
@@ -49,7 +51,8 @@ def run_once(tree: Path, args, out: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", default="main", help="git revision to compare against")
+    ap.add_argument("--baseline", required=True,
+                    help="git revision to compare against (0c2fbd4: the last main commit without a KV cache)")
     ap.add_argument("--model", default=REPO / "mone_jax" / "demo" / "model")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
