@@ -164,6 +164,7 @@ def cmd_generate(args) -> None:
     if not all(prompts):
         raise UserError("a --prompt encodes to no tokens; give some text")
     model = _load(args)
+    phase("generate", f"{len(prompts)} prompt(s), up to {args.max_new_tokens} new tokens (the first batch compiles)")
     gen_cfg = Path(args.model) / "generation_config.json"  # its EOS ids (a list for chat models) win
     eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.is_file() else None
     new = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -337,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue text prompts with the model (KV-cache decoding)")
     model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens added to each prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled tokens")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
