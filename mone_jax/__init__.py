@@ -49,12 +49,14 @@ def __getattr__(name: str):
 
 
 def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, metric: str = "mone",
-         scope: str = "layer", seed: int = 0, n_group: int = 1) -> Plan:
+         scope: str = "layer", seed: int = 0, n_group: int = 1, semantics: str = "exact") -> Plan:
     """Which experts stay and which become novices (docs/formats.md); ``n_group``: the router's
-    expert groups, for a ``drop`` plan that keeps the same number in every group."""
+    expert groups, for a ``drop`` plan that keeps the same number in every group; ``semantics``:
+    ``exact`` or ``reference`` (as the MoNE reference code; needs statistics calibrated with it)."""
     from mone_jax.planning import make_plan
 
-    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group)
+    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group,
+                     semantics=semantics)
 
 
 def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, source, dtype: str | None = None,

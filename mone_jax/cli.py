@@ -80,7 +80,8 @@ def cmd_plan(args) -> None:
     if (args.stats is None) == (args.stats_file is None):
         raise UserError("give the statistics file once, with --stats FILE")
     stats = Stats.load(args.stats or args.stats_file)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed,
+                     semantics=args.semantics)
     plan.save(args.plan_out)
     summary = plan_summary(plan, stats.num_experts, args.ratio)
     print(f"plan: {describe_summary(summary, stats.num_experts)} ({args.metric}, scope {args.scope}) -> {args.plan_out}")
@@ -102,7 +103,7 @@ def cmd_prune(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
     plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                 n_group=n_group)
+                                 n_group=n_group, semantics=job.semantics)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -273,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
         add_args(p)
 
+    def semantics_arg(p):
+        p.add_argument("--semantics", default="exact", choices=["exact", "reference"],
+                       help="exact statistics (default), or as the MoNE reference code computes them "
+                            "(docs/formats.md)")
+
     def plan_args(p, required=True):
         g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
@@ -296,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     calib_args(p)
     p.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
@@ -304,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -322,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")

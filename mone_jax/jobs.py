@@ -18,7 +18,7 @@ from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import metric
+from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -61,6 +61,7 @@ class CalibJob:
     batches: tuple[np.ndarray, ...] | None
     scale: ScaleOptions
     progress: bool
+    semantics: str = "exact"  # scoring.SEMANTICS, recorded in the statistics
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class PruneJob:
     out_dtype: str | None
     overwrite: bool
     ratio: float | None = None  # the requested pruned fraction, when given as one
+    semantics: str = "exact"  # of the plan made here (scoring.SEMANTICS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -118,7 +120,8 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   getattr(args, "progress", not args.quiet))
+                   getattr(args, "progress", not args.quiet),
+                   check_semantics(getattr(args, "semantics", "exact")))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
@@ -187,6 +190,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     metric(args.metric)  # known
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -221,7 +225,8 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
                                                            seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
+                    semantics)
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:
