@@ -96,6 +96,10 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if (args.data is None) == (args.tasks is None):
+        raise UserError("give --data (perplexity) or --tasks (lm-evaluation-harness tasks), not both or neither")
+    if args.tasks is not None:
+        return _eval_tasks(args)
     from mone_jax.data import load_token_blocks
     from mone_jax.evaluate import perplexity
 
@@ -107,12 +111,32 @@ def cmd_eval(args) -> None:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
-                            text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
+                            text_field=args.text_field, vocab_size=cfg.vocab_size, seed=args.seed or 0,
+                            contiguous=args.seed is None)
     result = perplexity(model, ids, batch_size=args.batch_size, progress=not args.quiet)
-    result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
+                  seed=args.seed)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.5f}) over {result['tokens']} tokens")
+
+
+def _eval_tasks(args) -> None:
+    from mone_jax.scale import init_distributed, is_writer
+
+    init_distributed(args)
+    from mone_jax.harness import evaluate_tasks, markdown, write_results
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks is empty: name lm-eval tasks, e.g. --tasks arc_easy,piqa")
+    results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             include_path=args.include_path, batch_size=args.batch_size, mesh=args.mesh,
+                             dtype=args.dtype, seed=args.seed or 0, progress=not args.quiet)
+    print(markdown(results))
+    if args.out and is_writer():
+        paths = write_results(results, args.out)
+        print(f"wrote {paths[0]} and {paths[1]}")
 
 
 def cmd_verify(args) -> None:
@@ -203,15 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")
+    p = sub.add_parser("eval", help="perplexity (--data) or lm-evaluation-harness task accuracy (--tasks) of a "
+                                    "checkpoint, original or pruned, in JAX")
     model_arg(p)
-    p.add_argument("--data", required=True, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
-                                                 "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start")
-    p.add_argument("--num-samples", type=int, default=256, help="blocks evaluated")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
+    p.add_argument("--data", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
+                                                "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start "
+                                                "(random windows with --seed)")
+    p.add_argument("--num-samples", type=int, default=256, help="--data: blocks evaluated")
+    p.add_argument("--seq-len", type=int, default=512, help="--data: tokens per block")
+    p.add_argument("--seed", type=int, default=None, help="--data: blocks at seeded random offsets of the "
+                                                          "documents in a seeded order (the demo model card's "
+                                                          "windowing); --tasks: lm-eval's seeds (default 0)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--json", default=None, help="--data: also write the result as JSON to this file")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (pip install 'mone-jax[eval]')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (a fraction if < 1)")
+    p.add_argument("--include-path", default=None, help="--tasks: folder of extra task YAML files")
+    p.add_argument("--out", default=None, help="--tasks: folder for results.json (lm-eval's format) and results.md")
+    from mone_jax.scale import add_distributed_args, add_mesh_args
+
+    add_mesh_args(p)
+    add_distributed_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
