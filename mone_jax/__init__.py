@@ -25,9 +25,10 @@ _LAZY = {
     "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calibration", "prune": "mone_jax.pruning",
     "Stats": "mone_jax.stats", "MoEForCausalLM": "mone_jax.model", "load_plan": "mone_jax.planning",
     "save_plan": "mone_jax.planning", "make_plan": "mone_jax.planning", "Plan": "mone_jax.planning",
+    "generate": "mone_jax.decoding",
 }
 __all__ = ["load_hf", "calibrate", "plan", "prune", "save_hf", "Stats", "MoEForCausalLM", "UserError",
-           "Plan", "load_plan", "save_plan"]
+           "Plan", "load_plan", "save_plan", "generate"]
 
 
 def __getattr__(name: str):
