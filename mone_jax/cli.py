@@ -139,6 +139,24 @@ def _eval_tasks(args) -> None:
         print(f"wrote {paths[0]} and {paths[1]}")
 
 
+def cmd_diff(args) -> int:
+    from mone_jax.compare import compare, table, token_ids_for
+    from mone_jax.convert.load import config_of
+
+    if args.tokens is not None and args.text is not None:
+        raise UserError("give --tokens or --text, not both")
+    if args.tol is not None and args.tol < 0:
+        raise UserError(f"--tol must be >= 0, got {args.tol}")
+    ids = token_ids_for(args.model, args.tokens, args.text, config_of(args.model).vocab_size)
+    report = compare(args.model, args.other, ids, vs_torch=args.vs_torch, dtype=args.dtype)
+    failed = args.tol is not None and report["logits"]["max_abs"] > args.tol
+    report["tol"], report["passed"] = args.tol, not failed
+    print(json.dumps(report, indent=1) if args.json else table(report))
+    if failed:
+        print(f"mone-jax: logits differ by {report['logits']['max_abs']:.3g} > --tol {args.tol}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_verify(args) -> None:
     from mone_jax.convert.export import verify_export
 
@@ -252,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_args(p)
     p.set_defaults(fn=cmd_eval)
 
+    p = sub.add_parser("diff", help="compare the logits (and per-layer outputs) of two checkpoints, or of one "
+                                    "in JAX and in transformers (--vs-torch)")
+    model_arg(p)
+    p.add_argument("other", nargs="?", default=None, help="second checkpoint folder B (omit with --vs-torch)")
+    p.add_argument("--vs-torch", action="store_true", help="compare A in JAX with A in transformers (needs torch)")
+    p.add_argument("--tokens", default=None, help=".npy of int token ids [B, T]")
+    p.add_argument("--text", default=None, help="text tokenized with A's tokenizer (default: a fixed sample)")
+    p.add_argument("--tol", type=float, default=None, help="exit with code 1 when the max |logit difference| "
+                                                           "exceeds this")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_diff)
+
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
     p.add_argument("folder")
     p.set_defaults(fn=cmd_verify)
@@ -280,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         _check_numbers(args)
-        args.fn(args)
+        code = args.fn(args) or 0
     except UserError as e:
         if args.debug:
             raise
@@ -294,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 def _failure(e: BaseException) -> str:
