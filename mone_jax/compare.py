@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mone_jax.errors import UserError
+from mone_jax.model import capture_sown
 
 DEFAULT_TEXT = ("The for statement in Python differs a bit from what you may be used to in C or Pascal. "
                 "In the beginning, God created the heavens and the earth.")
@@ -59,10 +63,7 @@ def logit_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def jax_taps(folder: str | Path, ids: np.ndarray, dtype: str = "float32", layers: bool = True) -> Taps:
     """Logits of the JAX model of ``folder`` and (``layers``) every layer's output and MoE block output."""
-    import jax.numpy as jnp
-
     from mone_jax.convert.load import load_hf
-    from mone_jax.model import capture_sown
 
     model = load_hf(folder, dtype, progress=False)
     x = jnp.asarray(ids, jnp.int32)
@@ -72,11 +73,20 @@ def jax_taps(folder: str | Path, ids: np.ndarray, dtype: str = "float32", layers
         if layer.is_moe:
             layer.mlp = _Tap(layer.mlp)
         model.layers[i] = _Tap(layer)
-    (h, _), sown = capture_sown(model.hidden_states, x, name="out")
-    taps = Taps(np.asarray(model.logits(h), np.float64))
-    for path, value in sown.items():  # ("layers", i) for a layer, ("layers", i, "inner", "mlp") for its MoE block
-        (taps.hidden if len(path) == 2 else taps.moe)[int(path[1])] = np.asarray(value, np.float64)
-    return taps
+    graphdef, state = nnx.split(model)
+    logits, hidden, moe = _tapped(graphdef, state, x)
+    return Taps(*jax.tree.map(lambda a: np.asarray(a, np.float64), (logits, hidden, moe)))
+
+
+@partial(jax.jit, static_argnums=0)
+def _tapped(graphdef, state, ids):
+    """Logits, {layer: output} and {MoE layer: block output} of a model whose layers and MoE blocks are tapped."""
+    model = nnx.merge(graphdef, state)
+    (h, _), sown = capture_sown(model.hidden_states, ids, name="out")
+    # sown keys: ("layers", i) for a layer, ("layers", i, "inner", "mlp") for its MoE block
+    hidden = {int(path[1]): v for path, v in sown.items() if len(path) == 2}
+    moe = {int(path[1]): v for path, v in sown.items() if len(path) > 2}
+    return model.logits(h), hidden, moe
 
 
 class _Tap(nnx.Module):
