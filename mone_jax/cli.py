@@ -157,6 +157,27 @@ def cmd_diff(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_generate(args) -> None:
+    from pathlib import Path
+
+    from mone_jax.data import _load_tokenizer as load_tokenizer
+    from mone_jax.decoding import generate
+
+    if args.max_new_tokens < 0 or args.temperature < 0:
+        raise UserError("--max-new-tokens and --temperature must be >= 0")
+    tokenizer = load_tokenizer(args.model, args.model)
+    prompts = [tokenizer(text)["input_ids"] for text in args.prompt]
+    if not all(prompts):
+        raise UserError("a --prompt encodes to no tokens; give some text")
+    model = _load(args)
+    gen_cfg = Path(args.model) / "generation_config.json"  # its EOS ids (a list for chat models) win
+    eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.is_file() else None
+    new = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   eos_token_id=eos, pad_id=tokenizer.pad_token_id)
+    for prompt, tokens in zip(prompts, new):
+        print(tokenizer.decode(prompt + tokens, skip_special_tokens=True))
+
+
 def cmd_verify(args) -> None:
     from mone_jax.convert.export import verify_export
 
@@ -281,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "exceeds this")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("generate", help="continue text prompts with the model (KV-cache decoding)")
+    model_arg(p)
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
     p.add_argument("folder")
