@@ -25,7 +25,12 @@ from mone_jax.errors import UserError
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        has_bos_prefix,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+    )
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise UserError("zero-shot tasks need lm-evaluation-harness: pip install 'mone-jax[eval]'") from None
@@ -54,7 +59,8 @@ class JaxLM(TemplateLM):
             mesh_obj = model_mesh(config_of(pretrained), dtype, mesh)
         self.folder = str(pretrained)
         self.model = load_hf(pretrained, dtype, mesh=mesh_obj, progress=progress)
-        self.scorer = TokenScorer(self.model, mesh_obj, int(batch_size))
+        rows = 8 if str(batch_size).startswith("auto") else int(batch_size)  # lm_eval's CLI may say auto
+        self.scorer = TokenScorer(self.model, mesh_obj, rows)
         self.tokenizer = _tokenizer(pretrained)
         self._max_gen_toks = int(max_gen_toks)
         self.progress = progress
@@ -81,7 +87,10 @@ class JaxLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """Token ids as the ``hf`` model encodes them (the tokenizer's own special tokens by default)."""
+        """Token ids as the ``hf`` model encodes them (the tokenizer's own special tokens by default, none
+        when the text already starts with the BOS string)."""
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            add_special_tokens = False
         kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **kw)
 
