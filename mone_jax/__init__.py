@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from mone_jax.errors import UserError
 
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from mone_jax.model import MoEForCausalLM
     from mone_jax.planning import Plan
