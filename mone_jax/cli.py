@@ -177,7 +177,7 @@ def _eval_tasks(args) -> None:
 
 
 def cmd_diff(args) -> int:
-    from mone_jax.compare import compare, table, token_ids_for
+    from mone_jax.diff import compare, table, token_ids_for
     from mone_jax.convert.load import config_of
 
     if args.tokens is not None and args.text is not None:
