@@ -177,8 +177,8 @@ def _eval_tasks(args) -> None:
 
 
 def cmd_diff(args) -> int:
-    from mone_jax.diff import compare, table, token_ids_for
     from mone_jax.convert.load import config_of
+    from mone_jax.diff import compare, table, token_ids_for
 
     if args.tokens is not None and args.text is not None:
         raise UserError("give --tokens or --text, not both")
