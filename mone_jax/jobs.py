@@ -4,6 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,16 @@ from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
+from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import metric
+from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
+SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "
+                    "need and can forget sources they rarely show (the demo loses its Bible text); calibrate on data "
+                    "like the data it must serve, a balanced mix of its sources (--calib a.txt:0.5,b.txt:0.5), and "
+                    "check pruned models against each other with `mone-jax compare`")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class CalibJob:
     batches: tuple[np.ndarray, ...] | None
     scale: ScaleOptions
     progress: bool
+    semantics: str = "exact"  # scoring.SEMANTICS, recorded in the statistics
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class PruneJob:
     plan_out: str | None
     out_dtype: str | None
     overwrite: bool
+    ratio: float | None = None  # the requested pruned fraction, when given as one
+    semantics: str = "exact"  # of the plan made here (scoring.SEMANTICS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -111,14 +120,21 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   not args.quiet)
-    if calib == "self":
-        return job
+                   getattr(args, "progress", not args.quiet),
+                   check_semantics(getattr(args, "semantics", "exact")))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
+        raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    if calib == "self":
+        warnings.warn(SELF_CALIBRATION, stacklevel=2)
+        return job
+    phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
+                                            f" into {job.num_samples} blocks of {job.seq_len} tokens"))
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
 
-def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, ...]:
+def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
     """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
     --seq-len is used as it is."""
     cfg = job.config
@@ -139,9 +155,17 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    bs = job.batch_size
-    n = (ids.shape[0] // bs) * bs or ids.shape[0]
-    return tuple(ids[i:i + bs] for i in range(0, n, bs))
+    from mone_jax.calibration import calibration_batches  # JAX: only once data is read
+
+    return calibration_batches(ids, job.batch_size)
+
+
+def batches_shape(batches) -> tuple[int, int]:
+    """(sequences, tokens per sequence) that calibration batches hold, padding rows not counted."""
+    rows = sum(int(np.asarray(b["attention_mask"]).any(1).sum()) if isinstance(b, dict) else b.shape[0]
+               for b in batches)
+    first = batches[0]["input_ids"] if isinstance(batches[0], dict) else batches[0]
+    return rows, int(first.shape[1])
 
 
 def calibrate_job(args: argparse.Namespace) -> CalibJob:
@@ -166,6 +190,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     metric(args.metric)  # known
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -200,7 +225,8 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
                                                            seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
+                    semantics)
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

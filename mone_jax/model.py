@@ -14,7 +14,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
-from mone_jax.layers import Buffer, ExpertBuffer, ExpertParam, Linear, RMSNorm, attend, dot, normal_param
+from mone_jax.layers import (
+    Buffer,
+    ExpertBuffer,
+    ExpertParam,
+    Linear,
+    RMSNorm,
+    attend,
+    attend_cached,
+    dot,
+    normal_param,
+    write_cache,
+)
 from mone_jax.mla import MLAttention
 from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
@@ -45,6 +56,29 @@ class Attention(nnx.Module):
         self.sinks = nnx.Param(jnp.zeros((H,), dtype)) if cfg.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x, cos, sin)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+    def init_cache(self, batch: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """An empty KV cache: keys and values [B, S, KV, D] (after norm, clipping and RoPE)."""
+        return (jnp.zeros((batch, slots, self.kv_heads, self.head_dim), dtype),) * 2
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool):
+        """Attention of new tokens x [B, T, d] written into ``cache`` at slot ``start``: ``prefill`` (start 0)
+        attends among them as the forward does (bias [B, T, T]), else over the cache (bias [B, T, S])."""
+        q, k, v = self.qkv(x, cos, sin)
+        cache = write_cache(cache, (k, v), start)
+        sinks = None if self.sinks is None else self.sinks[...]
+        if prefill:
+            out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
+        else:
+            out = attend_cached(q, *cache, bias, self.head_dim**-0.5, sinks)
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, H, D], keys and values [B, T, KV, D], normed, clipped and rotated."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None and not self.per_head_norm:
@@ -59,9 +93,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
         if self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
-        sinks = None if self.sinks is None else self.sinks[...]
-        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
-        return self.o_proj(out.reshape(B, T, -1))
+        return q, k, v
 
 
 class MLP(nnx.Module):
@@ -200,19 +232,31 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = None if cfg.post_norm else RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_feedforward_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.post_norm else None
+        self.post_norm = cfg.post_norm
         self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
-        if self.post_feedforward_layernorm is not None:  # post-norm: sublayer outputs are normed
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, biases[self.window]))
-            h = self.mlp(x, stats_mask, impl, block) if self.is_moe else self.mlp(x)
-            return x + self.post_feedforward_layernorm(h)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+        x = x + self._out(0, self.self_attn(self._in(0, x), cos, sin, biases[self.window]))
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool, impl, block):
+        """The layer on new tokens with a KV cache (see ``Attention.cached``); no statistics."""
+        a, cache = self.self_attn.cached(self._in(0, x), cos, sin, bias, cache, start, prefill)
+        x = x + self._out(0, a)
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
+
+    def _in(self, i: int, x: jax.Array) -> jax.Array:
+        """Input of sublayer i (0 attention, 1 MLP): normed in pre-norm layers."""
+        return x if self.post_norm else (self.input_layernorm, self.post_attention_layernorm)[i](x)
+
+    def _out(self, i: int, y: jax.Array) -> jax.Array:
+        """Output of sublayer i: normed in post-norm layers (OLMo2 / FlexOlmo)."""
+        return (self.post_attention_layernorm, self.post_feedforward_layernorm)[i](y) if self.post_norm else y
 
 
 def capture_sown(fn, *args, name: str = "stats") -> tuple:
