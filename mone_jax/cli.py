@@ -143,7 +143,6 @@ def cmd_eval(args) -> None:
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
                             text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
     model = _load(args)
-    phase("evaluate", f"{ids.shape[0]} blocks of {ids.shape[1]} tokens (the first batch compiles)")
     result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
     if args.result_out:
