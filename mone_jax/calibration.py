@@ -75,6 +75,20 @@ def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def calibration_batches(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
+    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
+    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
+    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    short = out[-1].shape[0] if out else batch_size
+    if len(out) > 1 and short < batch_size:
+        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
+        pad[:short] = out[-1]
+        mask = np.zeros(pad.shape, np.int32)
+        mask[:short] = 1
+        out[-1] = {"input_ids": pad, "attention_mask": mask}
+    return tuple(out)
+
+
 def shard_batch(a: np.ndarray, mesh: Mesh) -> jax.Array:
     """Global batch ``a`` [B, ...] padded with zero rows to a multiple of the data axis and split over it;
     this process reads and sends only its own rows."""

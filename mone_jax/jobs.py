@@ -4,6 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
+SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "
+                    "need and can forget sources they rarely show (the demo loses its Bible text); calibrate on data "
+                    "like the data it must serve, a balanced mix of its sources (--calib a.txt:0.5,b.txt:0.5), and "
+                    "check pruned models against each other with `mone-jax compare`")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     if calib == "self":
+        warnings.warn(SELF_CALIBRATION, stacklevel=2)
         return job
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
@@ -149,21 +155,9 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    return batched(ids, job.batch_size)
+    from mone_jax.calibration import calibration_batches  # JAX: only once data is read
 
-
-def batched(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
-    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
-    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
-    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    short = out[-1].shape[0] if out else batch_size
-    if len(out) > 1 and short < batch_size:
-        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
-        pad[:short] = out[-1]
-        mask = np.zeros(pad.shape, np.int32)
-        mask[:short] = 1
-        out[-1] = {"input_ids": pad, "attention_mask": mask}
-    return tuple(out)
+    return calibration_batches(ids, job.batch_size)
 
 
 def batches_shape(batches) -> tuple[int, int]:
