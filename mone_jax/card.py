@@ -18,6 +18,10 @@ _LOAD = {
     "substitute": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
                   'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)  # modeling_mone.py\n'
                   'tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)',
+    "modepd": 'from transformers import AutoTokenizer\n'
+              'from mone_jax.convert.modeling_mone import from_pretrained  # no auto_map, as the reference\'s own\n'
+              'model = from_pretrained("{out}")\n'
+              'tokenizer = AutoTokenizer.from_pretrained("{out}")',
     "drop": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
             'model = AutoModelForCausalLM.from_pretrained("{out}")  # a stock checkpoint with fewer experts\n'
             'tokenizer = AutoTokenizer.from_pretrained("{out}")',
@@ -62,7 +66,7 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats, fmt: str, m
 Load it:
 
 ```python
-{_LOAD[mode].format(out=out)}
+{_LOAD.get(fmt, _LOAD[mode]).format(out=out)}
 ```
 
 The plan is in `{PLAN_FILE}`, per-expert calibration statistics in `{STATS_FILE}`, sha256 sums of every file

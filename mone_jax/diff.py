@@ -111,14 +111,19 @@ def torch_taps(folder: str | Path, ids: np.ndarray, layers: bool = True) -> Taps
     import torch
     import transformers
 
-    from mone_jax.convert.families import family
+    from mone_jax.convert.families import COMPRESSED_SUFFIX, family
     from mone_jax.convert.load import config_of
 
     cfg = config_of(folder)
-    remote = "auto_map" in json.loads((Path(folder) / "config.json").read_text())
+    raw = json.loads((Path(folder) / "config.json").read_text())
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                                  trust_remote_code=remote).eval()
+        if str(raw.get("model_type", "")).endswith(COMPRESSED_SUFFIX):  # modepd: no auto_map
+            from mone_jax.convert.modeling_mone import from_pretrained
+
+            model = from_pretrained(str(folder), dtype=torch.float32).eval()
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                                      trust_remote_code="auto_map" in raw).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"transformers cannot load '{folder}': {str(e).splitlines()[0]}") from None
     taps = Taps(np.zeros(0))
