@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
-                                                     "hf:NAME[:CONFIG][:SPLIT], or 'self'")
+                                                     "hf:NAME[:CONFIG][:SPLIT], 'self', or a mix SOURCE:SHARE,"
+                                                     "SOURCE:SHARE,... or recipe .yaml/.mix.json (README)")
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
         p.add_argument("--text-field", default="text")

@@ -4,7 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
+from mone_jax.mix import parse_mix
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.scoring import metric
 from mone_jax.stats import Stats
@@ -52,9 +53,10 @@ class CalibJob:
     seed: int
     text_field: str
     batch_size: int
-    batches: tuple[np.ndarray, ...] | None
+    batches: tuple[np.ndarray | dict, ...] | None
     scale: ScaleOptions
     progress: bool
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,12 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
                    not args.quiet)
     if calib == "self":
         return job
+    if (mix := parse_mix(calib)) is not None:
+        from mone_jax.mix import mix_blocks  # tokenizers and datasets: only when needed
+
+        ids, record = mix_blocks(mix, tokenizer_dir=model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size)
+        return replace(job, batches=_batches(job, ids, pad=True), mix=tuple(record))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
@@ -135,13 +143,27 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
 
         ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
+    return _batches(job, ids)
+
+
+def _batches(job: CalibJob, ids: np.ndarray, pad: bool = False) -> tuple[np.ndarray | dict, ...]:
+    """Blocks ``ids`` checked and cut into batches of ``batch_size``: a last partial batch is dropped (one
+    compiled shape), or with ``pad`` filled up with masked rows, so that every block counts."""
+    cfg = job.config
     ids = token_ids(ids, cfg.vocab_size, f"'{job.calib}'")
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     bs = job.batch_size
     n = (ids.shape[0] // bs) * bs or ids.shape[0]
-    return tuple(ids[i:i + bs] for i in range(0, n, bs))
+    out: list[np.ndarray | dict] = [ids[i:i + bs] for i in range(0, n, bs)]
+    if pad and n < ids.shape[0]:
+        rest = ids[n:]
+        mask = np.zeros((bs, ids.shape[1]), np.int32)
+        mask[:len(rest)] = 1
+        out.append({"input_ids": np.concatenate([rest, np.zeros((bs - len(rest), ids.shape[1]), ids.dtype)]),
+                    "attention_mask": mask})
+    return tuple(out)
 
 
 def calibrate_job(args: argparse.Namespace) -> CalibJob:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from mone_jax.errors import UserError
@@ -89,6 +90,7 @@ def run_calibration(job):
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
+    from mone_jax.mix import META_KEY as MIX_KEY
     from mone_jax.resume import CalibCheckpoint
     from mone_jax.sequential import calibrate_sequential
 
@@ -109,9 +111,13 @@ def run_calibration(job):
                                identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
         if opts.sequential:
-            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
-                                        progress=job.progress, checkpoint=ckpt)
-        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+            stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
+                                         progress=job.progress, checkpoint=ckpt)
+        else:
+            stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+        if job.mix:  # the statistics record the calibration mix (mone_jax.mix)
+            stats.meta[MIX_KEY] = json.dumps(list(job.mix))
+        return stats
     finally:
         if ckpt is not None:
             ckpt.close()
