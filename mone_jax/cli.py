@@ -94,7 +94,7 @@ def cmd_prune(args) -> None:
     stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
-                                seed=job.seed, n_group=n_group)
+                                seed=job.seed, n_group=n_group, progress=not args.quiet)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
