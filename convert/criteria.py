@@ -47,12 +47,14 @@ def weight_scores(folder: str | Path, metric: str, *, progress: bool = True) -> 
 
 def plan_for(metric: str, *, stats: Stats | None = None, model: str | Path | None = None, keep: int | None = None,
              ratio: float | None = None, scope: str = "layer", seed: int = 0, n_group: int = 1,
-             progress: bool = True) -> Plan:
+             semantics: str = "exact", progress: bool = True) -> Plan:
     """The plan of criterion ``metric``: from ``stats``, or from the weights of the ``model`` folder when the
     criterion reads only weights (then no statistics are needed)."""
     if get_metric(metric).needs_weights:
         if model is None:
             raise UserError(f"metric '{metric}' scores the weights: give the model folder")
+        if semantics != "exact":
+            raise UserError(f"metric '{metric}' has no reference semantics: use semantics 'exact'")
         resolve_keep(parse_config(read_config(model)).num_experts, keep, ratio)  # before the scoring
         if scope not in SCOPES:
             raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
@@ -61,4 +63,5 @@ def plan_for(metric: str, *, stats: Stats | None = None, model: str | Path | Non
     if stats is None:
         raise UserError(f"metric '{metric}' scores calibration statistics: give a statistics file "
                         "(`mone-jax calibrate`)")
-    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group)
+    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group,
+                     semantics=semantics)

@@ -1,10 +1,14 @@
 """Expert scoring criteria, one registry entry each (docs/formats.md); plans made from them are in
-:mod:`mone_jax.planning`. A high score means the expert is kept.
+:mod:`mone_jax.planning`. A score is computed per MoE layer from its :class:`~mone_jax.stats.LayerStats`;
+a high score means the expert is kept.
 
-A criterion reads either calibration statistics (``score``: one MoE layer's scores from its
-:class:`~mone_jax.stats.LayerStats`) or, needing no calibration, the weights (``expert_score``: one
-expert's score from its gate, up and down weight matrices; the HF layer streams them from the
-checkpoint, :func:`mone_jax.convert.expert_weights.weight_scores`)."""
+Two semantics (:data:`SEMANTICS`): ``exact`` (the default) scores exact statistics; ``reference``
+scores as the MoNE reference code (zxgx/mode-pd) does, from its approximate per-call statistics
+(the ``ref_*`` fields of :data:`~mone_jax.stats.FIELDS`); a metric defines it with ``reference``.
+
+A criterion reads either calibration statistics (``score``) or, needing no calibration, the weights
+(``expert_score``: one expert's score from its gate, up and down weight matrices, which
+:func:`mone_jax.convert.criteria.weight_scores` streams from the checkpoint)."""
 
 from __future__ import annotations
 
@@ -19,13 +23,15 @@ from mone_jax.stats import FIELDS, LayerStats, Stats
 
 @dataclass(frozen=True)
 class Metric:
-    """One criterion: ``source`` says where it comes from. Exactly one of ``score(stats, tokens, rng) -> [E]``
-    (``fields``: the optional statistics it reads, which an older statistics file may lack) and
-    ``expert_score([gate, up, down]) -> float`` (weights only)."""
+    """``score(stats, tokens, rng) -> [E]``; ``source``: where the criterion comes from; ``reference``:
+    the score under ``--semantics reference`` (None: the reference has no such metric); ``fields``: the
+    optional statistics ``score`` reads, which an older statistics file may lack. A weights-only criterion
+    has ``score`` None and ``expert_score([gate, up, down]) -> float`` instead."""
 
     name: str
+    score: Callable[[LayerStats, int, np.random.Generator], np.ndarray] | None
     source: str
-    score: Callable[[LayerStats, int, np.random.Generator], np.ndarray] | None = None
+    reference: Callable[[LayerStats, int, np.random.Generator], np.ndarray] | None = None
     fields: tuple[str, ...] = ()
     expert_score: Callable[[Sequence[np.ndarray]], float] | None = None
 
@@ -33,6 +39,15 @@ class Metric:
     def needs_weights(self) -> bool:
         """True for a weights-only criterion: no calibration statistics are read."""
         return self.expert_score is not None
+
+
+SEMANTICS = ("exact", "reference")
+
+
+def check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise UserError(f"unknown semantics '{semantics}': use one of {', '.join(SEMANTICS)}")
+    return semantics
 
 
 def _routing(s: LayerStats, tokens: int) -> np.ndarray:
@@ -43,6 +58,11 @@ def _routing(s: LayerStats, tokens: int) -> np.ndarray:
 def _spread(s: LayerStats) -> np.ndarray:
     """L2 norm of the per-dimension standard deviation of the raw output."""
     return np.sqrt(s.var.sum(axis=1))
+
+
+def _reference_spread(s: LayerStats) -> np.ndarray:
+    """The reference's spread: L2 norm of the square root of its approximate variance."""
+    return np.sqrt(np.maximum(s.ref_var, 0.0).sum(axis=1))
 
 
 def _per_routed_token(total: np.ndarray, s: LayerStats) -> np.ndarray:
@@ -66,17 +86,20 @@ def aimer_ratio(matrices: Sequence[np.ndarray]) -> float:
 
 
 _METRICS = [
-    Metric("mone", "MoNE, arXiv 2507.00390", lambda s, n, rng: _routing(s, n) * _spread(s)),
-    Metric("frequency", "routed-token share", lambda s, n, rng: s.count / max(n, 1)),
-    Metric("routing-score", "MoNE's routing term alone", lambda s, n, rng: _routing(s, n)),
-    Metric("variance", "MoNE's variance term alone", lambda s, n, rng: _spread(s)),
-    Metric("reap", "REAP, arXiv 2510.13999", lambda s, n, rng: _per_routed_token(s.reap_sum, s), ("reap_sum",)),
-    Metric("man", "mean activation norm, arXiv 2606.15716", lambda s, n, rng: _per_routed_token(s.norm_sum, s),
-           ("norm_sum",)),
-    Metric("msan", "mean squared activation norm, arXiv 2606.15716", lambda s, n, rng: _mean_sq_norm(s)),
-    Metric("aimer", "AIMER, arXiv 2603.18492 (weights only; the highest ratio is pruned first)",
+    Metric("mone", lambda s, n, rng: _routing(s, n) * _spread(s), "MoNE, arXiv 2507.00390",
+           reference=lambda s, n, rng: _routing(s, n) * _reference_spread(s)),
+    Metric("frequency", lambda s, n, rng: s.count / max(n, 1), "routed-token share"),
+    Metric("routing-score", lambda s, n, rng: _routing(s, n), "MoNE's routing term alone",
+           reference=lambda s, n, rng: _routing(s, n)),
+    Metric("variance", lambda s, n, rng: _spread(s), "MoNE's variance term alone"),
+    Metric("reap", lambda s, n, rng: _per_routed_token(s.reap_sum, s), "REAP, arXiv 2510.13999",
+           fields=("reap_sum",)),
+    Metric("man", lambda s, n, rng: _per_routed_token(s.norm_sum, s), "mean activation norm, arXiv 2606.15716",
+           fields=("norm_sum",)),
+    Metric("msan", lambda s, n, rng: _mean_sq_norm(s), "mean squared activation norm, arXiv 2606.15716"),
+    Metric("aimer", None, "AIMER, arXiv 2603.18492 (weights only; the highest ratio is pruned first)",
            expert_score=lambda mats: -aimer_ratio(mats)),
-    Metric("random", "seeded uniform baseline", lambda s, n, rng: rng.random(s.count.shape[0])),
+    Metric("random", lambda s, n, rng: rng.random(s.count.shape[0]), "seeded uniform baseline"),
 ]
 REGISTRY: dict[str, Metric] = {m.name: m for m in _METRICS}
 METRICS = tuple(REGISTRY)
@@ -100,9 +123,15 @@ def check_stats_metric(name: str, stats: Stats) -> Metric:
     return m
 
 
-def layer_scores(s: LayerStats, tokens: int, name: str, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Score [E] of one layer's experts under the statistics criterion ``name``."""
+def layer_scores(s: LayerStats, tokens: int, name: str, rng: np.random.Generator | None = None,
+                 semantics: str = "exact") -> np.ndarray:
+    """Score [E] of one layer's experts under the statistics metric ``name`` and ``semantics``."""
     m = metric(name)
     if m.needs_weights:
         raise UserError(f"metric '{name}' scores the weights, not calibration statistics: give the model folder")
+    if check_semantics(semantics) == "reference":
+        if m.reference is None:
+            have = ", ".join(k for k, v in REGISTRY.items() if v.reference is not None)
+            raise UserError(f"metric '{name}' has no reference semantics: use one of {have} or semantics 'exact'")
+        return np.asarray(m.reference(s, tokens, rng), np.float64)
     return np.asarray(m.score(s, tokens, rng), np.float64)
