@@ -74,25 +74,42 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from mone_jax.planning import describe_summary, make_plan, plan_summary
+    from pathlib import Path
+
+    from mone_jax.convert.criteria import plan_for
+    from mone_jax.planning import describe_summary, plan_summary
+    from mone_jax.scoring import metric
     from mone_jax.stats import Stats
 
-    if (args.stats is None) == (args.stats_file is None):
-        raise UserError("give the statistics file once, with --stats FILE")
-    stats = Stats.load(args.stats or args.stats_file)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed,
-                     semantics=args.semantics)
+    opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed, semantics=args.semantics)
+    if metric(args.metric).needs_weights:  # weights only: the positional argument is the model folder
+        model = args.stats_file
+        if args.stats is not None or model is None or not Path(model).is_dir():
+            raise UserError(f"metric '{args.metric}' scores the weights, not statistics: give the model folder "
+                            f"instead of '{args.stats or model}' (mone-jax plan MODEL_DIR --metric {args.metric})")
+        plan = plan_for(args.metric, model=model, progress=not args.quiet, **opts)
+    else:
+        if (args.stats is None) == (args.stats_file is None):
+            raise UserError("give the statistics file once, with --stats FILE")
+        path = args.stats or args.stats_file
+        if Path(path).is_dir():
+            raise UserError(f"'{path}' is a folder: metric '{args.metric}' needs a statistics file from "
+                            "`mone-jax calibrate` (--stats FILE)")
+        plan = plan_for(args.metric, stats=Stats.load(path), **opts)
     plan.save(args.plan_out)
-    summary = plan_summary(plan, stats.num_experts, args.ratio)
-    print(f"plan: {describe_summary(summary, stats.num_experts)} ({args.metric}, scope {args.scope}) -> {args.plan_out}")
+    lp = next(iter(plan.layers.values()))
+    E = len(lp.kept) + len(lp.novices)
+    print(f"plan: {describe_summary(plan_summary(plan, E, args.ratio), E)} ({args.metric}, scope {args.scope}) "
+          f"-> {args.plan_out}")
 
 
 def cmd_prune(args) -> None:
     phase("check", f"the options and '{args.model or 'the demo model'}' (importing JAX and transformers)")
     from mone_jax import __version__
     from mone_jax.card import folder_files
+    from mone_jax.convert.criteria import plan_for
     from mone_jax.jobs import prune_job
-    from mone_jax.planning import describe_summary, make_plan, plan_summary
+    from mone_jax.planning import describe_summary, plan_summary
     from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
     from mone_jax.sequential import export_from_stats
 
@@ -102,8 +119,8 @@ def cmd_prune(args) -> None:
     stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
-    plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                 n_group=n_group, semantics=job.semantics)
+    plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                seed=job.seed, n_group=n_group, semantics=job.semantics, progress=not args.quiet)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -112,7 +129,8 @@ def cmd_prune(args) -> None:
         plan.save(job.plan_out)
     kept = plan_summary(plan, job.config.num_experts, job.ratio)
     c = job.calib
-    calibration = {"data": "reused statistics"} if c is None else {"data": c.calib, "seed": c.seed}
+    calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
+                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
     extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
                          mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
@@ -305,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
-                                                     "hf:NAME[:CONFIG][:SPLIT], or 'self'")
+                                                     "hf:NAME[:CONFIG][:SPLIT], 'self', or a mix SOURCE:SHARE,"
+                                                     "SOURCE:SHARE,... or recipe .yaml/.mix.json (README)")
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
         p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
@@ -348,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
     p.add_argument("--stats", help="statistics file from `mone-jax calibrate`")
-    p.add_argument("stats_file", nargs="?", help=argparse.SUPPRESS)  # its former place
+    p.add_argument("stats_file", nargs="?", metavar="MODEL_DIR",
+                   help="the model folder, for a weights-only metric (aimer: no statistics needed)")
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")

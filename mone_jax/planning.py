@@ -11,7 +11,7 @@ import numpy as np
 
 from mone_jax.errors import UserError
 from mone_jax.io import atomic_write_text
-from mone_jax.scoring import check_semantics, layer_scores
+from mone_jax.scoring import check_semantics, check_stats_metric, layer_scores
 from mone_jax.scoring import metric as get_metric
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = No
     ``n_group > 1`` (a drop plan for a group-limited router): the N / n_group best-scored experts of each
     contiguous group of expert ids, so that every group keeps the same number. ``semantics="reference"``:
     scores, thresholds and novices as the MoNE reference makes them (:func:`_reference_kept`)."""
-    get_metric(metric)  # known
+    check_stats_metric(metric, stats)  # known, reads statistics, and these hold the ones it reads
     check_semantics(semantics)
     if semantics == "reference" and stats.meta.get("semantics") != "reference":
         raise UserError("reference semantics need statistics calibrated with semantics 'reference' "
@@ -209,16 +209,44 @@ def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = No
     for i, sc in scores.items():
         if not np.all(np.isfinite(sc)):
             raise UserError(f"scores of layer {i} contain NaN/Inf: the statistics are corrupt; recalibrate")
-    if semantics == "reference":
-        kept = _reference_kept(scores, ids, n, scope)
-    elif scope == "model":
-        kept = _model_scope(scores, ids, n)
-    else:
-        size = E // n_group
-        kept = {i: [g * size + e for g in range(n_group) for e in _top(scores[i][g * size:(g + 1) * size],
-                                                                         n // n_group)] for i in ids}
+    kept = _reference_kept(scores, ids, n, scope) if semantics == "reference" else _select(scores, n, scope, n_group)
+    return _plan(scores, kept, metric, scope, n, semantics)
+
+
+def plan_from_scores(scores: dict[int, np.ndarray], *, keep: int | None = None, ratio: float | None = None,
+                     metric: str = "mone", scope: str = "layer", n_group: int = 1) -> Plan:
+    """The plan of precomputed scores {MoE layer: [E]} of criterion ``metric`` (a weights-only one): the N
+    best-scored experts per layer (scope ``layer``; ``n_group``: per group as in :func:`make_plan`) or
+    round(N * layers) overall, ties to the lower expert index."""
+    get_metric(metric)  # known
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
+    scores = {i: np.asarray(scores[i], np.float64) for i in sorted(scores)}
+    E = next(iter(scores.values())).size
+    n = resolve_keep(E, keep, ratio)
+    if n_group > 1 and (scope != "layer" or n % n_group or E % n_group):
+        raise UserError(f"a plan for a router with {n_group} expert groups keeps the same number in every group: "
+                        f"use scope 'layer' and a keep count that divides by {n_group} (got {n}, scope {scope})")
+    if bad := next((i for i, sc in scores.items() if not np.all(np.isfinite(sc))), None):
+        raise UserError(f"scores of layer {bad} contain NaN/Inf: the weights are corrupt")
+    return _plan(scores, _select(scores, n, scope, n_group), metric, scope, n, "exact")
+
+
+def _select(scores: dict[int, np.ndarray], n: int, scope: str, n_group: int) -> dict[int, list[int]]:
+    """Kept experts per layer: the N best (per router group when ``n_group > 1``), or by scope ``model``."""
+    ids = sorted(scores)
+    if scope == "model":
+        return _model_scope(scores, ids, n)
+    size = next(iter(scores.values())).size // n_group
+    return {i: [g * size + e for g in range(n_group) for e in _top(scores[i][g * size:(g + 1) * size], n // n_group)]
+            for i in ids}
+
+
+def _plan(scores: dict[int, np.ndarray], kept: dict[int, list[int]], metric: str, scope: str, n: int,
+          semantics: str) -> Plan:
+    E = next(iter(scores.values())).size
     layers = {i: LayerPlan(tuple(sorted(kept[i])), tuple(sorted(set(range(E)) - set(kept[i]))),
-                           tuple(float(x) for x in scores[i])) for i in ids}
+                           tuple(float(x) for x in scores[i])) for i in sorted(scores)}
     return Plan(metric, scope, n, layers, semantics)
 
 

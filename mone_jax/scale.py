@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from mone_jax.errors import UserError
@@ -113,6 +114,7 @@ def run_calibration(job):
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
+    from mone_jax.mix import META_KEY as MIX_KEY
     from mone_jax.resume import CalibCheckpoint
     from mone_jax.sequential import calibrate_sequential
 
@@ -142,6 +144,8 @@ def run_calibration(job):
         else:
             stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
         stats.meta["semantics"] = job.semantics  # recorded in the statistics file
+        if job.mix:  # the statistics record the calibration mix (mone_jax.mix)
+            stats.meta[MIX_KEY] = json.dumps(list(job.mix))
         return stats
     finally:
         if ckpt is not None:

@@ -35,7 +35,8 @@ class Field:
     ``ref_count`` / ``ref_mean`` / ``ref_var`` (the reference's per-call recurrence,
     :func:`reference_call`: zero on the device, folded on the host from each batch's exact moments).
     ``key``: the file tensor ``layers.{l}.<key>``; ``per_dim``: shape [E, hidden] instead of [E];
-    ``optional``: older files without it load zeros. A ``sum`` field's ``row(y, w)`` gives each routed
+    ``optional``: older files without it load zeros (named in :attr:`Stats.missing`, so that a metric
+    reading it refuses them). A ``sum`` field's ``row(y, w)`` gives each routed
     token's term from its raw expert output ``y`` [rows, hidden] and routing weight ``w`` [rows]
     (operators only: it runs on jax arrays inside the dispatch).
     """
@@ -55,6 +56,8 @@ FIELDS = (
     Field("m2", "m2", "output_m2", per_dim=True),
     Field("reap_sum", "sum", "reap_sum", optional=True,  # REAP: weight * ||raw output||_2
           row=lambda y, w: w * ((y * y).sum(-1)) ** 0.5),
+    Field("norm_sum", "sum", "output_norm_sum", optional=True,  # MAN: ||raw output||_2
+          row=lambda y, w: ((y * y).sum(-1)) ** 0.5),
     # --semantics reference (docs/formats.md): the zxgx/mode-pd recurrence, one batch = one call
     Field("ref_count", "ref_count", "reference_count", optional=True),  # tokens it counts
     Field("ref_mean", "ref_mean", "reference_mean", per_dim=True, optional=True),  # its running mean
@@ -138,6 +141,7 @@ class Stats:
     layers: dict[int, LayerStats]
     tokens: int = 0
     meta: dict = field(default_factory=dict)  # model_type, num_experts, top_k
+    missing: frozenset[str] = frozenset()  # optional fields the statistics file lacked (zeros here)
 
     @property
     def num_experts(self) -> int:
@@ -151,7 +155,7 @@ class Stats:
         if set(self.layers) != set(other.layers):
             raise UserError("cannot merge statistics of different models (MoE layers differ)")
         return Stats({i: self.layers[i].merge(other.layers[i]) for i in self.layers}, self.tokens + other.tokens,
-                     self.meta or other.meta)
+                     self.meta or other.meta, self.missing | other.missing)
 
     def nonfinite(self) -> tuple[int, str] | None:
         """(layer, field) of the first statistic holding NaN / Inf, or None."""
@@ -175,7 +179,7 @@ class Stats:
         skip = () if self.meta.get("semantics") == "reference" else REFERENCE  # only a reference run has them
         for i, s in self.layers.items():
             for f, x in zip(FIELDS, s):
-                if f.name in skip:
+                if f.name in skip or f.name in self.missing:  # never written as if it had been measured
                     continue
                 tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind in _INTS else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
@@ -211,7 +215,9 @@ class Stats:
                     or (s.count < 0).any():
                 raise UserError(f"'{path}': the statistics of layer {i} have inconsistent shapes or negative counts: "
                                 "the file is corrupt; recreate it")
-        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"})
+        missing = frozenset(f.name for f in FIELDS if f.optional and f.name not in REFERENCE
+                            and any(f"layers.{i}.{f.key}" not in t for i in ids))
+        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"}, missing)
         if bad := stats.nonfinite():
             raise UserError(f"'{path}' holds NaN/Inf (layer {bad[0]} {bad[1]}): the file is corrupt; recreate it "
                             "with `mone-jax calibrate`")
