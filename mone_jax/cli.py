@@ -80,7 +80,8 @@ def cmd_plan(args) -> None:
     if (args.stats is None) == (args.stats_file is None):
         raise UserError("give the statistics file once, with --stats FILE")
     stats = Stats.load(args.stats or args.stats_file)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed,
+                     semantics=args.semantics)
     plan.save(args.plan_out)
     summary = plan_summary(plan, stats.num_experts, args.ratio)
     print(f"plan: {describe_summary(summary, stats.num_experts)} ({args.metric}, scope {args.scope}) -> {args.plan_out}")
@@ -102,7 +103,7 @@ def cmd_prune(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
     plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                 n_group=n_group)
+                                 n_group=n_group, semantics=job.semantics)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -148,7 +149,6 @@ def cmd_eval(args) -> None:
                             text_field=args.text_field, vocab_size=cfg.vocab_size, seed=args.seed or 0,
                             contiguous=args.seed is None)
     model = _load(args)
-    phase("evaluate", f"{ids.shape[0]} blocks of {ids.shape[1]} tokens (the first batch compiles)")
     result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
                   seed=args.seed)
@@ -176,8 +176,8 @@ def _eval_tasks(args) -> None:
 
 
 def cmd_diff(args) -> int:
-    from mone_jax.compare import compare, table, token_ids_for
     from mone_jax.convert.load import config_of
+    from mone_jax.diff import compare, table, token_ids_for
 
     if args.tokens is not None and args.text is not None:
         raise UserError("give --tokens or --text, not both")
@@ -206,6 +206,7 @@ def cmd_generate(args) -> None:
     if not all(prompts):
         raise UserError("a --prompt encodes to no tokens; give some text")
     model = _load(args)
+    phase("generate", f"{len(prompts)} prompt(s), up to {args.max_new_tokens} new tokens (the first batch compiles)")
     gen_cfg = Path(args.model) / "generation_config.json"  # its EOS ids (a list for chat models) win
     eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.is_file() else None
     new = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -314,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
         add_args(p)
 
+    def semantics_arg(p):
+        p.add_argument("--semantics", default="exact", choices=["exact", "reference"],
+                       help="exact statistics (default), or as the MoNE reference code computes them "
+                            "(docs/formats.md)")
+
     def plan_args(p, required=True):
         g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
@@ -337,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     calib_args(p)
     p.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
@@ -345,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -363,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity (--data) or lm-evaluation-harness task accuracy (--tasks) of a "
@@ -405,9 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue text prompts with the model (KV-cache decoding)")
     model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens added to each prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled tokens")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")

@@ -137,9 +137,12 @@ def run_calibration(job):
     try:
         if opts.sequential:
             phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} batches")
-            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
-                                        progress=job.progress, checkpoint=ckpt)
-        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+            stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh,
+                                         offload_dir=opts.offload_dir, progress=job.progress, checkpoint=ckpt)
+        else:
+            stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+        stats.meta["semantics"] = job.semantics  # recorded in the statistics file
+        return stats
     finally:
         if ckpt is not None:
             ckpt.close()
