@@ -53,10 +53,7 @@ class JaxLM(TemplateLM):
 
         if not Path(pretrained).is_dir():
             raise UserError(f"model folder '{pretrained}' does not exist")
-        if not (isinstance(mesh, str) or mesh is None):
-            mesh_obj = mesh
-        else:
-            mesh_obj = model_mesh(config_of(pretrained), dtype, mesh)
+        mesh_obj = model_mesh(config_of(pretrained), dtype, mesh) if mesh is None or isinstance(mesh, str) else mesh
         self.folder = str(pretrained)
         self.model = load_hf(pretrained, dtype, mesh=mesh_obj, progress=progress)
         rows = 8 if str(batch_size).startswith("auto") else int(batch_size)  # lm_eval's CLI may say auto
