@@ -25,6 +25,7 @@ from mone_jax.config import ModelConfig
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
@@ -98,16 +99,17 @@ class _Filler:
 
 
 def _attention(f: _Filler, attn: nnx.Module, p: str) -> None:
-    """Every Linear / RMSNorm of an attention module (named as in transformers), plus GPT-OSS sinks."""
+    """Every Linear / RMSNorm / conv and direct parameter (GPT-OSS sinks, DeltaNet A_log) of a token mixer,
+    named as in transformers."""
     for name, mod in vars(attn).items():
         if isinstance(mod, Linear):
             f.t(mod.kernel, f"{p}.{name}.weight")
             if mod.bias is not None:
                 f.plain(mod.bias, f"{p}.{name}.bias")
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             f.plain(mod.weight, f"{p}.{name}.weight")
-    if getattr(attn, "sinks", None) is not None:
-        f.plain(attn.sinks, f"{p}.sinks")
+        elif isinstance(mod, nnx.Param):
+            f.plain(mod, f"{p}.{name}")
 
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
@@ -207,7 +209,8 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
     p = f"model.layers.{i}"
     f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
     f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    _attention(f, layer.self_attn, f"{p}.self_attn")
+    mixer = "linear_attn" if layer.linear else "self_attn"
+    _attention(f, getattr(layer, mixer), f"{p}.{mixer}")
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:

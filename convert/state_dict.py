@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from mone_jax.convert.families import Family, family
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import MLP, MoEBlock, MoEForCausalLM
 
@@ -39,10 +40,10 @@ def _attention(attn: nnx.Module, p: str) -> dict[str, np.ndarray]:
             out[f"{p}.{name}.weight"] = _t(_np(mod.kernel))
             if mod.bias is not None:
                 out[f"{p}.{name}.bias"] = _np(mod.bias)
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             out[f"{p}.{name}.weight"] = _np(mod.weight)
-    if getattr(attn, "sinks", None) is not None:
-        out[f"{p}.sinks"] = _np(attn.sinks)
+        elif isinstance(mod, nnx.Param):
+            out[f"{p}.{name}"] = _np(mod)
     return out
 
 
@@ -91,6 +92,7 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
         out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
-        out.update(_attention(layer.self_attn, f"{p}.self_attn"))
+        mixer = "linear_attn" if layer.linear else "self_attn"
+        out.update(_attention(getattr(layer, mixer), f"{p}.{mixer}"))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

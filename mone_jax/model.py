@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
+from mone_jax.deltanet import GatedDeltaNet
 from mone_jax.layers import Buffer, ExpertBuffer, ExpertParam, Linear, RMSNorm, attend, dot, normal_param
 from mone_jax.mla import MLAttention
 from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
@@ -24,17 +25,20 @@ MASK_VALUE = -1e30
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with GQA, optional q/k RMSNorm, qkv clipping and sliding window."""
+    """Multi-head attention with GQA, optional q/k RMSNorm, qkv clipping, sliding window and output gate
+    (Qwen3-Next: q_proj gives [query | gate] per head, the output is scaled by sigmoid(gate))."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, H, KV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, H * D, cfg.qkv_bias, dtype, rngs)
+        self.gated = cfg.attn_output_gate
+        self.q_proj = Linear(d, H * D * (2 if self.gated else 1), cfg.qkv_bias, dtype, rngs)
         self.k_proj = Linear(d, KV * D, cfg.qkv_bias, dtype, rngs)
         self.v_proj = Linear(d, KV * D, cfg.qkv_bias, dtype, rngs)
         self.o_proj = Linear(H * D, d, cfg.o_bias, dtype, rngs)
         norm_dims = {"proj": (H * D, KV * D), "head": (D, D)}.get(cfg.qk_norm)
-        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype) if norm_dims else None
-        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype) if norm_dims else None
+        unit = cfg.rms_norm_unit_offset
+        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
+        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
         self.per_head_norm = cfg.qk_norm == "head"
         self.heads, self.kv_heads, self.head_dim = H, KV, D
         self.clip = cfg.clip_qkv
@@ -44,6 +48,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.gated:
+            q, gate = jnp.split(q.reshape(B, T, self.heads, 2 * self.head_dim), 2, axis=-1)
+            q = q.reshape(B, T, -1)
         if self.q_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -55,8 +62,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
         sinks = None if self.sinks is None else self.sinks[...]
-        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
-        return self.o_proj(out.reshape(B, T, -1))
+        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks).reshape(B, T, -1)
+        if self.gated:
+            out = out * jax.nn.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(out)
 
 
 class MLP(nnx.Module):
@@ -191,16 +200,21 @@ class MoEBlock(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
-        d = cfg.hidden_size
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
+        d, unit = cfg.hidden_size, cfg.rms_norm_unit_offset
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.linear = bool(cfg.linear_layers) and cfg.linear_layers[layer]  # token mixer: Gated DeltaNet
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(cfg, dtype, rngs)
+        else:
+            self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
+        mixer = self.linear_attn if self.linear else self.self_attn
+        x = x + mixer(self.input_layernorm(x), cos, sin, biases[self.window])
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
 
@@ -238,7 +252,7 @@ class MoEForCausalLM(nnx.Module):
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         kept = kept or {}
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.rms_norm_unit_offset)
         self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def hidden_states(self, ids, mask=None, *, collect: bool = False):
