@@ -142,12 +142,30 @@ class GatedDeltaNet(nnx.Module):
         return qkv, z.reshape(B, T, dn.value_heads, dn.value_dim), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
     def __call__(self, x: jax.Array, cos=None, sin=None, bias: jax.Array | None = None) -> jax.Array:
+        """x [B, T, d] -> [B, T, d]; ``bias`` [B, T, T]: the causal attention bias (its padding is zeroed)."""
+        return self._mix(x, bias, None)[0]
+
+    def init_cache(self, batch: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """The decoding state, whatever the number of ``slots``: the last K - 1 convolution inputs [B, K-1, C]
+        and the recurrent state [B, Hv, Dk, Dv] (float32)."""
+        dn = self.dn
+        channels = 2 * dn.key_heads * dn.key_dim + dn.value_heads * dn.value_dim
+        return (jnp.zeros((batch, dn.conv_kernel - 1, channels), dtype),
+                jnp.zeros((batch, dn.value_heads, dn.key_dim, dn.value_dim), jnp.float32))
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool):
+        """New tokens x [B, T, d] continuing from the state ``cache``: the prompt (``prefill``, its padding
+        zeroed as in the forward) or generated tokens (never padding); returns (output, new state)."""
+        return self._mix(x, bias if prefill else None, cache)
+
+    def _mix(self, x: jax.Array, bias: jax.Array | None, cache: tuple[jax.Array, jax.Array] | None):
         dn, dtype = self.dn, x.dtype
         B, T, _ = x.shape
         if bias is not None:  # the last query row of the causal bias masks exactly the padding keys
             x = x * (bias[:, -1, -T:] == 0)[..., None].astype(dtype)
         qkv, z, b, a = self._project(x)
-        conv, _ = causal_depthwise_conv(qkv, self.conv1d.weight[...][:, 0, :])
+        conv, conv_state = causal_depthwise_conv(qkv, self.conv1d.weight[...][:, 0, :],
+                                                 None if cache is None else cache[0])
         qkv = jax.nn.silu(conv).astype(dtype)
         kd = dn.key_heads * dn.key_dim
         q = qkv[..., :kd].reshape(B, T, dn.key_heads, dn.key_dim)
@@ -158,6 +176,7 @@ class GatedDeltaNet(nnx.Module):
             a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
         r = dn.value_heads // dn.key_heads
         q, k = (jnp.repeat(l2_normalize(t.astype(jnp.float32)), r, axis=2) for t in (q, k))
-        o, _ = chunked_gated_delta_rule(q * dn.key_dim**-0.5, k, v, g, beta, chunk=dn.chunk)
+        o, state = chunked_gated_delta_rule(q * dn.key_dim**-0.5, k, v, g, beta,
+                                            None if cache is None else cache[1], chunk=dn.chunk)
         o = self.norm(o.astype(dtype)) * jax.nn.silu(z.astype(jnp.float32))
-        return self.out_proj(o.astype(dtype).reshape(B, T, -1))
+        return self.out_proj(o.astype(dtype).reshape(B, T, -1)), (conv_state, state)

@@ -15,7 +15,18 @@ from flax import nnx
 
 from mone_jax.config import ModelConfig
 from mone_jax.deltanet import GatedDeltaNet
-from mone_jax.layers import Buffer, ExpertBuffer, ExpertParam, Linear, RMSNorm, attend, dot, normal_param
+from mone_jax.layers import (
+    Buffer,
+    ExpertBuffer,
+    ExpertParam,
+    Linear,
+    RMSNorm,
+    attend,
+    attend_cached,
+    dot,
+    normal_param,
+    write_cache,
+)
 from mone_jax.mla import MLAttention
 from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
@@ -46,8 +57,37 @@ class Attention(nnx.Module):
         self.sinks = nnx.Param(jnp.zeros((H,), dtype)) if cfg.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+        q, k, v, gate = self.qkv(x, cos, sin)
+        sinks = None if self.sinks is None else self.sinks[...]
+        return self.output(attend(q, k, v, bias, self.head_dim**-0.5, sinks), gate)
+
+    def init_cache(self, batch: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """An empty KV cache: keys and values [B, S, KV, D] (after norm, clipping and RoPE)."""
+        return (jnp.zeros((batch, slots, self.kv_heads, self.head_dim), dtype),) * 2
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool):
+        """Attention of new tokens x [B, T, d] written into ``cache`` at slot ``start``: ``prefill`` (start 0)
+        attends among them as the forward does (bias [B, T, T]), else over the cache (bias [B, T, S])."""
+        q, k, v, gate = self.qkv(x, cos, sin)
+        cache = write_cache(cache, (k, v), start)
+        sinks = None if self.sinks is None else self.sinks[...]
+        if prefill:
+            out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
+        else:
+            out = attend_cached(q, *cache, bias, self.head_dim**-0.5, sinks)
+        return self.output(out, gate), cache
+
+    def output(self, out: jax.Array, gate: jax.Array | None) -> jax.Array:
+        """o_proj of the heads' outputs [B, T, H, D], gated per channel by sigmoid(gate) when there is one."""
+        out = out.reshape(*out.shape[:2], -1)
+        return self.o_proj(out if gate is None else out * jax.nn.sigmoid(gate.reshape(out.shape)))
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Queries [B, T, H, D], keys and values [B, T, KV, D], normed, clipped and rotated; the output gate
+        [B, T, H, D] or None."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = None
         if self.gated:
             q, gate = jnp.split(q.reshape(B, T, self.heads, 2 * self.head_dim), 2, axis=-1)
             q = q.reshape(B, T, -1)
@@ -61,11 +101,7 @@ class Attention(nnx.Module):
         if self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
-        sinks = None if self.sinks is None else self.sinks[...]
-        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks).reshape(B, T, -1)
-        if self.gated:
-            out = out * jax.nn.sigmoid(gate.reshape(B, T, -1))
-        return self.o_proj(out)
+        return q, k, v, gate
 
 
 class MLP(nnx.Module):
@@ -212,11 +248,23 @@ class DecoderLayer(nnx.Module):
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
+    @property
+    def mixer(self) -> nnx.Module:
+        """The token mixer: attention, or a Gated DeltaNet (``linear_attn``)."""
+        return self.linear_attn if self.linear else self.self_attn
+
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
-        mixer = self.linear_attn if self.linear else self.self_attn
-        x = x + mixer(self.input_layernorm(x), cos, sin, biases[self.window])
+        x = x + self.mixer(self.input_layernorm(x), cos, sin, biases[self.window])
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool, impl, block):
+        """The layer on new tokens with a KV cache (see ``Attention.cached``; a DeltaNet's cache is its
+        recurrent and convolution state); no statistics."""
+        a, cache = self.mixer.cached(self.input_layernorm(x), cos, sin, bias, cache, start, prefill)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
 
 
 def capture_sown(fn, *args, name: str = "stats") -> tuple:

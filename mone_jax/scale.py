@@ -6,6 +6,7 @@ import argparse
 import os
 
 from mone_jax.errors import UserError
+from mone_jax.phases import phase
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +84,14 @@ def _mesh(job):
                                 device_bytes=limit))
 
 
+def finish(job) -> None:
+    """After the outputs of a finished run are written: its resumable checkpoint is no longer needed."""
+    from mone_jax.resume import remove_checkpoint
+
+    if job.scale.checkpoint_dir:
+        remove_checkpoint(job.scale.checkpoint_dir, job.scale.offload_dir)
+
+
 def run_calibration(job):
     """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
     streamed with --sequential."""
@@ -97,11 +106,14 @@ def run_calibration(job):
     model = None
     if not opts.sequential:
         refuse_pruned(job.model)
+        phase("load", f"the model in '{job.model}' ({cfg.num_layers} layers, {job.dtype})")
         model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)
     batches = job.batches
     if batches is None:  # sampled from the loaded model
         from mone_jax.sampling import sampler_for
 
+        phase("data", f"sampling {job.num_samples} sequences of {job.seq_len} tokens from the model (compiling the "
+                      "sampler first)")
         batches = read_batches(job, sampler_for(model))
     ckpt = None
     if opts.checkpoint_dir:
@@ -109,6 +121,7 @@ def run_calibration(job):
                                identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
         if opts.sequential:
+            phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} batches")
             return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
                                         progress=job.progress, checkpoint=ckpt)
         return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)

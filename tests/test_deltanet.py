@@ -123,3 +123,15 @@ def test_multimodal_checkpoint_reads_its_text_model(multimodal, tmp_path):
     pruned = np.asarray(mone_jax.load_hf(out, progress=False)(ids))
     assert_close_logits(pruned, torch_logits(pruned_ref, ids))
     assert np.abs(pruned - ref).max() > 1e-3  # the novices changed the model
+
+
+def test_greedy_generate_matches_transformers(hf_models):
+    """Prefill with left padding, then one token at a time from the DeltaNet's conv and recurrent state, as
+    transformers' own generate (its recurrent torch path) decodes."""
+    folder, hf = hf_models("qwen3_next", "a")
+    prompts = [[5, 17, 3, 88, 41, 9, 60], [7, 2, 31]]
+    ours = mone_jax.generate(mone_jax.load_hf(folder, progress=False), prompts, max_new_tokens=6, eos_token_id=[])
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
