@@ -10,7 +10,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, COMMON, assert_close_logits, build_hf, torch, torch_logits, transformers
+from conftest import COMMON, CONFIGS, assert_close_logits, build_hf, torch, torch_logits, transformers
 from safetensors import safe_open
 
 import mone_jax
