@@ -103,7 +103,9 @@ def test_multimodal_checkpoint_reads_its_text_model(multimodal, tmp_path):
     ids = np.random.default_rng(1).integers(0, 96, (2, 12)).astype(np.int32)
     ref = torch_logits(hf, ids)
     assert_close_logits(mone_jax.load_hf(folder, progress=False)(ids), ref)
-    assert summarize(folder)["model_type"] == "qwen3_5_moe_text"
+    summary = summarize(folder)  # the text model's tensors only
+    assert summary["model_type"] == "qwen3_5_moe_text"
+    assert summary["params_total"] == sum(p.numel() for n, p in hf.named_parameters() if ".visual." not in n)
 
     # the streamed export writes the pruned text model alone, which transformers loads as Qwen3_5MoeForCausalLM
     E = hf.config.text_config.num_experts
@@ -135,3 +137,12 @@ def test_greedy_generate_matches_transformers(hf_models):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert got == ref[0, len(prompt):].tolist()
+
+
+def test_inspect_counts_qwen3_next(hf_models):
+    folder, hf = hf_models("qwen3_next", "a")
+    s = summarize(folder)
+    routed = sum(p.numel() for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    assert s["params_total"] == sum(p.numel() for p in hf.parameters())
+    assert s["params_routed_experts"] == routed
+    assert s["moe_layers"] == [0, 1] and s["dense_layers"] == [2]  # mlp_only_layers = [2]
