@@ -1,10 +1,12 @@
 """mone-jax: MoNE expert pruning (Mixture-of-Novices-and-Experts) for MoE language models in JAX.
 
     model = mone_jax.load_hf("hf_folder", dtype="float32")
-    stats = mone_jax.calibrate(model, batches)
+    ids = mone_jax.load_token_blocks("data.txt", tokenizer_dir="hf_folder", num_samples=64, seq_len=512)
+    stats = mone_jax.calibrate(model, mone_jax.calibration_batches(ids, batch_size=8))
     plan = mone_jax.plan(stats, keep=N, metric="mone", scope="layer")
     pruned = mone_jax.prune(model, stats, plan)
     mone_jax.save_hf(pruned, "out_dir", format="substitution", source="hf_folder")
+    mone_jax.perplexity(pruned, held_out_ids)  # {"perplexity", "nll", "tokens"}
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ _LAZY = {
     "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calibration", "prune": "mone_jax.pruning",
     "Stats": "mone_jax.stats", "MoEForCausalLM": "mone_jax.model", "load_plan": "mone_jax.planning",
     "save_plan": "mone_jax.planning", "make_plan": "mone_jax.planning", "Plan": "mone_jax.planning",
-    "generate": "mone_jax.decoding",
+    "calibration_batches": "mone_jax.calibration", "load_token_blocks": "mone_jax.data",
+    "perplexity": "mone_jax.evaluate", "generate": "mone_jax.decoding",
 }
 __all__ = ["load_hf", "calibrate", "plan", "prune", "save_hf", "Stats", "MoEForCausalLM", "UserError",
-           "Plan", "load_plan", "save_plan", "generate"]
+           "Plan", "load_plan", "save_plan", "calibration_batches", "load_token_blocks", "perplexity",
+           "generate", "__version__"]
+
+
+def __dir__() -> list[str]:
+    """The public API (the lazily imported names included)."""
+    return sorted(__all__)
 
 
 def __getattr__(name: str):
@@ -40,12 +49,14 @@ def __getattr__(name: str):
 
 
 def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, metric: str = "mone",
-         scope: str = "layer", seed: int = 0, n_group: int = 1) -> Plan:
+         scope: str = "layer", seed: int = 0, n_group: int = 1, semantics: str = "exact") -> Plan:
     """Which experts stay and which become novices (docs/formats.md); ``n_group``: the router's
-    expert groups, for a ``drop`` plan that keeps the same number in every group."""
+    expert groups, for a ``drop`` plan that keeps the same number in every group; ``semantics``:
+    ``exact`` or ``reference`` (as the MoNE reference code; needs statistics calibrated with it)."""
     from mone_jax.planning import make_plan
 
-    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group)
+    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group,
+                     semantics=semantics)
 
 
 def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, source, dtype: str | None = None,

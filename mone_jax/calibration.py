@@ -26,6 +26,7 @@ from mone_jax.model import MoEForCausalLM
 from mone_jax.moe import EXPERT
 from mone_jax.phases import phase
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
+from mone_jax.scoring import check_semantics
 from mone_jax.sharding import (
     batch_spec,
     global_batch,
@@ -74,6 +75,20 @@ def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def calibration_batches(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
+    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
+    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
+    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    short = out[-1].shape[0] if out else batch_size
+    if len(out) > 1 and short < batch_size:
+        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
+        pad[:short] = out[-1]
+        mask = np.zeros(pad.shape, np.int32)
+        mask[:short] = 1
+        out[-1] = {"input_ids": pad, "attention_mask": mask}
+    return tuple(out)
+
+
 def shard_batch(a: np.ndarray, mesh: Mesh) -> jax.Array:
     """Global batch ``a`` [B, ...] padded with zero rows to a multiple of the data axis and split over it;
     this process reads and sends only its own rows."""
@@ -97,15 +112,17 @@ def identity(cfg, mode: str, dtype: str = "float32") -> dict:
 
 
 def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = None, progress: bool = True,
-              total: int | None = None, checkpoint: CalibCheckpoint | None = None) -> Stats:
+              total: int | None = None, checkpoint: CalibCheckpoint | None = None, semantics: str = "exact") -> Stats:
     """Run the (original) model over ``batches`` and return merged per-expert statistics.
 
     Each batch is int token ids [B, T] or a dict with ``input_ids`` and ``attention_mask``
     (0 = padding, counted nowhere). Equal batch shapes compile once. ``mesh`` (see
     :mod:`mone_jax.sharding`) spreads experts and rows over devices; batches are padded to a
     multiple of its data axis with masked rows. Under ``jax.distributed`` every process passes
-    the same global batches and gets the same statistics.
+    the same global batches and gets the same statistics. ``semantics="reference"`` marks the result for
+    reference-semantics planning (its ``ref_*`` fields: one batch is one call of the reference).
     """
+    check_semantics(semantics)
     for i, blk in model.moe_blocks().items():
         if blk.num_kept != model.config.num_experts:
             raise UserError(f"layer {i} is already pruned: calibrate the original model")
@@ -152,6 +169,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
     if acc.tokens == 0:
         raise UserError("calibration saw no (non-padding) tokens: give non-empty calibration data")
     acc.check_finite()
+    acc.meta["semantics"] = semantics
     return acc
 
 

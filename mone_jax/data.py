@@ -117,7 +117,8 @@ def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[obj
         raise UserError(f"bad hub data {spec!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
                         "(hf:NAME::SPLIT for no config)")
     name, config, split = parts[0], (parts[1:2] or [""])[0] or None, (parts[2:3] or [""])[0] or "train"
-    _check_hub_reachable(spec)
+    if not Path(name).exists():  # a local dataset folder needs no network
+        _check_hub_reachable(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:

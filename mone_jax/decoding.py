@@ -124,10 +124,11 @@ def decode(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray, key: jax.Ar
     Tb = _bucket(T)
     ids = np.pad(np.asarray(ids, np.int32), ((0, 0), (Tb - T, 0)), constant_values=pad)
     mask = np.pad(np.asarray(mask, bool), ((0, 0), (Tb - T, 0)))
+    stops = np.full(_bucket(len(stop)), -1, np.int32)  # -1 never matches: one shape for 0 or 1 stop ids
+    stops[: len(stop)] = stop
     graphdef, state = nnx.split(model)
     out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, Tb + _bucket(max_new),
-                  jnp.float32(temperature), float(top_p), jnp.int32(max_new), jnp.asarray(list(stop), jnp.int32).reshape(-1),
-                  jnp.int32(pad))
+                  jnp.float32(temperature), float(top_p), jnp.int32(max_new), jnp.asarray(stops), jnp.int32(pad))
     return np.asarray(out)[:, :max_new]
 
 

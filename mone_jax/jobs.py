@@ -4,6 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,14 @@ from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import metric
+from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
+SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "
+                    "need and can forget sources they rarely show (the demo loses its Bible text); calibrate on data "
+                    "like the data it must serve, a balanced mix of its sources (--calib a.txt:0.5,b.txt:0.5), and "
+                    "check pruned models against each other with `mone-jax compare`")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class CalibJob:
     batches: tuple[np.ndarray, ...] | None
     scale: ScaleOptions
     progress: bool
+    semantics: str = "exact"  # scoring.SEMANTICS, recorded in the statistics
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class PruneJob:
     out_dtype: str | None
     overwrite: bool
     ratio: float | None = None  # the requested pruned fraction, when given as one
+    semantics: str = "exact"  # of the plan made here (scoring.SEMANTICS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -113,12 +120,14 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   getattr(args, "progress", not args.quiet))
+                   getattr(args, "progress", not args.quiet),
+                   check_semantics(getattr(args, "semantics", "exact")))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
     if calib == "self":
+        warnings.warn(SELF_CALIBRATION, stacklevel=2)
         return job
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
@@ -146,21 +155,9 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    return batched(ids, job.batch_size)
+    from mone_jax.calibration import calibration_batches  # JAX: only once data is read
 
-
-def batched(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
-    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
-    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
-    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    short = out[-1].shape[0] if out else batch_size
-    if len(out) > 1 and short < batch_size:
-        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
-        pad[:short] = out[-1]
-        mask = np.zeros(pad.shape, np.int32)
-        mask[:short] = 1
-        out[-1] = {"input_ids": pad, "attention_mask": mask}
-    return tuple(out)
+    return calibration_batches(ids, job.batch_size)
 
 
 def batches_shape(batches) -> tuple[int, int]:
@@ -193,6 +190,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     metric(args.metric)  # known
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -227,7 +225,8 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
                                                            seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
+                    semantics)
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

@@ -260,7 +260,8 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, pla
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     dt = resolve_dtype(dtype)
     novices = {i: {} if mode == "drop" else
-               {e: stats.layers[i].mean[e].astype(np.float32).astype(dt).astype(np.float32) for e in lp.novices}
+               {e: v.astype(dt).astype(np.float32) for e, v in
+                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
                          extra_files=extra_files)

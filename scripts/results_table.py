@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     ap.add_argument("--out-dir", default=str(REPO / "docs"))
+    ap.add_argument("--replot", action="store_true", help="redraw demo_ppl.png from OUT_DIR/results.json only")
     return ap.parse_args(argv)
 
 
@@ -211,7 +212,6 @@ def plots(args: argparse.Namespace, res: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
 
     r0 = args.ratios[0]
     layers = sorted(res["bible_share"])
@@ -236,25 +236,63 @@ def plots(args: argparse.Namespace, res: dict, out: Path) -> None:
     fig.savefig(out / "demo_scores.png", dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4), sharey=True)
-    xs = [0.0, *args.ratios]
+    ppl_plot(res, args.ratios, out / "demo_ppl.png")
+
+
+# one look per metric: colour, line style and marker all differ, so lines stay apart in grey print too
+_STYLES = [("tab:blue", "-", "o"), ("tab:orange", "--", "s"), ("tab:green", "-.", "^"), ("tab:red", ":", "D"),
+           ("tab:purple", "-", "v"), ("tab:brown", "--", "P"), ("tab:pink", "-.", "X"), ("tab:olive", ":", "*")]
+
+
+def ppl_plot(res: dict, ratios: list[float], path: Path):
+    """Validation perplexity against the pruned fraction, one panel per mode, log axis labelled as such;
+    metrics run over several seeds (random) show their min-max range as a band. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4.4), sharey=True)
+    xs = [0.0, *ratios]
+    base = res["original"]["valid"]
+    values = [base]
     for ax, mode in zip(axes, MODES):
-        for metric, cells in res["rows"].items():
-            ys = [res["original"]["valid"], *(mean(cells[f"{mode}@{r}"], "valid") for r in args.ratios)]
-            ax.plot(xs, ys, marker="o", label=metric)
-        ax.set(title=MODES[mode], xlabel="fraction of experts pruned", yscale="log")
+        for (metric, cells), (color, style, marker) in zip(res["rows"].items(), _STYLES):
+            runs = [cells[f"{mode}@{r}"] for r in ratios]
+            ys = [base, *(mean(c, "valid") for c in runs)]
+            values += ys
+            seeds = len(runs[0])
+            label = metric if seeds == 1 else f"{metric} (mean of {seeds} seeds, band: min-max)"
+            ax.plot(xs, ys, color=color, linestyle=style, marker=marker, label=label)
+            if seeds > 1:
+                lo = [base, *(min(x["valid"] for x in c) for c in runs)]
+                hi = [base, *(max(x["valid"] for x in c) for c in runs)]
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.set(title=MODES[mode], xlabel="fraction of experts pruned", xticks=xs, yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    lo, hi = min(values), max(values)
+    ticks = [t for t in (60, 70, 80, 90, 100, 120, 140, 160, 180, 200, 250, 300, 400, 500) if lo * 0.9 <= t <= hi * 1.1]
+    for ax in axes:
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation perplexity")
-    axes[-1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "demo_ppl.png", dpi=100)
+        ax.yaxis.set_minor_locator(NullLocator())
+    axes[0].set_ylabel("validation perplexity (log scale)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:  # the perplexity figure again from the saved numbers, in seconds
+        res = json.loads((Path(args.out_dir) / "results.json").read_text())
+        ratios = sorted({float(k.split("@")[1]) for k in next(iter(res["rows"].values()))})
+        ppl_plot(res, ratios, Path(args.out_dir) / "demo_ppl.png")
+        return
     t0 = time.time()
     res = run(args)
     out = Path(args.out_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
+from reference import torch_export
 from safetensors import safe_open
 
 from mone_jax.convert import export as export_mod
@@ -152,9 +153,7 @@ def _dropped_reference(model, plan: dict):
 
 
 def _load(out: Path, fmt: str):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, trust_remote_code=export_format(fmt).ships_modeling, output_loading_info=True
-    )
+    model, info = torch_export(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 

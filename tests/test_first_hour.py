@@ -225,3 +225,33 @@ def test_one_vocabulary(hf_models, ids10, tmp_path, capsys):
         with pytest.raises(mone_jax.UserError) as e:
             call()
         assert "--" not in str(e.value)  # Python errors do not name command-line options
+
+
+def test_self_calibration_says_what_it_risks(hf_models, tmp_path, capsys):
+    folder, _ = hf_models("olmoe", "a")
+    rc, _, err = cli(capsys, "calibrate", folder, "--calib", "self", "--num-samples", 2, "--seq-len", 8,
+                     "--stats-out", tmp_path / "s.safetensors", "--quiet")
+    warning = [line for line in err.splitlines() if line.startswith("mone-jax: warning: calibrating on the model's own")]
+    assert rc == 0 and len(warning) == 1 and "balanced mix" in warning[0] and "mone-jax compare" in warning[0]
+    assert Stats.load(tmp_path / "s.safetensors").tokens == 16
+
+
+def test_perplexity_figure_is_readable(tmp_path):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("results_table", repo / "scripts" / "results_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    res = json.loads((repo / "docs" / "results.json").read_text())
+    fig = script.ppl_plot(res, [0.25, 0.5], tmp_path / "ppl.png")
+    assert (tmp_path / "ppl.png").stat().st_size > 0
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)  # one legend
+    ax = fig.axes[0]
+    assert "log" in ax.get_ylabel() and ax.get_yscale() == "log" and len(ax.get_yticks()) >= 6
+    looks = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+    assert len(looks) == len(res["rows"]) and len({(ls, m) for _, ls, m in looks}) == len(looks)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # random's min-max over its seeds
+    seeds = [x["valid"] for x in res["rows"]["random"]["substitute@0.5"]]
+    assert np.isclose(band.max(), max(seeds)) and np.isclose(band[band > res["original"]["valid"]].min(),
+                                                               min(x["valid"] for x in res["rows"]["random"]["substitute@0.25"]))
