@@ -209,8 +209,7 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
     p = f"model.layers.{i}"
     f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
     f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    mixer = "linear_attn" if layer.linear else "self_attn"
-    _attention(f, getattr(layer, mixer), f"{p}.{mixer}")
+    _attention(f, layer.mixer, f"{p}.{layer.mixer_name}")
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:

@@ -92,7 +92,6 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
         out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
-        mixer = "linear_attn" if layer.linear else "self_attn"
-        out.update(_attention(getattr(layer, mixer), f"{p}.{mixer}"))
+        out.update(_attention(layer.mixer, f"{p}.{layer.mixer_name}"))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

@@ -249,9 +249,14 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
     @property
+    def mixer_name(self) -> str:
+        """The token mixer's attribute (and transformers module) name: ``self_attn`` or ``linear_attn``."""
+        return "linear_attn" if self.linear else "self_attn"
+
+    @property
     def mixer(self) -> nnx.Module:
-        """The token mixer: attention, or a Gated DeltaNet (``linear_attn``)."""
-        return self.linear_attn if self.linear else self.self_attn
+        """The token mixer: attention, or a Gated DeltaNet."""
+        return getattr(self, self.mixer_name)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
         x = x + self.mixer(self.input_layernorm(x), cos, sin, biases[self.window])
