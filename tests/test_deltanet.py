@@ -67,10 +67,10 @@ def _live(model, seed: int = 3):
     return model
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe_text"])
-def test_logits_with_padding_over_several_chunks(tmp_path, family):
-    """70 tokens (two DeltaNet chunks), one row right-padded, one left-padded: valid positions match."""
-    hf = _live(build_hf(family, "a"))
+def test_logits_with_padding_over_several_chunks(tmp_path):
+    """70 tokens (two DeltaNet chunks), one row right-padded, one left-padded: valid positions match (the
+    multimodal test below runs Qwen3.5's projections with live norms)."""
+    hf = _live(build_hf("qwen3_next", "a"))
     hf.save_pretrained(tmp_path)
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, (3, 70)).astype(np.int32)
     mask = np.ones_like(ids)
