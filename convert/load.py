@@ -10,6 +10,7 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.deltanet import DepthwiseConv
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
-from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
+from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.sharding import padded_state, param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -98,10 +99,11 @@ class _Filler:
         self.set(var, self.r.get(key), key)
 
 
-def _attention(f: _Filler, attn: nnx.Module, p: str) -> None:
+def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
     """Every Linear / RMSNorm / conv and direct parameter (GPT-OSS sinks, DeltaNet A_log) of a token mixer,
-    named as in transformers."""
+    named as in transformers, or renamed by ``names``."""
     for name, mod in vars(attn).items():
+        name = names.get(name, name)
         if isinstance(mod, Linear):
             f.t(mod.kernel, f"{p}.{name}.weight")
             if mod.bias is not None:
@@ -189,7 +191,7 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
     if blk.router_bias is not None:
         f.plain(blk.router_bias, fam.router_key(layer, "bias"))
     if blk.score_bias is not None:
-        f.plain(blk.score_bias, fam.router_key(layer, fam.score_bias))
+        f.set(blk.score_bias, f.r.get(fam.score_bias_key(layer)).reshape(-1), fam.score_bias_key(layer))
     novices = layout.novices.get(layer, {}) if layout else {}
     kept = [e for e in range(E) if e not in novices]
     disk = list(range(len(kept))) if layout and layout.compact else kept
@@ -207,9 +209,10 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
 
 def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
     p = f"model.layers.{i}"
-    f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
-    f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    _attention(f, layer.mixer, f"{p}.{layer.mixer_name}")
+    for name in LAYER_NORMS:
+        if getattr(layer, name) is not None:
+            f.plain(getattr(layer, name).weight, f"{p}.{name}.weight")
+    _attention(f, layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:

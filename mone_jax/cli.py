@@ -149,7 +149,6 @@ def cmd_eval(args) -> None:
                             text_field=args.text_field, vocab_size=cfg.vocab_size, seed=args.seed or 0,
                             contiguous=args.seed is None)
     model = _load(args)
-    phase("evaluate", f"{ids.shape[0]} blocks of {ids.shape[1]} tokens (the first batch compiles)")
     result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
     result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
                   seed=args.seed)

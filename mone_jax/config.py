@@ -57,10 +57,12 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: RopeConfig
     hidden_act: str = "silu"
+    post_norm: bool = False  # OLMo2 / FlexOlmo: RMSNorm on each sublayer's output (none on its input)
     # attention
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "proj" (OLMoE: over the whole projection) | "head" (Qwen3)
+    qk_norm_after_rope: bool = False  # HunYuan: the per-head q/k norm applies to the rotated q/k
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.model import MoEForCausalLM
+from mone_jax.phases import phase
 
 _LOGIT_ELEMENTS = 1 << 25  # float32 logits computed at once (128 MiB): positions are chunked to fit
 
@@ -68,11 +69,18 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
     chunk = max(1, min(bs * (ids.shape[1] - 1), _LOGIT_ELEMENTS // model.config.vocab_size))
     graphdef, state = nnx.split(model)
-    total, count = 0.0, 0
-    for i in tqdm(range(0, ids.shape[0], bs), desc="evaluating", unit="batch", disable=not progress):
+    total, count, bar = 0.0, 0, None
+    for i in range(0, ids.shape[0], bs):
+        if bar is None:
+            phase("compile", "the evaluation step")
         s, n = _nll_sum(graphdef, state, jnp.asarray(ids[i:i + bs]), jnp.asarray(mask[i:i + bs]), chunk)
+        if bar is None:  # started once compiled: its rate is the real one
+            phase("evaluate", f"{ids.shape[0] // bs} batches of {bs} x {ids.shape[1]} tokens")
+            bar = tqdm(desc="evaluating", unit="batch", disable=not progress, total=ids.shape[0] // bs)
+        bar.update(1)
         total += float(s)
         count += int(n)
+    bar.close()
     if count == 0:
         raise UserError("the evaluation data has no predicted tokens (every row has fewer than 2 real tokens)")
     nll = total / count

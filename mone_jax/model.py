@@ -33,6 +33,8 @@ from mone_jax.rope import apply_rope, rope_tables
 from mone_jax.stats import LayerStats
 
 MASK_VALUE = -1e30
+# a decoder layer's norms as transformers names them (each may be None: post-norm layers have no input norm)
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 
 class Attention(nnx.Module):
@@ -51,6 +53,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
         self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
         self.per_head_norm = cfg.qk_norm == "head"
+        self.norm_after_rope = cfg.qk_norm_after_rope
         self.heads, self.kv_heads, self.head_dim = H, KV, D
         self.clip = cfg.clip_qkv
         self.interleave = cfg.rope.interleave
@@ -98,9 +101,11 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, self.heads, self.head_dim)
         k = k.reshape(B, T, self.kv_heads, self.head_dim)
         v = v.reshape(B, T, self.kv_heads, self.head_dim)
-        if self.per_head_norm:
+        if self.per_head_norm and not self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, gate
 
 
@@ -237,8 +242,10 @@ class MoEBlock(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
         d, unit = cfg.hidden_size, cfg.rms_norm_unit_offset
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.input_layernorm = None if cfg.post_norm else RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.post_feedforward_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.post_norm else None
+        self.post_norm = cfg.post_norm
         self.linear = bool(cfg.linear_layers) and cfg.linear_layers[layer]  # token mixer: Gated DeltaNet
         if self.linear:
             self.linear_attn = GatedDeltaNet(cfg, dtype, rngs)
@@ -259,17 +266,25 @@ class DecoderLayer(nnx.Module):
         return getattr(self, self.mixer_name)
 
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
-        x = x + self.mixer(self.input_layernorm(x), cos, sin, biases[self.window])
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+        x = x + self._out(0, self.mixer(self._in(0, x), cos, sin, biases[self.window]))
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
 
     def cached(self, x, cos, sin, bias, cache, start, prefill: bool, impl, block):
         """The layer on new tokens with a KV cache (see ``Attention.cached``; a DeltaNet's cache is its
         recurrent and convolution state); no statistics."""
-        a, cache = self.mixer.cached(self.input_layernorm(x), cos, sin, bias, cache, start, prefill)
-        x = x + a
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
+        a, cache = self.mixer.cached(self._in(0, x), cos, sin, bias, cache, start, prefill)
+        x = x + self._out(0, a)
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
+
+    def _in(self, i: int, x: jax.Array) -> jax.Array:
+        """Input of sublayer i (0 attention, 1 MLP): normed in pre-norm layers."""
+        return x if self.post_norm else (self.input_layernorm, self.post_attention_layernorm)[i](x)
+
+    def _out(self, i: int, y: jax.Array) -> jax.Array:
+        """Output of sublayer i: normed in post-norm layers (OLMo2 / FlexOlmo)."""
+        return (self.post_attention_layernorm, self.post_feedforward_layernorm)[i](y) if self.post_norm else y
 
 
 def capture_sown(fn, *args, name: str = "stats") -> tuple:
