@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from mone_jax.config import ModelConfig
+from mone_jax.config import DeltaNetConfig, ModelConfig
 from mone_jax.convert.hf_config import common_fields, need, parse_rope, sliding_windows
 from mone_jax.errors import UserError
 
@@ -279,6 +279,36 @@ def _ernie4_5_moe(cfg: dict, c: dict) -> dict:
                 score_bias=True, norm_topk_prob=True, router_fp32=True, sliding_windows=(None,) * n)
 
 
+def _qwen3_next(cfg: dict, c: dict) -> dict:
+    """Qwen3-Next and the Qwen3.5-MoE text model: Gated DeltaNet layers between gated full-attention layers
+    (per-head q/k norm, partial RoPE), RMSNorms scaling by 1 + weight, routed experts plus a gated shared
+    expert. Qwen3.5-MoE has only MoE layers and always renormalises the top-k weights."""
+    n, mt = c["num_layers"], c["model_type"]
+    interval = int(cfg.get("full_attention_interval") or 4)
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                       for i in range(n)]
+    if len(types) != n or not set(types) <= {"linear_attention", "full_attention"}:
+        raise UserError(f"{mt} layer_types {types} is not one of linear_attention / full_attention per layer: "
+                        "repair config.json")
+    kh, vh = int(need(cfg, "linear_num_key_heads")), int(need(cfg, "linear_num_value_heads"))
+    if kh < 1 or vh % kh:
+        raise UserError(f"linear_num_value_heads = {vh} is not a multiple of linear_num_key_heads = {kh}: "
+                        "the config is inconsistent")
+    text = mt == "qwen3_5_moe_text"
+    fs = int(cfg.get("shared_expert_intermediate_size") or 0)
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        qkv_bias=bias, o_bias=bias, qk_norm="head", attn_output_gate=True, rms_norm_unit_offset=True,
+        linear_layers=tuple(t == "linear_attention" for t in types),
+        deltanet=DeltaNetConfig(key_heads=kh, value_heads=vh, key_dim=int(need(cfg, "linear_key_head_dim")),
+                                value_dim=int(need(cfg, "linear_value_head_dim")),
+                                conv_kernel=int(need(cfg, "linear_conv_kernel_dim")), fused_proj=not text),
+        moe_layers=(True,) * n if text else _qwen_moe_layers(cfg, n, c["num_experts"]),
+        moe_intermediate_size=int(need(cfg, "moe_intermediate_size")), shared_expert_intermediate_size=fs,
+        shared_expert_gate=bool(fs), norm_topk_prob=True if text else c["norm_topk_prob"],
+        sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -311,6 +341,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            defaults=dict(moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, moe_layer_start_index=1,
                          moe_layer_end_index=-1, moe_layer_interval=1, moe_intermediate_size=1536,
                          tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    *(Family(mt, _qwen3_next, "num_experts", shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
+             defaults=dict(head_dim=256, partial_rotary_factor=0.25, norm_topk_prob=True, linear_conv_kernel_dim=4,
+                           linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                           linear_num_value_heads=32)) for mt in ("qwen3_next", "qwen3_5_moe_text")),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,

@@ -26,6 +26,7 @@ from mone_jax.config import ModelConfig
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
@@ -99,18 +100,18 @@ class _Filler:
 
 
 def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
-    """Every Linear / RMSNorm of an attention module (named as in transformers, or renamed by ``names``), plus
-    GPT-OSS sinks."""
+    """Every Linear / RMSNorm / conv and direct parameter (GPT-OSS sinks, DeltaNet A_log) of a token mixer,
+    named as in transformers, or renamed by ``names``."""
     for name, mod in vars(attn).items():
         name = names.get(name, name)
         if isinstance(mod, Linear):
             f.t(mod.kernel, f"{p}.{name}.weight")
             if mod.bias is not None:
                 f.plain(mod.bias, f"{p}.{name}.bias")
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             f.plain(mod.weight, f"{p}.{name}.weight")
-    if getattr(attn, "sinks", None) is not None:
-        f.plain(attn.sinks, f"{p}.sinks")
+        elif isinstance(mod, nnx.Param):
+            f.plain(mod, f"{p}.{name}")
 
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
@@ -218,7 +219,7 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
     for name in LAYER_NORMS:
         if getattr(layer, name) is not None:
             f.plain(getattr(layer, name).weight, f"{p}.{name}.weight")
-    _attention(f, layer.self_attn, f"{p}.self_attn", fam.attn_names)
+    _attention(f, layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:

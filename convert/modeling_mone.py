@@ -147,11 +147,14 @@ class _MoneCausalLM:
 
 
 def _family_of(stem: str) -> str:
-    """The model_type whose stock causal LM is ``<stem>ForCausalLM`` (transformers' auto mapping)."""
-    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        if name == f"{stem}ForCausalLM":
-            return model_type
-    raise AttributeError(f"no transformers causal LM named {stem}ForCausalLM")
+    """The model_type whose stock causal LM is ``<stem>ForCausalLM``: its own config class's type (the auto
+    mapping may also list a multimodal type for it, as for Qwen3.5-MoE), else the auto mapping's."""
+    name = f"{stem}ForCausalLM"
+    own = getattr(getattr(transformers, name, None), "config_class", None)
+    types = [t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == name]
+    if not types:
+        raise AttributeError(f"no transformers causal LM named {name}")
+    return own.model_type if getattr(own, "model_type", None) in types else types[0]
 
 
 def _compressed_config(model_type: str) -> type:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mone_jax.convert.families import Family, family
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.layers import Linear, RMSNorm
 from mone_jax.model import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
 
@@ -42,10 +43,10 @@ def _attention(attn: nnx.Module, p: str, names: Mapping[str, str]) -> dict[str, 
             out[f"{p}.{name}.weight"] = _t(_np(mod.kernel))
             if mod.bias is not None:
                 out[f"{p}.{name}.bias"] = _np(mod.bias)
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             out[f"{p}.{name}.weight"] = _np(mod.weight)
-    if getattr(attn, "sinks", None) is not None:
-        out[f"{p}.sinks"] = _np(attn.sinks)
+        elif isinstance(mod, nnx.Param):
+            out[f"{p}.{name}"] = _np(mod)
     return out
 
 
@@ -93,6 +94,6 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
         out.update({f"{p}.{n}.weight": _np(getattr(layer, n).weight) for n in LAYER_NORMS if getattr(layer, n) is not None})
-        out.update(_attention(layer.self_attn, f"{p}.self_attn", fam.attn_names))
+        out.update(_attention(layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

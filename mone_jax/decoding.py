@@ -44,7 +44,7 @@ def next_token(logits: jax.Array, key: jax.Array, temperature, top_p: float) -> 
 
 def init_cache(model: MoEForCausalLM, batch: int, slots: int) -> list[tuple[jax.Array, ...]]:
     """Empty per-layer caches of ``slots`` positions."""
-    return [layer.self_attn.init_cache(batch, slots, model.dtype) for layer in model.layers]
+    return [layer.mixer.init_cache(batch, slots, model.dtype) for layer in model.layers]
 
 
 def cache_biases(slot_mask: jax.Array, start, count: int, windows: set[int | None]) -> dict[int | None, jax.Array]:

@@ -95,6 +95,18 @@ CONFIGS.update({
         sliding_window=5, swiglu_limit=0.5,
         rope_parameters=dict(**_YARN, truncate=False, beta_fast=16.0, beta_slow=2.0))),
 })
+_LINEAR = dict(linear_num_key_heads=2, linear_key_head_dim=8, linear_conv_kernel_dim=4, moe_intermediate_size=16,
+               shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, head_dim=16)
+CONFIGS.update({  # hybrid Gated DeltaNet / gated-attention layers
+    ("qwen3_next", "a"): ("Qwen3NextConfig", dict(
+        **_LINEAR, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_value_heads=4, linear_value_head_dim=8, intermediate_size=40, mlp_only_layers=[2],
+        norm_topk_prob=False)),
+    ("qwen3_5_moe_text", "a"): ("Qwen3_5MoeTextConfig", dict(
+        **_LINEAR, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_value_head_dim=12, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                        partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
+})
 ALL_VARIANTS = list(CONFIGS)
 # The first four families' variants (GQA-attention families), as the older tests are parametrised.
 FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")]
@@ -102,7 +114,8 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
               ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
-              ("ernie4_5_moe", "a"), ("gpt_oss", "a")]
+              ("ernie4_5_moe", "a"), ("gpt_oss", "a"),
+              ("qwen3_next", "a"), ("qwen3_5_moe_text", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
