@@ -63,9 +63,15 @@ def cmd_plan(args) -> None:
     from mone_jax.stats import Stats
 
     stats = Stats.load(args.stats)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    if args.metric == "auto":
+        from mone_jax.compare_job import select_for_plan
+
+        plan = select_for_plan(args, stats)
+    else:
+        plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope,
+                         seed=args.seed)
     plan.save(args.plan_out)
-    print(f"plan: keep {plan.keep} of {stats.num_experts} experts per layer ({args.metric}, {args.scope}) "
+    print(f"plan: keep {plan.keep} of {stats.num_experts} experts per layer ({plan.metric}, {args.scope}) "
           f"-> {args.plan_out}")
 
 
@@ -78,10 +84,15 @@ def cmd_prune(args) -> None:
     job = prune_job(args)
     if job.calib is not None:
         init_distributed(job.calib.scale)
-    stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
-    plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                 n_group=n_group)
+    if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
+        from mone_jax.compare_job import select_for_prune
+
+        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size)
+    else:
+        stats = job.stats if job.calib is None else run_calibration(job.calib)
+        plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
+                                     n_group=n_group)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -89,10 +100,21 @@ def cmd_prune(args) -> None:
     if job.plan_out:
         plan.save(job.plan_out)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
+    record = {"mone_plan.json": plan.to_dict()} if plan.selection else None  # the auto choice's evidence
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
-                                out_dtype=job.out_dtype, overwrite=job.overwrite)
+                                out_dtype=job.out_dtype, overwrite=job.overwrite, extra_json=record)
     print(json.dumps(summary, indent=1))
     print(f"pruned checkpoint written to {job.out}")
+
+
+def cmd_compare(args) -> None:
+    from mone_jax.compare_job import run_compare
+
+    res = run_compare(args)
+    t = res["timing"]
+    print(f"{len(res['plans'])} plans judged on {', '.join(res['sources'])} in {t['total']:.1f} s (calibration "
+          f"{t['calibration']:.1f} s, compilation {t['compile']:.1f} s, {t['forward_per_plan']:.2f} s per plan); "
+          f"wrote {', '.join(res['written'].values())}")
 
 
 def cmd_eval(args) -> None:
@@ -161,8 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
         g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
-        p.add_argument("--metric", default="mone")
+        p.add_argument("--metric", default="mone", help="scoring criterion, or 'auto': the lowest validation loss")
         p.add_argument("--scope", default="layer")
+
+    def auto_args(p):
+        p.add_argument("--valid", default=None, help="--metric auto: validation data disjoint from the calibration "
+                                                     "(a file, folder, .npy, hf:NAME, or NAME=SPEC,NAME=SPEC)")
+        p.add_argument("--valid-fraction", type=float, default=0.1,
+                       help="--metric auto without --valid: share of the calibration blocks held out (default 0.1)")
+        p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
     p.add_argument("model")
@@ -186,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan-out", required=True)
+    auto_args(p)
+    p.add_argument("--model", default=None, help="--metric auto: the model folder the statistics belong to")
+    p.add_argument("--format", default="substitution", help="--metric auto: the export format candidates are "
+                                                            "judged in (its prune mode)")
+    p.add_argument("--seq-len", type=int, default=512, help="--metric auto: tokens per validation block")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go")
@@ -201,7 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true")
+    auto_args(p)
     p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("compare", help="one calibration, every metric x ratio x mode judged on validation data")
+    model_arg(p)
+    calib_args(p)
+    p.add_argument("--valid", required=True, help="validation data: a file, folder, .npy or hf:NAME, or several "
+                                                  "named sources NAME=SPEC,NAME=SPEC (reported each and pooled)")
+    p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
+    p.add_argument("--metrics", default=None, help="comma-separated metrics (default: every registered one)")
+    p.add_argument("--ratios", default="0.25,0.5", help="fractions of experts pruned (default 0.25,0.5)")
+    p.add_argument("--modes", default="substitute,drop", help="substitute (novices) and/or drop")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the random metric (default 0,1,2)")
+    p.add_argument("--scope", default="layer")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")
     model_arg(p)
@@ -222,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args) -> None:
     """Options any command may take that must be positive."""
-    for name in ("batch_size", "num_samples", "seq_len", "keep", "checkpoint_every"):
+    for name in ("batch_size", "num_samples", "seq_len", "keep", "checkpoint_every", "valid_samples"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

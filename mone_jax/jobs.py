@@ -165,7 +165,10 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
-    metric(args.metric)  # known
+    if args.metric != "auto":
+        metric(args.metric)  # known
+    elif args.plan:
+        raise UserError("--plan fixes the kept experts: drop --metric auto")
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)

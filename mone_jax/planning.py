@@ -40,6 +40,7 @@ class Plan:
     scope: str | None
     keep: int | None
     layers: dict[int, LayerPlan]
+    selection: dict | None = None  # --metric auto: every candidate's validation loss and the chosen one
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -62,7 +63,9 @@ class Plan:
                 raise UserError(f"plan layer '{key}' is malformed: it needs integer 'kept' and 'novices' lists; "
                                 f"{_REMAKE}") from None
         keep = d.get("keep")
-        return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())))
+        selection = d.get("selection") if isinstance(d.get("selection"), dict) else None
+        return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
+                   selection)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -71,7 +74,8 @@ class Plan:
             layers[str(i)] = {"kept": list(lp.kept), "novices": list(lp.novices)}
             if lp.scores is not None:
                 layers[str(i)]["scores"] = list(lp.scores)
-        return {"metric": self.metric, "scope": self.scope, "keep": self.keep, "layers": layers}
+        out = {"metric": self.metric, "scope": self.scope, "keep": self.keep, "layers": layers}
+        return out if self.selection is None else {**out, "selection": self.selection}
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -83,9 +83,9 @@ def _mesh(job):
                                 device_bytes=limit))
 
 
-def run_calibration(job):
+def run_calibration(job, model=None):
     """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
-    streamed with --sequential."""
+    streamed with --sequential; an already loaded ``model`` is used as it is."""
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
@@ -94,8 +94,7 @@ def run_calibration(job):
 
     opts, cfg = job.scale, job.config
     mesh = _mesh(job)
-    model = None
-    if not opts.sequential:
+    if model is None and not opts.sequential:
         refuse_pruned(job.model)
         model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)
     batches = job.batches
