@@ -53,10 +53,10 @@ def read_sources(sources: dict[str, str], model: str, vocab: int, num_samples: i
 
 
 def carve(batches: tuple[np.ndarray, ...], fraction: float, seed: int,
-          batch_size: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Split calibration blocks into (calibration batches, validation blocks): round(fraction x blocks) seeded
-    random blocks (at least one) are held out. The blocks are non-overlapping windows of one token stream,
-    so the two parts share no token position."""
+          batch_size: int) -> tuple[tuple[np.ndarray, ...], np.ndarray, list[int]]:
+    """Split calibration blocks into (calibration batches, validation blocks, indices of the held-out blocks):
+    round(fraction x blocks) seeded random blocks (at least one) are held out. The blocks are non-overlapping
+    windows of one token stream, so the two parts share no token position."""
     if not 0 < fraction < 1:
         raise UserError(f"--valid-fraction must lie in (0, 1), got {fraction}")
     blocks = np.concatenate(batches)
@@ -68,7 +68,12 @@ def carve(batches: tuple[np.ndarray, ...], fraction: float, seed: int,
     order = np.random.default_rng(seed).permutation(n)
     valid, calib = np.sort(order[:held]), np.sort(order[held:])
     rest = blocks[calib]
-    return tuple(rest[i:i + batch_size] for i in range(0, len(rest), batch_size)), blocks[valid]
+    return tuple(rest[i:i + batch_size] for i in range(0, len(rest), batch_size)), blocks[valid], valid.tolist()
+
+
+def block_len(job: CalibJob) -> int:
+    """Tokens per calibration block (a raw .npy's rows as they are), the length validation blocks get."""
+    return int(job.batches[0].shape[1]) if job.batches else job.seq_len
 
 
 def load_and_calibrate(job: CalibJob):
@@ -124,7 +129,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     sources = parse_sources(args.valid)
     job = calib_job(args, args.model, cfg, args.calib)
     t_data = time.perf_counter()
-    evals = read_sources(sources, args.model, cfg.vocab_size, args.valid_samples, job.seq_len, args.text_field)
+    evals = read_sources(sources, args.model, cfg.vocab_size, args.valid_samples, block_len(job), args.text_field)
     data_s = time.perf_counter() - t_data
     model, stats, load_s, calib_s = load_and_calibrate(job)
     result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size,
@@ -155,9 +160,9 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     from mone_jax.convert.load import load_hf
 
     progress = job.calib.progress if job.calib is not None else True
-    evals = None
+    evals, held_ids = None, []
     if valid is not None:
-        seq_len = job.calib.seq_len if job.calib is not None else 512
+        seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
@@ -174,7 +179,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
 
             cal = replace(cal, batches=read_batches(cal, sampler_for(model)))
         if evals is None:
-            calib, held = carve(cal.batches, fraction, cal.seed, cal.batch_size)
+            calib, held, held_ids = carve(cal.batches, fraction, cal.seed, cal.batch_size)
             cal, evals = replace(cal, batches=calib), {"valid": held}
         from mone_jax.scale import run_calibration
 
@@ -182,6 +187,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     n_group = job.config.n_group if job.format.mode == "drop" else 1
     plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
                   n_group=n_group, batch_size=batch_size, progress=progress)
+    plan.selection["held_out"] = ({"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids}
+                                  if valid is None else {"valid": valid})
     return stats, plan
 
 

@@ -82,12 +82,12 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullLocator
 
     cols, grid, sources = columns(result), cells(result), list(result["sources"])
     modes = list(dict.fromkeys(m for _, m, _ in cols))
     fig, axes = plt.subplots(len(sources), len(modes), figsize=(5.5 * len(modes), 3.8 * len(sources)),
-                             squeeze=False, sharex=True)
+                             squeeze=False, sharex=True, sharey="row")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, src in enumerate(sources):
         for col, mode in enumerate(modes):
@@ -104,15 +104,17 @@ def plot(result: dict, path: Path) -> None:
                     ax.fill_between(xs, [base, *(min(v) for v in vals)], [base, *(max(v) for v in vals)],
                                     color=color, alpha=0.18, label=f"{name} range over seeds")
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-            ax.tick_params(axis="y", which="minor", labelsize=7)
-            ax.set(title=f"{src}, {mode}", xlabel="fraction of experts pruned",
-                   ylabel="validation perplexity (log scale)")
-            ax.grid(alpha=0.3, which="both")
+            ax.set(title=f"{src}, {mode}", xlabel="fraction of experts pruned")
+            ax.grid(alpha=0.3)
+        lo, hi = axes[row][0].get_ylim()
+        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 7)[1:-1]})
+        axes[row][0].set_yticks(ticks, [f"{t:g}" for t in ticks])
+        axes[row][0].yaxis.set_minor_locator(NullLocator())
+        axes[row][0].set_ylabel(f"{src} perplexity (log scale)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    rows = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 * rows / (3.8 * len(sources)), 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
