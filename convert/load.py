@@ -156,28 +156,35 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
+def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
+                   num_experts: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``, as
+    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
+    to ``dtype``, others in their stored dtype. Biases are not part of them."""
+    f, pre = _Filler(reader), f"{fam.moe_prefix(layer)}.experts"
+    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
+        return (_deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, num_experts, dtype)),
+                _gpt_oss_weight(f, f"{pre}.down_proj", kept, num_experts, dtype))
+    if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+        return tuple(_fused_rows(f, f"{pre}.{n}", kept, num_experts).transpose(0, 2, 1)
+                     for n in ("gate_up_proj", "down_proj"))
+    gu = np.stack([np.concatenate([reader.get(fam.expert_key(layer, e, 0)).T,
+                                   reader.get(fam.expert_key(layer, e, 1)).T], 1) for e in disk])
+    return gu, np.stack([reader.get(fam.expert_key(layer, e, 2)).T for e in disk])
+
+
 def _experts(f: _Filler, fam: Family, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
     """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     E = blk.cfg.num_experts
-    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d], biases; maybe MXFP4
-        dt = np.dtype(blk.gate_up.get_value().dtype)
-        f.set(blk.gate_up, _deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, E, dt)),
-              f"{pre}.gate_up_proj")
+    gu, dn = expert_weights(f.r, fam, layer, kept, disk, E, np.dtype(blk.gate_up.get_value().dtype))
+    fused = fam.fused_on_disk or f"{pre}.gate_up_proj" in f.r
+    f.set(blk.gate_up, gu, f"{pre}.gate_up_proj" if fused else fam.expert_key(layer, disk[0], 0))
+    f.set(blk.down, dn, f"{pre}.down_proj" if fused else fam.expert_key(layer, disk[0], 2))
+    if fam.fused_on_disk:  # GPT-OSS biases, gate/up interleaved like the weight
         f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj_bias", kept, E)),
               f"{pre}.gate_up_proj_bias")
-        f.set(blk.down, _gpt_oss_weight(f, f"{pre}.down_proj", kept, E, dt), f"{pre}.down_proj")
         f.set(blk.down_bias, _fused_rows(f, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
-        return
-    if f"{pre}.gate_up_proj" in f.r:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
-        f.set(blk.gate_up, _fused_rows(f, f"{pre}.gate_up_proj", kept, E).transpose(0, 2, 1), f"{pre}.gate_up_proj")
-        f.set(blk.down, _fused_rows(f, f"{pre}.down_proj", kept, E).transpose(0, 2, 1), f"{pre}.down_proj")
-        return
-    gu = np.stack([np.concatenate([f.r.get(fam.expert_key(layer, e, 0)).T, f.r.get(fam.expert_key(layer, e, 1)).T], 1)
-                   for e in disk])
-    f.set(blk.gate_up, gu, fam.expert_key(layer, disk[0], 0))
-    dn = np.stack([f.r.get(fam.expert_key(layer, e, 2)).T for e in disk])
-    f.set(blk.down, dn, fam.expert_key(layer, disk[0], 2))
 
 
 def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
@@ -214,7 +221,7 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
         _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
 
 
-def _check_quantization(raw: dict, cfg: ModelConfig) -> None:
+def check_quantization(raw: dict, cfg: ModelConfig) -> None:
     """UserError for quantized checkpoints other than GPT-OSS's MXFP4 experts (dequantized on load)."""
     q = raw.get("quantization_config")
     if q and not (isinstance(q, dict) and q.get("quant_method") in family(cfg.model_type).dequantized):
@@ -243,7 +250,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
     """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
     dt = resolve_dtype(dtype)
     raw = read_config(reader.folder)
-    _check_quantization(raw, cfg)
+    check_quantization(raw, cfg)
     if not 0 <= layer_index < cfg.num_layers:
         raise UserError(f"layer {layer_index} does not exist: the model has {cfg.num_layers} layers")
     layout = pruned_layout(raw, cfg)
@@ -257,7 +264,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
 def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
     """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
     dt = resolve_dtype(dtype)
-    _check_quantization(read_config(reader.folder), cfg)
+    check_quantization(read_config(reader.folder), cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
     out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
            "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}

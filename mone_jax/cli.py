@@ -59,25 +59,36 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from mone_jax.planning import make_plan
+    from pathlib import Path
+
+    from mone_jax.convert.criteria import plan_for
+    from mone_jax.scoring import metric
     from mone_jax.stats import Stats
 
-    stats = Stats.load(args.stats)
-    if args.metric == "auto":
+    opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed)
+    if args.metric == "auto":  # every candidate's pruned model judged on validation data
         from mone_jax.compare_job import select_for_plan
 
-        plan = select_for_plan(args, stats)
+        plan = select_for_plan(args, Stats.load(args.stats))
+    elif metric(args.metric).needs_weights:  # weights only: the positional argument is the model folder
+        if not Path(args.stats).is_dir():
+            raise UserError(f"metric '{args.metric}' scores the weights, not statistics: give the model folder "
+                            f"instead of '{args.stats}'")
+        plan = plan_for(args.metric, model=args.stats, **opts)
     else:
-        plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope,
-                         seed=args.seed)
+        if Path(args.stats).is_dir():
+            raise UserError(f"'{args.stats}' is a folder: metric '{args.metric}' needs a statistics file from "
+                            "`mone-jax calibrate`")
+        plan = plan_for(args.metric, stats=Stats.load(args.stats), **opts)
     plan.save(args.plan_out)
-    print(f"plan: keep {plan.keep} of {stats.num_experts} experts per layer ({plan.metric}, {args.scope}) "
-          f"-> {args.plan_out}")
+    lp = next(iter(plan.layers.values()))
+    print(f"plan: keep {plan.keep} of {len(lp.kept) + len(lp.novices)} experts per layer ({plan.metric}, "
+          f"{args.scope}) -> {args.plan_out}")
 
 
 def cmd_prune(args) -> None:
+    from mone_jax.convert.criteria import plan_for
     from mone_jax.jobs import prune_job
-    from mone_jax.planning import make_plan
     from mone_jax.scale import init_distributed, is_writer, run_calibration
     from mone_jax.sequential import export_from_stats
 
@@ -91,8 +102,8 @@ def cmd_prune(args) -> None:
         stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size)
     else:
         stats = job.stats if job.calib is None else run_calibration(job.calib)
-        plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                     n_group=n_group)
+        plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                    seed=job.seed, n_group=n_group)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -211,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
-    p.add_argument("stats", help="statistics file from `mone-jax calibrate`")
+    p.add_argument("stats", help="statistics file from `mone-jax calibrate`, or the model folder for a weights-only "
+                                 "metric (aimer)")
     plan_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan-out", required=True)

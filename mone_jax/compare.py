@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from mone_jax.errors import UserError
 from mone_jax.evaluate import _nll_sum, perplexity
 from mone_jax.model import MoEForCausalLM
-from mone_jax.planning import MODES, Plan, make_plan, resolve_keep
+from mone_jax.planning import MODES, Plan, make_plan, plan_from_scores, resolve_keep
 from mone_jax.pruning import prune
 from mone_jax.scoring import METRICS, metric
 from mone_jax.stats import Stats
@@ -75,11 +75,24 @@ def evaluate(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: in
     return {name: perplexity(model, ids, batch_size=batch_size) for name, ids in evals.items()}
 
 
-def plan_for(model: MoEForCausalLM, stats: Stats, c: Candidate, scope: str = "layer") -> Plan:
+WeightScores = dict[str, dict[int, np.ndarray]]  # weights-only metric -> {MoE layer: scores [E]}
+
+
+def plan_of(stats: Stats, name: str, weight_scores: WeightScores | None = None, **kw) -> Plan:
+    """The plan of metric ``name``: from the statistics, or from ``weight_scores[name]`` for a weights-only one."""
+    if metric(name).needs_weights:
+        if not weight_scores or name not in weight_scores:
+            raise UserError(f"metric '{name}' scores the weights: its scores must be computed from the model folder")
+        kw.pop("seed", None)
+        return plan_from_scores(weight_scores[name], metric=name, **kw)
+    return make_plan(stats, metric=name, **kw)
+
+
+def plan_for(model: MoEForCausalLM, stats: Stats, c: Candidate, scope: str = "layer",
+             weight_scores: WeightScores | None = None) -> Plan:
     """The plan of candidate ``c`` (a drop plan keeps the same number in each router group)."""
-    cfg = model.config
-    n_group = cfg.n_group if c.mode == "drop" else 1
-    return make_plan(stats, ratio=c.ratio, metric=c.metric, scope=scope, seed=c.seed, n_group=n_group)
+    n_group = model.config.n_group if c.mode == "drop" else 1
+    return plan_of(stats, c.metric, weight_scores, ratio=c.ratio, scope=scope, seed=c.seed, n_group=n_group)
 
 
 @contextmanager
@@ -99,8 +112,10 @@ def compile_clock() -> Iterator[list[float]]:
 
 
 def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], cands: Sequence[Candidate], *,
-            scope: str = "layer", batch_size: int = 8, progress: bool = True) -> dict:
-    """Evaluate every candidate's pruned model (and the original) on every source of ``evals``.
+            scope: str = "layer", batch_size: int = 8, weight_scores: WeightScores | None = None,
+            progress: bool = True) -> dict:
+    """Evaluate every candidate's pruned model (and the original) on every source of ``evals``; weights-only
+    metrics plan from ``weight_scores``.
 
     Returns a JSON-able dict: ``original`` ({source: result}), ``plans`` (one entry per candidate:
     metric, ratio, mode, seed, keep, kept ids per layer, per-source ``nll`` / ``perplexity`` and its
@@ -120,7 +135,7 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
         bar.update()
         for c in cands:
             t0, c0 = time.perf_counter(), sum(spent)
-            plan = plan_for(model, stats, c, scope)
+            plan = plan_for(model, stats, c, scope, weight_scores)
             res = evaluate(prune(model, stats, plan, mode=c.mode), evals, batch_size)
             if len(evals) > 1:
                 res["all"] = pooled(res)
@@ -141,14 +156,14 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
 
 def select(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], *, keep: int, mode: str = "substitute",
            scope: str = "layer", seed: int = 0, n_group: int = 1, metrics: Sequence[str] | None = None,
-           batch_size: int = 8, progress: bool = True) -> Plan:
+           weight_scores: WeightScores | None = None, batch_size: int = 8, progress: bool = True) -> Plan:
     """``--metric auto``: the plan of the candidate metric (default: every registered one) whose pruned model has
     the lowest validation loss (token-weighted mean NLL over ``evals``, which must be disjoint from the
     calibration tokens); ties go to the earlier metric. The plan records every candidate's loss."""
     losses, plans = {}, {}
     for m in tqdm(list(METRICS if metrics is None else metrics), desc="scoring candidates", unit="metric",
                   disable=not progress):
-        plans[m] = make_plan(stats, keep=keep, metric=m, scope=scope, seed=seed, n_group=n_group)
+        plans[m] = plan_of(stats, m, weight_scores, keep=keep, scope=scope, seed=seed, n_group=n_group)
         losses[m] = pooled(evaluate(prune(model, stats, plans[m], mode=mode), evals, batch_size))
     best = min(losses, key=lambda m: losses[m]["nll"])
     record = {"chosen": best, "mode": mode, "seed": seed, "criterion": "validation mean token NLL",

@@ -14,6 +14,7 @@ from mone_jax.compare import candidates, compare, select
 from mone_jax.errors import UserError
 from mone_jax.jobs import CalibJob, calib_job, checked_config, read_batches
 from mone_jax.planning import check_drop_keep, resolve_keep
+from mone_jax.scoring import METRICS, metric
 from mone_jax.stats import Stats
 
 _NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
@@ -96,6 +97,14 @@ def load_and_calibrate(job: CalibJob):
     return model, stats, t1 - t0, time.perf_counter() - t1
 
 
+def weight_scores(folder: str, metrics, progress: bool = True) -> dict[str, dict[int, np.ndarray]]:
+    """Scores of the weights-only metrics among ``metrics`` (default: the registry), streamed from the checkpoint."""
+    from mone_jax.convert.criteria import weight_scores as scores
+
+    return {m: scores(folder, m, progress=progress) for m in (METRICS if metrics is None else metrics)
+            if metric(m).needs_weights}
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -132,8 +141,11 @@ def run_compare(args: argparse.Namespace) -> dict:
     evals = read_sources(sources, args.model, cfg.vocab_size, args.valid_samples, block_len(job), args.text_field)
     data_s = time.perf_counter() - t_data
     model, stats, load_s, calib_s = load_and_calibrate(job)
+    t_scores = time.perf_counter()
+    scores = weight_scores(args.model, {c.metric for c in cands}, not args.quiet)
+    calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
     result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size,
-                     progress=not args.quiet)
+                     weight_scores=scores, progress=not args.quiet)
     result.update(model=args.model, calib=args.calib, calib_tokens=stats.tokens, valid=sources,
                   seeds=seeds, candidates=len(cands))
     result["timing"] = timing(result, load_s, data_s + (t_data - t_start), calib_s, time.perf_counter() - t_start)
@@ -186,7 +198,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         stats = run_calibration(cal, model=model)
     n_group = job.config.n_group if job.format.mode == "drop" else 1
     plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
-                  n_group=n_group, batch_size=batch_size, progress=progress)
+                  n_group=n_group, weight_scores=weight_scores(job.model, None, progress), batch_size=batch_size,
+                  progress=progress)
     plan.selection["held_out"] = ({"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids}
                                   if valid is None else {"valid": valid})
     return stats, plan
@@ -210,4 +223,5 @@ def select_for_plan(args: argparse.Namespace, stats: Stats):
     evals = read_sources(parse_sources(args.valid), args.model, cfg.vocab_size, args.valid_samples, args.seq_len)
     model = load_hf(args.model, args.dtype, progress=not args.quiet)
     return select(model, stats, evals, keep=keep, mode=mode, scope=args.scope, seed=args.seed,
-                  n_group=cfg.n_group if mode == "drop" else 1, batch_size=args.batch_size, progress=not args.quiet)
+                  n_group=cfg.n_group if mode == "drop" else 1, weight_scores=weight_scores(args.model, None, not args.quiet),
+                  batch_size=args.batch_size, progress=not args.quiet)

@@ -68,7 +68,7 @@ def markdown(result: dict) -> str:
                   f"{info['seq_len']})", "", table(result, name), ""]
     if t:
         parts += ["## Time", "", f"{len(result['plans'])} plans in {t['total']:.1f} s wall: load {t['load']:.1f} s, "
-                  f"data {t['data']:.1f} s, calibration {t['calibration']:.1f} s, compilation {t['compile']:.1f} s "
+                  f"data {t['data']:.1f} s, calibration (and weight scores) {t['calibration']:.1f} s, compilation {t['compile']:.1f} s "
                   f"({t['compiles']} compiled loss functions for {t['shapes']} pruned shapes and the original), "
                   f"evaluation {t['forward_per_plan']:.2f} s per plan (median, all sources). Wall / (calibration + "
                   f"one evaluation per plan + compilation) = {t['ratio']:.2f}.", ""]

@@ -64,7 +64,7 @@ class PruneJob:
     model: str
     config: ModelConfig
     dtype: str  # compute dtype (novices are rounded through it, as the in-memory prune does)
-    calib: CalibJob | None  # None: the statistics are reused
+    calib: CalibJob | None  # None: the statistics are reused, or not needed (weights-only metric, drop)
     stats: Stats | None
     plan: Plan | None
     keep: int
@@ -160,7 +160,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         from mone_jax.demo import demo_model_dir
 
         model, out = str(demo_model_dir()), out or "mone-demo-out"
-        calib = calib or (None if args.stats else "self")
+        calib = calib or (None if args.stats or _weights_drop(args) else "self")
         if args.keep is None and ratio is None and not args.plan:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
@@ -181,7 +181,11 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
                         "does not give: use --scope layer or --format substitution")
     if args.stats and calib:
         raise UserError("--stats reuses computed statistics: drop --calib")
-    if calib is None and not args.stats:
+    if _weights_drop(args):  # the plan reads the weights and a drop export writes no novices
+        if calib or args.stats or args.stats_out:
+            raise UserError(f"--metric {args.metric} --format {args.format} needs no calibration: drop "
+                            "--calib / --stats / --stats-out")
+    elif calib is None and not args.stats:
         raise UserError(CALIB_HELP)
     if out is None:
         raise UserError("give the output folder with --out")
@@ -200,10 +204,16 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         keep = resolve_keep(cfg.num_experts, args.keep, ratio)
         if fmt.mode == "drop":
             check_drop_keep(cfg, keep)
-    calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
-                                                           seq_len=seq_len)
+    calib_part = None if stats is not None or _weights_drop(args) else calib_job(
+        args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
                     args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+
+
+def _weights_drop(args: argparse.Namespace) -> bool:
+    """A prune that needs no statistics: a weights-only metric (aimer) exported with experts dropped."""
+    return (not args.plan and args.metric != "auto" and metric(args.metric).needs_weights
+            and export_format(args.format).mode == "drop")
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from mone_jax.errors import UserError
 from mone_jax.io import atomic_write_text
-from mone_jax.scoring import layer_scores
+from mone_jax.scoring import check_stats_metric, layer_scores
 from mone_jax.scoring import metric as get_metric
 
 if TYPE_CHECKING:
@@ -171,21 +171,31 @@ def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int
 
 def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = None, metric: str = "mone",
               scope: str = "layer", seed: int = 0, n_group: int = 1) -> Plan:
-    """Keep the N best-scored experts per layer (scope ``layer``) or round(N * layers) overall.
+    """Keep the N experts best-scored from the statistics per layer (scope ``layer``) or round(N * layers)
+    overall; see :func:`plan_from_scores`."""
+    check_stats_metric(metric, stats)
+    rng = np.random.default_rng(seed)
+    scores = {i: layer_scores(stats.layers[i], stats.tokens, metric, rng) for i in sorted(stats.layers)}
+    return plan_from_scores(scores, keep=keep, ratio=ratio, metric=metric, scope=scope, n_group=n_group)
+
+
+def plan_from_scores(scores: dict[int, np.ndarray], *, keep: int | None = None, ratio: float | None = None,
+                     metric: str = "mone", scope: str = "layer", n_group: int = 1) -> Plan:
+    """Keep the N best-scored experts per layer (scope ``layer``) or round(N * layers) overall, from the
+    scores {MoE layer: [E]} of criterion ``metric`` (high = kept, ties to the lower expert index).
 
     ``n_group > 1`` (a drop plan for a group-limited router): the N / n_group best-scored experts of each
     contiguous group of expert ids, so that every group keeps the same number."""
     get_metric(metric)  # known
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
-    E = stats.num_experts
+    ids = sorted(scores)
+    scores = {i: np.asarray(scores[i], np.float64) for i in ids}
+    E = scores[ids[0]].size
     n = resolve_keep(E, keep, ratio)
     if n_group > 1 and (scope != "layer" or n % n_group or E % n_group):
         raise UserError(f"a plan for a router with {n_group} expert groups keeps the same number in every group: "
                         f"use --scope layer and a --keep that divides by {n_group} (got {n}, scope {scope})")
-    rng = np.random.default_rng(seed)
-    ids = sorted(stats.layers)
-    scores = {i: np.asarray(layer_scores(stats.layers[i], stats.tokens, metric, rng), np.float64) for i in ids}
     for i, sc in scores.items():
         if not np.all(np.isfinite(sc)):
             raise UserError(f"scores of layer {i} contain NaN/Inf: the statistics are corrupt; recalibrate")

@@ -31,7 +31,8 @@ class Field:
     ``kind``: ``count`` (exact integer, summed), ``sum`` (summed), ``mean`` / ``m2`` (a moments pair
     over the routed tokens: mean and sum of squared deviations, merged by Chan's formula).
     ``key``: the file tensor ``layers.{l}.<key>``; ``per_dim``: shape [E, hidden] instead of [E];
-    ``optional``: older files without it load zeros. A ``sum`` field's ``row(y, w)`` gives each routed
+    ``optional``: older files without it load, with zeros and the field named in :attr:`Stats.missing`
+    (a metric that reads it then refuses). A ``sum`` field's ``row(y, w)`` gives each routed
     token's term from its raw expert output ``y`` [rows, hidden] and routing weight ``w`` [rows]
     (operators only: it runs on jax arrays inside the dispatch).
     """
@@ -51,6 +52,8 @@ FIELDS = (
     Field("m2", "m2", "output_m2", per_dim=True),
     Field("reap_sum", "sum", "reap_sum", optional=True,  # REAP: weight * ||raw output||_2
           row=lambda y, w: w * ((y * y).sum(-1)) ** 0.5),
+    Field("norm_sum", "sum", "output_norm_sum", optional=True,  # MAN: ||raw output||_2
+          row=lambda y, w: ((y * y).sum(-1)) ** 0.5),
 )
 NAMES = tuple(f.name for f in FIELDS)
 FLOATS = tuple(f.name for f in FIELDS if f.kind != "count")
@@ -109,6 +112,7 @@ class Stats:
     layers: dict[int, LayerStats]
     tokens: int = 0
     meta: dict = field(default_factory=dict)  # model_type, num_experts, top_k
+    missing: frozenset[str] = frozenset()  # optional fields the statistics file lacked (zeros here)
 
     @property
     def num_experts(self) -> int:
@@ -122,7 +126,7 @@ class Stats:
         if set(self.layers) != set(other.layers):
             raise UserError("cannot merge statistics of different models (MoE layers differ)")
         return Stats({i: self.layers[i].merge(other.layers[i]) for i in self.layers}, self.tokens + other.tokens,
-                     self.meta or other.meta)
+                     self.meta or other.meta, self.missing | other.missing)
 
     def nonfinite(self) -> tuple[int, str] | None:
         """(layer, field) of the first statistic holding NaN / Inf, or None."""
@@ -145,7 +149,8 @@ class Stats:
         tensors = {"tokens": np.asarray(self.tokens, np.int64)}
         for i, s in self.layers.items():
             for f, x in zip(FIELDS, s):
-                tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
+                if f.name not in self.missing:  # never written as if it had been measured
+                    tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
         meta["format_version"] = FORMAT_VERSION
         data = save(tensors, metadata=meta)
@@ -179,7 +184,8 @@ class Stats:
                     or (s.count < 0).any():
                 raise UserError(f"'{path}': the statistics of layer {i} have inconsistent shapes or negative counts: "
                                 "the file is corrupt; recreate it")
-        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"})
+        missing = frozenset(f.name for f in FIELDS if f.optional and any(f"layers.{i}.{f.key}" not in t for i in ids))
+        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"}, missing)
         if bad := stats.nonfinite():
             raise UserError(f"'{path}' holds NaN/Inf (layer {bad[0]} {bad[1]}): the file is corrupt; recreate it "
                             "with `mone-jax calibrate`")
@@ -198,7 +204,8 @@ class Stats:
 
 
 def _read_layer(t: dict, i: int) -> list[np.ndarray]:
-    """Layer i's tensors in :data:`FIELDS` order; a missing optional one (older files) reads as zeros."""
+    """Layer i's tensors in :data:`FIELDS` order; a missing optional one (older files) reads as zeros (and is
+    listed in :attr:`Stats.missing`)."""
     count = t[f"layers.{i}.count"]
     return [t[k] if not f.optional or k in t else np.zeros(count.shape) for f in FIELDS
             for k in [f"layers.{i}.{f.key}"]]
