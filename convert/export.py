@@ -76,14 +76,14 @@ def export_pruned(
     dtype: str | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
-    extra_json: dict[str, dict] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> dict:
     """Write the pruned checkpoint of ``src_dir`` to ``out_dir`` and return a summary dict.
 
     ``plan`` is a :class:`~mone_jax.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
     [hidden] novice vector of
-    each novice expert (unused for ``fmt="drop"``); ``extra_json`` ({file name: object}) adds JSON files to the
-    folder (and its manifest).
+    each novice expert (unused for ``fmt="drop"``); ``extra_files`` (name -> bytes: a model card, the plan)
+    are written into the folder and its manifest too.
     """
     f = export_format(fmt)
     src, out = Path(src_dir), Path(out_dir)
@@ -103,7 +103,7 @@ def export_pruned(
         bytes_before = sum(
             int(np.prod(reader.shape(k), dtype=np.int64)) * reader.dtype(k).itemsize for k in reader.keys()
         )
-        files = _write(out, src, tensors, config, f, max_shard_bytes, extra_json)
+        files = _write(out, src, tensors, config, f, max_shard_bytes, extra_files)
     return {"format": fmt, "out_dir": str(out), "layers": len(layers), "params_before": before,
             "params_after": sum(t.numel for t in tensors), "bytes_before": bytes_before,
             "bytes_after": sum(t.nbytes for t in tensors), **counts, "files": files}
@@ -180,17 +180,18 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
 
 
 def _write(out: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int,
-           extra_json: dict[str, dict] | None = None) -> int:
-    """Write the folder (plus ``extra_json`` files) into a temporary sibling, add the manifest, move it into place;
-    the file count."""
+           extra_files: dict[str, bytes] | None = None) -> int:
+    """Write the folder into a temporary sibling, add the manifest, move it into place; the file count."""
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
-        for name, obj in (extra_json or {}).items():
-            files[name] = _write_json(tmp / name, obj)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in files or name == MANIFEST:
+                raise ValueError(f"extra file name '{name}' is not a free plain file name")
+            files[name] = _write_bytes(tmp / name, data)
         _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
         _move_into_place(tmp, out)
     except BaseException:
@@ -237,7 +238,7 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' exists and is not a folder: pick another path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder '{out}' is not empty: pass overwrite=True (--overwrite) or pick another folder")
+        raise UserError(f"output folder '{out}' is not empty: allow overwriting it or pick another folder")
 
 
 def _checked_plan(plan: Plan | dict, cfg: dict, fam: Family, reader: CheckpointReader, f: ExportFormat) -> Plan:

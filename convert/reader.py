@@ -37,10 +37,25 @@ def read_config(folder: str | Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): repair or re-download it") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path} does not hold a JSON object")
-    code = (["auto_map in config.json"] if "auto_map" in cfg else []) + sorted(p.name for p in folder.glob("*.py"))
+    ours = _ships_our_modeling(folder, cfg)
+    code = (["auto_map in config.json"] if "auto_map" in cfg and not ours else []) + sorted(
+        p.name for p in folder.glob("*.py") if not (ours and p.name == _OWN_MODELING))
     if code:
         _warn_custom_code(folder, tuple(code))
     return cfg
+
+
+_OWN_MODELING = "modeling_mone.py"
+
+
+def _ships_our_modeling(folder: Path, cfg: dict) -> bool:
+    """An export of mone-jax: its modeling file is byte for byte the one this package writes and auto_map points
+    only at it (nothing to warn about: the file is never run here either)."""
+    mine = folder / _OWN_MODELING
+    auto = cfg.get("auto_map")
+    return (mine.is_file() and isinstance(auto, dict)
+            and all(isinstance(v, str) and v.startswith("modeling_mone.") for v in auto.values())
+            and mine.read_bytes() == Path(__file__).with_name(_OWN_MODELING).read_bytes())
 
 
 @functools.cache

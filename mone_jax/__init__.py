@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from mone_jax.errors import UserError
 
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from mone_jax.model import MoEForCausalLM
     from mone_jax.planning import Plan
@@ -25,9 +27,10 @@ _LAZY = {
     "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calibration", "prune": "mone_jax.pruning",
     "Stats": "mone_jax.stats", "MoEForCausalLM": "mone_jax.model", "load_plan": "mone_jax.planning",
     "save_plan": "mone_jax.planning", "make_plan": "mone_jax.planning", "Plan": "mone_jax.planning",
+    "generate": "mone_jax.decoding",
 }
 __all__ = ["load_hf", "calibrate", "plan", "prune", "save_hf", "Stats", "MoEForCausalLM", "UserError",
-           "Plan", "load_plan", "save_plan"]
+           "Plan", "load_plan", "save_plan", "generate"]
 
 
 def __getattr__(name: str):

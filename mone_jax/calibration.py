@@ -24,6 +24,7 @@ from mone_jax.errors import UserError
 from mone_jax.io import token_ids
 from mone_jax.model import MoEForCausalLM
 from mone_jax.moe import EXPERT
+from mone_jax.phases import phase
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.sharding import (
     batch_spec,
@@ -122,8 +123,8 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
         start = position["batch"]
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
-    pending, seen = None, 0  # fetch batch k's results while batch k+1 runs (async dispatch)
-    for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, total=total):
+    pending, seen, bar = None, 0, None  # fetch batch k's results while batch k+1 runs (async dispatch)
+    for b in batches:
         ids, mask = as_batch(b, cfg.vocab_size)
         digest.update(ids, mask)
         seen += 1
@@ -131,10 +132,19 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             if seen == start:
                 check_digest(checkpoint.directory, expected, digest.hexdigest())
             continue
-        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))
+        if bar is None:
+            phase("compile", "the calibration step (once per batch shape)")
+        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))  # returns once compiled
+        if bar is None:  # started after compilation: its rate is the real one
+            phase("calibrate", f"{total if total is not None else 'all'} batches of {ids.shape[0]} x {ids.shape[1]} "
+                               "tokens")
+            bar = tqdm(desc="calibrating", unit="batch", disable=not progress, total=total, initial=seen - 1)
+        bar.update(1)
         if pending is not None:
             acc = _fold(acc, *pending, checkpoint)
         pending = (out, seen, digest.hexdigest())
+    if bar is not None:
+        bar.close()
     if seen < start:
         check_digest(checkpoint.directory, expected, "")
     if pending is not None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from mone_jax.errors import UserError
 from mone_jax.evaluate import _nll_sum, perplexity
 from mone_jax.model import MoEForCausalLM
-from mone_jax.planning import MODES, Plan, make_plan, plan_from_scores, resolve_keep
+from mone_jax.planning import Plan, make_plan, plan_from_scores, prune_mode, resolve_keep
 from mone_jax.pruning import prune
 from mone_jax.scoring import METRICS, metric
 from mone_jax.stats import Stats
@@ -54,9 +54,7 @@ def candidates(metrics: Sequence[str] | None, ratios: Sequence[float], modes: Se
     metrics = list(METRICS if metrics is None else metrics)
     for m in metrics:
         metric(m)  # known
-    for mode in modes:
-        if mode not in MODES:
-            raise UserError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
+    modes = [prune_mode(m) for m in modes]
     if not metrics or not ratios or not modes or not seeds:
         raise UserError("give at least one metric, ratio, mode and seed to compare")
     return [Candidate(m, r, mode, s) for mode in modes for r in ratios for m in metrics

@@ -142,10 +142,10 @@ def run_compare(args: argparse.Namespace) -> dict:
     data_s = time.perf_counter() - t_data
     model, stats, load_s, calib_s = load_and_calibrate(job)
     t_scores = time.perf_counter()
-    scores = weight_scores(args.model, {c.metric for c in cands}, not args.quiet)
+    scores = weight_scores(args.model, {c.metric for c in cands}, args.progress)
     calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
     result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size,
-                     weight_scores=scores, progress=not args.quiet)
+                     weight_scores=scores, progress=args.progress)
     result.update(model=args.model, calib=args.calib, calib_tokens=stats.tokens, valid=sources,
                   seeds=seeds, candidates=len(cands))
     result["timing"] = timing(result, load_s, data_s + (t_data - t_start), calib_s, time.perf_counter() - t_start)
@@ -205,23 +205,26 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     return stats, plan
 
 
-def select_for_plan(args: argparse.Namespace, stats: Stats):
-    """``plan STATS --metric auto --model MODEL --valid DATA``: the chosen plan (the statistics are given, so the
+def select_for_plan(args: argparse.Namespace):
+    """``plan MODEL_DIR --stats FILE --metric auto --valid DATA``: the chosen plan (the statistics are given, so the
     validation data must be given too)."""
     from mone_jax.convert.formats import export_format
     from mone_jax.convert.load import load_hf
 
-    if args.model is None or args.valid is None:
-        raise UserError("plan --metric auto scores every candidate's pruned model: give --model (the model of the "
-                        "statistics) and --valid (validation data disjoint from the calibration)")
-    cfg = checked_config(args.model)
+    model_dir = args.stats_file
+    if args.stats is None or model_dir is None or args.valid is None:
+        raise UserError("plan --metric auto scores every candidate's pruned model: give the model folder, --stats "
+                        "(its statistics) and --valid (validation data disjoint from the calibration)")
+    stats = Stats.load(args.stats)
+    cfg = checked_config(model_dir)
     stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     mode = export_format(args.format).mode
     keep = resolve_keep(cfg.num_experts, args.keep, args.ratio)
     if mode == "drop":
         check_drop_keep(cfg, keep)
-    evals = read_sources(parse_sources(args.valid), args.model, cfg.vocab_size, args.valid_samples, args.seq_len)
-    model = load_hf(args.model, args.dtype, progress=not args.quiet)
+    evals = read_sources(parse_sources(args.valid), model_dir, cfg.vocab_size, args.valid_samples, args.seq_len)
+    model = load_hf(model_dir, args.dtype, progress=args.progress)
     return select(model, stats, evals, keep=keep, mode=mode, scope=args.scope, seed=args.seed,
-                  n_group=cfg.n_group if mode == "drop" else 1, weight_scores=weight_scores(args.model, None, not args.quiet),
-                  batch_size=args.batch_size, progress=not args.quiet)
+                  n_group=cfg.n_group if mode == "drop" else 1,
+                  weight_scores=weight_scores(model_dir, None, args.progress), batch_size=args.batch_size,
+                  progress=args.progress)

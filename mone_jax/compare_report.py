@@ -11,6 +11,7 @@ import numpy as np
 from mone_jax.io import atomic_write, atomic_write_text
 
 FILES = {"table": "compare.md", "json": "compare.json", "plot": "compare.png"}
+LABEL = {"substitute": "substitution"}  # the word users see (the export format's)
 
 
 def cells(result: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -40,7 +41,7 @@ def table(result: dict, source: str) -> str:
     """Markdown table of one source: a row per metric, a column per mode and ratio; bold = best mean."""
     cols, grid, E = columns(result), cells(result), result["num_experts"]
     keep = {f"{p['mode']}@{p['ratio']:g}": p["keep"] for p in result["plans"]}
-    head = [f"{m} {r:.0%} (keep {keep[k]}/{E})" for k, m, r in cols]
+    head = [f"{LABEL.get(m, m)} {r:.0%} (keep {keep[k]}/{E})" for k, m, r in cols]
     lines = ["| metric | " + " | ".join(head) + " |", "|" + "---|" * (len(cols) + 1),
              "| (original, unpruned) | " + " | ".join(f"{result['original'][source]['perplexity']:.2f}" for _ in cols)
              + " |"]
@@ -60,7 +61,7 @@ def markdown(result: dict) -> str:
              f"Model `{result.get('model', '?')}`; calibration on {result.get('calib_tokens', 0):,} tokens "
              f"(`{result.get('calib', '?')}`), one pass shared by every plan; {result['scope']} scope. "
              "Validation perplexity, lower is better; seeded metrics: mean (min-max) over seeds; bold: best "
-             "mean per column. `substitute`: pruned experts become MoNE novices; `drop`: pruned experts and "
+             "mean per column. `substitution`: pruned experts become MoNE novices; `drop`: pruned experts and "
              "their router rows are removed.", ""]
     for name, info in src.items():
         what = "the sources pooled (token-weighted mean NLL)" if name == "all" else f"`{result['valid'][name]}`"
@@ -104,7 +105,7 @@ def plot(result: dict, path: Path) -> None:
                     ax.fill_between(xs, [base, *(min(v) for v in vals)], [base, *(max(v) for v in vals)],
                                     color=color, alpha=0.18, label=f"{name} range over seeds")
             ax.set_yscale("log")
-            ax.set(title=f"{src}, {mode}", xlabel="fraction of experts pruned")
+            ax.set(title=f"{src}, {LABEL.get(mode, mode)}", xlabel="fraction of experts pruned")
             ax.grid(alpha=0.3)
         lo, hi = axes[row][0].get_ylim()
         ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 7)[1:-1]})

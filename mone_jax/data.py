@@ -12,10 +12,14 @@ perplexity.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -113,6 +117,7 @@ def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[obj
         raise UserError(f"bad hub data {spec!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
                         "(hf:NAME::SPLIT for no config)")
     name, config, split = parts[0], (parts[1:2] or [""])[0] or None, (parts[2:3] or [""])[0] or "train"
+    _check_hub_reachable(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:
@@ -122,8 +127,22 @@ def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[obj
     for example in ds:
         if text_field not in example:
             raise UserError(f"{spec} has no field {text_field!r} (fields: {', '.join(example)}); "
-                            "choose the text field")
+                            "choose it with text_field (--text-field on the command line)")
         yield example[text_field]
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Refuse at once when the Hub cannot be reached, instead of after a minute of logged retries."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return  # the library's own offline mode decides
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot load hub dataset {spec!r}: the Hub ({constants.ENDPOINT}) cannot be reached "
+                        f"({e.strerror or e}); check the network, or download the data and give its files") from None
 
 
 def _local_documents(path: Path, text_field: str, rng: np.random.Generator | None) -> Iterator[object]:
@@ -146,15 +165,20 @@ def _local_documents(path: Path, text_field: str, rng: np.random.Generator | Non
     for builder, group in groupby(files, key=_builder):
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         data_files = [str(f) for f in group]
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # no "Generating train split" bar for reading a local file
         try:
             part = datasets.load_dataset(builder, data_files=data_files, split="train", **options)
         except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetsError) as e:
             cause = e.__cause__ or e
             raise UserError(f"cannot read {', '.join(data_files)}: {_first_line(cause)}") from e
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
         field = "text" if builder == "text" else text_field
         if field not in part.column_names:
             raise UserError(f"{data_files[0]} has no field {field!r} (fields: {', '.join(part.column_names)}); "
-                            "choose the text field")
+                            "choose it with text_field (--text-field on the command line)")
         part = part.select_columns([field])
         parts.append(part if field == "text" else part.rename_column(field, "text"))
     ds = datasets.concatenate_datasets(parts)
@@ -189,16 +213,28 @@ def _load_tokenizer(tokenizer_dir: str | Path | None, source: str):
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise UserError(f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                         "copy the model's tokenizer into it or give token ids as .npy")
-    from transformers import AutoTokenizer  # after the checks: the import takes seconds
+    from transformers import AutoTokenizer, PretrainedConfig  # after the checks: the import takes seconds
 
+    # a tokenizer_config.json that names its class needs no model config, whose model type (a pruned export's
+    # `*_compressed`) transformers would otherwise try to resolve, with a warning
+    named = _tokenizer_class(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                                  **({"config": PretrainedConfig()} if named else {}))
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from e
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {folder} has no EOS token to join documents with; set eos_token "
                         "in its tokenizer_config.json")
     return tokenizer
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    try:
+        cls = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cls if isinstance(cls, str) else None
 
 
 def _token_stream(docs: Iterable[object], tokenizer, need: int, source: str) -> np.ndarray:

@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
+from mone_jax.card import PLAN_FILE
 from mone_jax.convert.families import family, parse_config
+from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.planning import Plan
 
 
 def summarize(folder: str | Path) -> dict:
     """Family, MoE layout and parameter counts (total, routed experts, active per token), bytes."""
-    cfg = parse_config(read_config(folder))
+    raw = read_config(folder)
+    cfg = parse_config(raw)
     fam = family(cfg.model_type)
     total = routed = bytes_ = 0
     with CheckpointReader(folder) as r:
@@ -40,7 +44,25 @@ def summarize(folder: str | Path) -> dict:
         "params_active_per_token": active,
         "bytes": bytes_,
         "moe_layer_count": n_moe,
+        **_pruning(Path(folder), raw, fam, cfg.num_experts),
     }
+
+
+def _pruning(folder: Path, raw: dict, fam, num_experts: int) -> dict:
+    """An export's format and, per MoE layer, its kept experts and novices (original ids); ``{}`` for a model
+    that was not pruned. A drop export is a stock checkpoint: its plan file (written by ``prune``) tells."""
+    found = read_novices(raw, fam)
+    plan_file = folder / PLAN_FILE
+    if found is not None:
+        fmt, novices = found
+        layers = {str(i): {"kept": [e for e in range(num_experts) if e not in nov], "novices": sorted(nov)}
+                  for i, nov in sorted(novices.items())}
+        return {"format": fmt.name, "pruned_layers": layers}
+    if plan_file.is_file():
+        plan = Plan.load(plan_file)
+        return {"format": "drop", "pruned_layers": {str(i): {"kept": list(lp.kept), "dropped": list(lp.novices)}
+                                                    for i, lp in plan.layers.items()}}
+    return {}
 
 
 def describe(folder: str | Path, as_json: bool = False) -> str:
@@ -57,7 +79,19 @@ def describe(folder: str | Path, as_json: bool = False) -> str:
         f"parameters       {s['params_total']:,} total, {s['params_routed_experts']:,} in routed experts, "
         f"{s['params_active_per_token']:,} active per token",
         f"size             {s['bytes']:,} bytes ({gb:.3f} GB)",
+        *_pruned_lines(s),
     ])
+
+
+def _pruned_lines(s: dict) -> list[str]:
+    if "format" not in s:
+        return []
+    out = [f"pruned           format {s['format']}"]
+    for i, lp in s["pruned_layers"].items():
+        gone = "novices" if "novices" in lp else "dropped"
+        out.append(f"  layer {i:<9} kept {len(lp['kept'])}: {_ranges(lp['kept'])}; {gone} {len(lp[gone])}: "
+                   f"{_ranges(lp[gone]) or 'none'}")
+    return out
 
 
 def _ranges(ids: list[int]) -> str:

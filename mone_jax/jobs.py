@@ -4,7 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,8 @@ from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
+from mone_jax.mix import parse_mix
+from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.scoring import metric
 from mone_jax.stats import Stats
@@ -52,9 +54,10 @@ class CalibJob:
     seed: int
     text_field: str
     batch_size: int
-    batches: tuple[np.ndarray, ...] | None
+    batches: tuple[np.ndarray | dict, ...] | None
     scale: ScaleOptions
     progress: bool
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class PruneJob:
     plan_out: str | None
     out_dtype: str | None
     overwrite: bool
+    ratio: float | None = None  # the requested pruned fraction, when given as one
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -111,14 +115,26 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   not args.quiet)
+                   getattr(args, "progress", not args.quiet))
+    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
+        raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
     if calib == "self":
         return job
-    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    if (mix := parse_mix(calib)) is not None:
+        from mone_jax.mix import mix_blocks  # tokenizers and datasets: only when needed
+
+        phase("data", f"reading the mix of {len(mix)} sources into {job.num_samples} blocks of {job.seq_len} tokens")
+        ids, record = mix_blocks(mix, tokenizer_dir=model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size)
+        return replace(job, batches=_batches(job, ids), mix=tuple(record))
+    phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
+                                            f" into {job.num_samples} blocks of {job.seq_len} tokens"))
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
 
 
-def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, ...]:
+def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
     """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
     --seq-len is used as it is."""
     cfg = job.config
@@ -135,13 +151,39 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
 
         ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
+    return _batches(job, ids)
+
+
+def _batches(job: CalibJob, ids: np.ndarray) -> tuple[np.ndarray | dict, ...]:
+    """Blocks ``ids`` checked against the model and cut into batches (:func:`batched`)."""
+    cfg = job.config
     ids = token_ids(ids, cfg.vocab_size, f"'{job.calib}'")
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
-    bs = job.batch_size
-    n = (ids.shape[0] // bs) * bs or ids.shape[0]
-    return tuple(ids[i:i + bs] for i in range(0, n, bs))
+    return batched(ids, job.batch_size)
+
+
+def batched(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
+    """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
+    padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""
+    out: list[np.ndarray | dict] = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    short = out[-1].shape[0] if out else batch_size
+    if len(out) > 1 and short < batch_size:
+        pad = np.zeros((batch_size, ids.shape[1]), ids.dtype)
+        pad[:short] = out[-1]
+        mask = np.zeros(pad.shape, np.int32)
+        mask[:short] = 1
+        out[-1] = {"input_ids": pad, "attention_mask": mask}
+    return tuple(out)
+
+
+def batches_shape(batches) -> tuple[int, int]:
+    """(sequences, tokens per sequence) that calibration batches hold, padding rows not counted."""
+    rows = sum(int(np.asarray(b["attention_mask"]).any(1).sum()) if isinstance(b, dict) else b.shape[0]
+               for b in batches)
+    first = batches[0]["input_ids"] if isinstance(batches[0], dict) else batches[0]
+    return rows, int(first.shape[1])
 
 
 def calibrate_job(args: argparse.Namespace) -> CalibJob:
@@ -207,7 +249,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     calib_part = None if stats is not None or _weights_drop(args) else calib_job(
         args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio)
 
 
 def _weights_drop(args: argparse.Namespace) -> bool:

@@ -85,3 +85,26 @@ def attend(q, k, v, bias, scale: float, sinks: jax.Array | None = None, chunk: i
         return jnp.concatenate(outs, 2).transpose(2, 0, 1, 3).reshape(T, H, -1)
 
     return jax.lax.map(one, (q, k, v, bias))
+
+
+def attend_cached(q, k, v, bias, scale: float, sinks: jax.Array | None = None) -> jax.Array:
+    """:func:`attend` for T new queries over a cache of S slots: q [B,T,H,D], k [B,S,KV,D], v [B,S,KV,Dv],
+    bias [B,T,S] additive (it masks empty, padding, future and out-of-window slots)."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    G = H // KV
+    s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, KV, G, D), k, preferred_element_type=jnp.float32)
+    s = s * scale + bias[:, None, None]
+    m = s.max(-1, keepdims=True)
+    if sinks is not None:
+        sk = sinks.reshape(KV, G, 1, 1).astype(jnp.float32)
+        m = jnp.maximum(m, sk)
+    p = jnp.exp(s - m)
+    den = p.sum(-1, keepdims=True) + (0.0 if sinks is None else jnp.exp(sk - m))
+    o = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / den).astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
+
+
+def write_cache(cache: tuple[jax.Array, ...], new: tuple[jax.Array, ...], start) -> tuple[jax.Array, ...]:
+    """Each new entry [B, T, ...] written into its cache [B, S, ...] at slots ``start`` .. ``start + T - 1``."""
+    return tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), start, axis=1) for c, n in zip(cache, new))

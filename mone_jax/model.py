@@ -14,7 +14,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
-from mone_jax.layers import Buffer, ExpertBuffer, ExpertParam, Linear, RMSNorm, attend, dot, normal_param
+from mone_jax.layers import (
+    Buffer,
+    ExpertBuffer,
+    ExpertParam,
+    Linear,
+    RMSNorm,
+    attend,
+    attend_cached,
+    dot,
+    normal_param,
+    write_cache,
+)
 from mone_jax.mla import MLAttention
 from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
@@ -42,6 +53,29 @@ class Attention(nnx.Module):
         self.sinks = nnx.Param(jnp.zeros((H,), dtype)) if cfg.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x, cos, sin)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+    def init_cache(self, batch: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """An empty KV cache: keys and values [B, S, KV, D] (after norm, clipping and RoPE)."""
+        return (jnp.zeros((batch, slots, self.kv_heads, self.head_dim), dtype),) * 2
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool):
+        """Attention of new tokens x [B, T, d] written into ``cache`` at slot ``start``: ``prefill`` (start 0)
+        attends among them as the forward does (bias [B, T, T]), else over the cache (bias [B, T, S])."""
+        q, k, v = self.qkv(x, cos, sin)
+        cache = write_cache(cache, (k, v), start)
+        sinks = None if self.sinks is None else self.sinks[...]
+        if prefill:
+            out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
+        else:
+            out = attend_cached(q, *cache, bias, self.head_dim**-0.5, sinks)
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, H, D], keys and values [B, T, KV, D], normed, clipped and rotated."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None and not self.per_head_norm:
@@ -54,9 +88,7 @@ class Attention(nnx.Module):
         if self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
-        sinks = None if self.sinks is None else self.sinks[...]
-        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
-        return self.o_proj(out.reshape(B, T, -1))
+        return q, k, v
 
 
 class MLP(nnx.Module):
@@ -203,6 +235,13 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+
+    def cached(self, x, cos, sin, bias, cache, start, prefill: bool, impl, block):
+        """The layer on new tokens with a KV cache (see ``Attention.cached``); no statistics."""
+        a, cache = self.self_attn.cached(self.input_layernorm(x), cos, sin, bias, cache, start, prefill)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
 
 
 def capture_sown(fn, *args, name: str = "stats") -> tuple:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 SCOPES = ("layer", "model")
 MODES = ("substitute", "drop")
+# the word users see is the export format's: novices "substitution" (the old mode name "substitute" still works)
+MODE_NAMES = {"substitution": "substitute", "substitute": "substitute", "drop": "drop"}
 _REMAKE = "recreate it with `mone-jax plan`"
 
 
@@ -97,8 +99,7 @@ class Plan:
 
     def validate(self, cfg: ModelConfig, mode: str = "substitute") -> Plan:
         """``self`` if it fits the model ``cfg`` and prune ``mode`` ("substitute" or "drop"), else UserError."""
-        if mode not in MODES:
-            raise UserError(f"unknown prune mode '{mode}': use one of {', '.join(MODES)}")
+        mode = prune_mode(mode)
         moe = cfg.moe_layer_ids
         if extra := sorted(set(self.layers) - set(moe)):
             raise UserError(f"plan layer {extra[0]} is not a MoE layer of this model (MoE layers {moe}): "
@@ -117,7 +118,7 @@ class Plan:
             sizes = sorted({len(lp.kept) for lp in self.layers.values()})
             if len(sizes) > 1:
                 raise UserError(f"drop mode needs the same keep count in every layer, the plan has {sizes}: "
-                                "use --scope layer or --format substitution")
+                                "use scope 'layer' or format 'substitution'")
             check_drop_keep(cfg, sizes[0])
             size = E // cfg.n_group
             for i, lp in self.layers.items():
@@ -125,26 +126,33 @@ class Plan:
                 if cfg.n_group > 1 and len(set(per.tolist())) > 1:
                     raise UserError(f"plan layer {i} keeps {per.tolist()} experts in the router's {cfg.n_group} "
                                     "groups: drop mode needs the same number in every group; make the plan for "
-                                    "--format drop or use --format substitution")
+                                    "format 'drop' or use format 'substitution'")
         return self
+
+
+def prune_mode(name: str) -> str:
+    """The internal mode ("substitute" or "drop") of a mode name; UserError for an unknown one."""
+    if name not in MODE_NAMES:
+        raise UserError(f"unknown prune mode '{name}': use 'substitution' (novices) or 'drop'")
+    return MODE_NAMES[name]
 
 
 def check_drop_keep(cfg: ModelConfig, keep: int) -> None:
     """UserError unless dropping to ``keep`` experts per layer leaves a router that still works."""
     if keep < cfg.top_k:
         raise UserError(f"drop mode must keep at least top-k = {cfg.top_k} experts per layer (got {keep}): "
-                        "raise --keep")
+                        "keep more experts")
     if cfg.n_group <= 1:
         return
     if keep % cfg.n_group:
         raise UserError(f"drop mode must keep a multiple of the router's n_group = {cfg.n_group} experts per layer "
-                        f"(got {keep}): change --keep or use --format substitution")
+                        f"(got {keep}): change the keep count or use format 'substitution'")
     per = keep // cfg.n_group
     least = 2 if cfg.group_score == "top2" else 1
     if per * min(cfg.topk_group, cfg.n_group) < cfg.top_k or per < least:
         raise UserError(f"drop mode keeps {per} experts in each of the router's {cfg.n_group} groups, too few for "
                         f"top-k = {cfg.top_k} from {cfg.topk_group} groups (and at least {least} per group): "
-                        "raise --keep or use --format substitution")
+                        "keep more experts or use format 'substitution'")
 
 
 def _ids(values) -> tuple[int, ...]:
@@ -159,13 +167,13 @@ def _ids(values) -> tuple[int, ...]:
 def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int:
     """Experts kept per layer from ``--keep N`` or ``--ratio R`` (fraction pruned)."""
     if (keep is None) == (ratio is None):
-        raise UserError("give exactly one of --keep N or --ratio R")
+        raise UserError("give exactly one of keep (experts kept per layer) or ratio (fraction pruned)")
     if ratio is not None:
         if not 0 <= ratio < 1:
-            raise UserError(f"--ratio must lie in [0, 1) (fraction of experts pruned), got {ratio}")
+            raise UserError(f"ratio must lie in [0, 1) (fraction of experts pruned), got {ratio}")
         keep = max(1, num_experts - int(round(ratio * num_experts)))
     if not 0 < keep <= num_experts:
-        raise UserError(f"--keep must lie in [1, {num_experts}] (the number of routed experts), got {keep}")
+        raise UserError(f"keep must lie in [1, {num_experts}] (the number of routed experts), got {keep}")
     return int(keep)
 
 
@@ -195,7 +203,7 @@ def plan_from_scores(scores: dict[int, np.ndarray], *, keep: int | None = None, 
     n = resolve_keep(E, keep, ratio)
     if n_group > 1 and (scope != "layer" or n % n_group or E % n_group):
         raise UserError(f"a plan for a router with {n_group} expert groups keeps the same number in every group: "
-                        f"use --scope layer and a --keep that divides by {n_group} (got {n}, scope {scope})")
+                        f"use scope 'layer' and a keep count that divides by {n_group} (got {n}, scope {scope})")
     for i, sc in scores.items():
         if not np.all(np.isfinite(sc)):
             raise UserError(f"scores of layer {i} contain NaN/Inf: the statistics are corrupt; recalibrate")
@@ -227,6 +235,32 @@ def _model_scope(scores: dict[int, np.ndarray], ids: list[int], n: int) -> dict[
             kept[i].append(e)
             budget -= 1
     return kept
+
+
+def plan_summary(plan: Plan, num_experts: int, requested_ratio: float | None = None) -> dict:
+    """What a plan keeps: per MoE layer and overall, and the pruned fraction it achieves (next to the requested
+    one, which whole expert counts can only approach)."""
+    per_layer = {i: len(lp.kept) for i, lp in plan.layers.items()}
+    total = num_experts * len(per_layer)
+    out = {"kept_per_layer": {str(i): n for i, n in per_layer.items()}, "experts_kept": sum(per_layer.values()),
+           "experts_total": total, "pruned_fraction": 1 - sum(per_layer.values()) / total}
+    if requested_ratio is not None:
+        out["requested_ratio"] = requested_ratio
+    return out
+
+
+def describe_summary(s: dict, num_experts: int) -> str:
+    """One line for :func:`plan_summary`: kept per layer, overall, achieved vs requested pruned fraction."""
+    counts = list(s["kept_per_layer"].values())
+    if len(set(counts)) == 1:
+        per = f"keep {counts[0]} of {num_experts} experts in each of {len(counts)} MoE layers"
+    else:
+        per = f"keep {'/'.join(map(str, counts))} of {num_experts} experts in MoE layers {'/'.join(s['kept_per_layer'])}"
+    line = f"{per} ({s['experts_kept']} of {s['experts_total']} kept, {s['pruned_fraction']:.1%} pruned"
+    req = s.get("requested_ratio")
+    if req is not None and abs(req - s["pruned_fraction"]) > 1e-9:
+        line += f"; {req:.1%} requested, rounded to whole experts"
+    return line + ")"
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -7,18 +7,17 @@ from flax import nnx
 
 from mone_jax.errors import UserError
 from mone_jax.model import MoEForCausalLM
-from mone_jax.planning import MODES, Plan
+from mone_jax.planning import Plan, prune_mode
 from mone_jax.stats import Stats
 
 
-def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substitute") -> dict:
+def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substitution") -> dict:
     """Pure function on the model's pure-dict state: [E, ...] expert stacks become [K, ...].
 
-    ``substitute`` adds ``novice_values`` (the mean raw output of each pruned expert, zeros if it
+    ``substitution`` adds ``novice_values`` (the mean raw output of each pruned expert, zeros if it
     never ran) and the id maps; ``drop`` also removes the pruned experts' router columns.
     """
-    if mode not in MODES:
-        raise UserError(f"unknown prune mode '{mode}': use one of {', '.join(MODES)}")
+    mode = prune_mode(mode)
     out = dict(params)
     out["layers"] = dict(params["layers"])
     for i, lp in plan.layers.items():
@@ -42,8 +41,10 @@ def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substit
     return out
 
 
-def prune(model: MoEForCausalLM, stats: Stats, plan: Plan | dict, *, mode: str = "substitute") -> MoEForCausalLM:
-    """A new pruned model (the router is unchanged in ``substitute`` mode); ``plan`` may be its JSON dict."""
+def prune(model: MoEForCausalLM, stats: Stats, plan: Plan | dict, *, mode: str = "substitution") -> MoEForCausalLM:
+    """A new pruned model: ``substitution`` turns the plan's novices into constant vectors (router unchanged),
+    ``drop`` removes them; ``plan`` may be its JSON dict."""
+    mode = prune_mode(mode)
     cfg = model.config
     for i, blk in model.moe_blocks().items():
         if blk.num_kept != cfg.num_experts:

@@ -98,6 +98,24 @@ class CalibCheckpoint:
         self._mngr.close()
 
 
+def remove_checkpoint(directory: str | Path, offload_dir: str | Path | None = None) -> None:
+    """After a finished run: the checkpoint steps and the hidden-state files of :mod:`mone_jax.sequential` go, and
+    the checkpoint folder too when nothing else is left in it, so that a rerun starts afresh instead of "resuming" a finished
+    run. Files of others in these folders stay."""
+    d = str(directory)
+    ck = epath.Path(d if "://" in d else Path(d).resolve())
+    if ck.exists():
+        for p in ck.iterdir():
+            if (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name) and p.is_dir():
+                p.rmtree()
+    for folder in {d, *([str(offload_dir)] if offload_dir else [])}:
+        if "://" not in folder:
+            for p in Path(folder).glob(f"hidden.[01].p{jax.process_index()}.bin"):
+                p.unlink()
+    if "://" not in d and Path(d).is_dir() and not any(Path(d).iterdir()):
+        Path(d).rmdir()
+
+
 def check_digest(directory: Path, expected: str, got: str) -> None:
     """UserError when the batches replayed on resume are not those the checkpoint consumed."""
     if expected != got:

@@ -61,19 +61,25 @@ def inv_freq_and_scale(rope: RopeConfig) -> tuple[np.ndarray, float]:
 
 def rope_tables(rope: RopeConfig, seq_len: int, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin [T, rotary_dim] for positions 0..T-1 (halves duplicated, as transformers does)."""
+    return rope_at(rope, jnp.arange(seq_len), dtype)
+
+
+def rope_at(rope: RopeConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [*positions.shape, rotary_dim] at integer ``positions`` (e.g. [B, T] under left padding)."""
     inv, scale = inv_freq_and_scale(rope)
-    freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool = False) -> jax.Array:
-    """Rotate the first ``cos.shape[-1]`` dims of x [B, T, H, D]; the rest pass through."""
+    """Rotate the first ``cos.shape[-1]`` dims of x [B, T, H, D] by cos, sin [T, r] or [B, T, r]; the rest
+    pass through."""
     r = cos.shape[-1]
     xr, xp = x[..., :r], x[..., r:]
     if interleave:  # DeepSeek-V3: pairs (0,1),(2,3).. are regrouped to halves before rotating
         xr = jnp.concatenate([xr[..., 0::2], xr[..., 1::2]], axis=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = (cos[None, :, None, :], sin[None, :, None, :]) if cos.ndim == 2 else (cos[:, :, None], sin[:, :, None])
     half = r // 2
     rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
     out = xr * c + rot * s

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from mone_jax.errors import UserError
+from mone_jax.phases import phase
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -83,12 +85,21 @@ def _mesh(job):
                                 device_bytes=limit))
 
 
+def finish(job) -> None:
+    """After the outputs of a finished run are written: its resumable checkpoint is no longer needed."""
+    from mone_jax.resume import remove_checkpoint
+
+    if job.scale.checkpoint_dir:
+        remove_checkpoint(job.scale.checkpoint_dir, job.scale.offload_dir)
+
+
 def run_calibration(job, model=None):
     """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
     streamed with --sequential; an already loaded ``model`` is used as it is."""
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
+    from mone_jax.mix import META_KEY as MIX_KEY
     from mone_jax.resume import CalibCheckpoint
     from mone_jax.sequential import calibrate_sequential
 
@@ -96,11 +107,14 @@ def run_calibration(job, model=None):
     mesh = _mesh(job)
     if model is None and not opts.sequential:
         refuse_pruned(job.model)
+        phase("load", f"the model in '{job.model}' ({cfg.num_layers} layers, {job.dtype})")
         model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)
     batches = job.batches
     if batches is None:  # sampled from the loaded model
         from mone_jax.sampling import sampler_for
 
+        phase("data", f"sampling {job.num_samples} sequences of {job.seq_len} tokens from the model (compiling the "
+                      "sampler first)")
         batches = read_batches(job, sampler_for(model))
     ckpt = None
     if opts.checkpoint_dir:
@@ -108,9 +122,14 @@ def run_calibration(job, model=None):
                                identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
         if opts.sequential:
-            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
-                                        progress=job.progress, checkpoint=ckpt)
-        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+            phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} batches")
+            stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
+                                         progress=job.progress, checkpoint=ckpt)
+        else:
+            stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+        if job.mix:  # the statistics record the calibration mix (mone_jax.mix)
+            stats.meta[MIX_KEY] = json.dumps(list(job.mix))
+        return stats
     finally:
         if ckpt is not None:
             ckpt.close()

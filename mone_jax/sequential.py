@@ -247,7 +247,7 @@ class _Run:
 
 def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | None, plan: Plan | dict, *,
                       fmt: str = "substitution", dtype="float32", out_dtype: str | None = None,
-                      overwrite: bool = False, extra_json: dict[str, dict] | None = None) -> dict:
+                      overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the pruned checkpoint of ``folder`` without loading the model.
 
     :func:`~convert.export.export_pruned` streams the source tensor by tensor into shards; the
@@ -268,4 +268,4 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | No
                {e: stats.layers[i].mean[e].astype(np.float32).astype(dt).astype(np.float32) for e in lp.novices}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
-                         extra_json=extra_json)
+                         extra_files=extra_files)

@@ -9,6 +9,7 @@ field carries its per-token term, which the dispatch in :mod:`mone_jax.moe` eval
 
 from __future__ import annotations
 
+import json
 from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ class Stats:
         if bad := self.nonfinite():
             raise UserError(
                 f"calibration statistics of layer {bad[0]} contain NaN/Inf ({bad[1]}): the model weights or "
-                "activations overflow; use --dtype float32 or check the checkpoint"
+                "activations overflow; compute in float32 or check the checkpoint"
             )
 
     def save(self, path: str | Path) -> None:
@@ -153,7 +154,7 @@ class Stats:
                     tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
         meta["format_version"] = FORMAT_VERSION
-        data = save(tensors, metadata=meta)
+        data = _canonical(save(tensors, metadata=meta))
         atomic_write(path, lambda tmp: tmp.write_bytes(data))  # a failed write raises OSError
 
     @classmethod
@@ -201,6 +202,17 @@ class Stats:
                 f"match the model ({model_type}, {num_experts} experts, layers {moe_layers}): recalibrate"
             )
 
+
+
+def _canonical(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its metadata in sorted key order: safetensors writes it in hash order,
+    so equal statistics gave different bytes from run to run (tensor offsets count from the header's end)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
 def _read_layer(t: dict, i: int) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 
     python scripts/results_table.py      # reads ../shared/corpus/{train,valid}.txt; about 40 min on 2 busy cores
 
-Runs (each one `mone-jax compare`: one calibration, every registered metric x 25%/50% x substitute/drop, random
+Runs (each one `mone-jax compare`: one calibration, every registered metric x 25%/50% x substitution/drop, random
 over 3 seeds, validation on the Python and Bible parts of valid.txt, each and pooled):
 - calibration seed 0 and seed 1 on train.txt (two calibration samples: a verdict is published only if both agree);
 - a balanced mix of the two sources of train.txt (`--calib python:0.5,bible:0.5`);
@@ -87,7 +87,7 @@ def auto(args, files: dict[str, str], calib: str, out: Path) -> dict:
     for src in ("python", "bible"):
         res = out.with_suffix(f".{src}.json")
         assert cli(["eval", str(out), "--data", files[src], "--num-samples", str(args.valid_samples),
-                    "--seq-len", str(args.seq_len), "--json", str(res), "--quiet"]) == 0
+                    "--seq-len", str(args.seq_len), "--result-out", str(res), "--quiet"]) == 0
         ppl[src] = json.loads(res.read_text())
     nll = sum(v["nll"] * v["tokens"] for v in ppl.values()) / sum(v["tokens"] for v in ppl.values())
     return {"chosen": sel["chosen"], "candidates": sel["candidates"],
@@ -163,7 +163,7 @@ def page(args, runs: dict[str, dict], autos: dict[str, dict], minutes: float) ->
     return f"""# Pruning results on the demo model
 
 All numbers come from `mone-jax compare` (one calibration pass, then every registered metric x
-25% / 50% of each layer's experts x `substitute` (MoNE novices) / `drop` (experts and router rows
+25% / 50% of each layer's experts x `substitution` (MoNE novices) / `drop` (experts and router rows
 removed); `random` over seeds {args.random_seeds}, mean and range) and `mone-jax prune --metric auto`, on the
 shipped demo model (`mone_jax/demo/model`: Qwen3-MoE layout, {r0['num_experts']} experts per layer, top-{r0['top_k']}).
 

@@ -14,11 +14,11 @@ from test_evaluate import hf_perplexity
 from mone_jax.calibration import calibrate
 from mone_jax.cli import main
 from mone_jax.compare_job import carve, parse_sources
+from mone_jax.convert.criteria import plan_for
 from mone_jax.convert.load import load_hf
 from mone_jax.data import load_token_blocks
 from mone_jax.errors import UserError
 from mone_jax.evaluate import perplexity
-from mone_jax.planning import make_plan
 from mone_jax.pruning import prune
 from mone_jax.scoring import METRICS
 
@@ -63,7 +63,7 @@ def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny):
                      "--format", fmt, "--out", str(export), "--quiet"]) == 0
         for src in ("a", "b"):
             assert main(["eval", str(export), "--data", str(files[src]), "--num-samples", "2", "--seq-len", str(T),
-                         "--json", str(tmp / "e.json"), "--quiet"]) == 0
+                         "--result-out", str(tmp / "e.json"), "--quiet"]) == 0
             want = json.loads((tmp / "e.json").read_text())["perplexity"]
             assert math.isclose(p["perplexity"][src], want, rel_tol=1e-4), (p["metric"], src)
         nll = {s: math.log(p["perplexity"][s]) for s in ("a", "b")}
@@ -92,8 +92,8 @@ def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path
     rest = np.delete(ids, held, axis=0)
     model = load_hf(folder, progress=False)
     stats = calibrate(model, [rest], progress=False)
-    for m, loss in losses.items():
-        pruned = prune(model, stats, make_plan(stats, keep=plan["keep"], metric=m))
+    for m, loss in losses.items():  # weights-only metrics (aimer) scored from the checkpoint by the HF layer
+        pruned = prune(model, stats, plan_for(m, stats=stats, model=folder, keep=plan["keep"], progress=False))
         assert math.isclose(perplexity(pruned, ids[held])["nll"], loss, rel_tol=1e-6), m
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     want = hf_perplexity(hf, ids[held], np.ones_like(ids[held]))
@@ -101,7 +101,7 @@ def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path
     # `plan --metric auto` on the same statistics and validation blocks makes the same choice
     np.save(tmp_path / "held.npy", ids[held])
     stats.save(tmp_path / "s.st")
-    assert main(["plan", str(tmp_path / "s.st"), "--metric", "auto", "--model", str(folder), "--valid",
+    assert main(["plan", str(folder), "--stats", str(tmp_path / "s.st"), "--metric", "auto", "--valid",
                  str(tmp_path / "held.npy"), "--valid-samples", "2", "--seq-len", str(T), "--ratio", "0.5",
                  "--plan-out", str(tmp_path / "p2.json"), "--quiet"]) == 0
     again = json.loads((tmp_path / "p2.json").read_text())

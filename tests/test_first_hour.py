@@ -1,0 +1,227 @@
+"""A new user's first hour (issue 14): every sample calibrated, parseable and honest output, global options,
+clean finished runs, self-describing exports. Runs the real CLI in-process (``mone_jax.cli.main``) on the tiny
+checkpoints of conftest.py, against independent references (a float64 NumPy loop, the plan file itself)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from reference import reference_stats
+from test_calibration import assert_stats_match
+
+import mone_jax
+from mone_jax.cli import main
+from mone_jax.convert.export import verify_export
+from mone_jax.stats import Stats
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def ids10(tmp_path) -> Path:
+    """10 sequences: with --batch-size 4 the last batch holds 2."""
+    path = tmp_path / "ids.npy"
+    np.save(path, np.random.default_rng(3).integers(0, 96, (10, 12)).astype(np.int32))
+    return path
+
+
+def test_short_last_batch_is_calibrated_not_dropped(hf_models, ids10, tmp_path, capsys):
+    folder, hf = hf_models("olmoe", "a")
+    rc, out, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 4, "--stats-out",
+                     tmp_path / "s.safetensors", "--quiet")
+    assert rc == 0
+    ref, tokens = reference_stats(hf, [(np.load(ids10), None)])  # all 10 samples, float64
+    assert_stats_match(Stats.load(tmp_path / "s.safetensors"), ref, tokens)
+    assert f"calibrated on {tokens} tokens (10 sequences x 12 tokens" in out  # the .npy shape used
+    assert "mone-jax: [" not in err  # --quiet: no phase lines
+
+
+def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_path, capsys, monkeypatch):
+    import mone_jax.convert.load as load
+
+    folder, _ = hf_models("qwen3_moe", "a")  # 8 experts, 2 MoE layers
+    before_load = []
+    real_load = load.load_hf
+
+    def load_hf(*a, **kw):  # the real loader, noting what the user had seen when it started
+        before_load.append(capsys.readouterr().err)
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(load, "load_hf", load_hf)
+    rc, out, err = cli(capsys, "prune", folder, "--calib", ids10, "--ratio", 0.4, "--scope", "model", "--out",
+                       tmp_path / "out", "--plan-out", tmp_path / "p.json", "--stats-out", tmp_path / "s.safetensors")
+    assert rc == 0
+    # phase feedback (6): one line per phase on a non-terminal, the first before the model loads, no bar redraws
+    err = before_load[0] + err
+    phases = [line.split("] ")[1].split(":")[0] for line in err.splitlines() if line.startswith("mone-jax: [")]
+    assert phases == ["check", "data", "load", "compile", "calibrate", "plan", "export"]
+    assert before_load[0].startswith("mone-jax: [") and "\r" not in err
+    summary = json.loads(out)  # nothing but JSON on stdout
+    plan = json.loads((tmp_path / "p.json").read_text())
+    kept = {k: len(v["kept"]) for k, v in plan["layers"].items()}
+    assert summary["plan"]["kept_per_layer"] == kept
+    achieved = 1 - sum(kept.values()) / (8 * len(kept))
+    assert summary["plan"]["pruned_fraction"] == pytest.approx(achieved)
+    assert achieved != pytest.approx(0.4)  # 0.4 of 8 experts is not a whole number
+    assert f"{achieved:.1%} pruned" in err and "40.0% requested" in err and str(tmp_path / "out") in err
+    # the folder says how it was made (11), inspect reads it back (12), without warning about our own code (7)
+    out_dir = tmp_path / "out"
+    front = yaml.safe_load((out_dir / "README.md").read_text().split("---")[1])["mone_jax"]
+    assert front["kept_per_layer"] == kept and front["format"] == "substitution" and front["metric"] == "mone"
+    assert front["version"] == mone_jax.__version__ and front["source_model"] == str(folder)
+    assert front["calibration"]["tokens"] == Stats.load(tmp_path / "s.safetensors").tokens == 120
+    assert json.loads((out_dir / "mone_plan.json").read_text()) == plan
+    assert verify_export(out_dir) == []
+    rc, out, err = cli(capsys, "inspect", out_dir, "--json")
+    pruned = json.loads(out)["pruned_layers"]
+    assert rc == 0 and json.loads(out)["format"] == "substitution" and "warning" not in err
+    assert pruned == {k: {"kept": v["kept"], "novices": v["novices"]} for k, v in plan["layers"].items()}
+    # `plan --scope model` states the per-layer counts, not one number for all layers
+    rc, out, _ = cli(capsys, "plan", tmp_path / "s.safetensors", "--ratio", 0.4, "--scope", "model", "--plan-out",
+                     tmp_path / "q.json")
+    counts = [len(v["kept"]) for v in json.loads((tmp_path / "q.json").read_text())["layers"].values()]
+    assert rc == 0 and "/".join(map(str, counts)) in out and "40.0% requested" in out
+
+
+def test_version_and_global_options_after_the_command(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mone-jax {mone_jax.__version__}"
+    missing = ["plan", tmp_path / "missing.safetensors", "--keep", 1, "--plan-out", tmp_path / "p.json"]
+    assert cli(capsys, *missing, "--quiet")[0] == 2
+    with pytest.raises(mone_jax.UserError):  # --debug after the command: the traceback, not the one line
+        main([str(a) for a in [*missing, "--debug"]])
+    with pytest.raises(mone_jax.UserError):
+        main(["--debug", *map(str, missing)])
+
+
+def test_finished_sequential_run_leaves_no_checkpoint_and_equal_bytes(hf_models, ids10, tmp_path, capsys):
+    folder, _ = hf_models("olmoe", "a")
+    files = []
+    for k in range(2):
+        files.append(tmp_path / f"s{k}.safetensors")
+        rc, _, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 4, "--stats-out", files[-1],
+                         "--sequential", "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", 1, "--quiet")
+        assert rc == 0 and "resuming" not in err
+        assert not (tmp_path / "ck").exists()
+    assert files[0].read_bytes() == files[1].read_bytes()
+    stats = Stats.load(files[0])
+    for k in range(4):  # safetensors writes metadata in hash order: our files must not
+        stats.save(tmp_path / f"again{k}.safetensors")
+        assert (tmp_path / f"again{k}.safetensors").read_bytes() == files[0].read_bytes()
+
+
+def test_bad_inputs_refused_before_slow_work(hf_models, tmp_path, capsys):
+    """A folder with config.json but no weights or tokenizer: each refusal must come from the bad input, which
+    is checked before the model loads or any text is tokenized."""
+    folder, _ = hf_models("olmoe", "a")  # max_position_embeddings 256
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    text = tmp_path / "t.txt"
+    text.write_text("some words to calibrate on\n\nand another paragraph\n")
+    rc, _, err = cli(capsys, "forward", bare, "--tokens", tmp_path / "missing.npy", "--out", tmp_path / "l.npy")
+    assert rc == 2 and "missing.npy" in err
+    rc, _, err = cli(capsys, "eval", bare, "--data", text, "--seq-len", 4096)
+    assert rc == 2 and "--seq-len 4096 exceeds" in err
+    rc, _, err = cli(capsys, "prune", folder, "--calib", text, "--seq-len", 4096, "--keep", 4, "--out", tmp_path / "o")
+    assert rc == 2 and "4096 exceeds" in err  # not the missing tokenizer: nothing was tokenized
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "hello"}) + "\n")
+    rc, _, err = cli(capsys, "eval", "mone_jax/demo/model", "--data", rows, "--seq-len", 8)
+    assert rc == 2 and "no field 'text' (fields: body)" in err and "--text-field" in err
+
+
+def test_verify_lists_every_problem(tmp_path, capsys):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    files = {name: folder / name for name in ("a.json", "b.json", "c.json")}
+    for path in files.values():
+        path.write_text("{}")
+    manifest = {name: {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2} for name in files}
+    (folder / "mone_manifest.json").write_text(json.dumps({"format_version": 1, "files": manifest}))
+    assert cli(capsys, "verify", folder)[0] == 0
+    files["a.json"].unlink()
+    files["b.json"].write_text("[]")
+    (folder / "extra.txt").write_text("?")
+    rc, _, err = cli(capsys, "verify", folder)
+    assert rc == 2 and err.count("\n") == 4 and "3 problems" in err
+    assert "missing file 'a.json'" in err and "'b.json' changed" in err and "unexpected file 'extra.txt'" in err
+
+
+def test_help_states_every_option_its_choices_and_defaults(capsys):
+    from mone_jax.cli import build_parser
+    from mone_jax.convert.formats import FORMATS
+    from mone_jax.scoring import METRICS
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, p in commands.items():
+        for action in p._actions:
+            assert action.help, f"`{name} {'/'.join(action.option_strings) or action.dest}` has no help text"
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert all(m in text for m in METRICS) and all(f in text for f in FORMATS)
+    assert "(default: mone)" in text and "(default: layer)" in text and "(default: substitution)" in text
+    assert "--calib self --num-samples 16 --seq-len 64 --ratio 0.25" in text
+
+
+def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_path, capfd):
+    from mone_jax.data import load_token_blocks
+
+    demo = Path(mone_jax.__file__).parent / "demo" / "model"
+    pruned = tmp_path / "pruned"  # a modepd-style config: a model type transformers does not know, and auto_map
+    pruned.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (pruned / name).write_bytes((demo / name).read_bytes())
+    cfg = json.loads((demo / "config.json").read_text())
+    (pruned / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3_moe_compressed", "auto_map": {
+        "AutoConfig": "modeling_mone.Qwen3MoeCompressedConfig"}}))
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning was a word.\n\nAnd then there were many more words to read here.\n")
+    capfd.readouterr()
+    ids = load_token_blocks(str(text), tokenizer_dir=pruned, num_samples=1, seq_len=8, vocab_size=cfg["vocab_size"],
+                            contiguous=True)
+    out, err = capfd.readouterr()
+    assert ids.shape == (1, 8) and out == "" and err == ""  # no split bar, no model-type warning, no prompt
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", "eval", str(demo), "--data", "hf:some/data", "--seq-len", "8"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot be reached" in p.stderr
+
+
+def test_one_vocabulary(hf_models, ids10, tmp_path, capsys):
+    folder, hf = hf_models("olmoe", "a")
+    ids = np.load(ids10)[:2]
+    np.save(tmp_path / "two.npy", ids)
+    for flag in ("--logits-out", "--out"):  # the file option's name, and its former name
+        assert cli(capsys, "forward", folder, "--tokens", tmp_path / "two.npy", flag, tmp_path / f"{flag}.npy")[0] == 0
+    assert np.array_equal(np.load(tmp_path / "--logits-out.npy"), np.load(tmp_path / "--out.npy"))
+    model = mone_jax.load_hf(folder, progress=False)
+    stats = mone_jax.calibrate(model, [ids], progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    assert cli(capsys, "plan", "--stats", tmp_path / "s.safetensors", "--keep", 5, "--plan-out", tmp_path / "p.json",
+               "--quiet")[0] == 0
+    plan = mone_jax.load_plan(tmp_path / "p.json")
+    pruned = mone_jax.prune(model, stats, plan, mode="substitution")  # the format's word
+    assert np.array_equal(np.asarray(pruned(ids)), np.asarray(mone_jax.prune(model, stats, plan, mode="substitute")(ids)))
+    for call in (lambda: mone_jax.plan(stats, keep=99), lambda: mone_jax.plan(stats, ratio=1.5),
+                 lambda: mone_jax.plan(stats, keep=3, ratio=0.5), lambda: mone_jax.prune(model, stats, plan, mode="x")):
+        with pytest.raises(mone_jax.UserError) as e:
+            call()
+        assert "--" not in str(e.value)  # Python errors do not name command-line options
