@@ -149,22 +149,63 @@ def spread(runs: dict[str, dict]) -> str:
             f"source changes in {flips} of {total} cases.")
 
 
-def page(args, runs: dict[str, dict], autos: dict[str, dict], minutes: float) -> str:
-    r0 = runs["seed 0"]
-    t = r0["timing"]
-    mix, seed1 = runs["balanced mix"], runs["seed 1"]
+def mix_section(runs: dict[str, dict]) -> str:
+    if "balanced mix" not in runs:
+        return "Not run in this regeneration."
+    mix_m, base_m = means(runs["balanced mix"]), means(runs["seed 0"])
     srcs = ("all", "python", "bible")
-    auto_rows = "\n".join(
+    rows = "\n".join(
+        f"| {col.replace('@', ' ').replace('substitute', 'substitution')} | " + " | ".join(
+            f"{ranked(base_m[col][s])[0]} {base_m[col][s][ranked(base_m[col][s])[0]]:.2f} -> "
+            f"{ranked(mix_m[col][s])[0]} {mix_m[col][s][ranked(mix_m[col][s])[0]]:.2f}" for s in srcs) + " |"
+        for col in base_m if col in mix_m)
+    return f"""Calibrated on equal shares of the two sources instead of the 69 / 31 of `train.txt`; best metric and its
+perplexity, seed-0 calibration -> balanced mix:
+
+| column | all | python | bible |
+|---|---|---|---|
+{rows}
+
+{table(runs["balanced mix"], "all")}
+
+### Bible, balanced mix
+
+{table(runs["balanced mix"], "bible")}"""
+
+
+def auto_section(autos: dict[str, dict]) -> str:
+    if not autos:
+        return "Not run in this regeneration."
+    srcs = ("all", "python", "bible")
+    rows = "\n".join(
         f"| {name} | {a['chosen']} | " + " | ".join(f"{a['perplexity'][s]:.2f}" for s in srcs) + " | "
         + ", ".join(f"{m} {c['perplexity']:.1f}" for m, c in sorted(a["candidates"].items(),
                                                                      key=lambda kv: kv[1]["nll"])) + " |"
         for name, a in autos.items())
-    mix_m, base_m = means(mix), means(r0)
-    mix_lines = "\n".join(
-        f"| {col.replace('@', ' ')} | " + " | ".join(
-            f"{ranked(base_m[col][s])[0]} {base_m[col][s][ranked(base_m[col][s])[0]]:.2f} -> "
-            f"{ranked(mix_m[col][s])[0]} {mix_m[col][s][ranked(mix_m[col][s])[0]]:.2f}" for s in srcs) + " |"
-        for col in base_m)
+    return f"""`prune --metric auto --ratio 0.25` (novices) holds out 10% of the calibration blocks, scores every
+candidate on them and keeps the lowest loss; the chosen export's perplexity on the validation sources
+(`mone-jax eval`), and every candidate's held-out perplexity (ascending):
+
+| calibration | chosen | all | python | bible | candidates (held-out perplexity) |
+|---|---|---|---|---|---|
+{rows}"""
+
+
+def seed_section(runs: dict[str, dict]) -> str:
+    if "seed 1" not in runs:
+        return "The second calibration sample was not run in this regeneration: no verdict is published."
+    return f"""{table(runs["seed 1"], "all")}
+
+{spread(runs)}
+
+### Verdicts that hold in both calibration samples
+
+{chr(10).join(verdicts(runs))}"""
+
+
+def page(args, runs: dict[str, dict], autos: dict[str, dict], minutes: float) -> str:
+    r0 = runs["seed 0"]
+    t = r0["timing"]
     return f"""# Pruning results on the demo model
 
 All numbers come from `mone-jax compare` (one calibration pass, then every registered metric x
@@ -194,38 +235,19 @@ shipped demo model (`mone_jax/demo/model`: Qwen3-MoE layout, {r0['num_experts']}
 
 {table(r0, 'bible')}
 
+![perplexity vs pruning ratio](demo_ppl.png)
+
 ## Calibration seed 1: pooled validation
 
-{table(seed1, 'all')}
-
-{spread(runs)}
-
-## Verdicts that hold in both calibration samples
-
-{chr(10).join(verdicts(runs))}
+{seed_section(runs)}
 
 ## A balanced calibration mix
 
-Calibrated on equal shares of the two sources instead of the 69 / 31 of `train.txt`; best metric and its
-perplexity, seed-0 calibration -> balanced mix:
-
-| column | all | python | bible |
-|---|---|---|---|
-{mix_lines}
-
-{table(mix, 'all')}
+{mix_section(runs)}
 
 ## `--metric auto`
 
-`prune --metric auto --ratio 0.25` (novices) holds out 10% of the calibration blocks, scores every
-candidate on them and keeps the lowest loss; the chosen export's perplexity on the validation sources, and
-every candidate's held-out perplexity (ascending):
-
-| calibration | chosen | all | python | bible | candidates (held-out perplexity) |
-|---|---|---|---|---|---|
-{auto_rows}
-
-![perplexity vs pruning ratio](demo_ppl.png)
+{auto_section(autos)}
 
 ## Time
 
@@ -234,7 +256,7 @@ calibration {t['calibration']:.1f} s, compilation {t['compile']:.1f} s for {t['c
 pruned shape and the original, {t['forward_per_plan']:.2f} s evaluation per plan); wall / (calibration + one
 evaluation per plan + compilation) = {t['ratio']:.2f}. The whole page: {minutes:.0f} min on 2 shared CPU cores.
 
-Regenerate (needs `../shared/corpus/`):
+Regenerate (needs `../shared/corpus/`; `--work DIR` keeps the runs and reuses them):
 
 ```bash
 python scripts/results_table.py
@@ -251,18 +273,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--random-seeds", default="0,1,2")
     ap.add_argument("--out-dir", default=str(REPO / "docs"))
     ap.add_argument("--work", default=None, help="keep the runs' outputs here (default: a temporary folder)")
+    ap.add_argument("--render-only", action="store_true", help="write the page from the runs kept in --work")
     args = ap.parse_args(argv)
     t0 = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="mone-results-"))
     work.mkdir(parents=True, exist_ok=True)
-    files = split_corpus(work)
-    mix = f"{files['train_python']}:0.5,{files['train_bible']}:0.5"
-    train = str(CORPUS / "train.txt")
-    runs = {"seed 0": compare(args, files, train, 0, work / "seed0"),
-            "seed 1": compare(args, files, train, 1, work / "seed1"),
-            "balanced mix": compare(args, files, mix, 0, work / "mix")}
-    autos = {"train.txt": auto(args, files, train, work / "auto-train"),
-             "balanced mix": auto(args, files, mix, work / "auto-mix")}
+    names = {"seed 0": "seed0", "seed 1": "seed1", "balanced mix": "mix"}
+    if args.render_only:
+        runs = {k: json.loads((work / v / "compare.json").read_text()) for k, v in names.items()
+                if (work / v / "compare.json").is_file()}
+        autos = {k: json.loads((work / f"{v}.result.json").read_text())
+                 for k, v in (("train.txt", "auto-train"), ("balanced mix", "auto-mix"))
+                 if (work / f"{v}.result.json").is_file()}
+    else:
+        files = split_corpus(work)
+        mix = f"{files['train_python']}:0.5,{files['train_bible']}:0.5"
+        train = str(CORPUS / "train.txt")
+        runs = {"seed 0": compare(args, files, train, 0, work / "seed0"),
+                "seed 1": compare(args, files, train, 1, work / "seed1"),
+                "balanced mix": compare(args, files, mix, 0, work / "mix")}
+        autos = {"train.txt": auto(args, files, train, work / "auto-train"),
+                 "balanced mix": auto(args, files, mix, work / "auto-mix")}
     out = Path(args.out_dir)
     shutil.copyfile(work / "seed0" / "compare.png", out / "demo_ppl.png")
     (out / "results.md").write_text(page(args, runs, autos, (time.time() - t0) / 60))
