@@ -90,6 +90,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(sources), len(modes), figsize=(5.5 * len(modes), 3.8 * len(sources)),
                              squeeze=False, sharex=True, sharey="row")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles, markers = ("-", "--", "-.", ":"), "osD^vPX*<>"
     for row, src in enumerate(sources):
         for col, mode in enumerate(modes):
             ax = axes[row][col]
@@ -99,8 +100,9 @@ def plot(result: dict, path: Path) -> None:
                 vals = [g[f"{mode}@{r:g}"][src] for r in ratios]
                 base = result["original"][src]["perplexity"]
                 mean = [base, *(float(np.mean(v)) for v in vals)]
-                color = colors[n % len(colors)]
-                ax.plot(xs, mean, marker="o", color=color, label=name)
+                color = colors[n % len(colors)]  # colour, line style and marker all differ: apart in grey too
+                ax.plot(xs, mean, color=color, linestyle=styles[n % len(styles)], marker=markers[n % len(markers)],
+                        label=name)
                 if any(len(v) > 1 for v in vals):
                     ax.fill_between(xs, [base, *(min(v) for v in vals)], [base, *(max(v) for v in vals)],
                                     color=color, alpha=0.18, label=f"{name} range over seeds")
