@@ -31,7 +31,7 @@ def weight_scores(folder: str | Path, metric: str, *, progress: bool = True) -> 
     check_quantization(raw, cfg)
     if kept_counts(folder):
         raise UserError(f"'{folder}' is already pruned: score the original model")
-    fam, E, f = family(cfg.model_type), cfg.num_experts, cfg.moe_intermediate_size
+    fam, E = family(cfg.model_type), cfg.num_experts
     out = {}
     for layer in tqdm(cfg.moe_layer_ids, desc=f"scoring experts ({metric})", unit="layer", disable=not progress,
                       leave=False):
@@ -39,6 +39,7 @@ def weight_scores(folder: str | Path, metric: str, *, progress: bool = True) -> 
             scores = []
             for e in range(E):
                 gu, dn = expert_weights(r, fam, layer, [e], [e], E, np.float64)
+                f = gu.shape[-1] // 2  # gate half, then up half
                 scores.append(m.expert_score([gu[0, :, :f], gu[0, :, f:], dn[0]]))
         out[layer] = np.asarray(scores, np.float64)
     return out

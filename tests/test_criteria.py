@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from mone_jax.card import STATS_FILE
 from mone_jax.cli import main
 from mone_jax.convert.criteria import weight_scores
 from mone_jax.errors import UserError
@@ -65,7 +66,7 @@ def test_aimer_plan_and_drop_prune_need_no_calibration(hf_models, tmp_path):
                  "--out", str(tmp_path / "out"), "--plan-out", str(tmp_path / "p2.json"), "--quiet"]) == 0
     assert Plan.load(tmp_path / "p2.json") == plan
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["num_experts"] == keep
+    assert cfg["num_experts"] == keep and not (tmp_path / "out" / STATS_FILE).exists()  # nothing calibrated
 
 
 def test_weights_and_statistics_are_not_confused(hf_models, tmp_path, capsys):
