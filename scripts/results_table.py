@@ -192,7 +192,8 @@ candidate on them and keeps the lowest loss; the chosen export's perplexity on t
 
 The held-out blocks are carved from the calibration text, here the demo model's own training text
 (hence perplexities near 65), so `auto` ranks the criteria for the calibration distribution, not for
-the validation sources above: give `--valid` data like the data the pruned model must serve."""
+the validation sources above: give `--valid` data like the data the pruned model must serve. A
+balanced calibration moves what `auto` (and MoNE) keep toward both sources (compare the rows)."""
 
 
 def seed_section(runs: dict[str, dict]) -> str:
