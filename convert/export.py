@@ -314,11 +314,15 @@ def _plan_tensors(
                 name = f"{fam.moe_prefix(layer)}.experts.{f.disk_index(lp.kept, e)}.{pe[2]}"
                 add(name, shape, dt, _reader_get(reader, key))
         elif fused[layer].fullmatch(key) or (f.mode == "drop" and key in router_rows):
-            if not shape or shape[0] != len(lp.kept) + len(lp.novices):
+            # the expert axis: first, but last in ERNIE-4.5's [1, E] score-correction bias
+            last = fam.score_bias_2d and key == fam.score_bias_key(layer)
+            if not shape or shape[-1 if last else 0] != len(lp.kept) + len(lp.novices):
                 raise UserError(f"'{key}' has shape {list(shape)}: expected one row per expert")
             kind = "expert_params_removed" if key not in router_rows else "router_params_removed"
-            counts[kind] += numel // shape[0] * len(lp.novices)
-            if lp.novices:
+            counts[kind] += numel // (len(lp.kept) + len(lp.novices)) * len(lp.novices)
+            if lp.novices and last:
+                add(key, (*shape[:-1], len(lp.kept)), dt, lambda k=key, kept=list(lp.kept): reader.get(k)[..., kept])
+            elif lp.novices:
                 add(key, (len(lp.kept), *shape[1:]), dt, _reader_rows(reader, key, lp.kept))
             else:
                 add(key, shape, dt, _reader_get(reader, key))

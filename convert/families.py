@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from mone_jax.config import ModelConfig
+from mone_jax.config import DeltaNetConfig, ModelConfig
 from mone_jax.convert.hf_config import common_fields, need, parse_rope, sliding_windows
 from mone_jax.errors import UserError
 
@@ -38,9 +38,13 @@ class Family:
     shared_expert_gate: str | None = None  # Qwen2-MoE sigmoid gate of the shared expert
     router_bias: bool = False  # GPT-OSS router bias
     score_bias: str | None = None  # DeepSeek-V3 / GLM "e_score_correction_bias" (under router)
+    score_bias_module: str | None = None  # where score_bias lives instead, under moe_module ("": MiniMax-M2's block)
+    score_bias_2d: bool = False  # ERNIE-4.5 stores the score-correction bias as [1, E]
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
     dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
+    attn_names: Mapping[str, str] = field(default_factory=dict)  # attention module name -> checkpoint name
+    prepare: Callable[[dict], dict] | None = None  # config.json dict -> the keys the parse reads (HunYuan)
 
     def moe_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_module}"
@@ -52,10 +56,15 @@ class Family:
     def router_key(self, layer: int, what: str = "weight") -> str:
         return f"{self.moe_prefix(layer)}.{self.router}.{what}"
 
+    def score_bias_key(self, layer: int) -> str:
+        if self.score_bias_module is None:
+            return self.router_key(layer, self.score_bias)
+        return ".".join(p for p in (self.moe_prefix(layer), self.score_bias_module, self.score_bias) if p)
+
     def router_rows(self, layer: int) -> list[str]:
         """Keys of the router tensors with one row per expert (weight, bias, score-correction bias)."""
-        whats = ["weight", "bias" if self.router_bias else None, self.score_bias]
-        return [self.router_key(layer, w) for w in whats if w]
+        whats = ["weight", "bias" if self.router_bias else None]
+        return [self.router_key(layer, w) for w in whats if w] + ([self.score_bias_key(layer)] if self.score_bias else [])
 
 
 # ------------------------------------------------------------------------------------------ parse hooks
@@ -188,6 +197,118 @@ def _dots1(cfg: dict, c: dict) -> dict:
                                                                   else "full_attention" for i in range(n)])}
 
 
+def _glm4_moe_lite(cfg: dict, c: dict) -> dict:
+    """GLM-4.7-Flash: DeepSeek-V3 (MLA, sigmoid router with score-correction bias), dense / MoE layers from
+    ``mlp_layer_types``."""
+    n = c["num_layers"]
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    if len(types) != n or set(types) - {"dense", "sparse"}:
+        raise UserError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {n} layers, got {types}: "
+                        "the config is inconsistent")
+    return {**_deepseek_mla(cfg, c), "moe_layers": tuple(t == "sparse" for t in types)}
+
+
+def _minimax_m2(cfg: dict, c: dict) -> dict:
+    """MiniMax-M2: q/k RMSNorm over the whole projection, partial RoPE from the legacy ``rotary_dim``, sigmoid
+    router with a score-correction bias (selection only), top-k renormalised."""
+    n, rope = c["num_layers"], c["rope"]
+    if cfg.get("rotary_dim"):
+        partial = int(cfg["rotary_dim"]) / c["head_dim"]
+        rope = parse_rope({"partial_rotary_factor": partial, **cfg}, c["head_dim"], c["max_position_embeddings"])
+    return dict(rope=rope, qk_norm="proj", moe_layers=(True,) * n, scoring="sigmoid", score_bias=True,
+                norm_topk_prob=True, moe_intermediate_size=int(need(cfg, "intermediate_size")),
+                sliding_windows=(None,) * n)
+
+
+def _hunyuan_prepare(cfg: dict) -> dict:
+    """HunYuan-MoE config keys as the other families spell them: per-layer lists that repeat one value
+    collapsed, ``moe_topk`` as ``num_experts_per_tok``, NTK-alpha RoPE as the RoPE base it stretches to."""
+    if cfg.get("use_cla"):
+        raise UserError("hunyuan_v1_moe with use_cla = true (cross-layer attention) is not supported: "
+                        "transformers does not run it either")
+    out = dict(cfg)
+    for key in ("moe_topk", "num_experts", "num_shared_expert", "moe_intermediate_size"):
+        if isinstance(out.get(key), list):
+            if len(set(out[key])) != 1:
+                raise UserError(f"hunyuan_v1_moe with per-layer {key} {out[key]} is not supported: transformers "
+                                "uses one value for every layer")
+            out[key] = out[key][0]
+    if out.get("moe_topk") is not None:  # what transformers reads (num_experts_per_tok is its alias)
+        out["num_experts_per_tok"] = out["moe_topk"]
+    rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    if rope.get("alpha") and rope.get("rope_type", rope.get("type")) == "dynamic":  # transformers' ntk_alpha
+        dim = int(out.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
+        theta = float(rope.get("rope_theta", out.get("rope_theta", 10000.0))) * float(rope["alpha"]) ** (dim / (dim - 2))
+        out.update(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    return out
+
+
+def _hunyuan_v1_moe(cfg: dict, c: dict) -> dict:
+    """HunYuan-MoE: per-head q/k RMSNorm after RoPE, float32 softmax router (``gate.wg``), renormalised top-k,
+    experts and the ungated shared MLP of ``intermediate_size`` in every layer."""
+    n, bias, f = c["num_layers"], bool(cfg.get("attention_bias", False)), int(need(cfg, "intermediate_size"))
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm="head", qk_norm_after_rope=True, moe_layers=(True,) * n,
+                moe_intermediate_size=f, shared_expert_intermediate_size=f, norm_topk_prob=True, router_fp32=True,
+                sliding_windows=(None,) * n)
+
+
+def _flex_olmo(cfg: dict, c: dict) -> dict:
+    """FlexOlmo: OLMo2-style post-norm layers with q/k RMSNorm over the whole projection, softmax router."""
+    bias, n = bool(cfg.get("attention_bias", False)), c["num_layers"]
+    return dict(post_norm=True, qkv_bias=bias, o_bias=bias, qk_norm="proj", moe_layers=(True,) * n,
+                moe_intermediate_size=int(need(cfg, "intermediate_size")), sliding_windows=(None,) * n)
+
+
+def _ernie_prepare(cfg: dict) -> dict:
+    """ERNIE-4.5 writes top-k as ``moe_k`` (what transformers reads; num_experts_per_tok is its alias)."""
+    return {**cfg, "num_experts_per_tok": cfg["moe_k"]} if cfg.get("moe_k") is not None else cfg
+
+
+def _ernie4_5_moe(cfg: dict, c: dict) -> dict:
+    """ERNIE-4.5-MoE: MoE layers from start / end / interval, interleaved RoPE, float32 softmax router whose
+    statistics buffer (``moe_statics.e_score_correction_bias``) shifts the choice only, renormalised top-k,
+    shared experts."""
+    if cfg.get("use_bias"):
+        raise UserError("ernie4_5_moe with use_bias = true is not supported: no released checkpoint uses it")
+    n, f = c["num_layers"], int(need(cfg, "moe_intermediate_size"))
+    start, step = int(cfg["moe_layer_start_index"]), int(cfg["moe_layer_interval"])
+    end = n - 1 if int(cfg["moe_layer_end_index"]) == -1 else int(cfg["moe_layer_end_index"])
+    return dict(rope=parse_rope(cfg, c["head_dim"], c["max_position_embeddings"], interleave=True),
+                moe_layers=tuple((i + 1) % step == 0 and start <= i <= end for i in range(n)),
+                moe_intermediate_size=f, shared_expert_intermediate_size=f * int(cfg.get("moe_num_shared_experts") or 0),
+                score_bias=True, norm_topk_prob=True, router_fp32=True, sliding_windows=(None,) * n)
+
+
+def _qwen3_next(cfg: dict, c: dict) -> dict:
+    """Qwen3-Next and the Qwen3.5-MoE text model: Gated DeltaNet layers between gated full-attention layers
+    (per-head q/k norm, partial RoPE), RMSNorms scaling by 1 + weight, routed experts plus a gated shared
+    expert. Qwen3.5-MoE has only MoE layers and always renormalises the top-k weights."""
+    n, mt = c["num_layers"], c["model_type"]
+    interval = int(cfg.get("full_attention_interval") or 4)
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                       for i in range(n)]
+    if len(types) != n or not set(types) <= {"linear_attention", "full_attention"}:
+        raise UserError(f"{mt} layer_types {types} is not one of linear_attention / full_attention per layer: "
+                        "repair config.json")
+    kh, vh = int(need(cfg, "linear_num_key_heads")), int(need(cfg, "linear_num_value_heads"))
+    if kh < 1 or vh % kh:
+        raise UserError(f"linear_num_value_heads = {vh} is not a multiple of linear_num_key_heads = {kh}: "
+                        "the config is inconsistent")
+    text = mt == "qwen3_5_moe_text"
+    fs = int(cfg.get("shared_expert_intermediate_size") or 0)
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        qkv_bias=bias, o_bias=bias, qk_norm="head", attn_output_gate=True, rms_norm_unit_offset=True,
+        linear_layers=tuple(t == "linear_attention" for t in types),
+        deltanet=DeltaNetConfig(key_heads=kh, value_heads=vh, key_dim=int(need(cfg, "linear_key_head_dim")),
+                                value_dim=int(need(cfg, "linear_value_head_dim")),
+                                conv_kernel=int(need(cfg, "linear_conv_kernel_dim")), fused_proj=not text),
+        moe_layers=(True,) * n if text else _qwen_moe_layers(cfg, n, c["num_experts"]),
+        moe_intermediate_size=int(need(cfg, "moe_intermediate_size")), shared_expert_intermediate_size=fs,
+        shared_expert_gate=bool(fs), norm_topk_prob=True if text else c["norm_topk_prob"],
+        sliding_windows=(None,) * n)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 _DS_SHARED = dict(shared_expert="shared_experts")
@@ -207,6 +328,23 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            defaults=dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1,
                          topk_group=1, norm_topk_prob=True, partial_rotary_factor=0.5)),
     Family("dots1", _dots1, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias"),
+    Family("glm4_moe_lite", _glm4_moe_lite, "n_routed_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           defaults=dict(n_shared_experts=1, routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True,
+                         rope_interleave=True, q_lora_rank=768)),
+    Family("minimax_m2", _minimax_m2, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2"),
+           score_bias="e_score_correction_bias", score_bias_module=""),
+    Family("hunyuan_v1_moe", _hunyuan_v1_moe, "num_experts", router="gate.wg", shared_expert="shared_mlp",
+           attn_names={"q_norm": "query_layernorm", "k_norm": "key_layernorm"}, prepare=_hunyuan_prepare),
+    Family("flex_olmo", _flex_olmo, "num_experts"),
+    Family("ernie4_5_moe", _ernie4_5_moe, "moe_num_experts", **_DS_SHARED, score_bias="e_score_correction_bias",
+           score_bias_module="moe_statics", score_bias_2d=True, prepare=_ernie_prepare,
+           defaults=dict(moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         moe_layer_end_index=-1, moe_layer_interval=1, moe_intermediate_size=1536,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    *(Family(mt, _qwen3_next, "num_experts", shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
+             defaults=dict(head_dim=256, partial_rotary_factor=0.25, norm_topk_prob=True, linear_conv_kernel_dim=4,
+                           linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                           linear_num_value_heads=32)) for mt in ("qwen3_next", "qwen3_5_moe_text")),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
            dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,
@@ -240,6 +378,7 @@ def parse_config(raw: dict) -> ModelConfig:
     fam = family(mt)
     cfg = {**fam.defaults, **raw, "model_type": fam.model_type}
     try:
+        cfg = fam.prepare(cfg) if fam.prepare else cfg
         common = common_fields(cfg, fam.num_experts_key)
         return ModelConfig(**{**common, **fam.parse(cfg, common)})
     except (TypeError, ValueError, ZeroDivisionError) as e:

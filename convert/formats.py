@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, num_experts_key
+from mone_jax.convert.legacy_config import with_legacy_keys
 from mone_jax.errors import UserError
 
 MODELING = "modeling_mone.py"
@@ -106,12 +107,12 @@ def _modepd_key(fam: Family, layer: int, e: int) -> str:
 
 
 def _modepd_config(cfg: dict, fam: Family, novices: dict[int, list[int]], moe_layers: list[int], kept: int) -> dict:
-    stem = _stem(fam.model_type)
+    """The reference's own config layout, readable by its transformers 4.x config classes (legacy keys), with
+    no ``auto_map``: the reference strips it from its checkpoints and brings its own modeling code."""
     approx = {str(layer): novices.get(layer, []) for layer in moe_layers}
-    return {**cfg, "model_type": fam.model_type + COMPRESSED_SUFFIX, "approximate_experts": approx,
-            "approximate_expert_init_tokens": {layer: [0] * len(ids) for layer, ids in approx.items()},
-            "auto_map": {"AutoConfig": f"modeling_mone.{stem}CompressedConfig",
-                         "AutoModelForCausalLM": f"modeling_mone.Mone{stem}CompressedForCausalLM"}}
+    return {**with_legacy_keys(cfg, fam), "model_type": fam.model_type + COMPRESSED_SUFFIX,
+            "approximate_experts": approx,
+            "approximate_expert_init_tokens": {layer: [0] * len(ids) for layer, ids in approx.items()}}
 
 
 def _modepd_novices(raw: dict, fam: Family) -> Novices | None:
@@ -131,7 +132,7 @@ def _drop_config(cfg: dict, fam: Family, novices: dict[int, list[int]], moe_laye
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in [
     ExportFormat("substitution", "substitute", compact=True, ships_modeling=True, novice_key=_substitution_key,
                  write_config=_substitution_config, read_novices=_substitution_novices),
-    ExportFormat("modepd", "substitute", compact=False, ships_modeling=True, novice_key=_modepd_key,
+    ExportFormat("modepd", "substitute", compact=False, ships_modeling=False, novice_key=_modepd_key,
                  write_config=_modepd_config, read_novices=_modepd_novices),
     ExportFormat("drop", "drop", compact=True, ships_modeling=False, novice_key=None,
                  write_config=_drop_config, read_novices=lambda raw, fam: None),  # a stock checkpoint

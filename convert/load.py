@@ -10,6 +10,7 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from mone_jax.config import ModelConfig
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.errors import UserError
 from mone_jax.layers import Linear, RMSNorm
-from mone_jax.model import MLP, DecoderLayer, MoEBlock, MoEForCausalLM
+from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.sharding import padded_state, param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -97,17 +99,19 @@ class _Filler:
         self.set(var, self.r.get(key), key)
 
 
-def _attention(f: _Filler, attn: nnx.Module, p: str) -> None:
-    """Every Linear / RMSNorm of an attention module (named as in transformers), plus GPT-OSS sinks."""
+def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
+    """Every Linear / RMSNorm / conv and direct parameter (GPT-OSS sinks, DeltaNet A_log) of a token mixer,
+    named as in transformers, or renamed by ``names``."""
     for name, mod in vars(attn).items():
+        name = names.get(name, name)
         if isinstance(mod, Linear):
             f.t(mod.kernel, f"{p}.{name}.weight")
             if mod.bias is not None:
                 f.plain(mod.bias, f"{p}.{name}.bias")
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             f.plain(mod.weight, f"{p}.{name}.weight")
-    if getattr(attn, "sinks", None) is not None:
-        f.plain(attn.sinks, f"{p}.sinks")
+        elif isinstance(mod, nnx.Param):
+            f.plain(mod, f"{p}.{name}")
 
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
@@ -156,28 +160,35 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
+def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
+                   num_experts: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``, as
+    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
+    to ``dtype``, others in their stored dtype. Biases are not part of them."""
+    f, pre = _Filler(reader), f"{fam.moe_prefix(layer)}.experts"
+    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
+        return (_deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, num_experts, dtype)),
+                _gpt_oss_weight(f, f"{pre}.down_proj", kept, num_experts, dtype))
+    if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+        return tuple(_fused_rows(f, f"{pre}.{n}", kept, num_experts).transpose(0, 2, 1)
+                     for n in ("gate_up_proj", "down_proj"))
+    gu = np.stack([np.concatenate([reader.get(fam.expert_key(layer, e, 0)).T,
+                                   reader.get(fam.expert_key(layer, e, 1)).T], 1) for e in disk])
+    return gu, np.stack([reader.get(fam.expert_key(layer, e, 2)).T for e in disk])
+
+
 def _experts(f: _Filler, fam: Family, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
     """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     E = blk.cfg.num_experts
-    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d], biases; maybe MXFP4
-        dt = np.dtype(blk.gate_up.get_value().dtype)
-        f.set(blk.gate_up, _deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, E, dt)),
-              f"{pre}.gate_up_proj")
+    gu, dn = expert_weights(f.r, fam, layer, kept, disk, E, np.dtype(blk.gate_up.get_value().dtype))
+    fused = fam.fused_on_disk or f"{pre}.gate_up_proj" in f.r
+    f.set(blk.gate_up, gu, f"{pre}.gate_up_proj" if fused else fam.expert_key(layer, disk[0], 0))
+    f.set(blk.down, dn, f"{pre}.down_proj" if fused else fam.expert_key(layer, disk[0], 2))
+    if fam.fused_on_disk:  # GPT-OSS biases, gate/up interleaved like the weight
         f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj_bias", kept, E)),
               f"{pre}.gate_up_proj_bias")
-        f.set(blk.down, _gpt_oss_weight(f, f"{pre}.down_proj", kept, E, dt), f"{pre}.down_proj")
         f.set(blk.down_bias, _fused_rows(f, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
-        return
-    if f"{pre}.gate_up_proj" in f.r:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
-        f.set(blk.gate_up, _fused_rows(f, f"{pre}.gate_up_proj", kept, E).transpose(0, 2, 1), f"{pre}.gate_up_proj")
-        f.set(blk.down, _fused_rows(f, f"{pre}.down_proj", kept, E).transpose(0, 2, 1), f"{pre}.down_proj")
-        return
-    gu = np.stack([np.concatenate([f.r.get(fam.expert_key(layer, e, 0)).T, f.r.get(fam.expert_key(layer, e, 1)).T], 1)
-                   for e in disk])
-    f.set(blk.gate_up, gu, fam.expert_key(layer, disk[0], 0))
-    dn = np.stack([f.r.get(fam.expert_key(layer, e, 2)).T for e in disk])
-    f.set(blk.down, dn, fam.expert_key(layer, disk[0], 2))
 
 
 def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
@@ -187,7 +198,7 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
     if blk.router_bias is not None:
         f.plain(blk.router_bias, fam.router_key(layer, "bias"))
     if blk.score_bias is not None:
-        f.plain(blk.score_bias, fam.router_key(layer, fam.score_bias))
+        f.set(blk.score_bias, f.r.get(fam.score_bias_key(layer)).reshape(-1), fam.score_bias_key(layer))
     novices = layout.novices.get(layer, {}) if layout else {}
     kept = [e for e in range(E) if e not in novices]
     disk = list(range(len(kept))) if layout and layout.compact else kept
@@ -205,16 +216,17 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
 
 def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
     p = f"model.layers.{i}"
-    f.plain(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
-    f.plain(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    _attention(f, layer.self_attn, f"{p}.self_attn")
+    for name in LAYER_NORMS:
+        if getattr(layer, name) is not None:
+            f.plain(getattr(layer, name).weight, f"{p}.{name}.weight")
+    _attention(f, layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
     else:
         _mlp(f, layer.mlp, f"{p}.{fam.dense_mlp_module}")
 
 
-def _check_quantization(raw: dict, cfg: ModelConfig) -> None:
+def check_quantization(raw: dict, cfg: ModelConfig) -> None:
     """UserError for quantized checkpoints other than GPT-OSS's MXFP4 experts (dequantized on load)."""
     q = raw.get("quantization_config")
     if q and not (isinstance(q, dict) and q.get("quant_method") in family(cfg.model_type).dequantized):
@@ -243,7 +255,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
     """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
     dt = resolve_dtype(dtype)
     raw = read_config(reader.folder)
-    _check_quantization(raw, cfg)
+    check_quantization(raw, cfg)
     if not 0 <= layer_index < cfg.num_layers:
         raise UserError(f"layer {layer_index} does not exist: the model has {cfg.num_layers} layers")
     layout = pruned_layout(raw, cfg)
@@ -257,7 +269,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
 def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
     """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
     dt = resolve_dtype(dtype)
-    _check_quantization(read_config(reader.folder), cfg)
+    check_quantization(read_config(reader.folder), cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
     out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
            "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}

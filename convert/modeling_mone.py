@@ -1,6 +1,8 @@
 """MoNE-pruned Mixture-of-Experts models for transformers (this file ships inside every export).
 
-Load an export with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+Load a ``substitution`` export with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``;
+a ``modepd`` export ships no ``auto_map`` (as the reference's own checkpoints): load it with
+``mone_jax.convert.modeling_mone.from_pretrained(folder)``.
 The model is the family's stock transformers causal LM, except that each pruned experts module
 holds only its K retained experts (stock fused weights, stock experts kernels) plus one
 ``[hidden]`` vector per novice. The router is untouched: it scores all E experts and picks the
@@ -21,6 +23,8 @@ The experts modules keep the stock ``@use_experts_implementation`` dispatch, so
 
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import torch
@@ -143,11 +147,14 @@ class _MoneCausalLM:
 
 
 def _family_of(stem: str) -> str:
-    """The model_type whose stock causal LM is ``<stem>ForCausalLM`` (transformers' auto mapping)."""
-    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        if name == f"{stem}ForCausalLM":
-            return model_type
-    raise AttributeError(f"no transformers causal LM named {stem}ForCausalLM")
+    """The model_type whose stock causal LM is ``<stem>ForCausalLM``: its own config class's type (the auto
+    mapping may also list a multimodal type for it, as for Qwen3.5-MoE), else the auto mapping's."""
+    name = f"{stem}ForCausalLM"
+    own = getattr(getattr(transformers, name, None), "config_class", None)
+    types = [t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == name]
+    if not types:
+        raise AttributeError(f"no transformers causal LM named {name}")
+    return own.model_type if getattr(own, "model_type", None) in types else types[0]
 
 
 def _compressed_config(model_type: str) -> type:
@@ -186,3 +193,15 @@ def __getattr__(name: str) -> type:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = cls  # built once: later lookups find the same class
     return cls
+
+
+def from_pretrained(folder: str | os.PathLike, **kwargs):
+    """The PyTorch model of an export in either layout, whether or not its config.json has an ``auto_map``
+    (``modepd`` exports have none); ``kwargs`` go to ``from_pretrained`` (``dtype=...``)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    base = model_type.removesuffix(COMPRESSED)
+    stem = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base].removesuffix("ForCausalLM")
+    suffix = "Compressed" if model_type.endswith(COMPRESSED) else ""
+    name = f"Mone{stem}{suffix}ForCausalLM"
+    return (globals().get(name) or __getattr__(name)).from_pretrained(folder, **kwargs)

@@ -11,6 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from mone_jax.convert.multimodal import tensor_names, text_config
 from mone_jax.errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -24,8 +25,19 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin"
 
 
 def read_config(folder: str | Path) -> dict:
-    """config.json of ``folder`` parsed as plain data (never executed)."""
+    """config.json of ``folder`` parsed as plain data (never executed); of a multimodal checkpoint, its text
+    model's (:mod:`.multimodal`)."""
     folder = Path(folder)
+    cfg = _raw_config(folder)
+    ours = _ships_our_modeling(folder, cfg)
+    code = (["auto_map in config.json"] if "auto_map" in cfg and not ours else []) + sorted(
+        p.name for p in folder.glob("*.py") if not (ours and p.name == _OWN_MODELING))
+    if code:
+        _warn_custom_code(folder, tuple(code))
+    return text_config(cfg, folder)
+
+
+def _raw_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise UserError(f"model folder '{folder}' does not exist: pass a Hugging Face model folder")
     path = folder / "config.json"
@@ -37,11 +49,6 @@ def read_config(folder: str | Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): repair or re-download it") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path} does not hold a JSON object")
-    ours = _ships_our_modeling(folder, cfg)
-    code = (["auto_map in config.json"] if "auto_map" in cfg and not ours else []) + sorted(
-        p.name for p in folder.glob("*.py") if not (ours and p.name == _OWN_MODELING))
-    if code:
-        _warn_custom_code(folder, tuple(code))
     return cfg
 
 
@@ -68,7 +75,8 @@ def _warn_custom_code(folder: Path, code: tuple[str, ...]) -> None:
 class CheckpointReader:
     """Reads tensors on demand from ``model.safetensors`` or its sharded form.
 
-    Files are memory-mapped by safetensors; a tensor is materialised only when asked for.
+    Files are memory-mapped by safetensors; a tensor is materialised only when asked for. Of a multimodal
+    checkpoint only the text model's tensors are shown, under a causal LM's names (:mod:`.multimodal`).
     """
 
     def __init__(self, folder: str | Path):
@@ -112,6 +120,8 @@ class CheckpointReader:
         elif lost := [k for k, name in self._where.items() if k not in self._handles[name].entries]:
             raise UserError(f"{index} places tensor '{lost[0]}' in {self._where[lost[0]]}, which does not hold it: "
                             "repair or re-download the checkpoint")
+        raw = _raw_config(self.folder) if (self.folder / "config.json").is_file() else {}
+        self._disk = tensor_names(raw, list(self._where))  # shown name -> name on disk
 
     def close(self) -> None:
         self._handles.clear()
@@ -123,25 +133,28 @@ class CheckpointReader:
         self.close()
 
     def keys(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._disk)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._disk
 
     def file_of(self, key: str) -> str:
-        return self._where[key]
+        return self._where[self._disk[key]]
 
-    def _handle(self, key: str):
-        if key not in self._where:
+    def _entry(self, key: str) -> tuple:
+        if key not in self._disk:
             raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}': "
                             "the checkpoint is incomplete or not of this model; re-download it")
-        return self._handles[self._where[key]]
+        disk = self._disk[key]
+        return self._handles[self._where[disk]], disk
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._handle(key).entries[key][1]
+        h, disk = self._entry(key)
+        return h.entries[disk][1]
 
     def dtype(self, key: str) -> np.dtype:
-        return np.dtype(self._handle(key).entries[key][0])
+        h, disk = self._entry(key)
+        return np.dtype(h.entries[disk][0])
 
     def get(self, key: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Tensor ``key`` as a NumPy array (bf16 as ml_dtypes.bfloat16), copied out of the file."""
@@ -150,11 +163,13 @@ class CheckpointReader:
                 f"tensor '{key}' has shape {list(self.shape(key))} but config.json implies {list(expect_shape)}: "
                 "the weights do not belong to this config"
             )
-        return self._finite(key, np.array(self._handle(key).view(key)))
+        h, disk = self._entry(key)
+        return self._finite(key, np.array(h.view(disk)))
 
     def get_slice(self, key: str, index) -> np.ndarray:
         """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack)."""
-        return self._finite(key, np.array(self._handle(key).view(key)[index]))
+        h, disk = self._entry(key)
+        return self._finite(key, np.array(h.view(disk)[index]))
 
     def _finite(self, key: str, arr: np.ndarray) -> np.ndarray:
         """``arr``, after checking that a floating tensor holds no NaN / Inf (a float32 sum, exact recheck

@@ -8,12 +8,15 @@ the export formats (:mod:`.formats`) rename and add those.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flax import nnx
 
 from mone_jax.convert.families import Family, family
+from mone_jax.deltanet import DepthwiseConv
 from mone_jax.layers import Linear, RMSNorm
-from mone_jax.model import MLP, MoEBlock, MoEForCausalLM
+from mone_jax.model import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
 
 
 def _np(var: nnx.Variable) -> np.ndarray:
@@ -32,17 +35,18 @@ def _interleave(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _attention(attn: nnx.Module, p: str) -> dict[str, np.ndarray]:
+def _attention(attn: nnx.Module, p: str, names: Mapping[str, str]) -> dict[str, np.ndarray]:
     out = {}
     for name, mod in vars(attn).items():
+        name = names.get(name, name)
         if isinstance(mod, Linear):
             out[f"{p}.{name}.weight"] = _t(_np(mod.kernel))
             if mod.bias is not None:
                 out[f"{p}.{name}.bias"] = _np(mod.bias)
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, DepthwiseConv)):
             out[f"{p}.{name}.weight"] = _np(mod.weight)
-    if getattr(attn, "sinks", None) is not None:
-        out[f"{p}.sinks"] = _np(attn.sinks)
+        elif isinstance(mod, nnx.Param):
+            out[f"{p}.{name}"] = _np(mod)
     return out
 
 
@@ -73,7 +77,7 @@ def _moe(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
     if blk.router_bias is not None:
         out[fam.router_key(layer, "bias")] = _np(blk.router_bias)
     if blk.score_bias is not None:
-        out[fam.router_key(layer, fam.score_bias)] = _np(blk.score_bias)
+        out[fam.score_bias_key(layer)] = _np(blk.score_bias)[None] if fam.score_bias_2d else _np(blk.score_bias)
     if blk.shared is not None:
         out.update(_mlp(blk.shared, f"{fam.moe_prefix(layer)}.{fam.shared_expert}"))
         if blk.shared_gate is not None:
@@ -89,8 +93,7 @@ def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
         out["lm_head.weight"] = _t(_np(model.lm_head))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = _np(layer.input_layernorm.weight)
-        out[f"{p}.post_attention_layernorm.weight"] = _np(layer.post_attention_layernorm.weight)
-        out.update(_attention(layer.self_attn, f"{p}.self_attn"))
+        out.update({f"{p}.{n}.weight": _np(getattr(layer, n).weight) for n in LAYER_NORMS if getattr(layer, n) is not None})
+        out.update(_attention(layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

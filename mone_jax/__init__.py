@@ -48,13 +48,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mone_jax' has no attribute {name!r}")
 
 
-def plan(stats: Stats, keep: int | None = None, *, ratio: float | None = None, metric: str = "mone",
-         scope: str = "layer", seed: int = 0, n_group: int = 1) -> Plan:
+def plan(stats: Stats | None, keep: int | None = None, *, ratio: float | None = None, metric: str = "mone",
+         scope: str = "layer", seed: int = 0, n_group: int = 1, semantics: str = "exact",
+         model: str | None = None) -> Plan:
     """Which experts stay and which become novices (docs/formats.md); ``n_group``: the router's
-    expert groups, for a ``drop`` plan that keeps the same number in every group."""
-    from mone_jax.planning import make_plan
+    expert groups, for a ``drop`` plan that keeps the same number in every group; ``semantics``:
+    ``exact`` or ``reference`` (as the MoNE reference code; needs statistics calibrated with it). A
+    weights-only ``metric`` (``aimer``) scores the checkpoint folder ``model`` and needs no ``stats`` (None)."""
+    from mone_jax.convert.criteria import plan_for
 
-    return make_plan(stats, keep=keep, ratio=ratio, metric=metric, scope=scope, seed=seed, n_group=n_group)
+    return plan_for(metric, stats=stats, model=model, keep=keep, ratio=ratio, scope=scope, seed=seed,
+                    n_group=n_group, semantics=semantics)
 
 
 def save_hf(model: MoEForCausalLM, out_dir, format: str = "substitution", *, source, dtype: str | None = None,

@@ -26,6 +26,7 @@ from mone_jax.model import MoEForCausalLM
 from mone_jax.moe import EXPERT
 from mone_jax.phases import phase
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
+from mone_jax.scoring import check_semantics
 from mone_jax.sharding import (
     batch_spec,
     global_batch,
@@ -111,15 +112,17 @@ def identity(cfg, mode: str, dtype: str = "float32") -> dict:
 
 
 def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = None, progress: bool = True,
-              total: int | None = None, checkpoint: CalibCheckpoint | None = None) -> Stats:
+              total: int | None = None, checkpoint: CalibCheckpoint | None = None, semantics: str = "exact") -> Stats:
     """Run the (original) model over ``batches`` and return merged per-expert statistics.
 
     Each batch is int token ids [B, T] or a dict with ``input_ids`` and ``attention_mask``
     (0 = padding, counted nowhere). Equal batch shapes compile once. ``mesh`` (see
     :mod:`mone_jax.sharding`) spreads experts and rows over devices; batches are padded to a
     multiple of its data axis with masked rows. Under ``jax.distributed`` every process passes
-    the same global batches and gets the same statistics.
+    the same global batches and gets the same statistics. ``semantics="reference"`` marks the result for
+    reference-semantics planning (its ``ref_*`` fields: one batch is one call of the reference).
     """
+    check_semantics(semantics)
     for i, blk in model.moe_blocks().items():
         if blk.num_kept != model.config.num_experts:
             raise UserError(f"layer {i} is already pruned: calibrate the original model")
@@ -166,6 +169,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
     if acc.tokens == 0:
         raise UserError("calibration saw no (non-padding) tokens: give non-empty calibration data")
     acc.check_finite()
+    acc.meta["semantics"] = semantics
     return acc
 
 

@@ -18,6 +18,10 @@ _LOAD = {
     "substitute": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
                   'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)  # modeling_mone.py\n'
                   'tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)',
+    "modepd": 'from transformers import AutoTokenizer\n'
+              'from mone_jax.convert.modeling_mone import from_pretrained  # no auto_map, as the reference\'s own\n'
+              'model = from_pretrained("{out}")\n'
+              'tokenizer = AutoTokenizer.from_pretrained("{out}")',
     "drop": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
             'model = AutoModelForCausalLM.from_pretrained("{out}")  # a stock checkpoint with fewer experts\n'
             'tokenizer = AutoTokenizer.from_pretrained("{out}")',
@@ -34,15 +38,16 @@ def stats_summary(stats: Stats) -> dict:
     return {"tokens": stats.tokens, "layers": layers}
 
 
-def folder_files(*, source: str, out: str, plan: Plan, stats: Stats, fmt: str, mode: str, kept: dict,
+def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt: str, mode: str, kept: dict,
                  calibration: dict, version: str) -> dict[str, bytes]:
     """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.planning.
-    plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...)."""
+    plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...); ``stats`` None:
+    a weights-only plan exported without calibration (no statistics summary)."""
     meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if mode == "substitute"
             else "expert dropping", "format": fmt, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),
-            "calibration": {**calibration, "tokens": stats.tokens}}
+            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens})}}
     front = "\n".join(["---", "library_name: transformers", "tags: [mone-jax, mixture-of-experts, expert-pruning]",
                        "mone_jax:", *(f"  {k}: {json.dumps(v)}" for k, v in meta.items()), "---"])
     novices = {i: list(lp.novices) for i, lp in plan.layers.items()}
@@ -62,12 +67,13 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats, fmt: str, m
 Load it:
 
 ```python
-{_LOAD[mode].format(out=out)}
+{_LOAD.get(fmt, _LOAD[mode]).format(out=out)}
 ```
 
-The plan is in `{PLAN_FILE}`, per-expert calibration statistics in `{STATS_FILE}`, sha256 sums of every file
-in `mone_manifest.json` (`mone-jax verify {out}`). Perplexity: `mone-jax eval {out} --data HELD_OUT_TEXT`.
+The plan is in `{PLAN_FILE}`,{'' if stats is None else f' per-expert calibration statistics in `{STATS_FILE}`,'} sha256 sums
+of every file in `mone_manifest.json` (`mone-jax verify {out}`). Perplexity: `mone-jax eval {out} --data HELD_OUT_TEXT`.
 """
-    return {CARD_FILE: (front + "\n" + body).encode(),
-            PLAN_FILE: (json.dumps(plan.to_dict(), indent=1) + "\n").encode(),
-            STATS_FILE: (json.dumps(stats_summary(stats), indent=1) + "\n").encode()}
+    files = {CARD_FILE: (front + "\n" + body).encode(), PLAN_FILE: (json.dumps(plan.to_dict(), indent=1) + "\n").encode()}
+    if stats is not None:
+        files[STATS_FILE] = (json.dumps(stats_summary(stats), indent=1) + "\n").encode()
+    return files

@@ -74,24 +74,42 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from mone_jax.planning import describe_summary, make_plan, plan_summary
+    from pathlib import Path
+
+    from mone_jax.convert.criteria import plan_for
+    from mone_jax.planning import describe_summary, plan_summary
+    from mone_jax.scoring import metric
     from mone_jax.stats import Stats
 
-    if (args.stats is None) == (args.stats_file is None):
-        raise UserError("give the statistics file once, with --stats FILE")
-    stats = Stats.load(args.stats or args.stats_file)
-    plan = make_plan(stats, keep=args.keep, ratio=args.ratio, metric=args.metric, scope=args.scope, seed=args.seed)
+    opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed, semantics=args.semantics)
+    if metric(args.metric).needs_weights:  # weights only: the positional argument is the model folder
+        model = args.stats_file
+        if args.stats is not None or model is None or not Path(model).is_dir():
+            raise UserError(f"metric '{args.metric}' scores the weights, not statistics: give the model folder "
+                            f"instead of '{args.stats or model}' (mone-jax plan MODEL_DIR --metric {args.metric})")
+        plan = plan_for(args.metric, model=model, progress=not args.quiet, **opts)
+    else:
+        if (args.stats is None) == (args.stats_file is None):
+            raise UserError("give the statistics file once, with --stats FILE")
+        path = args.stats or args.stats_file
+        if Path(path).is_dir():
+            raise UserError(f"'{path}' is a folder: metric '{args.metric}' needs a statistics file from "
+                            "`mone-jax calibrate` (--stats FILE)")
+        plan = plan_for(args.metric, stats=Stats.load(path), **opts)
     plan.save(args.plan_out)
-    summary = plan_summary(plan, stats.num_experts, args.ratio)
-    print(f"plan: {describe_summary(summary, stats.num_experts)} ({args.metric}, scope {args.scope}) -> {args.plan_out}")
+    lp = next(iter(plan.layers.values()))
+    E = len(lp.kept) + len(lp.novices)
+    print(f"plan: {describe_summary(plan_summary(plan, E, args.ratio), E)} ({args.metric}, scope {args.scope}) "
+          f"-> {args.plan_out}")
 
 
 def cmd_prune(args) -> None:
     phase("check", f"the options and '{args.model or 'the demo model'}' (importing JAX and transformers)")
     from mone_jax import __version__
     from mone_jax.card import folder_files
+    from mone_jax.convert.criteria import plan_for
     from mone_jax.jobs import prune_job
-    from mone_jax.planning import describe_summary, make_plan, plan_summary
+    from mone_jax.planning import describe_summary, plan_summary
     from mone_jax.scale import finish, init_distributed, is_writer, run_calibration
     from mone_jax.sequential import export_from_stats
 
@@ -101,8 +119,8 @@ def cmd_prune(args) -> None:
     stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
-    plan = job.plan or make_plan(stats, keep=job.keep, metric=job.metric, scope=job.scope, seed=job.seed,
-                                 n_group=n_group)
+    plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                seed=job.seed, n_group=n_group, semantics=job.semantics, progress=not args.quiet)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -111,7 +129,8 @@ def cmd_prune(args) -> None:
         plan.save(job.plan_out)
     kept = plan_summary(plan, job.config.num_experts, job.ratio)
     c = job.calib
-    calibration = {"data": "reused statistics"} if c is None else {"data": c.calib, "seed": c.seed}
+    calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
+                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
     extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
                          mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
@@ -126,6 +145,10 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if (args.data is None) == (args.tasks is None):
+        raise UserError("give --data (perplexity) or --tasks (lm-evaluation-harness tasks), not both or neither")
+    if args.tasks is not None:
+        return _eval_tasks(args)
     from mone_jax.data import load_token_blocks
     from mone_jax.evaluate import perplexity
 
@@ -141,13 +164,51 @@ def cmd_eval(args) -> None:
         _file_out(args.result_out)
     phase("data", f"reading {args.data} into {args.num_samples} blocks of {args.seq_len} tokens")
     ids = load_token_blocks(args.data, tokenizer_dir=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
-                            text_field=args.text_field, vocab_size=cfg.vocab_size, contiguous=True)
+                            text_field=args.text_field, vocab_size=cfg.vocab_size, seed=args.seed or 0,
+                            contiguous=args.seed is None)
     model = _load(args)
     result = perplexity(model, ids, batch_size=args.batch_size, progress=args.progress)
-    result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    result.update(model=args.model, data=args.data, num_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
+                  seed=args.seed)
     if args.result_out:
         atomic_write_text(args.result_out, json.dumps(result, indent=1) + "\n")
     print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.5f}) over {result['tokens']} tokens")
+
+
+def _eval_tasks(args) -> None:
+    from mone_jax.scale import init_distributed, is_writer
+
+    init_distributed(args)
+    from mone_jax.harness import evaluate_tasks, markdown, write_results
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks is empty: name lm-eval tasks, e.g. --tasks arc_easy,piqa")
+    results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             include_path=args.include_path, batch_size=args.batch_size, mesh=args.mesh,
+                             dtype=args.dtype, seed=args.seed or 0, progress=args.progress)
+    print(markdown(results))
+    if args.out and is_writer():
+        paths = write_results(results, args.out)
+        print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def cmd_diff(args) -> int:
+    from mone_jax.convert.load import config_of
+    from mone_jax.diff import compare, table, token_ids_for
+
+    if args.tokens is not None and args.text is not None:
+        raise UserError("give --tokens or --text, not both")
+    if args.tol is not None and args.tol < 0:
+        raise UserError(f"--tol must be >= 0, got {args.tol}")
+    ids = token_ids_for(args.model, args.tokens, args.text, config_of(args.model).vocab_size)
+    report = compare(args.model, args.other, ids, vs_torch=args.vs_torch, dtype=args.dtype)
+    failed = args.tol is not None and report["logits"]["max_abs"] > args.tol
+    report["tol"], report["passed"] = args.tol, not failed
+    print(json.dumps(report, indent=1) if args.json else table(report))
+    if failed:
+        print(f"mone-jax: logits differ by {report['logits']['max_abs']:.3g} > --tol {args.tol}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_generate(args) -> None:
@@ -163,6 +224,7 @@ def cmd_generate(args) -> None:
     if not all(prompts):
         raise UserError("a --prompt encodes to no tokens; give some text")
     model = _load(args)
+    phase("generate", f"{len(prompts)} prompt(s), up to {args.max_new_tokens} new tokens (the first batch compiles)")
     gen_cfg = Path(args.model) / "generation_config.json"  # its EOS ids (a list for chat models) win
     eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.is_file() else None
     new = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -261,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
-                                                     "hf:NAME[:CONFIG][:SPLIT], or 'self'")
+                                                     "hf:NAME[:CONFIG][:SPLIT], 'self', or a mix SOURCE:SHARE,"
+                                                     "SOURCE:SHARE,... or recipe .yaml/.mix.json (README)")
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
         p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
@@ -270,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         from mone_jax.scale import add_args
 
         add_args(p)
+
+    def semantics_arg(p):
+        p.add_argument("--semantics", default="exact", choices=["exact", "reference"],
+                       help="exact statistics (default), or as the MoNE reference code computes them "
+                            "(docs/formats.md)")
 
     def plan_args(p, required=True):
         g = p.add_mutually_exclusive_group(required=required)
@@ -294,14 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     calib_args(p)
     p.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
     p.add_argument("--stats", help="statistics file from `mone-jax calibrate`")
-    p.add_argument("stats_file", nargs="?", help=argparse.SUPPRESS)  # its former place
+    p.add_argument("stats_file", nargs="?", metavar="MODEL_DIR",
+                   help="the model folder, for a weights-only metric (aimer: no statistics needed)")
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -320,25 +391,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    semantics_arg(p)
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("eval", help="token-level perplexity of a checkpoint (original or pruned) on held-out data")
+    p = sub.add_parser("eval", help="perplexity (--data) or lm-evaluation-harness task accuracy (--tasks) of a "
+                                    "checkpoint, original or pruned, in JAX")
     model_arg(p)
-    p.add_argument("--data", required=True, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
-                                                 "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start")
-    p.add_argument("--num-samples", type=int, default=256, help="blocks evaluated")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
+    p.add_argument("--data", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
+                                                "or hf:NAME[:CONFIG][:SPLIT]; consecutive blocks from its start "
+                                                "(random windows with --seed)")
+    p.add_argument("--num-samples", type=int, default=256, help="--data: blocks evaluated")
+    p.add_argument("--seq-len", type=int, default=512, help="--data: tokens per block")
+    p.add_argument("--seed", type=int, default=None, help="--data: blocks at seeded random offsets of the "
+                                                          "documents in a seeded order (the demo model card's "
+                                                          "windowing); --tasks: lm-eval's seeds (default 0)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
-    p.add_argument("--result-out", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks (--data) or requests (--tasks) per forward pass")
+    p.add_argument("--result-out", default=None, help="--data: also write the result as JSON to this file")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (pip install 'mone-jax[eval]')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (a fraction if < 1)")
+    p.add_argument("--include-path", default=None, help="--tasks: folder of extra task YAML files")
+    p.add_argument("--out", default=None, help="--tasks: folder for results.json (lm-eval's format) and results.md")
+    from mone_jax.scale import add_distributed_args, add_mesh_args
+
+    add_mesh_args(p)
+    add_distributed_args(p)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("diff", help="compare the logits (and per-layer outputs) of two checkpoints, or of one "
+                                    "in JAX and in transformers (--vs-torch)")
+    model_arg(p)
+    p.add_argument("other", nargs="?", default=None, help="second checkpoint folder B (omit with --vs-torch)")
+    p.add_argument("--vs-torch", action="store_true", help="compare A in JAX with A in transformers (needs torch)")
+    p.add_argument("--tokens", default=None, help=".npy of int token ids [B, T]")
+    p.add_argument("--text", default=None, help="text tokenized with A's tokenizer (default: a fixed sample)")
+    p.add_argument("--tol", type=float, default=None, help="exit with code 1 when the max |logit difference| "
+                                                           "exceeds this")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_diff)
 
     p = sub.add_parser("generate", help="continue text prompts with the model (KV-cache decoding)")
     model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens added to each prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled tokens")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("verify", help="check an exported folder against its sha256 manifest")
@@ -371,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         _check_numbers(args)
-        args.fn(args)
+        code = args.fn(args) or 0
     except UserError as e:
         if args.debug:
             raise
@@ -385,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 def _failure(e: BaseException) -> str:

@@ -28,6 +28,19 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class DeltaNetConfig:
+    """Gated DeltaNet linear-attention layers (Qwen3-Next / Qwen3.5), see :mod:`mone_jax.deltanet`."""
+
+    key_heads: int
+    value_heads: int  # a multiple of key_heads: each query/key head serves value_heads // key_heads heads
+    key_dim: int
+    value_dim: int
+    conv_kernel: int = 4
+    fused_proj: bool = False  # Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head
+    chunk: int = 64  # tokens per chunk of the recurrence
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the Flax model needs; hashable so it can be a static jit argument."""
 
@@ -44,13 +57,20 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: RopeConfig
     hidden_act: str = "silu"
+    post_norm: bool = False  # OLMo2 / FlexOlmo: RMSNorm on each sublayer's output (none on its input)
     # attention
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "proj" (OLMoE: over the whole projection) | "head" (Qwen3)
+    qk_norm_after_rope: bool = False  # HunYuan: the per-head q/k norm applies to the rotated q/k
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax
+    attn_output_gate: bool = False  # Qwen3-Next: q_proj also gives a per-head gate, output * sigmoid(gate)
+    rms_norm_unit_offset: bool = False  # Qwen3-Next: RMSNorm scales by (1 + weight)
+    # linear-attention layers (Qwen3-Next / Qwen3.5): per layer True = Gated DeltaNet instead of attention
+    linear_layers: tuple[bool, ...] = ()
+    deltanet: DeltaNetConfig | None = None
     # multi-head latent attention (DeepSeek-V2/V3), used when kv_lora_rank > 0
     q_lora_rank: int = 0  # 0: a plain q_proj
     kv_lora_rank: int = 0

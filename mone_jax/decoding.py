@@ -44,7 +44,7 @@ def next_token(logits: jax.Array, key: jax.Array, temperature, top_p: float) -> 
 
 def init_cache(model: MoEForCausalLM, batch: int, slots: int) -> list[tuple[jax.Array, ...]]:
     """Empty per-layer caches of ``slots`` positions."""
-    return [layer.self_attn.init_cache(batch, slots, model.dtype) for layer in model.layers]
+    return [layer.mixer.init_cache(batch, slots, model.dtype) for layer in model.layers]
 
 
 def cache_biases(slot_mask: jax.Array, start, count: int, windows: set[int | None]) -> dict[int | None, jax.Array]:
@@ -80,23 +80,18 @@ def cached_hidden(model: MoEForCausalLM, ids: jax.Array, positions: jax.Array, c
 @partial(jax.jit, static_argnums=(0, 5, 7))
 def _decode(graphdef, state, ids, mask, key, slots: int, temperature, top_p: float, max_new, stop, pad):
     """New tokens [B, slots - T] (``pad`` after a stop token and past ``max_new``) for left-padded prompts
-    ids, mask [B, T]; the key is split once per token, before drawing it."""
+    ids, mask [B, T]; the key is split once per token, before drawing it.
+
+    The prefill caches all prompt tokens but the last; every step feeds one token (first the prompt's last)
+    and picks the next, so a one-token prompt compiles no prefill."""
     model = nnx.merge(graphdef, state)
     B, T = ids.shape
     width = slots - T
     slot_mask = jnp.concatenate([mask, jnp.ones((B, width), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    h, cache = cached_hidden(model, ids, positions, init_cache(model, B, slots), slot_mask, 0, True)
-
-    def pick(h, key, done):
-        key, sub = jax.random.split(key)
-        tok = next_token(model.logits(h), sub, temperature, top_p)
-        tok = jnp.where(done, pad, tok)
-        return tok, key, done | jnp.any(tok[:, None] == stop[None, :], axis=-1)
-
-    tok, key, done = pick(h[:, -1], key, jnp.zeros((B,), bool))
-    out = jnp.full((B, width), pad, jnp.int32).at[:, 0].set(tok)
-    length = jnp.sum(mask, axis=1)
+    cache = init_cache(model, B, slots)
+    if T > 1:
+        _, cache = cached_hidden(model, ids[:, :-1], positions[:, :-1], cache, slot_mask, 0, True)
 
     def more(carry):
         j, *_, done = carry
@@ -104,11 +99,15 @@ def _decode(graphdef, state, ids, mask, key, slots: int, temperature, top_p: flo
 
     def step(carry):
         j, tok, cache, key, out, done = carry
-        h, cache = cached_hidden(model, tok[:, None], (length + j - 1)[:, None], cache, slot_mask, T + j - 1, False)
-        tok, key, done = pick(h[:, 0], key, done)
+        h, cache = cached_hidden(model, tok[:, None], (positions[:, -1] + j)[:, None], cache, slot_mask, T - 1 + j,
+                                 False)
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad, next_token(model.logits(h[:, 0]), sub, temperature, top_p))
+        done = done | jnp.any(tok[:, None] == stop[None, :], axis=-1)
         return j + 1, tok, cache, key, out.at[:, j].set(tok), done
 
-    return jax.lax.while_loop(more, step, (1, tok, cache, key, out, done))[4]
+    out = jnp.full((B, width), pad, jnp.int32)
+    return jax.lax.while_loop(more, step, (0, ids[:, -1], cache, key, out, jnp.zeros((B,), bool)))[4]
 
 
 def _bucket(n: int) -> int:
@@ -124,10 +123,11 @@ def decode(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray, key: jax.Ar
     Tb = _bucket(T)
     ids = np.pad(np.asarray(ids, np.int32), ((0, 0), (Tb - T, 0)), constant_values=pad)
     mask = np.pad(np.asarray(mask, bool), ((0, 0), (Tb - T, 0)))
+    stops = np.full(_bucket(len(stop)), -1, np.int32)  # -1 never matches: one shape for 0 or 1 stop ids
+    stops[: len(stop)] = stop
     graphdef, state = nnx.split(model)
     out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, Tb + _bucket(max_new),
-                  jnp.float32(temperature), float(top_p), jnp.int32(max_new), jnp.asarray(list(stop), jnp.int32).reshape(-1),
-                  jnp.int32(pad))
+                  jnp.float32(temperature), float(top_p), jnp.int32(max_new), jnp.asarray(stops), jnp.int32(pad))
     return np.asarray(out)[:, :max_new]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,10 @@ from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
+from mone_jax.mix import parse_mix
 from mone_jax.phases import phase
 from mone_jax.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.scoring import metric
+from mone_jax.scoring import check_semantics, metric
 from mone_jax.stats import Stats
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -58,9 +59,11 @@ class CalibJob:
     seed: int
     text_field: str
     batch_size: int
-    batches: tuple[np.ndarray, ...] | None
+    batches: tuple[np.ndarray | dict, ...] | None
     scale: ScaleOptions
     progress: bool
+    semantics: str = "exact"  # scoring.SEMANTICS, recorded in the statistics
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class PruneJob:
     model: str
     config: ModelConfig
     dtype: str  # compute dtype (novices are rounded through it, as the in-memory prune does)
-    calib: CalibJob | None  # None: the statistics are reused
+    calib: CalibJob | None  # None: the statistics are reused, or not needed (weights-only metric, drop)
     stats: Stats | None
     plan: Plan | None
     keep: int
@@ -84,6 +87,7 @@ class PruneJob:
     out_dtype: str | None
     overwrite: bool
     ratio: float | None = None  # the requested pruned fraction, when given as one
+    semantics: str = "exact"  # of the plan made here (scoring.SEMANTICS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -118,7 +122,8 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
                    seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
-                   getattr(args, "progress", not args.quiet))
+                   getattr(args, "progress", not args.quiet),
+                   check_semantics(getattr(args, "semantics", "exact")))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
@@ -126,6 +131,13 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     if calib == "self":
         warnings.warn(SELF_CALIBRATION, stacklevel=2)
         return job
+    if (mix := parse_mix(calib)) is not None:
+        from mone_jax.mix import mix_blocks  # tokenizers and datasets: only when needed
+
+        phase("data", f"reading the mix of {len(mix)} sources into {job.num_samples} blocks of {job.seq_len} tokens")
+        ids, record = mix_blocks(mix, tokenizer_dir=model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size)
+        return replace(job, batches=_batches(job, ids), mix=tuple(record))
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
@@ -148,6 +160,12 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
 
         ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
+    return _batches(job, ids)
+
+
+def _batches(job: CalibJob, ids: np.ndarray) -> tuple[np.ndarray | dict, ...]:
+    """Blocks ``ids`` checked against the model and cut into batches (:func:`batched`)."""
+    cfg = job.config
     ids = token_ids(ids, cfg.vocab_size, f"'{job.calib}'")
     if ids.shape[1] > cfg.max_position_embeddings:
         raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
@@ -181,12 +199,13 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         from mone_jax.demo import demo_model_dir
 
         model, out = str(demo_model_dir()), out or "mone-demo-out"
-        calib = calib or (None if args.stats else "self")
+        calib = calib or (None if args.stats or _weights_drop(args) else "self")
         if args.keep is None and ratio is None and not args.plan:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     metric(args.metric)  # known
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -199,7 +218,11 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
                         "does not give: use --scope layer or --format substitution")
     if args.stats and calib:
         raise UserError("--stats reuses computed statistics: drop --calib")
-    if calib is None and not args.stats:
+    if _weights_drop(args):  # the plan reads the weights and a drop export writes no novices
+        if calib or args.stats or args.stats_out:
+            raise UserError(f"--metric {args.metric} --format {args.format} needs no calibration: drop "
+                            "--calib / --stats / --stats-out")
+    elif calib is None and not args.stats:
         raise UserError(CALIB_HELP)
     if out is None:
         raise UserError("give the output folder with --out")
@@ -218,10 +241,16 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         keep = resolve_keep(cfg.num_experts, args.keep, ratio)
         if fmt.mode == "drop":
             check_drop_keep(cfg, keep)
-    calib_part = None if stats is not None else calib_job(args, model, cfg, calib, num_samples=num_samples,
-                                                           seq_len=seq_len)
+    calib_part = None if stats is not None or _weights_drop(args) else calib_job(
+        args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio)
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
+                    semantics)
+
+
+def _weights_drop(args: argparse.Namespace) -> bool:
+    """A prune that needs no statistics: a weights-only metric (aimer) exported with experts dropped."""
+    return not args.plan and metric(args.metric).needs_weights and export_format(args.format).mode == "drop"
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

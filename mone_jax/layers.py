@@ -25,13 +25,18 @@ def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02, kind: type[nnx
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    """RMS norm times ``weight``, or with ``unit_offset`` (Qwen3-Next) times ``1 + weight`` in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype, unit_offset: bool = False):
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if unit_offset else jnp.ones((dim,), dtype))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mone_jax.config import ModelConfig
+from mone_jax.deltanet import GatedDeltaNet
 from mone_jax.layers import (
     Buffer,
     ExpertBuffer,
@@ -32,31 +33,36 @@ from mone_jax.rope import apply_rope, rope_tables
 from mone_jax.stats import LayerStats
 
 MASK_VALUE = -1e30
+# a decoder layer's norms as transformers names them (each may be None: post-norm layers have no input norm)
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with GQA, optional q/k RMSNorm, qkv clipping and sliding window."""
+    """Multi-head attention with GQA, optional q/k RMSNorm, qkv clipping, sliding window and output gate
+    (Qwen3-Next: q_proj gives [query | gate] per head, the output is scaled by sigmoid(gate))."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, H, KV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, H * D, cfg.qkv_bias, dtype, rngs)
+        self.gated = cfg.attn_output_gate
+        self.q_proj = Linear(d, H * D * (2 if self.gated else 1), cfg.qkv_bias, dtype, rngs)
         self.k_proj = Linear(d, KV * D, cfg.qkv_bias, dtype, rngs)
         self.v_proj = Linear(d, KV * D, cfg.qkv_bias, dtype, rngs)
         self.o_proj = Linear(H * D, d, cfg.o_bias, dtype, rngs)
         norm_dims = {"proj": (H * D, KV * D), "head": (D, D)}.get(cfg.qk_norm)
-        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype) if norm_dims else None
-        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype) if norm_dims else None
+        unit = cfg.rms_norm_unit_offset
+        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
+        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps, dtype, unit) if norm_dims else None
         self.per_head_norm = cfg.qk_norm == "head"
+        self.norm_after_rope = cfg.qk_norm_after_rope
         self.heads, self.kv_heads, self.head_dim = H, KV, D
         self.clip = cfg.clip_qkv
         self.interleave = cfg.rope.interleave
         self.sinks = nnx.Param(jnp.zeros((H,), dtype)) if cfg.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v, gate = self.qkv(x, cos, sin)
         sinks = None if self.sinks is None else self.sinks[...]
-        out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
-        return self.o_proj(out.reshape(*x.shape[:2], -1))
+        return self.output(attend(q, k, v, bias, self.head_dim**-0.5, sinks), gate)
 
     def init_cache(self, batch: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
         """An empty KV cache: keys and values [B, S, KV, D] (after norm, clipping and RoPE)."""
@@ -65,19 +71,29 @@ class Attention(nnx.Module):
     def cached(self, x, cos, sin, bias, cache, start, prefill: bool):
         """Attention of new tokens x [B, T, d] written into ``cache`` at slot ``start``: ``prefill`` (start 0)
         attends among them as the forward does (bias [B, T, T]), else over the cache (bias [B, T, S])."""
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v, gate = self.qkv(x, cos, sin)
         cache = write_cache(cache, (k, v), start)
         sinks = None if self.sinks is None else self.sinks[...]
         if prefill:
             out = attend(q, k, v, bias, self.head_dim**-0.5, sinks)
         else:
             out = attend_cached(q, *cache, bias, self.head_dim**-0.5, sinks)
-        return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
+        return self.output(out, gate), cache
 
-    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, H, D], keys and values [B, T, KV, D], normed, clipped and rotated."""
+    def output(self, out: jax.Array, gate: jax.Array | None) -> jax.Array:
+        """o_proj of the heads' outputs [B, T, H, D], gated per channel by sigmoid(gate) when there is one."""
+        out = out.reshape(*out.shape[:2], -1)
+        return self.o_proj(out if gate is None else out * jax.nn.sigmoid(gate.reshape(out.shape)))
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Queries [B, T, H, D], keys and values [B, T, KV, D], normed, clipped and rotated; the output gate
+        [B, T, H, D] or None."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = None
+        if self.gated:
+            q, gate = jnp.split(q.reshape(B, T, self.heads, 2 * self.head_dim), 2, axis=-1)
+            q = q.reshape(B, T, -1)
         if self.q_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -85,10 +101,12 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, self.heads, self.head_dim)
         k = k.reshape(B, T, self.kv_heads, self.head_dim)
         v = v.reshape(B, T, self.kv_heads, self.head_dim)
-        if self.per_head_norm:
+        if self.per_head_norm and not self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
-        return q, k, v
+        if self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v, gate
 
 
 class MLP(nnx.Module):
@@ -223,25 +241,50 @@ class MoEBlock(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
-        d = cfg.hidden_size
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
+        d, unit = cfg.hidden_size, cfg.rms_norm_unit_offset
+        self.input_layernorm = None if cfg.post_norm else RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        self.post_feedforward_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.post_norm else None
+        self.post_norm = cfg.post_norm
+        self.linear = bool(cfg.linear_layers) and cfg.linear_layers[layer]  # token mixer: Gated DeltaNet
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(cfg, dtype, rngs)
+        else:
+            self.self_attn = MLAttention(cfg, dtype, rngs) if cfg.mla else Attention(cfg, dtype, rngs)
         self.is_moe = cfg.moe_layers[layer]
         self.window = cfg.sliding_windows[layer]
         self.mlp = MoEBlock(cfg, dtype, rngs, kept) if self.is_moe else MLP(d, cfg.intermediate_size, dtype, rngs)
 
+    @property
+    def mixer_name(self) -> str:
+        """The token mixer's attribute (and transformers module) name: ``self_attn`` or ``linear_attn``."""
+        return "linear_attn" if self.linear else "self_attn"
+
+    @property
+    def mixer(self) -> nnx.Module:
+        """The token mixer: attention, or a Gated DeltaNet."""
+        return getattr(self, self.mixer_name)
+
     def __call__(self, x, cos, sin, biases, stats_mask, impl, block):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, biases[self.window])
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
+        x = x + self._out(0, self.mixer(self._in(0, x), cos, sin, biases[self.window]))
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, stats_mask, impl, block) if self.is_moe else self.mlp(h))
 
     def cached(self, x, cos, sin, bias, cache, start, prefill: bool, impl, block):
-        """The layer on new tokens with a KV cache (see ``Attention.cached``); no statistics."""
-        a, cache = self.self_attn.cached(self.input_layernorm(x), cos, sin, bias, cache, start, prefill)
-        x = x + a
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
+        """The layer on new tokens with a KV cache (see ``Attention.cached``; a DeltaNet's cache is its
+        recurrent and convolution state); no statistics."""
+        a, cache = self.mixer.cached(self._in(0, x), cos, sin, bias, cache, start, prefill)
+        x = x + self._out(0, a)
+        h = self._in(1, x)
+        return x + self._out(1, self.mlp(h, None, impl, block) if self.is_moe else self.mlp(h)), cache
+
+    def _in(self, i: int, x: jax.Array) -> jax.Array:
+        """Input of sublayer i (0 attention, 1 MLP): normed in pre-norm layers."""
+        return x if self.post_norm else (self.input_layernorm, self.post_attention_layernorm)[i](x)
+
+    def _out(self, i: int, y: jax.Array) -> jax.Array:
+        """Output of sublayer i: normed in post-norm layers (OLMo2 / FlexOlmo)."""
+        return (self.post_attention_layernorm, self.post_feedforward_layernorm)[i](y) if self.post_norm else y
 
 
 def capture_sown(fn, *args, name: str = "stats") -> tuple:
@@ -277,7 +320,7 @@ class MoEForCausalLM(nnx.Module):
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         kept = kept or {}
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.rms_norm_unit_offset)
         self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def hidden_states(self, ids, mask=None, *, collect: bool = False):

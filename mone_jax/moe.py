@@ -184,7 +184,14 @@ def _moments(y, m, w, total: Callable, per_row: Callable = lambda a: a) -> Layer
     mean = total(y * m[:, None]) / jnp.maximum(n, 1.0)[..., None]
     dev = y - per_row(mean)
     values = {"count": n, "mean": mean, "m2": total(jnp.square(dev) * m[:, None])}
-    return LayerStats(*(values[f.kind] if f.kind != "sum" else total(m * f.row(y, w)) for f in FIELDS))
+    def value(f):
+        if f.kind == "sum":
+            return total(m * f.row(y, w))
+        if f.kind in values:
+            return values[f.kind]
+        return jnp.zeros_like(mean if f.per_dim else n)  # host-only (reference) fields
+
+    return LayerStats(*(value(f) for f in FIELDS))
 
 
 def _segment_stats(y, seg, valid, w, E) -> LayerStats:

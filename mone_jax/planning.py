@@ -11,7 +11,7 @@ import numpy as np
 
 from mone_jax.errors import UserError
 from mone_jax.io import atomic_write_text
-from mone_jax.scoring import layer_scores
+from mone_jax.scoring import check_semantics, check_stats_metric, layer_scores
 from mone_jax.scoring import metric as get_metric
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class Plan:
     scope: str | None
     keep: int | None
     layers: dict[int, LayerPlan]
+    semantics: str = "exact"  # scoring.SEMANTICS: how scores, thresholds and novices were / are made
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -64,7 +65,11 @@ class Plan:
                 raise UserError(f"plan layer '{key}' is malformed: it needs integer 'kept' and 'novices' lists; "
                                 f"{_REMAKE}") from None
         keep = d.get("keep")
-        return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())))
+        semantics = d.get("semantics") or "exact"
+        if semantics not in ("exact", "reference"):
+            raise UserError(f"the plan's semantics '{semantics}' is unknown (exact, reference): {_REMAKE}")
+        return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
+                   semantics)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -73,7 +78,10 @@ class Plan:
             layers[str(i)] = {"kept": list(lp.kept), "novices": list(lp.novices)}
             if lp.scores is not None:
                 layers[str(i)]["scores"] = list(lp.scores)
-        return {"metric": self.metric, "scope": self.scope, "keep": self.keep, "layers": layers}
+        head = {"metric": self.metric, "scope": self.scope, "keep": self.keep}
+        if self.semantics != "exact":  # exact plans keep the layout older readers know
+            head["semantics"] = self.semantics
+        return {**head, "layers": layers}
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -174,12 +182,19 @@ def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int
 
 
 def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = None, metric: str = "mone",
-              scope: str = "layer", seed: int = 0, n_group: int = 1) -> Plan:
+              scope: str = "layer", seed: int = 0, n_group: int = 1, semantics: str = "exact") -> Plan:
     """Keep the N best-scored experts per layer (scope ``layer``) or round(N * layers) overall.
 
     ``n_group > 1`` (a drop plan for a group-limited router): the N / n_group best-scored experts of each
-    contiguous group of expert ids, so that every group keeps the same number."""
-    get_metric(metric)  # known
+    contiguous group of expert ids, so that every group keeps the same number. ``semantics="reference"``:
+    scores, thresholds and novices as the MoNE reference makes them (:func:`_reference_kept`)."""
+    check_stats_metric(metric, stats)  # known, reads statistics, and these hold the ones it reads
+    check_semantics(semantics)
+    if semantics == "reference" and stats.meta.get("semantics") != "reference":
+        raise UserError("reference semantics need statistics calibrated with semantics 'reference' "
+                        "(these hold exact statistics only): recalibrate with semantics 'reference'")
+    if semantics == "reference" and n_group > 1:
+        raise UserError("the reference has no drop plan for a router with expert groups: use semantics 'exact'")
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
     E = stats.num_experts
@@ -189,19 +204,67 @@ def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = No
                         f"use scope 'layer' and a keep count that divides by {n_group} (got {n}, scope {scope})")
     rng = np.random.default_rng(seed)
     ids = sorted(stats.layers)
-    scores = {i: np.asarray(layer_scores(stats.layers[i], stats.tokens, metric, rng), np.float64) for i in ids}
+    scores = {i: np.asarray(layer_scores(stats.layers[i], stats.tokens, metric, rng, semantics), np.float64)
+              for i in ids}
     for i, sc in scores.items():
         if not np.all(np.isfinite(sc)):
             raise UserError(f"scores of layer {i} contain NaN/Inf: the statistics are corrupt; recalibrate")
+    kept = _reference_kept(scores, ids, n, scope) if semantics == "reference" else _select(scores, n, scope, n_group)
+    return _plan(scores, kept, metric, scope, n, semantics)
+
+
+def plan_from_scores(scores: dict[int, np.ndarray], *, keep: int | None = None, ratio: float | None = None,
+                     metric: str = "mone", scope: str = "layer", n_group: int = 1) -> Plan:
+    """The plan of precomputed scores {MoE layer: [E]} of criterion ``metric`` (a weights-only one): the N
+    best-scored experts per layer (scope ``layer``; ``n_group``: per group as in :func:`make_plan`) or
+    round(N * layers) overall, ties to the lower expert index."""
+    get_metric(metric)  # known
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)}")
+    scores = {i: np.asarray(scores[i], np.float64) for i in sorted(scores)}
+    E = next(iter(scores.values())).size
+    n = resolve_keep(E, keep, ratio)
+    if n_group > 1 and (scope != "layer" or n % n_group or E % n_group):
+        raise UserError(f"a plan for a router with {n_group} expert groups keeps the same number in every group: "
+                        f"use scope 'layer' and a keep count that divides by {n_group} (got {n}, scope {scope})")
+    if bad := next((i for i, sc in scores.items() if not np.all(np.isfinite(sc))), None):
+        raise UserError(f"scores of layer {bad} contain NaN/Inf: the weights are corrupt")
+    return _plan(scores, _select(scores, n, scope, n_group), metric, scope, n, "exact")
+
+
+def _select(scores: dict[int, np.ndarray], n: int, scope: str, n_group: int) -> dict[int, list[int]]:
+    """Kept experts per layer: the N best (per router group when ``n_group > 1``), or by scope ``model``."""
+    ids = sorted(scores)
     if scope == "model":
-        kept = _model_scope(scores, ids, n)
-    else:
-        size = E // n_group
-        kept = {i: [g * size + e for g in range(n_group) for e in _top(scores[i][g * size:(g + 1) * size],
-                                                                         n // n_group)] for i in ids}
+        return _model_scope(scores, ids, n)
+    size = next(iter(scores.values())).size // n_group
+    return {i: [g * size + e for g in range(n_group) for e in _top(scores[i][g * size:(g + 1) * size], n // n_group)]
+            for i in ids}
+
+
+def _plan(scores: dict[int, np.ndarray], kept: dict[int, list[int]], metric: str, scope: str, n: int,
+          semantics: str) -> Plan:
+    E = next(iter(scores.values())).size
     layers = {i: LayerPlan(tuple(sorted(kept[i])), tuple(sorted(set(range(E)) - set(kept[i]))),
-                           tuple(float(x) for x in scores[i])) for i in ids}
-    return Plan(metric, scope, n, layers)
+                           tuple(float(x) for x in scores[i])) for i in sorted(scores)}
+    return Plan(metric, scope, n, layers, semantics)
+
+
+def _reference_kept(scores: dict[int, np.ndarray], ids: list[int], n: int, scope: str) -> dict[int, list[int]]:
+    """The reference's selection, in float32 as it computes: keep ``score > t`` where ``t`` is the (N+1)-th
+    largest score of the layer (scope ``layer``: fewer than N on ties) or the (N * layers + 1)-th largest of
+    all layers (scope ``model``: one threshold, no minimum per layer)."""
+    s32 = {i: scores[i].astype(np.float32) for i in ids}
+    pools = {i: s32[i] for i in ids} if scope == "layer" else dict.fromkeys(ids, np.concatenate([s32[i] for i in ids]))
+    count = n if scope == "layer" else n * len(ids)
+    kept = {}
+    for i in ids:
+        ranked = np.sort(pools[i])[::-1]
+        kept[i] = list(range(s32[i].size)) if count >= ranked.size else np.flatnonzero(s32[i] > ranked[count]).tolist()
+        if not kept[i]:
+            raise UserError(f"under reference semantics layer {i} keeps no expert (its scores all lie at or below "
+                            "the threshold), which a MoNE checkpoint cannot hold: keep more experts or use semantics 'exact'")
+    return kept
 
 
 def _top(score: np.ndarray, n: int) -> list[int]:

@@ -15,7 +15,8 @@ def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substit
     """Pure function on the model's pure-dict state: [E, ...] expert stacks become [K, ...].
 
     ``substitution`` adds ``novice_values`` (the mean raw output of each pruned expert, zeros if it
-    never ran) and the id maps; ``drop`` also removes the pruned experts' router columns.
+    never ran; bfloat16-rounded under the plan's reference semantics) and the id maps; ``drop`` also removes
+    the pruned experts' router columns.
     """
     mode = prune_mode(mode)
     out = dict(params)
@@ -31,7 +32,7 @@ def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substit
         new["kept_ids"] = kept
         new["novice_ids"] = nov
         dtype = blk["gate_up"].dtype
-        new["novice_values"] = stats.layers[i].mean[nov].astype(np.float32).astype(dtype)
+        new["novice_values"] = stats.layers[i].novice_means(nov, plan.semantics).astype(dtype)
         if mode == "drop":
             new["router"] = blk["router"][:, kept]
             for name in ("router_bias", "score_bias"):  # per-expert router entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from mone_jax.errors import UserError
@@ -11,16 +12,27 @@ from mone_jax.phases import phase
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``calibrate`` and ``prune``."""
-    g = p.add_argument_group("scale")
-    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; X divides the "
-                                                  "experts); 'auto': pure data parallel unless the model needs "
-                                                  "its experts split to fit device memory")
+    g = add_mesh_args(p)
     g.add_argument("--sequential", action="store_true", help="stream one decoder layer at a time from the "
                                                              "checkpoint (models larger than memory)")
     g.add_argument("--offload-dir", default=None, help="--sequential: keep hidden states in a memory-mapped "
                                                        "file here instead of RAM")
     g.add_argument("--checkpoint-dir", default=None, help="save running statistics here and resume from them")
     g.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints (default 50)")
+    add_distributed_args(p)
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--mesh`` (in a new ``scale`` group, returned)."""
+    g = p.add_argument_group("scale")
+    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; X divides the "
+                                                  "experts); 'auto': pure data parallel unless the model needs "
+                                                  "its experts split to fit device memory")
+    return g
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """The multi-host flags (read by :func:`init_distributed`)."""
     g = p.add_argument_group("multi-host (jax.distributed; every process runs the same command)")
     g.add_argument("--distributed", action="store_true", help="detect the cluster (Cloud TPU pods, SLURM, ...)")
     g.add_argument("--coordinator", default=os.environ.get("MONE_COORDINATOR"),
@@ -66,7 +78,12 @@ def is_writer() -> bool:
 
 
 def _mesh(job):
-    """The --mesh over all devices; ``auto`` weighs the model against the device memory where known."""
+    return model_mesh(job.config, job.dtype, job.scale.mesh, sequential=job.scale.sequential)
+
+
+def model_mesh(cfg, dtype, spec: str | None, *, sequential: bool = False):
+    """The ``--mesh`` ``spec`` over all devices for a model of config ``cfg``; ``auto`` weighs the model
+    against the device memory where known."""
     import jax
     from flax import nnx
 
@@ -74,13 +91,12 @@ def _mesh(job):
     from mone_jax.model import MoEForCausalLM
     from mone_jax.sharding import make_mesh, mesh_shape, param_bytes
 
-    cfg = job.config
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     sizes = (0, 0)
-    if limit and not job.scale.sequential:
-        dt = resolve_dtype(job.dtype)
+    if limit and not sequential:
+        dt = resolve_dtype(dtype)
         sizes = param_bytes(nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0))))
-    return make_mesh(mesh_shape(job.scale.mesh, jax.device_count(), cfg.num_experts, param_bytes=sizes,
+    return make_mesh(mesh_shape(spec, jax.device_count(), cfg.num_experts, param_bytes=sizes,
                                 device_bytes=limit))
 
 
@@ -98,6 +114,7 @@ def run_calibration(job):
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
+    from mone_jax.mix import META_KEY as MIX_KEY
     from mone_jax.resume import CalibCheckpoint
     from mone_jax.sequential import calibrate_sequential
 
@@ -122,9 +139,14 @@ def run_calibration(job):
     try:
         if opts.sequential:
             phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} batches")
-            return calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh, offload_dir=opts.offload_dir,
-                                        progress=job.progress, checkpoint=ckpt)
-        return calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+            stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh,
+                                         offload_dir=opts.offload_dir, progress=job.progress, checkpoint=ckpt)
+        else:
+            stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
+        stats.meta["semantics"] = job.semantics  # recorded in the statistics file
+        if job.mix:  # the statistics record the calibration mix (mone_jax.mix)
+            stats.meta[MIX_KEY] = json.dumps(list(job.mix))
+        return stats
     finally:
         if ckpt is not None:
             ckpt.close()

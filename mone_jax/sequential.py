@@ -245,22 +245,28 @@ class _Run:
             self.checkpoint.save(self.acc, position, self.digest)
 
 
-def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats, plan: Plan | dict, *, fmt: str = "substitution",
-                      dtype="float32", out_dtype: str | None = None, overwrite: bool = False,
-                      extra_files: dict[str, bytes] | None = None) -> dict:
+def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | None, plan: Plan | dict, *,
+                      fmt: str = "substitution", dtype="float32", out_dtype: str | None = None,
+                      overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the pruned checkpoint of ``folder`` without loading the model.
 
     :func:`~convert.export.export_pruned` streams the source tensor by tensor into shards; the
     novice vectors are the statistics' means rounded through the compute ``dtype``, exactly as
-    :func:`~mone_jax.pruning.prune` sets them, so the folder equals the full-model export.
+    :func:`~mone_jax.pruning.prune` sets them, so the folder equals the full-model export. A drop export
+    writes no novices and needs no ``stats`` (None).
     """
     cfg = config_of(folder)
     mode = export_format(fmt).mode
     plan = Plan.from_dict(plan).validate(cfg, mode)
-    stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+    if stats is None:
+        if mode != "drop":
+            raise UserError(f"--format {fmt} writes novices, which need calibration statistics: calibrate first")
+    else:
+        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
     dt = resolve_dtype(dtype)
     novices = {i: {} if mode == "drop" else
-               {e: stats.layers[i].mean[e].astype(np.float32).astype(dt).astype(np.float32) for e in lp.novices}
+               {e: v.astype(dt).astype(np.float32) for e, v in
+                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
                          extra_files=extra_files)

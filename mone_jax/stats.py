@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
@@ -30,9 +31,12 @@ class Field:
     """One per-expert statistic.
 
     ``kind``: ``count`` (exact integer, summed), ``sum`` (summed), ``mean`` / ``m2`` (a moments pair
-    over the routed tokens: mean and sum of squared deviations, merged by Chan's formula).
+    over the routed tokens: mean and sum of squared deviations, merged by Chan's formula),
+    ``ref_count`` / ``ref_mean`` / ``ref_var`` (the reference's per-call recurrence,
+    :func:`reference_call`: zero on the device, folded on the host from each batch's exact moments).
     ``key``: the file tensor ``layers.{l}.<key>``; ``per_dim``: shape [E, hidden] instead of [E];
-    ``optional``: older files without it load zeros. A ``sum`` field's ``row(y, w)`` gives each routed
+    ``optional``: older files without it load zeros (named in :attr:`Stats.missing`, so that a metric
+    reading it refuses them). A ``sum`` field's ``row(y, w)`` gives each routed
     token's term from its raw expert output ``y`` [rows, hidden] and routing weight ``w`` [rows]
     (operators only: it runs on jax arrays inside the dispatch).
     """
@@ -52,9 +56,17 @@ FIELDS = (
     Field("m2", "m2", "output_m2", per_dim=True),
     Field("reap_sum", "sum", "reap_sum", optional=True,  # REAP: weight * ||raw output||_2
           row=lambda y, w: w * ((y * y).sum(-1)) ** 0.5),
+    Field("norm_sum", "sum", "output_norm_sum", optional=True,  # MAN: ||raw output||_2
+          row=lambda y, w: ((y * y).sum(-1)) ** 0.5),
+    # --semantics reference (docs/formats.md): the zxgx/mode-pd recurrence, one batch = one call
+    Field("ref_count", "ref_count", "reference_count", optional=True),  # tokens it counts
+    Field("ref_mean", "ref_mean", "reference_mean", per_dim=True, optional=True),  # its running mean
+    Field("ref_var", "ref_var", "reference_fluc", per_dim=True, optional=True),  # its approximate variance
 )
+REFERENCE = tuple(f.name for f in FIELDS if f.kind.startswith("ref_"))
+_INTS = ("count", "ref_count")  # kinds held as exact integers on the host
 NAMES = tuple(f.name for f in FIELDS)
-FLOATS = tuple(f.name for f in FIELDS if f.kind != "count")
+FLOATS = tuple(f.name for f in FIELDS if f.kind not in _INTS)
 
 
 def chan_merge(a, b) -> tuple:
@@ -82,19 +94,38 @@ class LayerStats(namedtuple("_LayerStats", NAMES)):
 
     __slots__ = ()
 
+    def __new__(cls, *args, **kwargs):
+        """Optional fields left out (callers written before they existed) are zeros."""
+        given = {**dict(zip(NAMES, args)), **kwargs}
+        for f in FIELDS:
+            if f.name not in given and f.optional:
+                lead = np.shape(given["count"])
+                shape = (*lead, np.shape(given["mean"])[-1]) if f.per_dim else lead
+                given[f.name] = np.zeros(shape, np.int64 if f.kind in _INTS else np.float64)
+        return super().__new__(cls, *(given[n] for n in NAMES))
+
     @classmethod
     def zeros(cls, num_experts: int, hidden: int) -> LayerStats:
         return cls(*(np.zeros((num_experts, hidden) if f.per_dim else num_experts,
-                              np.int64 if f.kind == "count" else np.float64) for f in FIELDS))
+                              np.int64 if f.kind in _INTS else np.float64) for f in FIELDS))
 
     @classmethod
     def from_batch(cls, s) -> LayerStats:
         """Host float64 copy of device statistics ``s``."""
-        return cls(*(np.asarray(x, np.int64 if f.kind == "count" else np.float64) for f, x in zip(FIELDS, s)))
+        return cls(*(np.asarray(x, np.int64 if f.kind in _INTS else np.float64) for f, x in zip(FIELDS, s)))
 
     def merge(self, other: LayerStats) -> LayerStats:
-        """Chan et al. parallel merge: exact for any split of the tokens into batches."""
-        return LayerStats(*chan_merge(self, other))
+        """Chan et al. parallel merge: exact for any split of the tokens into batches. The reference
+        fields treat ``other`` (a batch fresh from the device) as one call of :func:`reference_call`."""
+        return LayerStats(*chan_merge(self, other))._replace(**reference_call(self, other))
+
+    def novice_means(self, ids, semantics: str = "exact") -> np.ndarray:
+        """float32 [len(ids), d]: each expert's mean raw output (zeros if it never ran); under ``reference``
+        semantics the reference's running mean rounded to bfloat16, as its checkpoints store novices."""
+        ids = np.asarray(ids, np.int64)
+        if semantics == "reference":
+            return self.ref_mean[ids].astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        return self.mean[ids].astype(np.float32)
 
     @property
     def var(self) -> np.ndarray:
@@ -110,6 +141,7 @@ class Stats:
     layers: dict[int, LayerStats]
     tokens: int = 0
     meta: dict = field(default_factory=dict)  # model_type, num_experts, top_k
+    missing: frozenset[str] = frozenset()  # optional fields the statistics file lacked (zeros here)
 
     @property
     def num_experts(self) -> int:
@@ -123,7 +155,7 @@ class Stats:
         if set(self.layers) != set(other.layers):
             raise UserError("cannot merge statistics of different models (MoE layers differ)")
         return Stats({i: self.layers[i].merge(other.layers[i]) for i in self.layers}, self.tokens + other.tokens,
-                     self.meta or other.meta)
+                     self.meta or other.meta, self.missing | other.missing)
 
     def nonfinite(self) -> tuple[int, str] | None:
         """(layer, field) of the first statistic holding NaN / Inf, or None."""
@@ -144,9 +176,12 @@ class Stats:
         """Write the statistics file (docs/formats.md) atomically (temporary sibling, then rename)."""
         path = Path(path)
         tensors = {"tokens": np.asarray(self.tokens, np.int64)}
+        skip = () if self.meta.get("semantics") == "reference" else REFERENCE  # only a reference run has them
         for i, s in self.layers.items():
             for f, x in zip(FIELDS, s):
-                tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind == "count" else np.float32)
+                if f.name in skip or f.name in self.missing:  # never written as if it had been measured
+                    continue
+                tensors[f"layers.{i}.{f.key}"] = x.astype(np.int64 if f.kind in _INTS else np.float32)
         meta = {k: str(v) for k, v in self.meta.items()}
         meta["format_version"] = FORMAT_VERSION
         data = _canonical(save(tensors, metadata=meta))
@@ -180,7 +215,9 @@ class Stats:
                     or (s.count < 0).any():
                 raise UserError(f"'{path}': the statistics of layer {i} have inconsistent shapes or negative counts: "
                                 "the file is corrupt; recreate it")
-        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"})
+        missing = frozenset(f.name for f in FIELDS if f.optional and f.name not in REFERENCE
+                            and any(f"layers.{i}.{f.key}" not in t for i in ids))
+        stats = cls(layers, tokens, {k: v for k, v in meta.items() if k != "format_version"}, missing)
         if bad := stats.nonfinite():
             raise UserError(f"'{path}' holds NaN/Inf (layer {bad[0]} {bad[1]}): the file is corrupt; recreate it "
                             "with `mone-jax calibrate`")
@@ -209,8 +246,30 @@ def _canonical(data: bytes) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
+def reference_call(acc: LayerStats, batch: LayerStats) -> dict[str, np.ndarray]:
+    """The reference fields of ``acc`` after one more forward call over the tokens of ``batch`` (host float64).
+
+    The recurrence of the MoNE reference (zxgx/mode-pd, per expert, ``n`` counted tokens, call of ``b``):
+    mean' = (n * mean + sum y) / (n + b); when n > 0, var' = var * (n - 1) / (n + b - 1)
+    + sum (y - mean')^2 / (n + b), i.e. the first call's spread is never counted and later calls are
+    measured against the updated running mean; a call of one token while n = 0 is dropped entirely.
+    sum (y - mean')^2 is the batch's exact m2 + b * (mean_b - mean')^2.
+    """
+    n = np.asarray(acc.ref_count, np.float64)
+    b = np.asarray(batch.count, np.float64)
+    take = (b > 0) & ~((n == 0) & (b == 1))
+    total = np.maximum(n + b, 1)[:, None]
+    mean = acc.ref_mean * (n[:, None] / total) + batch.mean * (b[:, None] / total)
+    spread = batch.m2 + b[:, None] * (batch.mean - mean) ** 2
+    var = acc.ref_var * ((n - 1) / np.maximum(n + b - 1, 1))[:, None] + spread / total
+    keep_var = (take & (n > 0))[:, None]
+    return {"ref_count": np.where(take, n + b, n).astype(np.asarray(acc.ref_count).dtype),
+            "ref_mean": np.where(take[:, None], mean, acc.ref_mean),
+            "ref_var": np.where(keep_var, var, acc.ref_var)}
+
+
 def _read_layer(t: dict, i: int) -> list[np.ndarray]:
     """Layer i's tensors in :data:`FIELDS` order; a missing optional one (older files) reads as zeros."""
-    count = t[f"layers.{i}.count"]
-    return [t[k] if not f.optional or k in t else np.zeros(count.shape) for f in FIELDS
-            for k in [f"layers.{i}.{f.key}"]]
+    count, mean = t[f"layers.{i}.count"], t[f"layers.{i}.output_mean"]
+    return [t[k] if not f.optional or k in t else np.zeros(mean.shape if f.per_dim else count.shape)
+            for f in FIELDS for k in [f"layers.{i}.{f.key}"]]

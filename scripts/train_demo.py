@@ -215,7 +215,12 @@ BOS and padding.
 On {facts['eval_tokens']:,} predicted tokens of `valid.txt` (the next 5% of each source; {args.eval_blocks}
 windows of {args.seq_len} tokens at seeded random offsets, `load_token_blocks(..., seed=0)`):
 perplexity **{facts['valid_ppl']:.2f}**, against
-{facts['unigram_ppl']:.2f} for a unigram model of the training tokens (add-one smoothing).
+{facts['unigram_ppl']:.2f} for a unigram model of the training tokens (add-one smoothing). To check it
+(from the repository root, with `../shared/corpus/` present):
+
+```bash
+mone-jax eval mone_jax/demo/model --data ../shared/corpus/valid.txt --num-samples {args.eval_blocks} --seq-len {args.seq_len} --seed 0
+```
 
 ## Reproduce
 

@@ -74,30 +74,63 @@ CONFIGS.update({
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=1.5, attention_bias=True, sliding_window=5,
         max_window_layers=1)),
+    ("glm4_moe_lite", "a"): ("Glm4MoeLiteConfig", dict(
+        **{k: v for k, v in _MLA.items() if k != "first_k_dense_replace"}, num_hidden_layers=3, q_lora_rank=12,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.8,
+        mlp_layer_types=["sparse", "dense", "sparse"], rope_parameters=dict(**_YARN, mscale_all_dim=0.7))),
+    ("minimax_m2", "a"): ("MiniMaxM2Config", dict(
+        num_hidden_layers=2, head_dim=8, rotary_dim=4, intermediate_size=16, num_local_experts=8,
+        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
+    ("hunyuan_v1_moe", "a"): ("HunYuanMoEV1Config", dict(
+        num_hidden_layers=2, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2, attention_bias=True,
+        rope_parameters=dict(rope_type="dynamic", alpha=10.0, factor=1.0))),
+    ("flex_olmo", "a"): ("FlexOlmoConfig", dict(
+        num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    ("ernie4_5_moe", "a"): ("Ernie4_5_MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1)),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
         rope_parameters=dict(**_YARN, truncate=False, beta_fast=16.0, beta_slow=2.0))),
+})
+_LINEAR = dict(linear_num_key_heads=2, linear_key_head_dim=8, linear_conv_kernel_dim=4, moe_intermediate_size=16,
+               shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, head_dim=16)
+CONFIGS.update({  # hybrid Gated DeltaNet / gated-attention layers
+    ("qwen3_next", "a"): ("Qwen3NextConfig", dict(
+        **_LINEAR, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_value_heads=4, linear_value_head_dim=8, intermediate_size=40, mlp_only_layers=[2],
+        norm_topk_prob=False)),
+    ("qwen3_5_moe_text", "a"): ("Qwen3_5MoeTextConfig", dict(
+        **_LINEAR, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_value_head_dim=12, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                        partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
 })
 ALL_VARIANTS = list(CONFIGS)
 # The first four families' variants (GQA-attention families), as the older tests are parametrised.
 FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")]
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
-              ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("gpt_oss", "a")]
+              ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
+              ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
+              ("ernie4_5_moe", "a"), ("gpt_oss", "a"),
+              ("qwen3_next", "a"), ("qwen3_5_moe_text", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     """A random transformers model of ``family`` with diverse routing: router weights ~ N(0, 1),
-    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2)."""
+    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2)."""
     cls_name, kw = CONFIGS[(family, variant)]
     cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias)$", name):
+            if re.search(r"(mlp|block_sparse_moe)\.(gate|router)(\.wg)?\.(weight|bias)$", name):
                 t.normal_(0.0, 1.0)
+            elif re.search(r"(query|key)_layernorm\.weight$", name):  # HunYuan: RoPE and norm do not commute
+                t.normal_(1.0, 0.5)
             elif name.endswith("e_score_correction_bias"):
                 t.normal_(0.0, 0.5)
             elif re.search(r"experts\.(gate_up|down)_proj_bias$", name):

@@ -83,13 +83,32 @@ def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]
     for i, mod in mods.items():
         E, d = mod.num_experts, hf_model.config.hidden_size
         count, mean, var = np.zeros(E, np.int64), np.zeros((E, d)), np.zeros((E, d))
-        reap, ws = np.zeros(E), np.zeros(E)
+        reap, man, msan, ws = np.zeros(E), np.zeros(E), np.zeros(E), np.zeros(E)
         for e, rows in acc[i].items():
             ys = np.stack([r[0] for r in rows])
             count[e] = len(rows)
             mean[e] = ys.mean(0)
             var[e] = ys.var(0, ddof=1) if len(rows) > 1 else 0.0
             reap[e] = np.mean([r[1] * np.linalg.norm(r[0]) for r in rows])
+            man[e] = np.mean([np.linalg.norm(r[0]) for r in rows])
+            msan[e] = np.mean([np.linalg.norm(r[0]) ** 2 for r in rows])
             ws[e] = wsum[i][e]
-        out[i] = dict(count=count, weight_sum=ws, mean=mean, var=var, reap=reap)
+        out[i] = dict(count=count, weight_sum=ws, mean=mean, var=var, reap=reap, man=man, msan=msan)
     return out, tokens
+
+
+def torch_export(folder, **kwargs):
+    """The transformers model of an exported folder: ``modepd`` (no ``auto_map``, as the reference's own
+    checkpoints) through the package's ``modeling_mone``, the others through ``AutoModelForCausalLM``
+    (the folder's bundled modeling file when its config names one)."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from mone_jax.convert import modeling_mone
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    if cfg["model_type"].endswith(modeling_mone.COMPRESSED):
+        return modeling_mone.from_pretrained(folder, **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code="auto_map" in cfg, **kwargs)

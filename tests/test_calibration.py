@@ -8,6 +8,7 @@ from conftest import FAMILY_VARIANTS
 from reference import reference_stats
 
 import mone_jax
+from mone_jax.scoring import layer_scores
 from mone_jax.stats import Stats
 
 
@@ -31,7 +32,8 @@ def assert_stats_match(stats: Stats, ref: dict, tokens: int) -> None:
         np.testing.assert_array_equal(s.count, r["count"], err_msg=f"layer {i} counts")
         for name, ours, theirs in [("weight_sum", s.weight_sum, r["weight_sum"]), ("mean", s.mean, r["mean"]),
                                    ("var", s.var, r["var"]), ("reap", np.where(s.count > 0, s.reap_sum / np.maximum(
-                                       s.count, 1), 0), r["reap"])]:
+                                       s.count, 1), 0), r["reap"]),
+                                   *((m, layer_scores(s, stats.tokens, m), r[m]) for m in ("man", "msan"))]:
             scale = np.abs(theirs).max() + 1e-12
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * scale, err_msg=f"layer {i} {name}")
 

@@ -69,12 +69,16 @@ def _check_decoding_matches_forward(model, seed: int = 0) -> list:
 def test_cached_decoding_matches_forward(family, variant, hf_models):
     model = load_hf(hf_models(family, variant)[0], progress=False)
     cache = _check_decoding_matches_forward(model)
-    cfg = model.config
-    if cfg.mla:  # the compressed cache: latent + rotated key, never per-head keys and values
-        assert all(c[0].shape == (2, 11, cfg.kv_lora_rank) and c[1].shape == (2, 11, cfg.qk_rope_head_dim)
-                   for c in cache)
-    else:
-        assert all(c[0].shape == (2, 11, cfg.num_kv_heads, cfg.head_dim) for c in cache)
+    cfg, dn = model.config, model.config.deltanet
+    for layer, c in zip(model.layers, cache):
+        if layer.linear:  # Gated DeltaNet: a state that does not grow (last conv inputs, recurrent state)
+            channels = 2 * dn.key_heads * dn.key_dim + dn.value_heads * dn.value_dim
+            assert c[0].shape == (2, dn.conv_kernel - 1, channels)
+            assert c[1].shape == (2, dn.value_heads, dn.key_dim, dn.value_dim)
+        elif cfg.mla:  # the compressed cache: latent + rotated key, never per-head keys and values
+            assert c[0].shape == (2, 11, cfg.kv_lora_rank) and c[1].shape == (2, 11, cfg.qk_rope_head_dim)
+        else:
+            assert c[0].shape == (2, 11, cfg.num_kv_heads, cfg.head_dim)
 
 
 @pytest.fixture(scope="module")

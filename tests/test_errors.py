@@ -143,7 +143,7 @@ def _stats(num_experts: int, seed: int = 0) -> Stats:
     rng = np.random.default_rng(seed)
     layers = {
         i: LayerStats(rng.integers(2, 20, num_experts), rng.random(num_experts), rng.normal(size=(num_experts, HIDDEN)),
-                      rng.random((num_experts, HIDDEN)), rng.random(num_experts))
+                      rng.random((num_experts, HIDDEN)), rng.random(num_experts), rng.random(num_experts))
         for i in (0, 1)
     }
     return Stats(layers, 64, {"model_type": "olmoe", "num_experts": num_experts, "top_k": TOP_K})
@@ -322,7 +322,8 @@ def test_grouped_drop_plan_keeps_every_group(hf_models, tmp_path):
     src, _ = hf_models("deepseek_v3", "grouped_yarn")  # MoE layer 1: 16 experts in 4 groups
     rng = np.random.default_rng(1)
     stats = Stats({1: LayerStats(rng.integers(2, 20, 16), rng.random(16), rng.normal(size=(16, HIDDEN)),
-                                 rng.random((16, HIDDEN)), rng.random(16))}, 64, {"model_type": "deepseek_v3"})
+                                 rng.random((16, HIDDEN)), rng.random(16), rng.random(16))}, 64,
+                      {"model_type": "deepseek_v3"})
     stats.layers[1].weight_sum[:8] += 10.0  # the best eight all lie in groups 0 and 1
     stats.save(tmp_path / "stats.safetensors")
     stats = Stats.load(tmp_path / "stats.safetensors")
@@ -427,7 +428,8 @@ def test_any_checkpoint_header_or_index_loads_or_gives_a_user_error(header, data
 
 
 _STATS_NAMES = ["tokens", "layers.0.count", "layers.0.routing_weight_sum", "layers.0.output_mean",
-                "layers.0.output_m2", "layers.0.reap_sum", "layers.1.count", "layers.x.count"]
+                "layers.0.output_m2", "layers.0.reap_sum", "layers.0.output_norm_sum", "layers.1.count",
+                "layers.x.count"]
 _ARRAYS = st.builds(lambda shape, dtype, fill: np.full(shape, fill, np.float64).astype(dtype),
                     st.lists(st.integers(0, 3), max_size=2).map(tuple), st.sampled_from([np.float32, np.int64, np.uint8]),
                     st.sampled_from([0.0, 1.0, 2.5, -1.0]))

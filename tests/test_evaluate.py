@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import torch, transformers
+from conftest import torch
+from reference import torch_export
 
 from mone_jax import save_hf
 from mone_jax.calibration import calibrate
@@ -58,8 +59,7 @@ def test_pruned_export_matches_transformers(hf_models, data, tmp_path, fmt):
     stats = calibrate(model, [ids], progress=False)
     pruned = prune(model, stats, make_plan(stats, ratio=0.5), mode="drop" if fmt == "drop" else "substitute")
     save_hf(pruned, tmp_path / fmt, format=fmt, source=folder)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt, trust_remote_code=True,
-                                                           dtype=torch.float32).eval()
+    hf = torch_export(tmp_path / fmt, dtype=torch.float32).eval()
     ref = hf_perplexity(hf, ids, mask)
     in_memory = perplexity(pruned, ids, mask, batch_size=3)["perplexity"]
     reloaded = perplexity(load_hf(tmp_path / fmt, progress=False), ids, mask, batch_size=3)["perplexity"]

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
+from reference import torch_export
 from safetensors import safe_open
+from torch_apply import per_expert
 
 from mone_jax.convert import export as export_mod
 from mone_jax.convert.export import export_pruned, verify_export
@@ -90,8 +92,8 @@ def _router_row(model, layer: int, num_experts: int) -> int:
     torch module rather than a list of families."""
     mlp = model.model.layers[layer].mlp
     router = getattr(mlp, "gate", None) or mlp.router
-    return sum(t.numel() for t in [*router.parameters(), *router.buffers()] if t.shape[:1] == (num_experts,)) \
-        // num_experts
+    tensors = [*router.parameters(), *router.buffers(), *mlp.parameters(recurse=False), *mlp.buffers(recurse=False)]
+    return sum(t.numel() for t in tensors if per_expert(t, [0], num_experts) is not None) // num_experts
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,11 @@ def _patch_mone(model, plan: dict, novices: dict) -> None:
         experts.forward = forward
 
 
+def _block_own(name: str, prefix: str) -> bool:
+    """A tensor of the MoE block itself, not of a submodule (MiniMax-M2's score-correction bias)."""
+    return name.startswith(prefix) and "." not in name[len(prefix):]
+
+
 def _dropped_reference(model, plan: dict):
     """The stock model with the pruned experts and their router rows removed by hand."""
     cfg = model.config.__class__.from_dict(model.config.to_dict())
@@ -143,18 +150,16 @@ def _dropped_reference(model, plan: dict):
     state = dict(model.state_dict())
     for key, entry in plan["layers"].items():
         prefix = f"model.layers.{key}.mlp."
-        for name in [n for n in state if n.startswith(prefix + "experts.") or n.startswith(prefix + "gate.")
-                     or n.startswith(prefix + "router.")]:
-            state[name] = state[name][entry["kept"]]
+        for name in [n for n in state if n.startswith((prefix + "experts.", prefix + "gate.", prefix + "router."))
+                     or _block_own(n, prefix)]:
+            state[name] = per_expert(state[name], entry["kept"], k + len(entry["novices"]))
     small = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     small.load_state_dict(state, strict=True)
     return small
 
 
 def _load(out: Path, fmt: str):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, trust_remote_code=export_format(fmt).ships_modeling, output_loading_info=True
-    )
+    model, info = torch_export(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -177,8 +182,8 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
         for name in [n for n in want if n.startswith(prefix + "experts.")]:
             want[name] = want[name][entry["kept"]]
         if f.mode == "drop":
-            for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router."))]:
-                want[name] = want[name][entry["kept"]]
+            for name in [n for n in want if n.startswith((prefix + "gate.", prefix + "router.")) or _block_own(n, prefix)]:
+                want[name] = per_expert(want[name], entry["kept"], len(entry["kept"]) + len(entry["novices"]))
         for e in entry["novices"] if f.novice_key else []:  # in memory the MoE module is always `mlp`
             where = f.novice_key(fam, int(key), e).removeprefix(fam.moe_prefix(int(key)) + ".")
             want[prefix + where] = torch.as_tensor(novices[int(key)][e])

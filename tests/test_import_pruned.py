@@ -13,7 +13,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits, transformers
+from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits
+from reference import torch_export
 from safetensors.numpy import load_file, save_file
 
 import mone_jax
@@ -75,7 +76,7 @@ def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, f
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     ids = _ids(hf.config.vocab_size)
     ours = np.asarray(pruned(ids))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt != "drop").eval()
+    theirs = torch_export(out).eval()
     _close(ours, torch_logits(theirs, ids))
     back = mone_jax.load_hf(out, progress=False)
     back.impl = "dense"

@@ -70,6 +70,7 @@ def test_impls_agree_with_numpy(case, block):
             np.testing.assert_allclose(np.asarray(st.m2[e]), ((ys - ys.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-5)
             reap = sum(r[1] * np.linalg.norm(r[0]) for r in rows)
             np.testing.assert_allclose(float(st.reap_sum[e]), reap, rtol=1e-5)
+            np.testing.assert_allclose(float(st.norm_sum[e]), sum(np.linalg.norm(r[0]) for r in rows), rtol=1e-5)
         if case == "empty_and_full":
             assert int(st.count[0]) == mask.sum() and int(st.count[E - 1]) == 0
 

@@ -13,8 +13,10 @@ from mone_jax import planning
 from mone_jax.config import ModelConfig, RopeConfig
 from mone_jax.errors import UserError
 from mone_jax.planning import Plan
-from mone_jax.scoring import METRICS
+from mone_jax.scoring import METRICS, REGISTRY
 from mone_jax.stats import LayerStats, Stats
+
+STATS_METRICS = [m for m in METRICS if not REGISTRY[m].needs_weights]
 
 
 def make_plan(stats: Stats, **kw) -> dict:
@@ -22,13 +24,14 @@ def make_plan(stats: Stats, **kw) -> dict:
     return planning.make_plan(stats, **kw).to_dict()
 
 
-def _stats(counts, wsums, vars_, tokens=100, d=3, reap=None) -> Stats:
+def _stats(counts, wsums, vars_, tokens=100, d=3, reap=None, norm=None) -> Stats:
     layers = {}
     for i, (c, w, v) in enumerate(zip(counts, wsums, vars_)):
         c = np.asarray(c, np.int64)
         m2 = np.asarray(v, np.float64)[:, None] * np.ones(d) / d * np.maximum(c - 1, 0)[:, None]
         r = np.zeros(len(c)) if reap is None else np.asarray(reap[i], np.float64)
-        layers[2 * i + 1] = LayerStats(c, np.asarray(w, np.float64), np.zeros((len(c), d)), m2, r)
+        nrm = np.zeros(len(c)) if norm is None else np.asarray(norm[i], np.float64)
+        layers[2 * i + 1] = LayerStats(c, np.asarray(w, np.float64), np.zeros((len(c), d)), m2, r, nrm)
     return Stats(layers, tokens, {"model_type": "olmoe"})
 
 
@@ -49,13 +52,14 @@ def test_ties_go_to_lower_index_and_exactly_n_kept():
         assert make_plan(s, keep=n)["layers"]["1"]["kept"] == list(range(n))
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", STATS_METRICS)
 def test_each_metric(metric):
     counts = [[1, 40, 30, 20]]
     wsum = [[0.5, 4.0, 9.0, 2.0]]
     var = [[0.0, 1.0, 25.0, 4.0]]
     reap = [[0.1, 8.0, 3.0, 6.0]]
-    s = _stats(counts, wsum, var, tokens=50, reap=reap)
+    norm = [[0.3, 80.0, 150.0, 10.0]]
+    s = _stats(counts, wsum, var, tokens=50, reap=reap, norm=norm)
     sc = np.array(make_plan(s, keep=2, metric=metric, seed=3)["layers"]["1"]["scores"])
     expected = {
         "mone": np.array(wsum[0]) / 50 * np.sqrt(var[0]),
@@ -63,6 +67,8 @@ def test_each_metric(metric):
         "routing-score": np.array(wsum[0]) / 50,
         "variance": np.sqrt(var[0]),
         "reap": np.array(reap[0]) / np.array(counts[0]),
+        "man": np.array(norm[0]) / np.array(counts[0]),
+        "msan": np.array(var[0]) * (np.array(counts[0]) - 1) / np.array(counts[0]),  # the means are 0
         "random": np.random.default_rng(3).random(4),
     }[metric]
     np.testing.assert_allclose(sc, expected, rtol=1e-12)
@@ -92,7 +98,7 @@ def test_ratio_and_bad_arguments():
 
 @settings(max_examples=40, deadline=None)
 @given(E=st.integers(2, 12), L=st.integers(1, 4), n=st.integers(1, 12), seed=st.integers(0, 10_000),
-       metric=st.sampled_from(METRICS), scope=st.sampled_from(["layer", "model"]))
+       metric=st.sampled_from(STATS_METRICS), scope=st.sampled_from(["layer", "model"]))
 def test_plan_invariants(E, L, n, seed, metric, scope):
     n = min(n, E)
     rng = np.random.default_rng(seed)
@@ -124,7 +130,7 @@ def test_merge_is_split_invariant(seed, cuts):
 
     def batch(lo, hi):
         c = np.zeros(E, np.int64)
-        ws, mean, m2, reap = np.zeros(E), np.zeros((E, d)), np.zeros((E, d)), np.zeros(E)
+        ws, mean, m2, reap, nrm = np.zeros(E), np.zeros((E, d)), np.zeros((E, d)), np.zeros(E), np.zeros(E)
         for e in range(E):
             sel = (e_of[lo:hi] == e)
             ys = y[lo:hi][sel]
@@ -134,14 +140,15 @@ def test_merge_is_split_invariant(seed, cuts):
                 mean[e] = ys.mean(0)
                 m2[e] = ((ys - ys.mean(0)) ** 2).sum(0)
                 reap[e] = (w[lo:hi][sel] * np.linalg.norm(ys, axis=1)).sum()
-        return Stats({0: LayerStats(c, ws, mean, m2, reap)}, hi - lo)
+                nrm[e] = np.linalg.norm(ys, axis=1).sum()
+        return Stats({0: LayerStats(c, ws, mean, m2, reap, nrm)}, hi - lo)
 
     acc = batch(0, 0)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         acc = acc.merge(batch(lo, hi))
     whole = batch(0, N)
     np.testing.assert_array_equal(acc.layers[0].count, whole.layers[0].count)
-    for f in ("weight_sum", "mean", "m2", "reap_sum"):
+    for f in ("weight_sum", "mean", "m2", "reap_sum", "norm_sum"):
         np.testing.assert_allclose(getattr(acc.layers[0], f), getattr(whole.layers[0], f), rtol=1e-9, atol=1e-9)
     assert acc.tokens == N
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, assert_close_logits, torch_logits, transformers
+from conftest import PER_FAMILY, assert_close_logits, torch_logits
 from flax import nnx
+from reference import torch_export
 from safetensors.numpy import load_file
 
 import mone_jax
@@ -53,7 +54,7 @@ def test_save_hf_writes_the_models_own_arrays(hf_models, tmp_path, fmt):
             continue
         np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(var.get_value()), err_msg=str(path))
     ids = np.random.default_rng(5).integers(0, 96, (2, 12)).astype(np.int32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=FORMATS[fmt].ships_modeling).eval()
+    hf = torch_export(out).eval()
     assert_close_logits(np.asarray(pruned(ids)), torch_logits(hf, ids))
 
 

@@ -34,6 +34,16 @@ def substitute(hf_model, plan: dict, novices: dict[int, dict[int, np.ndarray]]):
     return model
 
 
+def per_expert(t: torch.Tensor, kept, num_experts: int) -> torch.Tensor | None:
+    """The kept experts' entries of a per-expert tensor (experts on the first axis, or the last of ERNIE-4.5's
+    [1, E] score-correction bias); None for a tensor that is not per expert."""
+    if t.shape[:1] == (num_experts,):
+        return t[kept].clone()
+    if t.dim() == 2 and t.shape == (1, num_experts):
+        return t[:, kept].clone()
+    return None
+
+
 def drop(hf_model, plan: dict):
     """Copy of ``hf_model`` with pruned experts and every per-expert router entry (weight rows, bias,
     e_score_correction_bias) removed; grouped routers then form groups from the kept ids in order."""
@@ -44,11 +54,14 @@ def drop(hf_model, plan: dict):
             continue
         router = getattr(mlp, "router", None) or mlp.gate
         kept = torch.tensor(plan["layers"][str(i)]["kept"], dtype=torch.long)
+        E = mlp.experts.num_experts
         with torch.no_grad():
-            for mod in (router, mlp.experts):
+            # HunYuan's router weight is in a submodule (gate.wg); MiniMax-M2's score bias is on the MoE block
+            for mod in (*router.modules(), mlp.experts, mlp):
                 for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-                    assert t.shape[0] == mod.num_experts, name  # every tensor here is per expert
-                    new = t[kept].clone()
-                    setattr(mod, name, torch.nn.Parameter(new) if isinstance(t, torch.nn.Parameter) else new)
+                    new = per_expert(t, kept, E)
+                    assert mod is mlp or new is not None, name  # every router / experts tensor is per expert
+                    if new is not None:
+                        setattr(mod, name, torch.nn.Parameter(new) if isinstance(t, torch.nn.Parameter) else new)
             router.num_experts = mlp.experts.num_experts = len(kept)
     return model
