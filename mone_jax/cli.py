@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "hf:NAME[:CONFIG][:SPLIT], 'self', or a mix SOURCE:SHARE,"
                                                      "SOURCE:SHARE,... or recipe .yaml/.mix.json (README)")
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
-        p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
+        p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512, or the model's max_position_embeddings if smaller)")
         p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
         p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration step")
         p.add_argument("--seed", type=int, default=0, help="seed of the data sampling (and of --metric random)")

@@ -121,7 +121,7 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     if scale.sequential and calib == "self":
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
-                   seq_len or args.seq_len or 512, args.seed, args.text_field, args.batch_size, None, scale,
+                   seq_len or args.seq_len or min(512, cfg.max_position_embeddings), args.seed, args.text_field, args.batch_size, None, scale,
                    getattr(args, "progress", not args.quiet),
                    check_semantics(getattr(args, "semantics", "exact")))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
