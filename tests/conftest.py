@@ -116,6 +116,12 @@ PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral"
               ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
               ("ernie4_5_moe", "a"), ("gpt_oss", "a"),
               ("qwen3_next", "a"), ("qwen3_5_moe_text", "a")]
+# One family per layer structure, for the tests of family-agnostic machinery (sharded calibration, the
+# layer-at-a-time driver): plain GQA, a gated shared expert, MLA with a grouped sigmoid router, biases /
+# sinks / clamped SwiGLU, a [1, E] score bias beside the router, Gated DeltaNet layers. Weight naming per
+# family is covered by every family's load (the full loader and the sequential one share load_layer).
+STRUCTURES = [("olmoe", "a"), ("qwen2_moe", "b"), ("deepseek_v3", "grouped_yarn"), ("gpt_oss", "a"),
+              ("ernie4_5_moe", "a"), ("qwen3_next", "a")]
 
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY
+from conftest import STRUCTURES
 from test_sharding import assert_stats_equal, batches
 
 import mone_jax
@@ -24,9 +24,9 @@ def assert_identical(a: Stats, b: Stats) -> None:
             np.testing.assert_array_equal(getattr(a.layers[i], f), getattr(b.layers[i], f), err_msg=f"{i} {f}")
 
 
-@pytest.mark.parametrize("family,variant", PER_FAMILY)
+@pytest.mark.parametrize("family,variant", STRUCTURES)
 def test_sequential_equals_full_model(hf_models, family, variant):
-    """Bit-identical statistics for every family."""
+    """Bit-identical statistics for one family per layer structure."""
     folder, _ = hf_models(family, variant)
     model = mone_jax.load_hf(folder, progress=False)
     data = batches(model.config.vocab_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import PER_FAMILY
+from conftest import STRUCTURES
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -17,8 +17,8 @@ from mone_jax.sharding import make_mesh, mesh_shape, padded_state, param_specs, 
 from mone_jax.stats import FLOATS, Stats
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
-# every family on data=2,expert=4, plus expert axes that do not divide the expert count (6 on 4, 4 on 8)
-CASES = [(*v, (2, 4)) for v in PER_FAMILY] + [("qwen2_moe", "a", (2, 4)), ("mixtral", "a", (1, 8))]
+# one family per layer structure on data=2,expert=4, plus expert axes that do not divide the expert count (6 on 4, 4 on 8)
+CASES = [(*v, (2, 4)) for v in STRUCTURES] + [("qwen2_moe", "a", (2, 4)), ("mixtral", "a", (1, 8))]
 
 
 def batches(vocab: int, seed: int = 0) -> list[dict]:
