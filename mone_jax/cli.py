@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
     (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # e.g. "PyTorch was not found": not needed here
     configure(not args.quiet)  # phase lines on stderr; bars only where a terminal redraws them
     args.progress = not args.quiet and sys.stderr.isatty()
     if not args.debug:
