@@ -82,7 +82,14 @@ def cmd_plan(args) -> None:
     from mone_jax.stats import Stats
 
     opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed, semantics=args.semantics)
-    if metric(args.metric).needs_weights:  # weights only: the positional argument is the model folder
+    if args.metric == "auto" and args.semantics != "exact":
+        raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
+                        "--semantics reference, or drop --semantics")
+    if args.metric == "auto":  # every candidate's pruned model judged on validation data
+        from mone_jax.compare_job import select_for_plan
+
+        plan = select_for_plan(args)
+    elif metric(args.metric).needs_weights:  # weights only: the positional argument is the model folder
         model = args.stats_file
         if args.stats is not None or model is None or not Path(model).is_dir():
             raise UserError(f"metric '{args.metric}' scores the weights, not statistics: give the model folder "
@@ -116,11 +123,18 @@ def cmd_prune(args) -> None:
     job = prune_job(args)
     if job.calib is not None:
         init_distributed(job.calib.scale)
-    stats = job.stats if job.calib is None else run_calibration(job.calib)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
-    phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
-    plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
-                                seed=job.seed, n_group=n_group, semantics=job.semantics, progress=not args.quiet)
+    if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
+        from mone_jax.compare_job import select_for_prune
+
+        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
+        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size)
+    else:
+        stats = job.stats if job.calib is None else run_calibration(job.calib)
+        phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
+        plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                    seed=job.seed, n_group=n_group, semantics=job.semantics,
+                                    progress=not args.quiet)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -142,6 +156,16 @@ def cmd_prune(args) -> None:
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
     print(f"mone-jax: {describe_summary(kept, job.config.num_experts)}; wrote {job.format.name} checkpoint "
           f"{job.out}; next: mone-jax eval {job.out} --data HELD_OUT_TEXT", file=sys.stderr)
+
+
+def cmd_compare(args) -> None:
+    from mone_jax.compare_job import run_compare
+
+    res = run_compare(args)
+    t = res["timing"]
+    print(f"{len(res['plans'])} plans judged on {', '.join(res['sources'])} in {t['total']:.1f} s (calibration "
+          f"{t['calibration']:.1f} s, compilation {t['compile']:.1f} s, {t['forward_per_plan']:.2f} s per plan); "
+          f"wrote {', '.join(res['written'].values())}")
 
 
 def cmd_eval(args) -> None:
@@ -343,9 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--keep", type=int, help="experts kept per MoE layer")
         g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
-        p.add_argument("--metric", default="mone", help=one_of(METRICS, "expert score"))
+        p.add_argument("--metric", default="mone", help=one_of((*METRICS, "auto"), "expert score")
+                       + " ('auto': the lowest validation loss)")
         p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies") +
                        " ('layer': exactly N in every MoE layer; 'model': N x layers overall, at least one per layer)")
+
+    def auto_args(p):
+        p.add_argument("--valid", default=None, help="--metric auto: validation data disjoint from the calibration "
+                                                     "(a file, folder, .npy, hf:NAME, or NAME=SPEC,NAME=SPEC)")
+        p.add_argument("--valid-fraction", type=float, default=0.1,
+                       help="--metric auto without --valid: share of the calibration blocks held out (default 0.1)")
+        p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
     p.add_argument("model", help="Hugging Face model folder, original or pruned")
@@ -373,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
     semantics_arg(p)
+    auto_args(p)
+    p.add_argument("--format", default="substitution", help="--metric auto: the export format candidates are "
+                                                            "judged in (its prune mode)")
+    p.add_argument("--seq-len", type=int, default=512, help="--metric auto: tokens per validation block")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -392,7 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     semantics_arg(p)
+    auto_args(p)
     p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("compare", help="one calibration, every metric x ratio x mode judged on validation data")
+    model_arg(p)
+    calib_args(p)
+    p.add_argument("--valid", required=True, help="validation data: a file, folder, .npy or hf:NAME, or several "
+                                                  "named sources NAME=SPEC,NAME=SPEC (reported each and pooled)")
+    p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
+    p.add_argument("--metrics", default=None, help="comma-separated metrics (default: every registered one)")
+    p.add_argument("--ratios", default="0.25,0.5", help="fractions of experts pruned (default 0.25,0.5)")
+    p.add_argument("--modes", default="substitution,drop", help="substitution (novices) and/or drop")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the random metric (default 0,1,2)")
+    p.add_argument("--scope", default="layer")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
+    p.set_defaults(fn=cmd_compare)
+
 
     p = sub.add_parser("eval", help="perplexity (--data) or lm-evaluation-harness task accuracy (--tasks) of a "
                                     "checkpoint, original or pruned, in JAX")
@@ -447,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args) -> None:
     """Options any command may take that must be positive."""
-    for name in ("batch_size", "num_samples", "seq_len", "keep", "checkpoint_every"):
+    for name in ("batch_size", "num_samples", "seq_len", "keep", "checkpoint_every", "valid_samples"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 

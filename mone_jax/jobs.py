@@ -204,8 +204,14 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
-    metric(args.metric)  # known
+    if args.metric != "auto":
+        metric(args.metric)  # known
+    elif args.plan:
+        raise UserError("--plan fixes the kept experts: drop --metric auto")
     semantics = check_semantics(getattr(args, "semantics", "exact"))
+    if args.metric == "auto" and semantics != "exact":
+        raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
+                        "--semantics reference, or drop --semantics")
     if args.scope not in SCOPES:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
     fmt = export_format(args.format)
@@ -250,7 +256,8 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
 
 def _weights_drop(args: argparse.Namespace) -> bool:
     """A prune that needs no statistics: a weights-only metric (aimer) exported with experts dropped."""
-    return not args.plan and metric(args.metric).needs_weights and export_format(args.format).mode == "drop"
+    return (not args.plan and args.metric != "auto" and metric(args.metric).needs_weights
+            and export_format(args.format).mode == "drop")
 
 
 def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:

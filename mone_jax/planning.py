@@ -43,6 +43,7 @@ class Plan:
     keep: int | None
     layers: dict[int, LayerPlan]
     semantics: str = "exact"  # scoring.SEMANTICS: how scores, thresholds and novices were / are made
+    selection: dict | None = None  # --metric auto: every candidate's validation loss and the chosen one
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -65,11 +66,12 @@ class Plan:
                 raise UserError(f"plan layer '{key}' is malformed: it needs integer 'kept' and 'novices' lists; "
                                 f"{_REMAKE}") from None
         keep = d.get("keep")
+        selection = d.get("selection") if isinstance(d.get("selection"), dict) else None
         semantics = d.get("semantics") or "exact"
         if semantics not in ("exact", "reference"):
             raise UserError(f"the plan's semantics '{semantics}' is unknown (exact, reference): {_REMAKE}")
         return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
-                   semantics)
+                   semantics, selection)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -81,7 +83,8 @@ class Plan:
         head = {"metric": self.metric, "scope": self.scope, "keep": self.keep}
         if self.semantics != "exact":  # exact plans keep the layout older readers know
             head["semantics"] = self.semantics
-        return {**head, "layers": layers}
+        out = {**head, "layers": layers}
+        return out if self.selection is None else {**out, "selection": self.selection}
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

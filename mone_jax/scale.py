@@ -108,9 +108,9 @@ def finish(job) -> None:
         remove_checkpoint(job.scale.checkpoint_dir, job.scale.offload_dir)
 
 
-def run_calibration(job):
+def run_calibration(job, model=None):
     """Statistics of a :class:`~mone_jax.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
-    streamed with --sequential."""
+    streamed with --sequential; an already loaded ``model`` is used as it is."""
     from mone_jax.calibration import calibrate, identity
     from mone_jax.convert.load import load_hf, refuse_pruned
     from mone_jax.jobs import read_batches
@@ -120,8 +120,7 @@ def run_calibration(job):
 
     opts, cfg = job.scale, job.config
     mesh = _mesh(job)
-    model = None
-    if not opts.sequential:
+    if model is None and not opts.sequential:
         refuse_pruned(job.model)
         phase("load", f"the model in '{job.model}' ({cfg.num_layers} layers, {job.dtype})")
         model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)

@@ -1,18 +1,21 @@
-"""Validation perplexity of the demo model pruned by every metric, written to docs/results.md (+ plots).
+"""docs/results.md, results.json and demo_ppl.png: the demo model judged with `mone-jax compare` and `--metric auto`.
 
-    python scripts/results_table.py      # reads ../shared/corpus/{train,valid}.txt
+    python scripts/results_table.py      # reads ../shared/corpus/{train,valid}.txt; about 40 min on 2 busy cores
 
-One calibration pass over training text; for each output mode (MoNE novices = ``substitute``,
-experts removed = ``drop``), pruning ratio and metric, a layer-scope plan, the pruned model in
-memory and its perplexity on validation text: on seeded random windows of all of valid.txt,
-and on each of its two sources alone (the corpus concatenates them: valid.txt starts with the
-Python documentation and ends with the Bible). ``random`` is averaged over several seeds.
+Runs (each one `mone-jax compare`: one calibration, every registered metric x 25%/50% x substitution/drop, random
+over 3 seeds, validation on the Python and Bible parts of valid.txt, each and pooled):
+- calibration seed 0 and seed 1 on train.txt (two calibration samples: a verdict is published only if both agree);
+- a balanced mix of the two sources of train.txt (`--calib python:0.5,bible:0.5`);
+- `prune --metric auto` at 25% with novices, on train.txt and on the mix, its export evaluated with `mone-jax eval`.
+The corpus files concatenate their sources (Python documentation, then the Bible); they are cut at the first
+verse of Genesis (train.txt) and by their head / tail (valid.txt) into temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -23,183 +26,248 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mone_jax.calibration import calibrate  # noqa: E402
-from mone_jax.convert.load import load_hf  # noqa: E402
-from mone_jax.data import load_token_blocks  # noqa: E402
+from mone_jax.cli import main as cli  # noqa: E402
+from mone_jax.compare_report import table, write  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
-from mone_jax.evaluate import perplexity  # noqa: E402
-from mone_jax.planning import make_plan  # noqa: E402
-from mone_jax.pruning import prune  # noqa: E402
 from mone_jax.scoring import METRICS  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
-MODES = {"substitute": "MoNE novices (substitution)", "drop": "experts dropped (drop)"}
 SOURCE_BYTES = 120_000  # head / tail of valid.txt taken as its Python-docs / Bible part
+GENESIS = b"In the beginning, God"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
-    ap.add_argument("--train", default=str(CORPUS / "train.txt"), help="calibration text")
-    ap.add_argument("--valid", default=str(CORPUS / "valid.txt"), help="evaluation text")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--eval-samples", type=int, default=256)
-    ap.add_argument("--source-samples", type=int, default=32, help="blocks of each source of valid.txt")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    ap.add_argument("--out-dir", default=str(REPO / "docs"))
-    ap.add_argument("--replot", action="store_true", help="redraw demo_ppl.png from OUT_DIR/results.json only")
-    return ap.parse_args(argv)
-
-
-def source_blocks(args: argparse.Namespace, folder: str, vocab: int) -> dict[str, np.ndarray]:
-    """Consecutive blocks from the head (Python docs) and the tail (Bible) of valid.txt, cut at lines."""
-    data = Path(args.valid).read_bytes()
-    parts = {"python": data[:SOURCE_BYTES].rsplit(b"\n", 1)[0], "bible": data[-SOURCE_BYTES:].split(b"\n", 1)[1]}
+def split_corpus(tmp: Path) -> dict[str, str]:
+    """Temporary per-source files: python / bible parts of train.txt and of valid.txt."""
+    train = (CORPUS / "train.txt").read_bytes()
+    cut = train.index(GENESIS)
+    valid = (CORPUS / "valid.txt").read_bytes()
+    parts = {"train_python": train[:cut], "train_bible": train[cut:],
+             "python": valid[:SOURCE_BYTES].rsplit(b"\n", 1)[0], "bible": valid[-SOURCE_BYTES:].split(b"\n", 1)[1]}
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in parts.items():
-            path = Path(tmp) / f"{name}.txt"
-            path.write_bytes(text)
-            out[name] = load_token_blocks(str(path), tokenizer_dir=folder, num_samples=args.source_samples,
-                                          seq_len=args.seq_len, contiguous=True, vocab_size=vocab)
+    for name, data in parts.items():
+        (tmp / f"{name}.txt").write_bytes(data)
+        out[name] = str(tmp / f"{name}.txt")
     return out
 
 
-def batches(ids: np.ndarray) -> list[np.ndarray]:
-    return [ids[i:i + 8] for i in range(0, len(ids), 8)]
+def common(args) -> list[str]:
+    return ["--num-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--quiet"]
 
 
-def run(args: argparse.Namespace) -> dict:
-    folder = args.model or str(demo_model_dir())
-    model = load_hf(folder, progress=False)
-    V = model.config.vocab_size
-    calib = load_token_blocks(args.train, tokenizer_dir=folder, num_samples=args.calib_samples,
-                              seq_len=args.seq_len, seed=args.seed, vocab_size=V)
-    evals = {"valid": load_token_blocks(args.valid, tokenizer_dir=folder, num_samples=args.eval_samples,
-                                        seq_len=args.seq_len, seed=0, vocab_size=V),
-             **source_blocks(args, folder, V)}
-    stats = calibrate(model, batches(calib), progress=False)
-
-    def ppl(m) -> dict[str, float]:
-        return {name: perplexity(m, ids)["perplexity"] for name, ids in evals.items()}
-
-    freq = {}
-    for name in ("python", "bible"):
-        s = calibrate(model, batches(evals[name]), progress=False)
-        freq[name] = {i: s.layers[i].count / s.tokens for i in s.layers}
-    bible_share = {i: freq["bible"][i] / np.maximum(freq["bible"][i] + freq["python"][i], 1e-12) for i in stats.layers}
-
-    original = ppl(model)
-    print(f"original: {original}", flush=True)
-    rows: dict[str, dict[str, list[dict[str, float]]]] = {}
-    plans = {}
-    for mode in MODES:
-        for ratio in args.ratios:
-            for metric in METRICS:
-                cell = []
-                for seed in range(args.random_seeds) if metric == "random" else [0]:
-                    plan = make_plan(stats, ratio=ratio, metric=metric, scope="layer", seed=seed)
-                    plans.setdefault((metric, ratio), plan.to_dict())
-                    cell.append(ppl(prune(model, stats, plan, mode=mode)))
-                rows.setdefault(metric, {})[f"{mode}@{ratio}"] = cell
-                print(f"{mode} {ratio:.0%} {metric}: {cell}", flush=True)
-    return {"original": original, "tokens": {k: int(v[:, 1:].size) for k, v in evals.items()},
-            "calib_tokens": stats.tokens, "keep": {r: plans[("mone", r)]["keep"] for r in args.ratios},
-            "num_experts": model.config.num_experts, "top_k": model.config.top_k, "rows": rows,
-            "plans": plans, "bible_share": bible_share}
+def compare(args, files: dict[str, str], calib: str, seed: int, out: Path) -> dict:
+    """One `mone-jax compare` run into ``out``; a run kept there (--work) is reused, and only the metrics it lacks
+    are run (the same calibration, so the plans are those one run would give) and merged into it."""
+    path = out / "compare.json"
+    have = json.loads(path.read_text()) if path.is_file() else None
+    missing = [m for m in METRICS if have is None or m not in {p["metric"] for p in have["plans"]}]
+    if not missing:
+        return have
+    dest = out if have is None else out.with_name(f"{out.name}+{'-'.join(missing)}")
+    rc = cli(["compare", args.model, "--calib", calib, "--seed", str(seed), "--seeds", args.random_seeds,
+              "--valid", f"python={files['python']},bible={files['bible']}", "--valid-samples",
+              str(args.valid_samples), "--metrics", ",".join(missing), "--out", str(dest), *common(args)])
+    assert rc == 0, f"compare failed ({rc})"
+    new = json.loads((dest / "compare.json").read_text())
+    if have is None:
+        return new
+    assert have["original"] == new["original"] and have["calib_tokens"] == new["calib_tokens"]
+    have["plans"] += new["plans"]
+    write(have, out)
+    return have
 
 
-def mean(cell: list[dict[str, float]], key: str) -> float:
-    return float(np.mean([c[key] for c in cell]))
+def auto(args, files: dict[str, str], calib: str, out: Path) -> dict:
+    """`prune --metric auto` at 25% with novices; the export evaluated on each source (kept in --work and reused)."""
+    done = out.with_suffix(".result.json")
+    if done.is_file():
+        return json.loads(done.read_text())
+    plan = out.with_suffix(".plan.json")
+    rc = cli(["prune", args.model, "--calib", calib, "--metric", "auto", "--ratio", "0.25", "--out", str(out),
+              "--plan-out", str(plan), "--overwrite", *common(args)])
+    assert rc == 0, f"prune --metric auto failed ({rc})"
+    sel = json.loads(plan.read_text())["selection"]
+    ppl = {}
+    for src in ("python", "bible"):
+        res = out.with_suffix(f".{src}.json")
+        assert cli(["eval", str(out), "--data", files[src], "--num-samples", str(args.valid_samples),
+                    "--seq-len", str(args.seq_len), "--result-out", str(res), "--quiet"]) == 0
+        ppl[src] = json.loads(res.read_text())
+    nll = sum(v["nll"] * v["tokens"] for v in ppl.values()) / sum(v["tokens"] for v in ppl.values())
+    result = {"chosen": sel["chosen"], "candidates": sel["candidates"],
+              "perplexity": {"all": float(np.exp(nll)), **{k: v["perplexity"] for k, v in ppl.items()}}}
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def fmt(cell: list[dict[str, float]], key: str, best: float) -> str:
-    vals = [c[key] for c in cell]
-    text = f"{np.mean(vals):.2f}" + (f" ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else "")
-    return f"**{text}**" if np.isclose(np.mean(vals), best) else text
+def means(res: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{column: {source: {metric: mean perplexity over seeds}}}."""
+    out: dict = {}
+    for p in res["plans"]:
+        col = out.setdefault(f"{p['mode']}@{p['ratio']:g}", {})
+        for src, v in p["perplexity"].items():
+            col.setdefault(src, {}).setdefault(p["metric"], []).append(v)
+    return {c: {s: {m: float(np.mean(v)) for m, v in d.items()} for s, d in cs.items()} for c, cs in out.items()}
 
 
-def table(res: dict, cols: list[tuple[str, str]], heads: list[str]) -> str:
-    """Markdown table: a row per metric, columns (mode@ratio, eval set); bold = best in the column."""
-    lines = ["| metric | " + " | ".join(heads) + " |", "|" + "---|" * (len(cols) + 1),
-             "| (original, unpruned) | " + " | ".join(f"{res['original'][k]:.2f}" for _, k in cols) + " |"]
-    best = [min(mean(r[c], k) for r in res["rows"].values()) for c, k in cols]
-    for metric, cells in res["rows"].items():
-        lines.append(f"| {metric} | " + " | ".join(fmt(cells[c], k, b) for (c, k), b in zip(cols, best)) + " |")
-    return "\n".join(lines)
+def ranked(m: dict[str, float]) -> list[str]:
+    return sorted(m, key=m.get)
 
 
-def pruned_share(res: dict, metric: str, ratio: float) -> float:
-    """Mean Bible share of the experts ``metric`` prunes at ``ratio`` (all layers)."""
-    plan = res["plans"][(metric, ratio)]
-    return float(np.mean([res["bible_share"][int(i)][e] for i, lay in plan["layers"].items() for e in lay["novices"]]))
+def verdicts(runs: dict[str, dict]) -> list[str]:
+    """Statements that hold in both calibration samples (seed 0 and seed 1)."""
+    a, b = means(runs["seed 0"]), means(runs["seed 1"])
+    lines = []
+    for col in a:
+        mode, ratio = col.split("@")
+        for src in ("all", "python", "bible"):
+            ra, rb = ranked(a[col][src]), ranked(b[col][src])
+            where = f"{'substitution' if mode == 'substitute' else mode} {float(ratio):.0%}, {src}"
+            if ra[0] == rb[0]:
+                lines.append(f"- {where}: **{ra[0]}** is best in both samples "
+                             f"({a[col][src][ra[0]]:.2f} / {b[col][src][rb[0]]:.2f}).")
+            else:
+                lines.append(f"- {where}: no stable winner (seed 0: {ra[0]} {a[col][src][ra[0]]:.2f}, seed 1: "
+                             f"{rb[0]} {b[col][src][rb[0]]:.2f}).")
+            beats = [x for x in ("frequency", "random") if a[col][src]["mone"] < a[col][src][x]
+                     and b[col][src]["mone"] < b[col][src][x]]
+            loses = [x for x in ("frequency", "random") if a[col][src]["mone"] > a[col][src][x]
+                     and b[col][src]["mone"] > b[col][src][x]]
+            if src == "all":
+                lines[-1] += (f" MoNE beats {' and '.join(beats) or 'neither frequency nor random'} in both"
+                              + (f"; loses to {' and '.join(loses)} in both." if loses else "."))
+    return lines
 
 
-def markdown(args: argparse.Namespace, res: dict, seconds: float) -> str:
-    E, r0 = res["num_experts"], args.ratios[0]
-    main_cols = [(f"{m}@{r}", "valid") for m in MODES for r in args.ratios]
-    main_heads = [f"{m} {r:.0%} (keep {res['keep'][r]}/{E})" for m in MODES for r in args.ratios]
-    src_cols = [(f"{m}@{r0}", k) for m in MODES for k in ("python", "bible")]
-    src_heads = [f"{m} {r0:.0%}, {k}" for m in MODES for k in ("python", "bible")]
-    key = f"substitute@{r0}"
-    mone, freq, rnd = (mean(res["rows"][k][key], "valid") for k in ("mone", "frequency", "random"))
-    verdict = "lower than both" if mone < min(freq, rnd) else "NOT lower than both"
-    src = {k: {m: mean(res["rows"][m][key], k) for m in ("mone", "frequency", "random")} for k in ("python", "bible")}
-    all_share = float(np.mean([s for s in res["bible_share"].values()]))
-    specialised = ", ".join(f"layer {i}: {int(np.sum(np.abs(s - 0.5) > 0.25))}/{E}"
-                            for i, s in sorted(res["bible_share"].items()))
-    shares = ", ".join(f"{m} {pruned_share(res, m, r0):.0%}" for m in ("mone", "frequency", "routing-score",
-                                                                           "variance", "reap"))
+def spread(runs: dict[str, dict]) -> str:
+    """How much a metric's pooled perplexity moves between the two calibration samples."""
+    a, b = means(runs["seed 0"]), means(runs["seed 1"])
+    rel = [abs(a[c]["all"][m] / b[c]["all"][m] - 1) for c in a for m in a[c]["all"] if m != "random"]
+    flips = sum(ranked(a[c][s])[0] != ranked(b[c][s])[0] for c in a for s in a[c])
+    total = sum(1 for c in a for s in a[c])
+    return (f"Between the two calibration samples a (non-random) metric's pooled perplexity moves by "
+            f"{np.median(rel):.1%} in the median and at most {max(rel):.1%}; the best metric of a column and "
+            f"source changes in {flips} of {total} cases.")
+
+
+def mix_section(runs: dict[str, dict]) -> str:
+    if "balanced mix" not in runs:
+        return "Not run in this regeneration."
+    mix_m, base_m = means(runs["balanced mix"]), means(runs["seed 0"])
+    srcs = ("all", "python", "bible")
+    rows = "\n".join(
+        f"| {col.replace('@', ' ').replace('substitute', 'substitution')} | " + " | ".join(
+            f"{ranked(base_m[col][s])[0]} {base_m[col][s][ranked(base_m[col][s])[0]]:.2f} -> "
+            f"{ranked(mix_m[col][s])[0]} {mix_m[col][s][ranked(mix_m[col][s])[0]]:.2f}" for s in srcs) + " |"
+        for col in base_m if col in mix_m)
+    return f"""Calibrated on equal shares of the two sources instead of the 69 / 31 of `train.txt`; best metric and its
+perplexity, seed-0 calibration -> balanced mix:
+
+| column | all | python | bible |
+|---|---|---|---|
+{rows}
+
+{table(runs["balanced mix"], "all")}
+
+### Bible, balanced mix
+
+{table(runs["balanced mix"], "bible")}"""
+
+
+def auto_section(autos: dict[str, dict]) -> str:
+    if not autos:
+        return "Not run in this regeneration."
+    srcs = ("all", "python", "bible")
+    rows = "\n".join(
+        f"| {name} | {a['chosen']} | " + " | ".join(f"{a['perplexity'][s]:.2f}" for s in srcs) + " | "
+        + ", ".join(f"{m} {c['perplexity']:.1f}" for m, c in sorted(a["candidates"].items(),
+                                                                     key=lambda kv: kv[1]["nll"])) + " |"
+        for name, a in autos.items())
+    return f"""`prune --metric auto --ratio 0.25` (novices) holds out 10% of the calibration blocks, scores every
+candidate on them and keeps the lowest loss; the chosen export's perplexity on the validation sources
+(`mone-jax eval`), and every candidate's held-out perplexity (ascending):
+
+| calibration | chosen | all | python | bible | candidates (held-out perplexity) |
+|---|---|---|---|---|---|
+{rows}
+
+The held-out blocks are carved from the calibration text, here the demo model's own training text
+(hence perplexities near 65), so `auto` ranks the criteria for the calibration distribution, not for
+the validation sources above: give `--valid` data like the data the pruned model must serve. A
+balanced calibration moves what `auto` (and MoNE) keep toward both sources (compare the rows)."""
+
+
+def seed_section(runs: dict[str, dict]) -> str:
+    if "seed 1" not in runs:
+        return "The second calibration sample was not run in this regeneration: no verdict is published."
+    return f"""{table(runs["seed 1"], "all")}
+
+{spread(runs)}
+
+### Verdicts that hold in both calibration samples
+
+{chr(10).join(verdicts(runs))}"""
+
+
+def missing(run: dict) -> str:
+    """A note on registered metrics the kept runs lack (a regeneration cut short)."""
+    lacking = [m for m in METRICS if m not in {p["metric"] for p in run["plans"]}]
+    return f"\n- Not in these runs (regeneration cut short): {', '.join(lacking)}." if lacking else ""
+
+
+def page(args, runs: dict[str, dict], autos: dict[str, dict], minutes: float) -> str:
+    r0 = runs["seed 0"]
+    t = r0["timing"]
     return f"""# Pruning results on the demo model
 
-Validation perplexity (lower is better) of the shipped demo model (`mone_jax/demo/model`, Qwen3-MoE
-layout, {E} routed experts per layer, top-{res['top_k']}) after pruning each MoE layer's experts by
-each metric (layer scope: the same number kept in every layer).
+All numbers come from `mone-jax compare` (one calibration pass, then every registered metric x
+25% / 50% of each layer's experts x `substitution` (MoNE novices) / `drop` (experts and router rows
+removed); `random` over seeds {args.random_seeds}, mean and range) and `mone-jax prune --metric auto`, on the
+shipped demo model (`mone_jax/demo/model`: Qwen3-MoE layout, {r0['num_experts']} experts per layer, top-{r0['top_k']}).
 
-- Calibration: {res['calib_tokens']:,} tokens of `train.txt` ({args.calib_samples} random blocks of
-  {args.seq_len} tokens, seed {args.seed}), one pass shared by all metrics.
-- Evaluation: {res['tokens']['valid']:,} predicted tokens of `valid.txt` ({args.eval_samples} windows of
-  {args.seq_len} tokens at seeded random offsets, seed 0, as in the model card), token-level
-  perplexity computed in JAX (`mone_jax.evaluate.perplexity`).
-- `substitute`: pruned experts become MoNE novices (their mean output), the router unchanged.
-  `drop`: pruned experts and their router rows are removed; top-k runs over the rest.
-- `random`: mean over {args.random_seeds} seeds, range in parentheses. Bold: best metric per column.
+- Calibration: {r0['calib_tokens']:,} tokens of `train.txt` ({args.calib_samples} random blocks of {args.seq_len}
+  tokens), seed 0 and, as a second calibration sample, seed 1; a balanced mix of its two sources
+  (`--calib python.txt:0.5,bible.txt:0.5`, seed 0).
+- Validation: the Python-documentation head and the Bible tail of `valid.txt` ({SOURCE_BYTES // 1000} kB each,
+  {args.valid_samples} consecutive blocks of {args.seq_len} tokens each, {r0['sources']['python']['tokens']:,}
+  predicted tokens per source), each alone and pooled (`all`: the token-weighted mean NLL, so both sources
+  weigh equally). `train.txt` is 69% Python documentation and 31% Bible (by bytes).
+- Perplexity in JAX (`mone_jax.evaluate.perplexity`), equal to `mone-jax eval` of each plan's export
+  (tests/test_compare.py). Bold: best mean in the column.{missing(r0)}
 
-{table(res, main_cols, main_heads)}
+## Calibration seed 0: pooled validation
 
-## Verdict
+{table(r0, 'all')}
 
-At {r0:.0%} pruning with novices, MoNE's validation perplexity is **{verdict}** `frequency` and
-`random` on this model (MoNE {mone:.2f}, frequency {freq:.2f}, random {rnd:.2f}).
+### Python documentation
 
-Why: the demo model's experts specialise by source. The corpus is two sources, Python documentation
-(most of it) and the World English Bible, and many experts take their tokens mainly from one of
-them (third heat map below: the share of each expert's routed tokens that come from the Bible text,
-measured on {res['tokens']['python']:,} tokens of each source, 50% = no preference; experts outside
-25-75% per layer: {specialised}). The Bible is the
-minority of the calibration text, so its specialists have the lowest routing scores, and every
-metric built on routing (`mone` = routing score x output spread, `frequency`, `routing-score`,
-`reap`) prunes them first. Mean Bible share of the experts pruned at {r0:.0%}: {shares}; over all
-experts {all_share:.0%}. Each source alone (first / last {SOURCE_BYTES // 1000} kB of `valid.txt`,
-{args.source_samples} consecutive blocks each):
+{table(r0, 'python')}
 
-{table(res, src_cols, src_heads)}
+### Bible
 
-At {r0:.0%} with novices, on the Python documentation (the bulk of the calibration data) the
-perplexity goes from {res['original']['python']:.2f} to {src['python']['mone']:.2f} with MoNE
-(frequency {src['python']['frequency']:.2f}, random {src['python']['random']:.2f}); on the Bible from
-{res['original']['bible']:.2f} to {src['bible']['mone']:.2f} (frequency {src['bible']['frequency']:.2f},
-random {src['bible']['random']:.2f}); the mixed validation set weighs both. MoNE ranks experts by how
-much the calibration data needs them: calibrate on data like the data the pruned model must serve.
-
-![expert scores and source specialisation](demo_scores.png)
+{table(r0, 'bible')}
 
 ![perplexity vs pruning ratio](demo_ppl.png)
 
-Regenerate ({seconds / 60:.0f} min on 2 shared CPU cores; needs `../shared/corpus/`):
+## Calibration seed 1: pooled validation
+
+{seed_section(runs)}
+
+## A balanced calibration mix
+
+{mix_section(runs)}
+
+## `--metric auto`
+
+{auto_section(autos)}
+
+## Time
+
+Seed-0 run: {len(r0['plans'])} plans in {t['total']:.0f} s wall (load {t['load']:.1f} s, data {t['data']:.1f} s,
+calibration {t['calibration']:.1f} s, compilation {t['compile']:.1f} s for {t['compiles']} loss functions: one per
+pruned shape and the original, {t['forward_per_plan']:.2f} s evaluation per plan); wall / (calibration + one
+evaluation per plan + compilation) = {t['ratio']:.2f}. The compare runs of this page: {minutes:.0f} min on 2 shared CPU cores.
+
+Regenerate (needs `../shared/corpus/`; `--work DIR` keeps the runs and reuses them):
 
 ```bash
 python scripts/results_table.py
@@ -207,101 +275,41 @@ python scripts/results_table.py
 """
 
 
-def plots(args: argparse.Namespace, res: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r0 = args.ratios[0]
-    layers = sorted(res["bible_share"])
-    panels = [("mone", "MoNE score / layer max", "viridis"), ("frequency", "frequency / layer max", "viridis"),
-              ("mone", "share of tokens from the Bible", "coolwarm")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 0.6 * len(layers) + 2.4))
-    for n, (ax, (metric, title, cmap)) in enumerate(zip(axes, panels)):
-        plan = res["plans"][(metric, r0)]
-        if n < 2:
-            vals = np.array([plan["layers"][str(i)]["scores"] for i in layers])
-            vals = vals / vals.max(axis=1, keepdims=True)
-        else:
-            vals = np.array([res["bible_share"][i] for i in layers])
-        im = ax.imshow(vals, aspect="auto", cmap=cmap, vmin=0, vmax=1)
-        for row, i in enumerate(layers):
-            for e in plan["layers"][str(i)]["novices"]:
-                ax.text(e, row, "x", ha="center", va="center", color="black", fontsize=10, fontweight="bold")
-        ax.set(title=f"{title}\n(x: pruned by {metric} at {r0:.0%})", xlabel="expert", ylabel="layer",
-               yticks=range(len(layers)), yticklabels=layers)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(out / "demo_scores.png", dpi=100)
-    plt.close(fig)
-
-    ppl_plot(res, args.ratios, out / "demo_ppl.png")
-
-
-# one look per metric: colour, line style and marker all differ, so lines stay apart in grey print too
-_STYLES = [("tab:blue", "-", "o"), ("tab:orange", "--", "s"), ("tab:green", "-.", "^"), ("tab:red", ":", "D"),
-           ("tab:purple", "-", "v"), ("tab:brown", "--", "P"), ("tab:pink", "-.", "X"), ("tab:olive", ":", "*")]
-
-
-def ppl_plot(res: dict, ratios: list[float], path: Path):
-    """Validation perplexity against the pruned fraction, one panel per mode, log axis labelled as such;
-    metrics run over several seeds (random) show their min-max range as a band. Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
-
-    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4.4), sharey=True)
-    xs = [0.0, *ratios]
-    base = res["original"]["valid"]
-    values = [base]
-    for ax, mode in zip(axes, MODES):
-        for (metric, cells), (color, style, marker) in zip(res["rows"].items(), _STYLES):
-            runs = [cells[f"{mode}@{r}"] for r in ratios]
-            ys = [base, *(mean(c, "valid") for c in runs)]
-            values += ys
-            seeds = len(runs[0])
-            label = metric if seeds == 1 else f"{metric} (mean of {seeds} seeds, band: min-max)"
-            ax.plot(xs, ys, color=color, linestyle=style, marker=marker, label=label)
-            if seeds > 1:
-                lo = [base, *(min(x["valid"] for x in c) for c in runs)]
-                hi = [base, *(max(x["valid"] for x in c) for c in runs)]
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
-        ax.set(title=MODES[mode], xlabel="fraction of experts pruned", xticks=xs, yscale="log")
-        ax.grid(alpha=0.3, which="both")
-    lo, hi = min(values), max(values)
-    ticks = [t for t in (60, 70, 80, 90, 100, 120, 140, 160, 180, 200, 250, 300, 400, 500) if lo * 0.9 <= t <= hi * 1.1]
-    for ax in axes:
-        ax.yaxis.set_major_locator(FixedLocator(ticks))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_locator(NullLocator())
-    axes[0].set_ylabel("validation perplexity (log scale)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return fig
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.replot:  # the perplexity figure again from the saved numbers, in seconds
-        res = json.loads((Path(args.out_dir) / "results.json").read_text())
-        ratios = sorted({float(k.split("@")[1]) for k in next(iter(res["rows"].values()))})
-        ppl_plot(res, ratios, Path(args.out_dir) / "demo_ppl.png")
-        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(demo_model_dir()))
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--valid-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--random-seeds", default="0,1,2")
+    ap.add_argument("--out-dir", default=str(REPO / "docs"))
+    ap.add_argument("--work", default=None, help="keep the runs' outputs here (default: a temporary folder)")
+    ap.add_argument("--render-only", action="store_true", help="write the page from the runs kept in --work")
+    args = ap.parse_args(argv)
     t0 = time.time()
-    res = run(args)
+    work = Path(args.work or tempfile.mkdtemp(prefix="mone-results-"))
+    work.mkdir(parents=True, exist_ok=True)
+    names = {"seed 0": "seed0", "seed 1": "seed1", "balanced mix": "mix"}
+    if args.render_only:
+        runs = {k: json.loads((work / v / "compare.json").read_text()) for k, v in names.items()
+                if (work / v / "compare.json").is_file()}
+        autos = {k: json.loads((work / f"{v}.result.json").read_text())
+                 for k, v in (("train.txt", "auto-train"), ("balanced mix", "auto-mix"))
+                 if (work / f"{v}.result.json").is_file()}
+        t0 -= sum(r["timing"]["total"] for r in runs.values())  # the kept runs' wall time
+    else:
+        files = split_corpus(work)
+        mix = f"{files['train_python']}:0.5,{files['train_bible']}:0.5"
+        train = str(CORPUS / "train.txt")
+        runs = {"seed 0": compare(args, files, train, 0, work / "seed0"),
+                "seed 1": compare(args, files, train, 1, work / "seed1"),
+                "balanced mix": compare(args, files, mix, 0, work / "mix")}
+        autos = {"train.txt": auto(args, files, train, work / "auto-train"),
+                 "balanced mix": auto(args, files, mix, work / "auto-mix")}
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots(args, res, out)
-    (out / "results.md").write_text(markdown(args, res, time.time() - t0))
-    summary = {k: res[k] for k in ("original", "tokens", "calib_tokens", "num_experts", "rows")}
-    summary["bible_share"] = {str(i): [round(float(x), 4) for x in v] for i, v in res["bible_share"].items()}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.copyfile(work / "seed0" / "compare.png", out / "demo_ppl.png")
+    (out / "results.md").write_text(page(args, runs, autos, (time.time() - t0) / 60))
+    (out / "results.json").write_text(json.dumps({"runs": runs, "auto": autos}, indent=1) + "\n")
     print(f"wrote {out / 'results.md'} ({(time.time() - t0) / 60:.1f} min)", flush=True)
 
 

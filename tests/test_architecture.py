@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-APP = {"mone_jax", "mone_jax.cli", "mone_jax.jobs", "mone_jax.scale", "mone_jax.sequential", "mone_jax.inspect", "mone_jax.data", "mone_jax.harness", "mone_jax.diff",
+APP = {"mone_jax", "mone_jax.compare_job", "mone_jax.cli", "mone_jax.jobs", "mone_jax.scale", "mone_jax.sequential", "mone_jax.inspect", "mone_jax.data", "mone_jax.harness", "mone_jax.diff",
        "mone_jax.mix",
        "mone_jax.demo"}
 HF_ONLY = ("transformers", "torch", "datasets", "tokenizers", "huggingface_hub")

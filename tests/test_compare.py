@@ -1,0 +1,140 @@
+"""``mone-jax compare`` against ``mone-jax eval`` on each plan's export, its compile count; ``--metric auto``
+against an independent evaluation of every candidate; the carved validation split shares no token."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import torch, transformers
+from test_evaluate import hf_perplexity
+
+from mone_jax.calibration import calibrate
+from mone_jax.cli import main
+from mone_jax.compare_job import carve, parse_sources
+from mone_jax.convert.criteria import plan_for
+from mone_jax.convert.load import load_hf
+from mone_jax.data import load_token_blocks
+from mone_jax.errors import UserError
+from mone_jax.evaluate import perplexity
+from mone_jax.pruning import prune
+from mone_jax.scoring import METRICS
+
+T = 13  # a block length no other test compiles, so the compile count below is this test's own
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_models, tmp_path_factory):
+    """The tiny Qwen3-MoE (8 experts, top-2), calibration ids [8, T] and two validation sources [2, T]."""
+    folder, hf = hf_models("qwen3_moe")
+    tmp = tmp_path_factory.mktemp("compare")
+    rng = np.random.default_rng(1)
+    files = {}
+    for name, rows in (("calib", 8), ("a", 2), ("b", 2)):
+        files[name] = tmp / f"{name}.npy"
+        np.save(files[name], rng.integers(0, 96, (rows, T)).astype(np.int32))
+    return folder, hf, files, tmp
+
+
+def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny):
+    folder, _, files, tmp = tiny
+    out = tmp / "cmp"
+    assert main(["compare", str(folder), "--calib", str(files["calib"]), "--valid",
+                 f"a={files['a']},b={files['b']}", "--metrics", "mone,random", "--seeds", "0,1", "--ratios", "0.5",
+                 "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    plans = res["plans"]
+    assert len(plans) == 2 * (1 + 2)  # modes x (mone, random over 2 seeds)
+    shapes = {(p["mode"], p["keep"]) for p in plans}
+    assert len(shapes) == 2 and res["compiles"] == len(shapes) + 1  # + the original model's
+    assert res["calib_tokens"] == 8 * T and res["timing"]["ratio"] > 0
+    # a sample of plans, each exported by the streamed pruner and evaluated by `mone-jax eval`
+    assert main(["calibrate", str(folder), "--calib", str(files["calib"]), "--stats-out", str(tmp / "s.st"),
+                 "--quiet"]) == 0
+    for p in (plans[0], plans[-1]):  # substitute mone, drop random seed 1
+        E = res["num_experts"]
+        layers = {i: {"kept": k, "novices": sorted(set(range(E)) - set(k))} for i, k in p["kept"].items()}
+        (tmp / "plan.json").write_text(json.dumps({"layers": layers}))
+        fmt = "drop" if p["mode"] == "drop" else "substitution"
+        export = tmp / f"x-{p['mode']}-{p['ratio']}-{p['metric']}-{p['seed']}"
+        assert main(["prune", str(folder), "--stats", str(tmp / "s.st"), "--plan", str(tmp / "plan.json"),
+                     "--format", fmt, "--out", str(export), "--quiet"]) == 0
+        for src in ("a", "b"):
+            assert main(["eval", str(export), "--data", str(files[src]), "--num-samples", "2", "--seq-len", str(T),
+                         "--result-out", str(tmp / "e.json"), "--quiet"]) == 0
+            want = json.loads((tmp / "e.json").read_text())["perplexity"]
+            assert math.isclose(p["perplexity"][src], want, rel_tol=1e-4), (p["metric"], src)
+        nll = {s: math.log(p["perplexity"][s]) for s in ("a", "b")}
+        assert math.isclose(math.log(p["perplexity"]["all"]), (nll["a"] + nll["b"]) / 2, rel_tol=1e-9)
+    table = (out / "compare.md").read_text()
+    assert all(f"| {m}" in table for m in ("mone", "random (2 seeds)"))
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path):
+    folder, _, files, _ = tiny
+    out, plan_out = tmp_path / "auto", tmp_path / "plan.json"
+    assert main(["prune", str(folder), "--calib", str(files["calib"]), "--metric", "auto", "--valid-fraction", "0.25",
+                 "--ratio", "0.5", "--out", str(out), "--plan-out", str(plan_out), "--quiet"]) == 0
+    plan = json.loads(plan_out.read_text())
+    sel = plan["selection"]
+    assert sorted(sel["candidates"]) == sorted(METRICS)
+    losses = {m: c["nll"] for m, c in sel["candidates"].items()}
+    assert plan["metric"] == sel["chosen"] == min(losses, key=losses.get)
+    assert json.loads((out / "mone_plan.json").read_text()) == plan  # the export keeps the record
+    assert main(["verify", str(out)]) == 0
+    # independent: statistics of the blocks not held out, each candidate pruned and evaluated on the held-out ones
+    ids = np.load(files["calib"])
+    held = sel["held_out"]["blocks"]
+    assert len(held) == 2
+    rest = np.delete(ids, held, axis=0)
+    model = load_hf(folder, progress=False)
+    stats = calibrate(model, [rest], progress=False)
+    for m, loss in losses.items():  # weights-only metrics (aimer) scored from the checkpoint by the HF layer
+        pruned = prune(model, stats, plan_for(m, stats=stats, model=folder, keep=plan["keep"], progress=False))
+        assert math.isclose(perplexity(pruned, ids[held])["nll"], loss, rel_tol=1e-6), m
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    want = hf_perplexity(hf, ids[held], np.ones_like(ids[held]))
+    assert math.isclose(want, sel["candidates"][sel["chosen"]]["perplexity"], rel_tol=1e-4)
+    # `plan --metric auto` on the same statistics and validation blocks makes the same choice
+    np.save(tmp_path / "held.npy", ids[held])
+    stats.save(tmp_path / "s.st")
+    assert main(["plan", str(folder), "--stats", str(tmp_path / "s.st"), "--metric", "auto", "--valid",
+                 str(tmp_path / "held.npy"), "--valid-samples", "2", "--seq-len", str(T), "--ratio", "0.5",
+                 "--plan-out", str(tmp_path / "p2.json"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "p2.json").read_text())
+    assert {i: lp["kept"] for i, lp in again["layers"].items()} == {i: lp["kept"] for i, lp in plan["layers"].items()}
+    for m, c in again["selection"]["candidates"].items():
+        assert math.isclose(c["nll"], losses[m], rel_tol=1e-5), m
+
+
+def test_carved_validation_shares_no_token_with_calibration(tmp_path):
+    stream = np.arange(5000)  # every position its own token id
+    np.save(tmp_path / "s.npy", stream)
+    blocks = load_token_blocks(str(tmp_path / "s.npy"), num_samples=20, seq_len=16, seed=3)
+    batches = tuple(blocks[i:i + 8] for i in range(0, 20, 8))
+    calib, valid, held = carve(batches, 0.25, seed=0, batch_size=8)
+    kept = np.concatenate(calib)
+    assert len(held) == valid.shape[0] == 5 and kept.shape[0] == 15
+    assert not set(kept.ravel().tolist()) & set(valid.ravel().tolist())
+    assert sorted(np.concatenate([kept, valid]).ravel().tolist()) == sorted(blocks.ravel().tolist())
+    with pytest.raises(UserError, match="valid-fraction"):
+        carve(batches, 1.0, 0, 8)
+
+
+def test_bad_options(tiny, capsys):
+    assert parse_sources("x.txt") == {"valid": "x.txt"}
+    assert parse_sources("py=a.txt,bible=hf:x:y") == {"py": "a.txt", "bible": "hf:x:y"}
+    for bad in ("a=x.txt,y.txt", "a=x,a=y", "all=x,b=y", "a=self,b=x"):
+        with pytest.raises(UserError):
+            parse_sources(bad)
+    folder, _, files, tmp = tiny
+    base = ["compare", str(folder), "--calib", str(files["calib"]), "--valid", str(files["a"]), "--out", str(tmp / "z")]
+    assert main([*base, "--metrics", "nope"]) == 2
+    assert main([*base, "--ratios", "0.25,x"]) == 2
+    assert main([*base, "--ratios", "0.9", "--modes", "drop"]) == 2  # keeps fewer than top-k
+    assert main(["prune", str(folder), "--stats", "s", "--plan", "p", "--metric", "auto", "--out", str(tmp / "q")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp / "z").exists()
