@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="substitution", help="--metric auto: the export format candidates are "
                                                             "judged in (its prune mode)")
     p.add_argument("--seq-len", type=int, default=512, help="--metric auto: tokens per validation block")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8, help="--metric auto: blocks per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="--metric auto: compute dtype")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.25,0.5", help="fractions of experts pruned (default 0.25,0.5)")
     p.add_argument("--modes", default="substitution,drop", help="substitution (novices) and/or drop")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the random metric (default 0,1,2)")
-    p.add_argument("--scope", default="layer")
+    p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies"))
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
     p.set_defaults(fn=cmd_compare)
 
@@ -514,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
     (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # e.g. "PyTorch was not found": not needed here
     configure(not args.quiet)  # phase lines on stderr; bars only where a terminal redraws them
     args.progress = not args.quiet and sys.stderr.isatty()
     if not args.debug:
