@@ -4,6 +4,7 @@ YAML front matter), written into the export and its manifest by ``mone-jax prune
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -67,11 +68,11 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
 Load it:
 
 ```python
-{_LOAD.get(fmt, _LOAD[mode]).format(out=out)}
+{_LOAD.get(fmt, _LOAD[mode]).format(out=Path(out).name)}
 ```
 
 The plan is in `{PLAN_FILE}`,{'' if stats is None else f' per-expert calibration statistics in `{STATS_FILE}`,'} sha256 sums
-of every file in `mone_manifest.json` (`mone-jax verify {out}`). Perplexity: `mone-jax eval {out} --data HELD_OUT_TEXT`.
+of every file in `mone_manifest.json` (`mone-jax verify {Path(out).name}`). Perplexity: `mone-jax eval {Path(out).name} --data HELD_OUT_TEXT`.
 """
     files = {CARD_FILE: (front + "\n" + body).encode(), PLAN_FILE: (json.dumps(plan.to_dict(), indent=1) + "\n").encode()}
     if stats is not None:

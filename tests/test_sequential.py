@@ -64,7 +64,7 @@ def test_sequential_prune_writes_the_same_checkpoint(hf_models, tmp_path, fmt):
     np.save(tmp_path / "ids.npy", np.random.default_rng(2).integers(0, 96, (8, 12)).astype(np.int32))
     outs = {}
     for mode in ("full", "sequential"):
-        out = tmp_path / mode
+        out = tmp_path / mode / "pruned"  # the model card names the folder: the same name in both runs
         argv = ["prune", str(folder), "--calib", str(tmp_path / "ids.npy"), "--batch-size", "4", "--keep", "4",
                 "--format", fmt, "--out", str(out), "--stats-out", str(tmp_path / f"{mode}.safetensors"), "--quiet"]
         assert main(argv + (["--sequential"] if mode == "sequential" else [])) == 0
