@@ -29,23 +29,33 @@ def predicted(mask: np.ndarray) -> np.ndarray:
     return m[:, 1:] & m[:, :-1]
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _nll_sum(graphdef, state, ids, mask, chunk: int):
-    """Sum of the NLL of a batch's predicted tokens (float32) and their count."""
-    model = nnx.merge(graphdef, state)
-    h, _ = model.hidden_states(ids, mask)
+def token_logprobs(model, h: jax.Array, ids: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """From hidden states h [B, T, d]: log p(ids[:, t + 1] | ids[:, :t + 1]) [B, T - 1] (float32) and whether
+    that token is the argmax, with the LM head applied ``chunk`` rows at a time (never [B, T, vocab] at once)."""
     B, T, d = h.shape
     rows = B * (T - 1)
     pad = -rows % chunk
     hs = jnp.pad(h[:, :-1].reshape(rows, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     target = jnp.pad(ids[:, 1:].reshape(rows), (0, pad)).reshape(-1, chunk)
 
-    def nll(args):
+    def score(args):
         hc, tc = args
         logits = model.logits(hc)
-        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tc[:, None], -1)[:, 0]
+        picked = jnp.take_along_axis(logits, tc[:, None], -1)[:, 0]
+        return picked - jax.nn.logsumexp(logits, -1), jnp.argmax(logits, -1) == tc
 
-    per_token = jax.lax.map(nll, (hs, target)).reshape(-1)[:rows]
+    logp, greedy = jax.lax.map(score, (hs, target))
+    return logp.reshape(-1)[:rows].reshape(B, T - 1), greedy.reshape(-1)[:rows].reshape(B, T - 1)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _nll_sum(graphdef, state, ids, mask, chunk: int):
+    """Sum of the NLL of a batch's predicted tokens (float32) and their count."""
+    model = nnx.merge(graphdef, state)
+    h, _ = model.hidden_states(ids, mask)
+    B, T, _ = h.shape
+    rows = B * (T - 1)
+    per_token = -token_logprobs(model, h, ids, chunk)[0].reshape(rows)
     valid = (mask[:, 1:] & mask[:, :-1]).reshape(rows)
     return jnp.sum(jnp.where(valid, per_token, 0.0)), valid.sum(dtype=jnp.int32)
 

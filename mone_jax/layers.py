@@ -79,17 +79,23 @@ def attend(q, k, v, bias, scale: float, sinks: jax.Array | None = None, chunk: i
             e = min(T, a + chunk)
             s = jnp.einsum("kgtd,ksd->kgts", qt[:, :, a:e], kt[:, :e], preferred_element_type=jnp.float32)
             s = s * scale + bias[None, None, a:e, :e]
-            m = s.max(-1, keepdims=True)
-            if sinks is not None:
-                sk = sinks.reshape(KV, G, 1, 1).astype(jnp.float32)
-                m = jnp.maximum(m, sk)
-            p = jnp.exp(s - m)
-            den = p.sum(-1, keepdims=True) + (0.0 if sinks is None else jnp.exp(sk - m))
+            p, den = _softmax_parts(s, sinks, KV, G)
             o = jnp.einsum("kgts,ksd->kgtd", p.astype(v.dtype), vt[:, :e], preferred_element_type=jnp.float32)
             outs.append((o / den).astype(v.dtype))
         return jnp.concatenate(outs, 2).transpose(2, 0, 1, 3).reshape(T, H, -1)
 
     return jax.lax.map(one, (q, k, v, bias))
+
+
+def _softmax_parts(s: jax.Array, sinks: jax.Array | None, KV: int, G: int) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised softmax weights over the last axis of scores s [..., KV, G, T, S] and their denominator;
+    GPT-OSS sinks (one logit per head) join the denominator only."""
+    m = s.max(-1, keepdims=True)
+    if sinks is not None:
+        sk = sinks.reshape(KV, G, 1, 1).astype(jnp.float32)
+        m = jnp.maximum(m, sk)
+    p = jnp.exp(s - m)
+    return p, p.sum(-1, keepdims=True) + (0.0 if sinks is None else jnp.exp(sk - m))
 
 
 def attend_cached(q, k, v, bias, scale: float, sinks: jax.Array | None = None) -> jax.Array:
@@ -100,12 +106,7 @@ def attend_cached(q, k, v, bias, scale: float, sinks: jax.Array | None = None) -
     G = H // KV
     s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, KV, G, D), k, preferred_element_type=jnp.float32)
     s = s * scale + bias[:, None, None]
-    m = s.max(-1, keepdims=True)
-    if sinks is not None:
-        sk = sinks.reshape(KV, G, 1, 1).astype(jnp.float32)
-        m = jnp.maximum(m, sk)
-    p = jnp.exp(s - m)
-    den = p.sum(-1, keepdims=True) + (0.0 if sinks is None else jnp.exp(sk - m))
+    p, den = _softmax_parts(s, sinks, KV, G)
     o = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (o / den).astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
 

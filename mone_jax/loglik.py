@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mone_jax.evaluate import token_logprobs
 from mone_jax.model import MoEForCausalLM
 from mone_jax.sharding import batch_spec, padded_rows, place
 
@@ -34,20 +34,7 @@ def _token_scores(graphdef, state, ids, mask, chunk: int):
     """log p(ids[:, t + 1] | ids[:, :t + 1]) [B, T - 1] (float32) and whether that token is the argmax."""
     model = nnx.merge(graphdef, state)
     h, _ = model.hidden_states(ids, mask)
-    B, T, d = h.shape
-    rows = B * (T - 1)
-    pad = -rows % chunk
-    hs = jnp.pad(h[:, :-1].reshape(rows, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    target = jnp.pad(ids[:, 1:].reshape(rows), (0, pad)).reshape(-1, chunk)
-
-    def score(args):
-        hc, tc = args
-        logits = model.logits(hc)
-        picked = jnp.take_along_axis(logits, tc[:, None], -1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, -1), jnp.argmax(logits, -1) == tc
-
-    logp, greedy = jax.lax.map(score, (hs, target))
-    return logp.reshape(-1)[:rows].reshape(B, T - 1), greedy.reshape(-1)[:rows].reshape(B, T - 1)
+    return token_logprobs(model, h, ids, chunk)
 
 
 class TokenScorer:
