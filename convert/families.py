@@ -11,7 +11,7 @@ Math lives in the core model; a family whose math is new adds a block there and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mone_jax.config import DeltaNetConfig, ModelConfig
 from mone_jax.convert.hf_config import common_fields, need, parse_rope, sliding_windows
@@ -259,6 +259,26 @@ def _flex_olmo(cfg: dict, c: dict) -> dict:
                 moe_intermediate_size=int(need(cfg, "intermediate_size")), sliding_windows=(None,) * n)
 
 
+def _phimoe(cfg: dict, c: dict) -> dict:
+    """Phi-MoE: LayerNorms with bias, attention and lm_head biases, SparseMixer top-2 router, and for scaled
+    RoPE its own cos/sin scale per length (``short_mscale`` / ``long_mscale``). transformers' Phi-MoE RoPE
+    recomputes the frequencies without the length, so longrope keeps ``short_factor`` at every length; the
+    model follows it (Microsoft's original code and vLLM switch to ``long_factor``)."""
+    n, rope = c["num_layers"], c["rope"]
+    if c["top_k"] != 2:
+        raise UserError(f"phimoe with num_experts_per_tok = {c['top_k']} is not supported: SparseMixer routes "
+                        "every token to exactly 2 experts (transformers ignores the value)")
+    if rope.type != "default":
+        params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+        rope = replace(rope, short_mscale=float(need(params, "short_mscale")), long_mscale=float(need(params, "long_mscale")),
+                       long_factor=rope.short_factor)
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(rope=rope, layer_norm=True, lm_head_bias=bool(cfg.get("lm_head_bias", False)), qkv_bias=bias,
+                o_bias=bias, moe_layers=(True,) * n, moe_intermediate_size=int(need(cfg, "intermediate_size")),
+                scoring="sparsemixer", sparsemixer_eps=float(cfg["router_jitter_noise"]),
+                sliding_windows=sliding_windows(cfg, n))
+
+
 def _ernie_prepare(cfg: dict) -> dict:
     """ERNIE-4.5 writes top-k as ``moe_k`` (what transformers reads; num_experts_per_tok is its alias)."""
     return {**cfg, "num_experts_per_tok": cfg["moe_k"]} if cfg.get("moe_k") is not None else cfg
@@ -333,6 +353,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                          rope_interleave=True, q_lora_rank=768)),
     Family("minimax_m2", _minimax_m2, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2"),
            score_bias="e_score_correction_bias", score_bias_module=""),
+    Family("phimoe", _phimoe, "num_local_experts", moe_module="block_sparse_moe", proj=("w1", "w3", "w2"),
+           defaults=dict(num_local_experts=16, num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6,
+                         router_jitter_noise=0.01)),
     Family("hunyuan_v1_moe", _hunyuan_v1_moe, "num_experts", router="gate.wg", shared_expert="shared_mlp",
            attn_names={"q_norm": "query_layernorm", "k_norm": "key_layernorm"}, prepare=_hunyuan_prepare),
     Family("flex_olmo", _flex_olmo, "num_experts"),

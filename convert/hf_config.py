@@ -8,7 +8,7 @@ from __future__ import annotations
 from mone_jax.config import RopeConfig
 from mone_jax.errors import UserError
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def get(cfg: dict, *names, default=None):
@@ -45,13 +45,18 @@ def parse_rope(cfg: dict, head_dim: int, max_pos: int, interleave: bool = False)
     partial = get(params, "partial_rotary_factor", default=get(cfg, "partial_rotary_factor", default=1.0))
     orig = get(params, "original_max_position_embeddings", default=get(cfg, "original_max_position_embeddings"))
     factor = params.get("factor")
-    if rtype == "yarn" and factor is None:
+    if rtype in ("yarn", "longrope") and factor is None:
         factor = max_pos / (orig or max_pos)
+    rotary_dim = int(head_dim * float(partial))
+    short, long = (tuple(float(x) for x in params.get(k) or ()) for k in ("short_factor", "long_factor"))
+    if rtype == "longrope" and (not orig or len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2):
+        raise UserError(f"longrope needs original_max_position_embeddings and {rotary_dim // 2} short_factor and "
+                        f"long_factor values (got {len(short)} and {len(long)}): the config is incomplete")
     return RopeConfig(
         theta=float(theta),
         type=rtype,
         factor=float(factor if factor is not None else 1.0),
-        rotary_dim=int(head_dim * float(partial)),
+        rotary_dim=rotary_dim,
         original_max_position_embeddings=int(orig or max_pos),
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
@@ -62,6 +67,8 @@ def parse_rope(cfg: dict, head_dim: int, max_pos: int, interleave: bool = False)
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         interleave=interleave,
+        short_factor=short,
+        long_factor=long,
     )
 
 

@@ -28,7 +28,7 @@ from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.deltanet import DepthwiseConv
 from mone_jax.errors import UserError
-from mone_jax.layers import Linear, RMSNorm
+from mone_jax.layers import LayerNorm, Linear, RMSNorm
 from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.sharding import padded_state, param_specs, place
 
@@ -217,8 +217,10 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
 def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: PrunedLayout | None) -> None:
     p = f"model.layers.{i}"
     for name in LAYER_NORMS:
-        if getattr(layer, name) is not None:
-            f.plain(getattr(layer, name).weight, f"{p}.{name}.weight")
+        if (norm := getattr(layer, name)) is not None:
+            f.plain(norm.weight, f"{p}.{name}.weight")
+            if isinstance(norm, LayerNorm):
+                f.plain(norm.bias, f"{p}.{name}.bias")
     _attention(f, layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names)
     if layer.is_moe:
         _moe(f, fam, layer.mlp, i, layout)
@@ -267,12 +269,15 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
 
 
 def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
-    """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied}``."""
+    """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied,
+    "norm_bias": [d] and "lm_head_bias": [vocab] or None where the family has none}``."""
     dt = resolve_dtype(dtype)
     check_quantization(read_config(reader.folder), cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
     out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
-           "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T}
+           "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T,
+           "norm_bias": reader.get("model.norm.bias", (d,)) if cfg.layer_norm else None,
+           "lm_head_bias": reader.get("lm_head.bias", (V,)) if cfg.lm_head_bias else None}
     return {k: None if v is None else jnp.asarray(v if v.dtype.kind in "fV" else v.astype(np.float32), dt)
             for k, v in out.items()}
 
@@ -296,7 +301,8 @@ def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, pr
 
     with CheckpointReader(folder) as r:
         head = load_embed_and_head(r, cfg, dt)
-    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head")):
+    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head"),
+                     (getattr(model.norm, "bias", None), "norm_bias"), (model.lm_head_bias, "lm_head_bias")):
         if var is not None:
             var.set_value(head[key] if mesh is None else place(head[key], P(), mesh))
     for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from mone_jax.convert.families import Family, family
 from mone_jax.deltanet import DepthwiseConv
-from mone_jax.layers import Linear, RMSNorm
+from mone_jax.layers import LayerNorm, Linear, RMSNorm
 from mone_jax.model import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
 
 
@@ -47,6 +47,14 @@ def _attention(attn: nnx.Module, p: str, names: Mapping[str, str]) -> dict[str, 
             out[f"{p}.{name}.weight"] = _np(mod.weight)
         elif isinstance(mod, nnx.Param):
             out[f"{p}.{name}"] = _np(mod)
+    return out
+
+
+def _norm(norm: RMSNorm | LayerNorm, p: str) -> dict[str, np.ndarray]:
+    """A decoder norm's weight, and its bias when it is a LayerNorm."""
+    out = {f"{p}.weight": _np(norm.weight)}
+    if isinstance(norm, LayerNorm):
+        out[f"{p}.bias"] = _np(norm.bias)
     return out
 
 
@@ -88,12 +96,16 @@ def _moe(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
 def hf_state_dict(model: MoEForCausalLM) -> dict[str, np.ndarray]:
     """Every array of ``model`` under its Hugging Face name (see the module docstring)."""
     fam = family(model.config.model_type)
-    out = {"model.embed_tokens.weight": _np(model.embed), "model.norm.weight": _np(model.norm.weight)}
+    out = {"model.embed_tokens.weight": _np(model.embed), **_norm(model.norm, "model.norm")}
     if model.lm_head is not None:
         out["lm_head.weight"] = _t(_np(model.lm_head))
+    if model.lm_head_bias is not None:
+        out["lm_head.bias"] = _np(model.lm_head_bias)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
-        out.update({f"{p}.{n}.weight": _np(getattr(layer, n).weight) for n in LAYER_NORMS if getattr(layer, n) is not None})
+        for n in LAYER_NORMS:
+            if getattr(layer, n) is not None:
+                out.update(_norm(getattr(layer, n), f"{p}.{n}"))
         out.update(_attention(layer.mixer, f"{p}.{layer.mixer_name}", fam.attn_names))
         out.update(_moe(fam, layer.mlp, i) if layer.is_moe else _mlp(layer.mlp, f"{p}.{fam.dense_mlp_module}"))
     return out

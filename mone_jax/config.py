@@ -25,6 +25,18 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     interleave: bool = False  # DeepSeek-V3 style interleaved pairs
+    # longrope (Phi): per-frequency divisors for sequences up to / beyond original_max_position_embeddings
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    # Phi-MoE: the cos/sin scale for sequences up to / beyond original_max_position_embeddings (else the type's own)
+    short_mscale: float | None = None
+    long_mscale: float | None = None
+
+    @property
+    def by_length(self) -> bool:
+        """Whether the tables depend on the sequence length (short vs long, split at
+        ``original_max_position_embeddings``)."""
+        return self.type == "longrope" or self.short_mscale is not None
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,8 @@ class ModelConfig:
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax
     attn_output_gate: bool = False  # Qwen3-Next: q_proj also gives a per-head gate, output * sigmoid(gate)
     rms_norm_unit_offset: bool = False  # Qwen3-Next: RMSNorm scales by (1 + weight)
+    layer_norm: bool = False  # Phi-MoE: the decoder and final norms are LayerNorms with bias (eps rms_norm_eps)
+    lm_head_bias: bool = False  # Phi-MoE: logits = h @ lm_head + bias
     # linear-attention layers (Qwen3-Next / Qwen3.5): per layer True = Gated DeltaNet instead of attention
     linear_layers: tuple[bool, ...] = ()
     deltanet: DeltaNetConfig | None = None
@@ -82,7 +96,8 @@ class ModelConfig:
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
-    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sparsemixer" (Phi-MoE top-2, see mone_jax.sparsemixer)
+    sparsemixer_eps: float = 0.01  # sparsemixer: relative logit gap beyond which experts leave the softmax
     group_score: str = "max"  # group-limited routing: "max" (DeepSeek-V2) | "top2" (sum of top 2: V3/GLM)
     n_group: int = 1
     topk_group: int = 1  # groups kept per token (selection is group-limited when < n_group)

@@ -1,4 +1,5 @@
-"""Building blocks shared by every attention and MoE variant: parameters, RMSNorm, Linear, softmax attention."""
+"""Building blocks shared by every attention and MoE variant: parameters, RMSNorm / LayerNorm, Linear, softmax
+attention."""
 
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ class RMSNorm(nnx.Module):
         if self.unit_offset:
             return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias (Phi-MoE): mean and variance over the last axis in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ from mone_jax.layers import (
     Buffer,
     ExpertBuffer,
     ExpertParam,
+    LayerNorm,
     Linear,
     RMSNorm,
     attend,
@@ -30,6 +31,7 @@ from mone_jax.layers import (
 from mone_jax.mla import MLAttention
 from mone_jax.moe import EXPERT, Experts, default_impl, dispatch, expert_parallel_dispatch, silu_glu
 from mone_jax.rope import apply_rope, rope_tables
+from mone_jax.sparsemixer import sparsemixer_top2
 from mone_jax.stats import LayerStats
 
 MASK_VALUE = -1e30
@@ -125,13 +127,15 @@ class MLP(nnx.Module):
 def route(logits: jax.Array, cfg: ModelConfig, score_bias: jax.Array | None = None):
     """Top-k expert ids [T, k] and the routing weights [T, k] the forward pass applies.
 
-    Scores are softmax or sigmoid of the logits; ``score_bias`` (DeepSeek-V3 / GLM) shifts them for
+    Scores are softmax or sigmoid of the logits (Phi-MoE: :func:`~mone_jax.sparsemixer.sparsemixer_top2`); ``score_bias`` (DeepSeek-V3 / GLM) shifts them for
     the choice only. Group-limited selection (``topk_group < n_group``) first keeps the
     ``topk_group`` groups with the best group score (max, or sum of the top 2) and picks the
     top-k among their experts. Weights are the unbiased scores of the chosen experts, optionally
     renormalised, times ``routed_scaling_factor``.
     """
     logits = logits.astype(jnp.float32)
+    if cfg.scoring == "sparsemixer":
+        return sparsemixer_top2(logits, cfg.sparsemixer_eps)
     scores = jax.nn.softmax(logits, axis=-1) if cfg.scoring == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
     if cfg.topk_group < cfg.n_group:
@@ -239,11 +243,18 @@ class MoEBlock(nnx.Module):
         return y.reshape(B, T, d)
 
 
+def decoder_norm(cfg: ModelConfig, dtype) -> RMSNorm | LayerNorm:
+    """A decoder layer's or the final norm: RMSNorm, or LayerNorm with bias (``cfg.layer_norm``)."""
+    if cfg.layer_norm:
+        return LayerNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.rms_norm_unit_offset)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, kept: int | None = None):
-        d, unit = cfg.hidden_size, cfg.rms_norm_unit_offset
-        self.input_layernorm = None if cfg.post_norm else RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, unit)
+        d = cfg.hidden_size
+        self.input_layernorm = None if cfg.post_norm else decoder_norm(cfg, dtype)
+        self.post_attention_layernorm = decoder_norm(cfg, dtype)
         self.post_feedforward_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.post_norm else None
         self.post_norm = cfg.post_norm
         self.linear = bool(cfg.linear_layers) and cfg.linear_layers[layer]  # token mixer: Gated DeltaNet
@@ -320,8 +331,9 @@ class MoEForCausalLM(nnx.Module):
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         kept = kept or {}
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kept.get(i)) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.rms_norm_unit_offset)
+        self.norm = decoder_norm(cfg, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+        self.lm_head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype)) if cfg.lm_head_bias else None
 
     def hidden_states(self, ids, mask=None, *, collect: bool = False):
         """Final normed hidden states [B, T, d] and, with ``collect``, {moe layer: LayerStats}."""
@@ -342,7 +354,8 @@ class MoEForCausalLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.dot(h, w, preferred_element_type=jnp.float32)
+        out = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        return out if self.lm_head_bias is None else out + self.lm_head_bias[...].astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:
         ids = jnp.asarray(input_ids, jnp.int32)

@@ -16,8 +16,16 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def inv_freq_and_scale(rope: RopeConfig) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [rotary_dim / 2] (float32, as transformers computes them) and cos/sin scale."""
+def inv_freq_and_scale(rope: RopeConfig, long: bool = False) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [rotary_dim / 2] (float32, as transformers computes them) and cos/sin scale;
+    ``long``: for a sequence longer than ``original_max_position_embeddings`` (see ``RopeConfig.by_length``)."""
+    inv, scale = _inv_freq_and_scale(rope, long)
+    if rope.short_mscale is not None:  # Phi-MoE: its own scale per length, whatever the type
+        scale = rope.long_mscale if long else rope.short_mscale
+    return inv, float(scale)
+
+
+def _inv_freq_and_scale(rope: RopeConfig, long: bool) -> tuple[np.ndarray, float]:
     dim, base = rope.rotary_dim, rope.theta
     pos = base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
     inv = (1.0 / pos).astype(np.float32)
@@ -34,6 +42,13 @@ def inv_freq_and_scale(rope: RopeConfig) -> tuple[np.ndarray, float]:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if rope.type == "longrope":  # LongRoPE (Phi-3): per-frequency divisors, short or long by sequence length
+        factors = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
+        att = rope.attention_factor
+        if att is None:
+            orig = rope.original_max_position_embeddings
+            att = 1.0 if rope.factor <= 1 else math.sqrt(1 + math.log(rope.factor) / math.log(orig))
+        return (1.0 / (factors * pos)).astype(np.float32), float(att)
     # yarn
     factor = rope.factor
     att = rope.attention_factor
@@ -65,8 +80,19 @@ def rope_tables(rope: RopeConfig, seq_len: int, dtype) -> tuple[jax.Array, jax.A
 
 
 def rope_at(rope: RopeConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [*positions.shape, rotary_dim] at integer ``positions`` (e.g. [B, T] under left padding)."""
-    inv, scale = inv_freq_and_scale(rope)
+    """cos, sin [*positions.shape, rotary_dim] at integer ``positions`` (e.g. [B, T] under left padding).
+
+    Length-dependent RoPE takes the long tables when the sequence, ``max(positions) + 1`` as transformers
+    counts it, exceeds ``original_max_position_embeddings``."""
+    if not rope.by_length:
+        return _tables(rope, positions, dtype, False)
+    long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    return tuple(jnp.where(long, a, b) for a, b in zip(_tables(rope, positions, dtype, True),
+                                                        _tables(rope, positions, dtype, False)))
+
+
+def _tables(rope: RopeConfig, positions: jax.Array, dtype, long: bool) -> tuple[jax.Array, jax.Array]:
+    inv, scale = inv_freq_and_scale(rope, long)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)

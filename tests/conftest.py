@@ -90,6 +90,11 @@ CONFIGS.update({
     ("ernie4_5_moe", "a"): ("Ernie4_5_MoeConfig", dict(
         num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
         moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1)),
+    ("phimoe", "a"): ("PhimoeConfig", dict(  # longrope switches at 11 tokens: the shared tests' 12 run long
+        num_hidden_layers=2, intermediate_size=16, num_local_experts=8, attention_bias=True, lm_head_bias=True,
+        router_jitter_noise=0.3, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=11, short_mscale=1.1,
+            long_mscale=1.3, short_factor=[1.0, 1.3, 2.0, 3.5], long_factor=[2.0, 5.0, 9.0, 17.0]))),
     ("gpt_oss", "a"): ("GptOssConfig", dict(
         num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=5, swiglu_limit=0.5,
@@ -114,7 +119,7 @@ FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qw
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),
               ("minimax_m2", "a"), ("hunyuan_v1_moe", "a"), ("flex_olmo", "a"),
-              ("ernie4_5_moe", "a"), ("gpt_oss", "a"),
+              ("ernie4_5_moe", "a"), ("phimoe", "a"), ("gpt_oss", "a"),
               ("qwen3_next", "a"), ("qwen3_5_moe_text", "a")]
 # One family per layer structure, for the tests of family-agnostic machinery (sharded calibration, the
 # layer-at-a-time driver): plain GQA, a gated shared expert, MLA with a grouped sigmoid router, biases /
@@ -126,7 +131,9 @@ STRUCTURES = [("olmoe", "a"), ("qwen2_moe", "b"), ("deepseek_v3", "grouped_yarn"
 
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     """A random transformers model of ``family`` with diverse routing: router weights ~ N(0, 1),
-    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2)."""
+    e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2);
+    then (drawn last, so the values above do not move) attention and lm_head biases ~ N(0, 0.1^2) and LayerNorm
+    weights ~ N(1, 0.2^2), biases ~ N(0, 0.1^2), which transformers initialises to constants."""
     cls_name, kw = CONFIGS[(family, variant)]
     cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
@@ -141,6 +148,13 @@ def build_hf(family: str, variant: str, seed: int = 0, **overrides):
                 t.normal_(0.0, 0.5)
             elif re.search(r"experts\.(gate_up|down)_proj_bias$", name):
                 t.normal_(0.0, 0.1)
+        for name, t in model.named_parameters():
+            if re.search(r"(self_attn\.\w+|lm_head)\.bias$", name):
+                t.normal_(0.0, 0.1)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.1)
     return model
 
 

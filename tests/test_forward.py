@@ -82,17 +82,22 @@ def test_bf16_within_tolerance(hf_models, family):
     assert rel < 3e-2, rel  # bf16 has 8 mantissa bits: ~0.4% per op, a few ops deep
 
 
-def test_yarn_and_linear_rope_match(tmp_path):
-    """Scaled RoPE variants against transformers (Qwen3-MoE with yarn, Mixtral with linear)."""
+def test_scaled_rope_variants_match(tmp_path):
+    """Scaled RoPE variants against transformers (Qwen3-MoE with yarn, Mixtral with linear, and with longrope
+    past its original length: long factors and the default attention factor)."""
     import transformers as T
     from conftest import COMMON
-    for name, cls, rope in [
+    for name, cls, rope, extra in [
         ("yarn", T.Qwen3MoeConfig, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
-                                    "rope_theta": 10000.0}),
-        ("linear", T.MixtralConfig, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                                    "rope_theta": 10000.0}, {}),
+        ("linear", T.MixtralConfig, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, {}),
+        ("longrope", T.MixtralConfig, {"rope_type": "longrope", "original_max_position_embeddings": 8,
+                                       "rope_theta": 10000.0, "short_factor": [1.0, 1.2, 1.5, 2.0],
+                                       "long_factor": [1.5, 3.0, 6.0, 11.0]}, {"head_dim": 8}),
     ]:
         cfg = cls(**{**COMMON, "intermediate_size": 16, "moe_intermediate_size": 16, "num_hidden_layers": 1,
-                     "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "rope_parameters": rope})
+                     "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "rope_parameters": rope,
+                     **extra})
         torch.manual_seed(0)
         hf = T.AutoModelForCausalLM.from_config(cfg).eval()
         hf.save_pretrained(tmp_path / name)
@@ -103,8 +108,8 @@ def test_yarn_and_linear_rope_match(tmp_path):
 def test_unsupported_rope_type_is_refused(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     shutil.copytree(folder, tmp_path / "m")
-    rewrite_config(tmp_path / "m", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
-    with pytest.raises(UserError, match="rope type 'longrope' is not supported"):
+    rewrite_config(tmp_path / "m", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(UserError, match="rope type 'dynamic' is not supported"):
         mone_jax.load_hf(tmp_path / "m", progress=False)
 
 

@@ -1,5 +1,6 @@
 """Options of the 2025-26 families that the shared table's one variant each does not reach: MiniMax-M2's
-legacy ``rotary_dim`` (its released configs), and the config values each family refuses."""
+legacy ``rotary_dim`` (its released configs), Phi-MoE's short-sequence RoPE, and the config values each family
+refuses."""
 
 from __future__ import annotations
 
@@ -33,11 +34,20 @@ def test_minimax_m2_partial_rope_from_rotary_dim_alone(hf_models, tmp_path):
     assert_close_logits(mone_jax.load_hf(tmp_path / "m", progress=False)(ids), torch_logits(theirs, ids))
 
 
+def test_phimoe_short_sequences_match_transformers(hf_models):
+    """The shared tests run Phi-MoE past its original length (12 > 11 tokens: long_mscale); this runs it within
+    (short_mscale), so both sides of the length switch are compared."""
+    folder, hf = hf_models("phimoe", "a")
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, (2, 11)).astype(np.int32)
+    assert_close_logits(mone_jax.load_hf(folder, progress=False)(ids), torch_logits(hf, ids))
+
+
 @pytest.mark.parametrize("family,changes,match", [
     ("hunyuan_v1_moe", dict(use_cla=True), "cross-layer attention"),
     ("hunyuan_v1_moe", dict(moe_topk=[2, 3]), r"per-layer moe_topk \[2, 3\]"),
     ("ernie4_5_moe", dict(use_bias=True), "use_bias = true"),
     ("glm4_moe_lite", dict(mlp_layer_types=["dense", "sparse"]), "mlp_layer_types must list"),
+    ("phimoe", dict(num_experts_per_tok=3), "exactly 2 experts"),
 ])
 def test_unsupported_options_are_refused(family, changes, match):
     with pytest.raises(UserError, match=match):
@@ -50,7 +60,8 @@ def test_hunyuan_per_layer_lists_of_one_value_are_read():
     assert cfg.top_k == 2 and cfg.num_experts == 8
 
 
-@pytest.mark.parametrize("family", ["glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo"])
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo",
+                                    "phimoe"])
 def test_inspect_counts_match_transformers(hf_models, family):
     """``inspect`` on each new family: MoE layers and parameter counts as the transformers model holds them."""
     from mone_jax.inspect import summarize
