@@ -270,7 +270,10 @@ def _phimoe(cfg: dict, c: dict) -> dict:
                         "every token to exactly 2 experts (transformers ignores the value)")
     if rope.type != "default":
         params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
-        rope = replace(rope, short_mscale=float(need(params, "short_mscale")), long_mscale=float(need(params, "long_mscale")),
+        if params.get("short_mscale") is None or params.get("long_mscale") is None:
+            raise UserError(f"phimoe with {rope.type} RoPE needs short_mscale and long_mscale in rope_parameters: "
+                            "the config is incomplete")
+        rope = replace(rope, short_mscale=float(params["short_mscale"]), long_mscale=float(params["long_mscale"]),
                        long_factor=rope.short_factor)
     bias = bool(cfg.get("attention_bias", False))
     return dict(rope=rope, layer_norm=True, lm_head_bias=bool(cfg.get("lm_head_bias", False)), qkv_bias=bias,

@@ -48,6 +48,8 @@ def test_phimoe_short_sequences_match_transformers(hf_models):
     ("ernie4_5_moe", dict(use_bias=True), "use_bias = true"),
     ("glm4_moe_lite", dict(mlp_layer_types=["dense", "sparse"]), "mlp_layer_types must list"),
     ("phimoe", dict(num_experts_per_tok=3), "exactly 2 experts"),
+    ("phimoe", dict(rope_parameters={**CONFIGS[("phimoe", "a")][1]["rope_parameters"], "long_mscale": None}),
+     "needs short_mscale and long_mscale"),
 ])
 def test_unsupported_options_are_refused(family, changes, match):
     with pytest.raises(UserError, match=match):
