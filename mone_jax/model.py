@@ -127,7 +127,8 @@ class MLP(nnx.Module):
 def route(logits: jax.Array, cfg: ModelConfig, score_bias: jax.Array | None = None):
     """Top-k expert ids [T, k] and the routing weights [T, k] the forward pass applies.
 
-    Scores are softmax or sigmoid of the logits (Phi-MoE: :func:`~mone_jax.sparsemixer.sparsemixer_top2`); ``score_bias`` (DeepSeek-V3 / GLM) shifts them for
+    Scores are softmax or sigmoid of the logits (Phi-MoE's SparseMixer instead:
+    :func:`~mone_jax.sparsemixer.sparsemixer_top2`); ``score_bias`` (DeepSeek-V3 / GLM) shifts them for
     the choice only. Group-limited selection (``topk_group < n_group``) first keeps the
     ``topk_group`` groups with the best group score (max, or sum of the top 2) and picks the
     top-k among their experts. Weights are the unbiased scores of the chosen experts, optionally
