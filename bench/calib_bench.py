@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache folder")
     ap.add_argument("--json", default="calib_bench.json", help="where to write the results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time `mone-jax calibrate` and bench/torch_calibrate.py as separate processes, alternating, "
+                         "for each of --token-counts (first run with an empty compile cache, then a rerun)")
+    ap.add_argument("--token-counts", default="4096,65536,262144", help="--whole-process: calibration tokens per run")
     return ap.parse_args(argv)
 
 
@@ -566,8 +570,79 @@ def print_table(res: dict) -> None:
         print(f"peak device memory {dev}: {(peak or 0) / 2**30:.2f} GB")
 
 
+def whole_process(args) -> dict:
+    """Whole-process wall times (start, load, compile, calibration, write) per token count: mone-jax's first
+    run (empty compilation cache), its rerun (the cache the first run filled) and the PyTorch way."""
+    import subprocess
+
+    counts = [int(x) for x in args.token_counts.split(",")]
+    rows = {n: {"mone-jax first": [], "mone-jax rerun": [], "pytorch": [], "compile first": [],
+                "compile rerun": []} for n in counts}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="mone-bench-") as tmp:
+        tmp = Path(tmp)
+        build_checkpoint(args, tmp / "model")
+        n_seq = max(counts) // args.seq_len
+        np.save(tmp / "ids.npy", np.random.default_rng(args.seed).integers(0, args.vocab, (n_seq, args.seq_len))
+                .astype(np.int32))
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+
+        def timed(cmd: list[str]) -> tuple[float, str]:
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            return time.perf_counter() - t, proc.stderr
+
+        for rep in range(args.reps):
+            for n in counts:
+                common = [str(tmp / "model"), "--calib", str(tmp / "ids.npy"), "--num-samples", str(n // args.seq_len),
+                          "--seq-len", str(args.seq_len), "--batch-size", str(args.batch)]
+                cache = tmp / f"xla-{rep}-{n}"
+                for kind in ("first", "rerun"):
+                    took, err = timed([sys.executable, "-m", "mone_jax.cli", "calibrate", *common, "--stats-out",
+                                       str(tmp / "s.safetensors"), "--compile-cache", str(cache)])
+                    rows[n][f"mone-jax {kind}"].append(took)
+                    rows[n][f"compile {kind}"].append(_compile_seconds(err))
+                took, _ = timed([sys.executable, str(REPO / "bench" / "torch_calibrate.py"), *common,
+                                 "--stats-out", str(tmp / "t.npz")])
+                rows[n]["pytorch"].append(took)
+                loads.append(os.getloadavg()[0])
+                print(f"rep {rep + 1}, {n} tokens: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows[n].items()) +
+                      f" (load {loads[-1]:.1f})", flush=True)
+    med = {n: {k: float(np.median(v)) for k, v in r.items()} for n, r in rows.items()}
+    return {"config": {k: v for k, v in vars(args).items()}, "load_avg": loads, "runs": rows, "median": med}
+
+
+def _compile_seconds(stderr: str) -> float:
+    """Compile seconds from mone-jax's closing phase line (``done: 4.1 s compiling 3 programs``)."""
+    for line in stderr.splitlines()[::-1]:
+        if "] done: " in line:
+            return float(line.split("] done: ")[1].split(" s ")[0])
+    return float("nan")
+
+
+def print_whole_process(res: dict) -> None:
+    loads = res["load_avg"]
+    print(f"\nwhole process, medians of {res['config']['reps']} alternating runs; load average "
+          f"{min(loads):.1f}-{max(loads):.1f}\n")
+    print("| calibration tokens | mone-jax first run | mone-jax rerun | PyTorch path | ratio, first run | "
+          "ratio, rerun | rerun faster by | compile s, first / rerun |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, m in res["median"].items():
+        first, rerun, torch_s = m["mone-jax first"], m["mone-jax rerun"], m["pytorch"]
+        print(f"| {n:,} | {first:.1f} s | {rerun:.1f} s | {torch_s:.1f} s | {torch_s / first:.2f}x | "
+              f"{torch_s / rerun:.2f}x | {1 - rerun / first:.0%} | {m['compile first']:.1f} / {m['compile rerun']:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.whole_process:
+        res = whole_process(args)
+        print_whole_process(res)
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        print(f"results -> {args.json}")
+        return res
     res = run(args)
     print_table(res)
     Path(args.json).write_text(json.dumps(res, indent=1))

@@ -9,23 +9,24 @@ batch position are saved every few batches and a rerun resumes from them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from mone_jax.config import ModelConfig
 from mone_jax.errors import UserError
 from mone_jax.io import token_ids
-from mone_jax.model import MoEForCausalLM
+from mone_jax.model import MoEForCausalLM, attention_biases, capture_sown
 from mone_jax.moe import EXPERT
 from mone_jax.phases import phase
 from mone_jax.resume import CalibCheckpoint, DataDigest, check_digest
+from mone_jax.rope import rope_tables
 from mone_jax.scoring import check_semantics
 from mone_jax.sharding import (
     batch_spec,
@@ -40,28 +41,89 @@ from mone_jax.sharding import (
 from mone_jax.stats import LayerStats, Stats
 
 
-@lru_cache(maxsize=16)
-def _step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, num_experts: int):
-    """Jitted (state, ids, mask) -> ({moe layer: LayerStats}, tokens), replicated on every device.
+@lru_cache(maxsize=64)
+def layer_step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, num_experts: int, impl: str, block: int | None,
+               windows: tuple):
+    """Jitted (layer state, x, mask, tables) -> (layer output split like x, replicated LayerStats or None);
+    ``tables`` from :func:`batch_tables` for the model's attention ``windows``.
 
     One ``shard_map`` over the mesh: every device runs attention and dense layers on its own rows
-    only; the MoE blocks gather rows over ``expert`` around their local experts."""
+    only; an MoE block gathers rows over ``expert`` around its local experts. Cached by the layer's
+    graphdef, so identical layers share one compiled program."""
     specs = jax.tree.unflatten(spec_def, spec_leaves)
     rows = batch_spec(mesh)
 
-    def body(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        _, stats = model.hidden_states(ids, mask, collect=True)  # no logits: calibration needs none
-        return stats, jax.lax.psum(mask.sum(dtype=jnp.int32), mesh.axis_names)
+    def body(state, x, mask, cos, sin, biases):
+        layer = nnx.merge(graphdef, state)
+        y, stats = capture_sown(layer, x, cos, sin, dict(zip(windows, biases)), mask, impl, block)
+        return y, next(iter(stats.values()), None)
 
-    # check_vma=False: the dispatch internals (scan carries, switch branches) are not vma-annotated
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(P(EXPERT), P()), check_vma=False)
+    def step(state, x, mask, tables):
+        cos, sin, biases = tables
+        # check_vma=False: the dispatch internals (scan carries, switch branches) are not vma-annotated
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows, P(), P(), (rows,) * len(windows)),
+                           out_specs=(rows, P(EXPERT)), check_vma=False)
+        y, stats = fn(state, x, mask, cos, sin, biases)
+        return y, jax.tree.map(lambda a: a[:num_experts], stats)  # padding expert rows dropped
 
-    def step(state, ids, mask):
-        stats, n = fn(state, ids, mask)
-        return jax.tree.map(lambda a: a[:num_experts], stats), n  # padding expert rows dropped
+    return jax.jit(step, out_shardings=(NamedSharding(mesh, rows), NamedSharding(mesh, P())))
 
-    return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
+
+@lru_cache(maxsize=16)
+def batch_tables(mesh: Mesh, rope, dtype, windows: tuple):
+    """Jitted mask [B, T] -> (cos, sin, attention biases [B, T, T] per window of ``windows``), made once per batch
+    and shared by every layer (made inside each layer's program, XLA recomputes the bias in every attention chunk)."""
+    rows = NamedSharding(mesh, batch_spec(mesh))
+    rep = NamedSharding(mesh, P())
+
+    def tables(mask):
+        cos, sin = rope_tables(rope, mask.shape[1], dtype)
+        biases = attention_biases(mask, set(windows))
+        return cos, sin, tuple(biases[w] for w in windows)
+
+    return jax.jit(tables, out_shardings=(rep, rep, (rows,) * len(windows)))
+
+
+@lru_cache(maxsize=16)
+def _embed_step(mesh: Mesh):
+    """Jitted (table, ids) -> embeddings [B, T, d], rows split like the batch."""
+    return jax.jit(lambda table, ids: table[ids], out_shardings=NamedSharding(mesh, batch_spec(mesh)))
+
+
+def windows(cfg: ModelConfig) -> tuple:
+    """The attention window sizes of the model's layers (None: full causal attention)."""
+    return tuple(sorted(set(cfg.sliding_windows), key=lambda w: (w is not None, w or 0)))
+
+
+def layer_programs(model: MoEForCausalLM, mesh: Mesh) -> tuple[jax.Array, list[tuple[int, Callable, nnx.State]]]:
+    """The embedding table and (layer index, jitted step, placed state) of every decoder layer up to the last
+    MoE layer (later layers cannot change the statistics), parameters padded and laid out on ``mesh``."""
+    cfg = model.config
+    _, state = nnx.split(model)
+    state = padded_state(state, mesh)
+    specs = param_specs(state)
+    state = place(state, specs, mesh)
+    out = []
+    for i in range(max(cfg.moe_layer_ids) + 1):
+        graphdef = nnx.graphdef(model.layers[i])
+        leaves, treedef = jax.tree.flatten(specs["layers"][i])
+        step = layer_step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts, model.impl, model.block,
+                          windows(cfg))
+        out.append((i, step, state["layers"][i]))
+    return state["embed"][...], out
+
+
+def run_layers(model: MoEForCausalLM, table: jax.Array, programs: list, ids: jax.Array, mask: jax.Array,
+               mesh: Mesh) -> dict:
+    """{moe layer: device LayerStats} of one global batch (dispatched asynchronously)."""
+    x = _embed_step(mesh)(table, ids)
+    tables = batch_tables(mesh, model.config.rope, model.dtype, windows(model.config))(mask)
+    stats = {}
+    for i, step, state in programs:
+        x, s = step(state, x, mask, tables)
+        if s is not None:
+            stats[i] = s
+    return stats
 
 
 def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,12 +190,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             raise UserError(f"layer {i} is already pruned: calibrate the original model")
     cfg = model.config
     mesh = mesh or single_device_mesh()
-    graphdef, state = nnx.split(model)
-    state = padded_state(state, mesh)
-    specs = param_specs(state)
-    state = place(state, specs, mesh)
-    leaves, treedef = jax.tree.flatten(specs)
-    step = _step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts)
+    table, programs = layer_programs(model, mesh)
     acc, start, digest = empty_stats(cfg), 0, DataDigest()
     if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
         acc, position, expected = found
@@ -150,8 +207,8 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
                 check_digest(checkpoint.directory, expected, digest.hexdigest())
             continue
         if bar is None:
-            phase("compile", "the calibration step (once per batch shape)")
-        out = step(state, shard_batch(ids, mesh), shard_batch(mask, mesh))  # returns once compiled
+            phase("compile", "the calibration step (once per layer kind and batch shape)")
+        out = run_layers(model, table, programs, shard_batch(ids, mesh), shard_batch(mask, mesh), mesh), int(mask.sum())
         if bar is None:  # started after compilation: its rate is the real one
             phase("calibrate", f"{total if total is not None else 'all'} batches of {ids.shape[0]} x {ids.shape[1]} "
                                "tokens")
@@ -174,8 +231,9 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
 
 
 def _fold(acc: Stats, out, position: int, digest: str, checkpoint: CalibCheckpoint | None, last: bool = False) -> Stats:
-    stats, n = jax.device_get(out)
-    acc = acc.merge(Stats({i: LayerStats.from_batch(s) for i, s in stats.items()}, int(n)))
+    stats, n = out
+    stats = jax.device_get(stats)
+    acc = acc.merge(Stats({i: LayerStats.from_batch(s) for i, s in stats.items()}, n))
     if checkpoint is not None and (last or position % checkpoint.every == 0):
         checkpoint.save(acc, {"batch": position}, digest)
     return acc

@@ -323,6 +323,9 @@ def global_args(p: argparse.ArgumentParser, default) -> None:
     in a command so that an option given before the command name survives)."""
     p.add_argument("--debug", action="store_true", default=default, help="show Python tracebacks")
     p.add_argument("--quiet", action="store_true", default=default, help="no progress or phase lines")
+    p.add_argument("--compile-cache", default=None if default is False else default, metavar="DIR",
+                   help="persistent XLA compilation cache folder, or 'off' (default: $MONE_JAX_COMPILE_CACHE, "
+                        "else ~/.cache/mone-jax/xla): a rerun with the same shapes compiles nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         _check_numbers(args)
+        clock = _compile_cache(args)
         code = args.fn(args) or 0
+        if clock is not None:
+            phase("done", clock.describe())
     except UserError as e:
         if args.debug:
             raise
@@ -540,6 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
         return 1
     return code
+
+
+def _compile_cache(args):
+    """The persistent compilation cache configured for a command that compiles; its compile clock started."""
+    if args.cmd in ("inspect", "verify"):
+        return None
+    from mone_jax.compile_cache import CLOCK, configure
+
+    configure(args.compile_cache)
+    return CLOCK.start()
 
 
 def _failure(e: BaseException) -> str:

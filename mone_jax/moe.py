@@ -130,23 +130,17 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
     nonempty = jnp.append(counts > 0, True)
     next_e = jnp.flip(jax.lax.cummin(jnp.flip(jnp.where(nonempty, jnp.arange(E + 1), E + 1))))
 
-    def compute(S, e, p):
+    def compute(S, e, p):  # the only per-chunk-size code: the expert's rows, padded to B
         rows = jax.lax.dynamic_slice_in_dim(s_tok, p, S)
         yb = _expert_mlp(
             x_pad[rows], ex.gate_up[e], ex.down[e], glu,
             None if ex.gate_up_bias is None else ex.gate_up_bias[e],
             None if ex.down_bias is None else ex.down_bias[e],
         )
-        ok = (jnp.arange(S) < counts[e] - (p - starts[e])).astype(jnp.float32)
-        wb = jax.lax.dynamic_slice_in_dim(s_w, p, S) * ok
-        out = jnp.pad(yb * wb[:, None], ((0, B - S), (0, 0)))
-        if not collect:
-            return out, ()
-        m = jax.lax.dynamic_slice_in_dim(s_valid, p, S) * ok
-        return out, _moments(yb, m, wb, lambda v: jnp.dot(m, v, precision=HIGHEST))
+        return jnp.pad(yb, ((0, B - S), (0, 0)))
 
     def skip(e, p):
-        return jnp.zeros((B, d), jnp.float32), (_zero_stats((), d) if collect else ())
+        return jnp.zeros((B, d), jnp.float32)
 
     branches = [skip] + [partial(compute, S) for S in sizes]
 
@@ -155,9 +149,13 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
         ec = jnp.minimum(e, E - 1)
         n = jnp.where(e < E, jnp.minimum(counts[ec] - rel, B), 0)  # rows this step
         p = starts[ec] + rel
-        yw, st = jax.lax.switch(jnp.where(n > 0, jnp.searchsorted(jnp.array(sizes), n) + 1, 0), branches, ec, p)
-        y = y.at[jax.lax.dynamic_slice_in_dim(s_tok, p, B)].add(yw)
+        yb = jax.lax.switch(jnp.where(n > 0, jnp.searchsorted(jnp.array(sizes), n) + 1, 0), branches, ec, p)
+        ok = (jnp.arange(B) < n).astype(jnp.float32)
+        wb = jax.lax.dynamic_slice_in_dim(s_w, p, B) * ok
+        y = y.at[jax.lax.dynamic_slice_in_dim(s_tok, p, B)].add(yb * wb[:, None])
         if collect:  # the step's statistics merged into expert ec's running ones
+            m = jax.lax.dynamic_slice_in_dim(s_valid, p, B) * ok
+            st = _moments(yb, m, wb, lambda v: jnp.dot(m, v, precision=HIGHEST))
             merged = chan_merge(tuple(a[ec] for a in mom), st)
             mom = LayerStats(*(a.at[ec].set(v) for a, v in zip(mom, merged)))
         done = rel + n >= counts[ec]

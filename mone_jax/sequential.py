@@ -18,31 +18,25 @@ import gc
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from mone_jax.calibration import as_batch, empty_stats, shard_batch
-from mone_jax.config import ModelConfig
+from mone_jax.calibration import as_batch, batch_tables, empty_stats, layer_step, shard_batch, windows
 from mone_jax.convert.export import export_pruned
 from mone_jax.convert.formats import export_format
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.errors import UserError
-from mone_jax.model import attention_biases, capture_sown
-from mone_jax.moe import EXPERT, default_impl
+from mone_jax.moe import default_impl
 from mone_jax.planning import Plan
 from mone_jax.resume import CalibCheckpoint, check_digest
-from mone_jax.rope import rope_tables
 from mone_jax.sharding import (
-    batch_spec,
     global_batch,
     local_rows,
     padded_rows,
@@ -55,30 +49,6 @@ from mone_jax.sharding import (
 from mone_jax.stats import LayerStats, Stats
 
 EMBED = "model.embed_tokens.weight"
-
-
-@lru_cache(maxsize=16)
-def _layer_step(graphdef, mesh: Mesh, spec_leaves: tuple, spec_def, cfg: ModelConfig, dtype, impl: str,
-                block: int | None):
-    """Jitted (state, x, mask) -> (layer output split like x, replicated LayerStats or None): one
-    ``shard_map`` as in the full model's step."""
-    specs = jax.tree.unflatten(spec_def, spec_leaves)
-    rows = batch_spec(mesh)
-
-    def body(state, x, mask):
-        layer = nnx.merge(graphdef, state)
-        cos, sin = rope_tables(cfg.rope, x.shape[1], dtype)
-        y, stats = capture_sown(layer, x, cos, sin, attention_biases(mask, {layer.window}), mask, impl, block)
-        return y, next(iter(stats.values()), None)
-
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=(rows, P(EXPERT)),
-                       check_vma=False)  # the dispatch internals are not vma-annotated
-
-    def step(state, x, mask):
-        y, stats = fn(state, x, mask)
-        return y, jax.tree.map(lambda a: a[:cfg.num_experts], stats)  # padding expert rows dropped
-
-    return jax.jit(step, out_shardings=(NamedSharding(mesh, rows), NamedSharding(mesh, P())))
 
 
 class _Hidden:
@@ -179,12 +149,13 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
         state = place(state, specs, mesh)
         del layer
         leaves, treedef = jax.tree.flatten(specs)
-        step = _layer_step(graphdef, mesh, tuple(leaves), treedef, cfg, dt, impl, block)
+        step = layer_step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts, impl, block, windows(cfg))
+        tables = batch_tables(mesh, cfg.rope, dt, windows(cfg))
         src = hidden.src(i)
         first = start_batch if i == start_layer else 0
         pending = None  # fetch batch b's output while batch b+1 runs
         for b in range(first, run.nb):
-            out = step(state, global_batch(src[b], mesh, rows[b]), masks[b])
+            out = step(state, global_batch(src[b], mesh, rows[b]), masks[b], tables(masks[b]))
             if pending is not None:
                 run.fold(i, *pending)
             pending = (b, out)

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from conftest import STRUCTURES
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mone_jax
-from mone_jax.calibration import _step, calibrate, shard_batch
+from mone_jax.calibration import batch_tables, calibrate, layer_programs, shard_batch, windows
 from mone_jax.errors import UserError
 from mone_jax.planning import Plan, make_plan
-from mone_jax.sharding import make_mesh, mesh_shape, padded_state, param_specs, place
+from mone_jax.sharding import batch_spec, make_mesh, mesh_shape, param_specs
 from mone_jax.stats import FLOATS, REFERENCE, Stats
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -74,17 +75,17 @@ def test_expert_mesh_matches_one_device(hf_models, family, variant, shape):
 
 
 def step_flops(model, shape: tuple[int, int], rows: int = 32, seq: int = 64) -> float:
-    """XLA's per-device flop count of the compiled calibration step on a ``shape`` mesh."""
+    """XLA's per-device flop count of the compiled calibration layer steps of one batch on a ``shape`` mesh."""
     mesh = make_mesh(shape, jax.devices()[:shape[0] * shape[1]])
-    graphdef, state = nnx.split(model)
-    state = padded_state(state, mesh)
-    specs = param_specs(state)
-    leaves, treedef = jax.tree.flatten(specs)
-    ids, mask = np.zeros((rows, seq), np.int32), np.ones((rows, seq), bool)
-    compiled = _step(graphdef, mesh, tuple(leaves), treedef, model.config.num_experts).lower(
-        place(state, specs, mesh), shard_batch(ids, mesh), shard_batch(mask, mesh)).compile()
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+    table, programs = layer_programs(model, mesh)
+    mask = shard_batch(np.ones((rows, seq), bool), mesh)
+    x = jax.device_put(table[np.zeros((rows, seq), np.int32)], NamedSharding(mesh, batch_spec(mesh)))
+    tables = batch_tables(mesh, model.config.rope, model.dtype, windows(model.config))(mask)
+    total = 0.0
+    for _, step, state in programs:
+        cost = step.lower(state, x, mask, tables).compile().cost_analysis()
+        total += (cost[0] if isinstance(cost, list) else cost)["flops"]
+    return total
 
 
 def test_expert_mesh_does_not_repeat_attention(hf_models):
@@ -103,7 +104,6 @@ def test_expert_mesh_does_not_repeat_attention(hf_models):
 
 def test_param_specs_split_only_routed_experts(hf_models):
     model = mone_jax.load_hf(hf_models("qwen2_moe", "b")[0], progress=False)
-    from flax import nnx
 
     specs = nnx.to_flat_state(param_specs(nnx.state(model)))  # by variable type: ExpertParam, ExpertBuffer
     split = {".".join(map(str, path)) for path, v in specs if v.get_value() == P("expert")}
