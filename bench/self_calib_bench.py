@@ -5,7 +5,8 @@
 
 The baseline revision is exported with ``git archive`` to a temporary folder. Each run is a fresh
 ``mone-jax calibrate MODEL --calib self`` process (start-up, loading, sampling, calibration), timed
-wall-clock; runs alternate (baseline, this tree, baseline, ...) so that machine load hits both alike.
+wall-clock; runs alternate (baseline, this tree, baseline, ...) so that machine load hits both alike. Every
+run starts with an empty compilation cache (a user's first run; a rerun would load its programs).
 The load average is printed before every run.
 """
 
@@ -39,7 +40,8 @@ def export_revision(rev: str, dest: Path) -> Path:
 
 def run_once(tree: Path, args, out: Path) -> tuple[float, float]:
     """Wall-clock and CPU (user + system) seconds of one calibrate process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+           "MONE_JAX_COMPILE_CACHE": str(out.with_suffix(".xla"))}  # a fresh, empty compilation cache: a first run
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "mone_jax.cli", "calibrate", str(args.model), "--calib", "self", "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--stats-out", str(out), "--quiet"]
