@@ -143,8 +143,8 @@ def decode(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray, key: jax.Ar
 
 def decode_arguments(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray, key: jax.Array, max_new: int, *,
                      temperature: float, top_p: float, stop: Sequence[int], pad: int, mesh: Mesh | None) -> tuple:
-    """The arguments of the compiled decoding program for :func:`decode`'s (prompts padded to a bucket length
-    and, with a ``mesh``, split by rows over its devices; parameters placed as the model holds them)."""
+    """The arguments of the compiled decoding program for :func:`decode`'s inputs (prompts padded to a bucket
+    length and, with a ``mesh``, split by rows over its devices; parameters placed as the model holds them)."""
     B, T = ids.shape
     if mesh is not None and B % mesh.size:
         raise ValueError(f"{B} rows do not split over the mesh's {mesh.size} devices")
