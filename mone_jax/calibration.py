@@ -137,6 +137,23 @@ def as_batch(b, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+TOKENS_PER_DEVICE = 4096  # per data-parallel device and step: large matmuls, at most a few hundred MB of activations
+ROWS_PER_EXPERT = 256  # routed rows per expert and step that keep its matmuls efficient
+
+
+def default_batch_size(cfg: ModelConfig, seq_len: int, devices: int = 1, memory_bytes: float | None = None) -> int:
+    """Sequences per calibration step chosen from the model: about 4096 tokens per device, or enough that an
+    average expert sees 256 routed rows, whichever is more; at most what fits in a tenth of ``memory_bytes``
+    (per device, after the weights) with an estimate of a layer's live activations; a multiple of ``devices``."""
+    tokens = max(TOKENS_PER_DEVICE, -(-ROWS_PER_EXPERT * cfg.num_experts // cfg.top_k)) * devices
+    seq_len = max(seq_len, 1)
+    rows = max(1, -(-tokens // seq_len))
+    if memory_bytes:
+        per_token = 4 * (12 * cfg.hidden_size + cfg.num_experts + 8 * cfg.top_k + 2 * cfg.shared_expert_intermediate_size)
+        rows = max(1, min(rows, int(0.1 * memory_bytes * devices // (per_token * seq_len))))
+    return rows - rows % devices if rows >= devices else rows
+
+
 def calibration_batches(ids: np.ndarray, batch_size: int) -> tuple[np.ndarray | dict, ...]:
     """``ids`` [N, T] cut into batches of ``batch_size`` rows; a short last batch (when there are several) is
     padded with masked rows to the same shape, so every sample counts and one compiled step serves all."""

@@ -128,7 +128,7 @@ def cmd_prune(args) -> None:
         from mone_jax.compare_job import select_for_prune
 
         phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
-        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size)
+        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8)
     else:
         stats = job.stats if job.calib is None else run_calibration(job.calib)
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 128)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512, or the model's max_position_embeddings if smaller)")
         p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .parquet / hub rows")
-        p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration step")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="sequences per calibration step (default: about 4096 tokens per device, more for models "
+                            "with many experts per routed token, capped by memory; 8 with --semantics reference)")
         p.add_argument("--seed", type=int, default=0, help="seed of the data sampling (and of --metric random)")
         from mone_jax.scale import add_args
 

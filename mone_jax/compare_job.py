@@ -144,7 +144,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     t_scores = time.perf_counter()
     scores = weight_scores(args.model, {c.metric for c in cands}, args.progress)
     calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
-    result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size,
+    result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size or 8,
                      weight_scores=scores, progress=args.progress)
     result.update(model=args.model, calib=args.calib, calib_tokens=stats.tokens, valid=sources,
                   seeds=seeds, candidates=len(cands))

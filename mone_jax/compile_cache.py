@@ -11,6 +11,7 @@ cache), so that progress lines and benchmarks report compilation apart from the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -56,8 +57,8 @@ def configure(option: str | None = None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
     if path is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
-        if jax.config.jax_compilation_cache_max_size == -1:
-            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+        if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec("filelock"):
+            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)  # LRU eviction needs file locks
     compilation_cache.reset_cache()  # taken into account even when something compiled before
     return path
 

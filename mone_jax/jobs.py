@@ -4,6 +4,7 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,11 +121,17 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         raise UserError("--offload-dir applies to --sequential runs only")
     if scale.sequential and calib == "self":
         raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
-    job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128,
-                   seq_len or args.seq_len or min(512, cfg.max_position_embeddings), args.seed, args.text_field, args.batch_size, None, scale,
-                   getattr(args, "progress", not args.quiet),
-                   check_semantics(getattr(args, "semantics", "exact")))
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
     raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    seq = seq_len or args.seq_len or min(512, cfg.max_position_embeddings)
+    if raw_npy and Path(calib).is_file():
+        try:
+            seq = np.load(calib, mmap_mode="r", allow_pickle=False).shape[-1]
+        except (ValueError, OSError, IndexError):
+            pass  # read_batches reports it
+    batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale))
+    job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128, seq, args.seed,
+                   args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics)
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
@@ -141,6 +148,26 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
     return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
+
+
+def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions) -> int:
+    """:func:`~mone_jax.calibration.default_batch_size` for this machine: every device data-parallel, the memory of
+    one device (the host's available RAM on CPU) less the checkpoint's weights. Multi-host runs may not touch JAX
+    before ``jax.distributed`` starts: one device's share, memory unchecked."""
+    from mone_jax.calibration import default_batch_size
+
+    if scale.distributed or any(v is not None for v in (scale.coordinator, scale.num_processes, scale.process_id)):
+        return default_batch_size(cfg, seq_len)
+    import jax
+
+    devices = jax.devices()
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        memory = stats["bytes_limit"] - weights
+    else:
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / len(devices) - weights
+    return default_batch_size(cfg, seq_len, len(devices), max(memory, 1.0))
 
 
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:

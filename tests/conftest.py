@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one persistent compilation cache per test run, shared by the xdist workers and the CLI subprocesses they start
+os.environ.setdefault("MONE_JAX_COMPILE_CACHE", os.path.join(
+    tempfile.gettempdir(), "mone-jax-tests-xla-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from mone_jax.compile_cache import configure  # noqa: E402
+
+configure()  # this process's compilations use it too
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -79,3 +79,22 @@ def test_stats_file_roundtrip(hf_models, tmp_path):
     for i in stats.layers:
         np.testing.assert_array_equal(back.layers[i].count, stats.layers[i].count)
         np.testing.assert_allclose(back.layers[i].m2, stats.layers[i].m2, rtol=1e-6)
+
+
+def test_default_batch_size_follows_the_model_and_memory():
+    """About 4096 tokens per device; enough tokens for 256 routed rows per expert when experts are many; a tenth of
+    the memory at most; a multiple of the data-parallel devices."""
+    from types import SimpleNamespace
+
+    from mone_jax.calibration import default_batch_size
+
+    def cfg(E, k):  # the fields the rule reads
+        return SimpleNamespace(num_experts=E, top_k=k, hidden_size=512, shared_expert_intermediate_size=0)
+
+    assert default_batch_size(cfg(32, 4), 512) == 8 and default_batch_size(cfg(32, 4), 64) == 64
+    assert default_batch_size(cfg(256, 8), 512) == 16  # 256 * 256 / 8 = 8192 tokens
+    assert default_batch_size(cfg(32, 4), 512, devices=4) == 32
+    per_seq = 4 * (12 * 512 + 32 + 8 * 4) * 512
+    assert default_batch_size(cfg(32, 4), 512, memory_bytes=10 * 3 * per_seq) == 3  # a tenth of it holds 3
+    assert default_batch_size(cfg(32, 4), 512, devices=2, memory_bytes=10 * 3 * per_seq) == 6  # 3 each, even
+    assert default_batch_size(cfg(32, 4), 512, memory_bytes=1.0) == 1

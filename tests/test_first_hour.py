@@ -68,7 +68,7 @@ def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_p
     # phase feedback (6): one line per phase on a non-terminal, the first before the model loads, no bar redraws
     err = before_load[0] + err
     phases = [line.split("] ")[1].split(":")[0] for line in err.splitlines() if line.startswith("mone-jax: [")]
-    assert phases == ["check", "data", "load", "compile", "calibrate", "plan", "export"]
+    assert phases == ["check", "data", "load", "compile", "calibrate", "plan", "export", "done"]
     assert before_load[0].startswith("mone-jax: [") and "\r" not in err
     summary = json.loads(out)  # nothing but JSON on stdout
     plan = json.loads((tmp_path / "p.json").read_text())
