@@ -4,7 +4,8 @@
 as the harness's ``hf`` model does (its ``TemplateLM`` pairs, the same truncation to the model's
 context) and scores them with :class:`~mone_jax.loglik.TokenScorer`: requests sorted by length,
 cut into fixed-size batches padded to power-of-two buckets, rows split over the device mesh.
-``generate_until`` decodes greedily with :func:`mone_jax.decoding.generate`.
+``generate_until`` decodes greedily with :func:`mone_jax.decoding.generate`, its batches split over the
+same mesh.
 
     from mone_jax.harness import evaluate_tasks
     results = evaluate_tasks("pruned_folder", ["arc_easy", "piqa"], num_fewshot=0)
@@ -155,7 +156,7 @@ class JaxLM(TemplateLM):
                 tokens = generate(self.model, [prompts[i] for i in part], max_new_tokens=new,
                                   temperature=float(kwargs.get("temperature", 0.0)),
                                   seed=int(kwargs.get("seed", 0) or 0), eos_token_id=self.eot_token_id,
-                                  pad_id=self.eot_token_id)
+                                  pad_id=self.eot_token_id, mesh=self.scorer.mesh)
                 for i, toks in zip(part, tokens):
                     toks = list(toks)
                     if self.eot_token_id in toks:

@@ -1,8 +1,10 @@
 """KV-cache decoding: prefill + one-token steps against the full forward, for every family and a pruned model
-per export format; greedy `generate` against transformers' own `generate`; the `generate` command."""
+per export format; greedy `generate` against transformers' own `generate`; the `generate` command; `generate`
+data-parallel on a 2x4 mesh against one device; the position limit."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import jax
@@ -16,8 +18,10 @@ import mone_jax
 from mone_jax.cli import main
 from mone_jax.convert.formats import FORMATS
 from mone_jax.convert.load import load_hf
-from mone_jax.decoding import cached_hidden, init_cache
+from mone_jax.decoding import _decode, cached_hidden, decode_arguments, init_cache
 from mone_jax.demo import demo_model_dir
+from mone_jax.errors import UserError
+from mone_jax.sharding import make_mesh
 
 DEMO = demo_model_dir()
 PROMPTS = ["The for statement in Python", "In the beginning", "Once upon a time there was a little",
@@ -140,3 +144,43 @@ def test_generate_cli(demo, capsys):
             for p, new in zip(prompts, mone_jax.generate(demo, prompts, max_new_tokens=24))]
     assert capsys.readouterr().out == "".join(w + "\n" for w in want)
     assert main([*argv, "--prompt", "x", "--temperature", "-1"]) == 2
+
+
+def test_generate_on_a_2x4_mesh_splits_rows_and_matches_one_device(hf_models):
+    """On 8 devices as a 2x4 (data, expert) mesh (6 experts padded to 8): greedy and sampled tokens equal one
+    device's for prompts of mixed lengths (5 rows padded to 8), and the compiled program holds one row of
+    ids and of every KV cache per device, never the whole batch."""
+    folder, _ = hf_models("qwen2_moe", "a")
+    mesh = make_mesh((2, 4))
+    one, sharded = load_hf(folder, progress=False), load_hf(folder, mesh=mesh, progress=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, one.config.vocab_size, n).tolist() for n in (3, 7, 1, 5, 6)]
+    for temperature in (0.0, 1.0):
+        run = partial(mone_jax.generate, prompts=prompts, max_new_tokens=8, eos_token_id=[], temperature=temperature,
+                      seed=1)
+        assert run(sharded, mesh=mesh) == run(one)
+
+    ids, mask = np.ones((8, 7), np.int32), np.ones((8, 7), bool)
+    args = decode_arguments(sharded, ids, mask, jax.random.key(0), 8, temperature=0.0, top_p=1.0, stop=(), pad=0,
+                            mesh=mesh)
+    compiled = _decode.lower(*args).compile()
+    assert compiled.input_shardings[0][2].shard_shape(args[2].shape) == (1, 8)
+    hlo = compiled.as_text()
+    kv = sharded.layers[0].mixer.init_cache(8, args[5], sharded.dtype)[0].shape  # [B, slots, KV, D]
+    per_device, whole = ("f32[" + ",".join(map(str, (rows, *kv[1:]))) + "]" for rows in (1, 8))
+    assert per_device in hlo and whole not in hlo
+
+
+def test_generate_refuses_more_positions_than_the_model_has(demo, capsys):
+    """Prompt + new tokens beyond max_position_embeddings: a one-line error before anything compiles (CLI exit
+    2); exactly max_position_embeddings positions are accepted."""
+    limit = demo.config.max_position_embeddings
+    compiled = _decode._cache_size()
+    assert main(["generate", str(DEMO), "--prompt", PROMPTS[0], "--max-new-tokens", str(limit), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"mone-jax: error: prompt 0 \(\d+ tokens\) \+ {limit} new tokens exceeds the model's "
+                        rf"max_position_embeddings {limit}: [^\n]+\n", err), err
+    with pytest.raises(UserError, match=rf"prompt 1 \({limit - 4} tokens\) \+ 5 new tokens exceeds"):
+        mone_jax.generate(demo, [[1], [1] * (limit - 4)], max_new_tokens=5)
+    assert _decode._cache_size() == compiled
+    assert mone_jax.generate(demo, [[1] * limit], max_new_tokens=0) == [[]]  # at the limit: nothing to refuse

@@ -1,6 +1,7 @@
 """lm-evaluation-harness on the JAX model (`mone-jax eval --tasks`) against the harness's own `hf`
 (transformers) model, on local tasks written from corpus text: the demo model and its substitution
-and drop exports; the same evaluation on a 2x4 CPU mesh through the CLI."""
+and drop exports; the same evaluation on a 2x4 CPU mesh through the CLI, and the same generations
+request by request."""
 
 from __future__ import annotations
 
@@ -151,3 +152,14 @@ def test_cli_on_a_2x4_mesh_gives_the_same_results(exports, task_dir, jax_results
         assert mesh_results["results"][task] == json.loads(json.dumps(one["results"][task]))
     assert set(mesh_results) >= {"results", "configs", "versions", "n-shot", "config"}
     assert "samples" not in mesh_results
+
+
+def test_generate_until_on_a_2x4_mesh_matches_one_device(exports, task_dir, jax_results):
+    """`generate_until` with the model on 8 devices as a 2x4 (data, expert) mesh, each batch's rows split over
+    them: the same generation for every request as on one device."""
+    from mone_jax.harness import JaxLM
+
+    lm = JaxLM(str(exports["substitution"]), mesh="data=2,expert=4", batch_size=8, progress=False)
+    assert lm.scorer.mesh.size == 8
+    ours = evaluate_tasks(lm, [GEN], include_path=str(task_dir), log_samples=True, progress=False)
+    assert _per_request(ours, GEN) == _per_request(jax_results("substitution"), GEN)
