@@ -42,12 +42,31 @@ def next_token(logits: jax.Array, key: jax.Array, temperature, top_p: float) -> 
         return greedy
     logits = logits.astype(jnp.float32) / jnp.where(temperature == 0, 1.0, temperature)
     if top_p < 1:
-        ordered = jnp.sort(logits, -1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, -1)
-        kept = jnp.sum(jnp.cumsum(probs, -1) - probs < top_p, -1)  # >= 1: the nucleus size
-        threshold = jnp.take_along_axis(ordered, (kept - 1)[:, None], -1)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+        logits = jnp.where(nucleus(logits, top_p), logits, -jnp.inf)
     return jnp.where(temperature == 0, greedy, jax.random.categorical(key, logits, -1).astype(jnp.int32))
+
+
+def nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """The top-p nucleus of logits [B, V] as a mask: the most likely tokens, in order, until their mass reaches
+    ``top_p`` (ties of the last one included), i.e. every logit >= the smallest logit v whose strictly larger
+    logits weigh less than ``top_p``. Found without sorting (a sort of the vocabulary per step costs more than
+    the model's step on CPU): a bisection over the logits' order-preserving unsigned-integer keys, 32 halvings."""
+    probs = jax.nn.softmax(logits, -1)
+    bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # float order == unsigned order
+
+    def light(k):  # mass of the tokens above key k < top_p, per row
+        return jnp.sum(jnp.where(keys > k[:, None], probs, 0.0), -1) < top_p
+
+    def halve(_, lohi):
+        lo, hi = lohi  # light(lo) false, light(hi) true
+        mid = lo + (hi - lo) // 2
+        ok = light(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    lo = keys.min(-1) - 1  # above it: every token, mass 1
+    _, hi = jax.lax.fori_loop(0, 32, halve, (jnp.where(keys.min(-1) == 0, 0, lo), keys.max(-1)))
+    return keys >= hi[:, None]
 
 
 def init_cache(model: MoEForCausalLM, batch: int, slots: int) -> list[tuple[jax.Array, ...]]:

@@ -184,3 +184,23 @@ def test_generate_refuses_more_positions_than_the_model_has(demo, capsys):
         mone_jax.generate(demo, [[1], [1] * (limit - 4)], max_new_tokens=5)
     assert _decode._cache_size() == compiled
     assert mone_jax.generate(demo, [[1] * limit], max_new_tokens=0) == [[]]  # at the limit: nothing to refuse
+
+
+def test_nucleus_equals_the_sorted_definition():
+    """The sort-free top-p nucleus keeps exactly the tokens a float64 sort keeps: most likely first until the
+    mass reaches top_p, ties of the last included; logits with ties, -inf, one dominant token, a flat row."""
+    from mone_jax.decoding import nucleus
+
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=300) * 3, np.round(rng.normal(size=300), 1), np.zeros(300),
+            np.where(rng.random(300) < 0.5, -np.inf, rng.normal(size=300)), np.r_[30.0, rng.normal(size=299)]]
+    logits = np.stack(rows).astype(np.float32)
+    for top_p in (0.05, 0.5, 0.9, 0.95, 0.999):
+        want = []
+        for row in logits.astype(np.float64):
+            order = np.argsort(-row, kind="stable")
+            p = np.exp(row[order] - row[order][0])
+            p /= p.sum()
+            kept = int(np.sum(np.cumsum(p) - p < top_p))
+            want.append(row >= row[order][kept - 1])
+        np.testing.assert_array_equal(np.asarray(nucleus(jnp.asarray(logits), top_p)), np.stack(want), err_msg=top_p)
