@@ -64,8 +64,8 @@ def nucleus(logits: jax.Array, top_p: float) -> jax.Array:
         ok = light(mid)
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-    lo = keys.min(-1) - 1  # above it: every token, mass 1
-    _, hi = jax.lax.fori_loop(0, 32, halve, (jnp.where(keys.min(-1) == 0, 0, lo), keys.max(-1)))
+    lo = jnp.maximum(keys.min(-1), 1) - 1  # above it: every token, mass 1 (no wrap below key 0)
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, keys.max(-1)))
     return keys >= hi[:, None]
 
 
