@@ -6,7 +6,8 @@ Three implementations give the same result to fp32 rounding:
   whose every step runs up to ``block`` rows of one expert (a chunk size in multiples of block/8,
   so padding stays under block/8 rows per expert and each expert's weights are read once per
   ``block`` rows), scatter-adds the weighted rows into the output and Chan-merges the step's
-  two-pass moments into the expert's running ones: statistics are fused with the dispatch.
+  two-pass moments into the expert's running ones: statistics are fused with the dispatch. With
+  statistics (never differentiated) the loop runs exactly the steps the counts need.
 - ``ragged``  (TPU/GPU default): pairs sorted by expert and fed to ``jax.lax.ragged_dot``.
 - ``dense``: every expert on every token, then masked; a test oracle only.
 
@@ -163,8 +164,11 @@ def _scan(x, ids, w, tok, ex: Experts, valid, glu, block):
 
     mom = _zero_stats((E,), d) if collect else ()
     init = (next_e[0], jnp.zeros((), jnp.int32), jnp.zeros((T + 1, d), jnp.float32), mom)
-    # each expert takes ceil(count / B) steps: at most P // B + E in all
-    (_, _, y, mom), _ = jax.lax.scan(body, init, None, length=P // B + E)
+    if collect:  # statistics are never differentiated: a loop of exactly the sum of ceil(count / B) steps
+        steps = ((counts + B - 1) // B).sum()
+        _, _, y, mom = jax.lax.fori_loop(0, steps, lambda _, c: body(c, None)[0], init)
+    else:  # differentiable: a fixed length, at most P // B + E steps (empty experts are skipped)
+        (_, _, y, mom), _ = jax.lax.scan(body, init, None, length=P // B + E)
     return y[:T], (mom._replace(count=mom.count.astype(jnp.int32)) if collect else None)  # float32: exact to 2^24
 
 
