@@ -355,10 +355,10 @@ def compare_stats(ours, theirs: dict) -> dict:
     flips = 0
     for i, t in theirs.items():
         s = ours.layers[i]
-        tc = t["count"].numpy().astype(np.int64)
+        tc = np.asarray(t["count"]).astype(np.int64)
         agree = s.count == tc
         flips += int(np.abs(s.count - tc).sum()) // 2
-        tm, tv = t["mean"].numpy(), t["m2"].numpy() / np.maximum(tc - 1, 1)[:, None]
+        tm, tv = np.asarray(t["mean"]), np.asarray(t["m2"]) / np.maximum(tc - 1, 1)[:, None]
         sc = np.abs(tm).max() + 1e-30
         worst_mean = max(worst_mean, float(np.abs(s.mean - tm)[agree].max(initial=0) / sc))
         vs = np.abs(tv).max() + 1e-30
@@ -607,11 +607,35 @@ def whole_process(args) -> dict:
                 took, _ = timed([sys.executable, str(REPO / "bench" / "torch_calibrate.py"), *common,
                                  "--stats-out", str(tmp / "t.npz")])
                 rows[n]["pytorch"].append(took)
+                parity = _process_parity(tmp / "s.safetensors", tmp / "t.npz")
                 loads.append(os.getloadavg()[0])
                 print(f"rep {rep + 1}, {n} tokens: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows[n].items()) +
                       f" (load {loads[-1]:.1f})", flush=True)
     med = {n: {k: float(np.median(v)) for k, v in r.items()} for n, r in rows.items()}
-    return {"config": {k: v for k, v in vars(args).items()}, "load_avg": loads, "runs": rows, "median": med}
+    return {"config": {k: v for k, v in vars(args).items()}, "load_avg": loads, "runs": rows, "median": med,
+            "matmul_gflops": matmul_rates(args), "parity_vs_torch_float32": parity}
+
+
+def _process_parity(ours: Path, theirs: Path) -> dict:
+    """:func:`compare_stats` of the statistics the two processes wrote (the last token count's runs)."""
+    from mone_jax.stats import Stats
+
+    with np.load(theirs) as z:
+        acc: dict[int, dict] = {}
+        for key in z.files:
+            _, layer, field = key.split(".")
+            acc.setdefault(int(layer), {})[field] = z[key]
+    return compare_stats(Stats.load(ours), acc)
+
+
+def matmul_rates(args) -> dict[str, float]:
+    """Dense f32 GFLOP/s of ``jnp.dot`` and ``torch.mm`` (interleaved, this process): the ceiling each tool's
+    calibration rate follows, so the ratio of the two explains most of the whole-process ratio."""
+    runs = {k: v for k, v in matmul_runs(args.matmul_n, True).items() if "bfloat16" not in k}
+    rss = PeakRSS()
+    t = interleaved({k: fn for k, (fn, _) in runs.items()}, max(args.reps, 3), 1, rss)
+    rss.close()
+    return {k: runs[k][1] / t[k]["median_s"] / 1e9 for k in runs}
 
 
 def _compile_seconds(stderr: str) -> float:
@@ -633,6 +657,12 @@ def print_whole_process(res: dict) -> None:
         first, rerun, torch_s = m["mone-jax first"], m["mone-jax rerun"], m["pytorch"]
         print(f"| {n:,} | {first:.1f} s | {rerun:.1f} s | {torch_s:.1f} s | {torch_s / first:.2f}x | "
               f"{torch_s / rerun:.2f}x | {1 - rerun / first:.0%} | {m['compile first']:.1f} / {m['compile rerun']:.1f} |")
+    print(f"\nstatistics of the two processes agree: {res['parity_vs_torch_float32']}")
+    mm = res.get("matmul_gflops", {})
+    if mm:
+        j, t = mm["matmul jax float32"], mm["matmul torch float32"]
+        print(f"\ndense f32 matmul, {res['config']['matmul_n']}^3: jnp.dot {j:.0f} GFLOP/s, torch.mm {t:.0f} GFLOP/s "
+              f"(jax / torch {j / t:.2f}x)")
 
 
 def main(argv: list[str] | None = None) -> dict:

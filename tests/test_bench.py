@@ -59,3 +59,26 @@ def test_bench_tiny_writes_json(tmp_path, family):
     assert _positive(res["rss_max_gb"])
     f = res["flops_per_pass"]
     assert f["experts"] == 128 * 2 * 2 * 6 * 64 * 32  # tokens * layers * top-k * 6 d f
+
+
+def test_whole_process_mode(tmp_path):
+    """`--whole-process` runs both tools as processes, reports the token count and the matmul ceilings, and the
+    two processes' statistics agree (one token count: each costs three processes)."""
+    out = tmp_path / "whole.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [a for a in TINY if a not in ("--prune-ratios", "0.25,0.5")]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "calib_bench.py"), *args, "--whole-process", "--token-counts", "128",
+         "--json", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["median"]) == {"128"}
+    for m in res["median"].values():
+        assert all(_positive(m[k]) for k in ("mone-jax first", "mone-jax rerun", "pytorch", "compile first"))
+    assert set(res["matmul_gflops"]) == {"matmul jax float32", "matmul torch float32"}
+    assert all(_positive(v) for v in res["matmul_gflops"].values())
+    parity = res["parity_vs_torch_float32"]
+    assert parity["max_rel_mean_diff"] < 1e-4 and parity["max_rel_var_diff"] < 1e-4, parity
+    assert "| 128 |" in proc.stdout and "jax / torch" in proc.stdout
