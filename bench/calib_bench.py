@@ -607,17 +607,17 @@ def whole_process(args) -> dict:
                 took, _ = timed([sys.executable, str(REPO / "bench" / "torch_calibrate.py"), *common,
                                  "--stats-out", str(tmp / "t.npz")])
                 rows[n]["pytorch"].append(took)
-                parity = _process_parity(tmp / "s.safetensors", tmp / "t.npz")
                 loads.append(os.getloadavg()[0])
                 print(f"rep {rep + 1}, {n} tokens: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows[n].items()) +
                       f" (load {loads[-1]:.1f})", flush=True)
+        parity = _process_parity(tmp / "s.safetensors", tmp / "t.npz")  # the last token count's runs
     med = {n: {k: float(np.median(v)) for k, v in r.items()} for n, r in rows.items()}
     return {"config": {k: v for k, v in vars(args).items()}, "load_avg": loads, "runs": rows, "median": med,
             "matmul_gflops": matmul_rates(args), "parity_vs_torch_float32": parity}
 
 
 def _process_parity(ours: Path, theirs: Path) -> dict:
-    """:func:`compare_stats` of the statistics the two processes wrote (the last token count's runs)."""
+    """:func:`compare_stats` of the statistics files the two processes wrote."""
     from mone_jax.stats import Stats
 
     with np.load(theirs) as z:
