@@ -658,11 +658,9 @@ def print_whole_process(res: dict) -> None:
         print(f"| {n:,} | {first:.1f} s | {rerun:.1f} s | {torch_s:.1f} s | {torch_s / first:.2f}x | "
               f"{torch_s / rerun:.2f}x | {1 - rerun / first:.0%} | {m['compile first']:.1f} / {m['compile rerun']:.1f} |")
     print(f"\nstatistics of the two processes agree: {res['parity_vs_torch_float32']}")
-    mm = res.get("matmul_gflops", {})
-    if mm:
-        j, t = mm["matmul jax float32"], mm["matmul torch float32"]
-        print(f"\ndense f32 matmul, {res['config']['matmul_n']}^3: jnp.dot {j:.0f} GFLOP/s, torch.mm {t:.0f} GFLOP/s "
-              f"(jax / torch {j / t:.2f}x)")
+    j, t = res["matmul_gflops"]["matmul jax float32"], res["matmul_gflops"]["matmul torch float32"]
+    print(f"\ndense f32 matmul, {res['config']['matmul_n']}^3: jnp.dot {j:.0f} GFLOP/s, torch.mm {t:.0f} GFLOP/s "
+          f"(jax / torch {j / t:.2f}x)")
 
 
 def main(argv: list[str] | None = None) -> dict:
