@@ -298,7 +298,7 @@ def moe_inputs(model, ids) -> list:
     import jax
     from flax import nnx
 
-    from mone_jax.model import MoEBlock
+    from mone_jax.model.causal_lm import MoEBlock
 
     graphdef, state = nnx.split(model)
     seen: list = []
@@ -372,7 +372,7 @@ def compare_stats(ours, theirs: dict) -> dict:
 def jax_runs(args, models: dict, batches: list, slow_batches: list, stats_out: dict) -> tuple[dict, dict]:
     """Timed mone-jax calibration passes per dtype and dispatch implementation (results to ``stats_out``)."""
     import mone_jax
-    from mone_jax.moe import default_impl
+    from mone_jax.model.moe import default_impl
 
     cfg = next(iter(models.values())).config
     runs, meta = {}, {}
@@ -447,7 +447,7 @@ def run(args) -> dict:
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     import mone_jax
-    from mone_jax.moe import default_impl
+    from mone_jax.model.moe import default_impl
 
     args.impl_list = args.impls.split(",") if args.impls else [default_impl()]
     args.dtype_list = args.dtypes.split(",")
@@ -508,7 +508,7 @@ def pruned_costs(args, models: dict, stats_out: dict, rss: PeakRSS) -> list[dict
     import jax.numpy as jnp
 
     import mone_jax
-    from mone_jax.moe import default_impl
+    from mone_jax.model.moe import default_impl
 
     impl = default_impl()
     dt = "float32" if "float32" in models else next(iter(models))
@@ -600,7 +600,7 @@ def whole_process(args) -> dict:
                           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch)]
                 cache = tmp / f"xla-{rep}-{n}"
                 for kind in ("first", "rerun"):
-                    took, err = timed([sys.executable, "-m", "mone_jax.cli", "calibrate", *common, "--stats-out",
+                    took, err = timed([sys.executable, "-m", "mone_jax.app.cli", "calibrate", *common, "--stats-out",
                                        str(tmp / "s.safetensors"), "--compile-cache", str(cache)])
                     rows[n][f"mone-jax {kind}"].append(took)
                     rows[n][f"compile {kind}"].append(_compile_seconds(err))
@@ -618,7 +618,7 @@ def whole_process(args) -> dict:
 
 def _process_parity(ours: Path, theirs: Path) -> dict:
     """:func:`compare_stats` of the statistics files the two processes wrote."""
-    from mone_jax.stats import Stats
+    from mone_jax.base.stats import Stats
 
     with np.load(theirs) as z:
         acc: dict[int, dict] = {}

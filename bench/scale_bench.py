@@ -83,7 +83,7 @@ def write_checkpoint(folder: Path, args) -> int:
 def timed_run(argv: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mone_jax.cli", *argv], env=env,
+    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mone_jax.app.cli", *argv], env=env,
                        capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"mone-jax {' '.join(argv)} failed:\n{p.stderr[-3000:]}")

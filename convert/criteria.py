@@ -1,4 +1,4 @@
-"""Plans under any criterion of :data:`mone_jax.scoring.REGISTRY`: from calibration statistics, or for a
+"""Plans under any criterion of :data:`mone_jax.prune.scoring.REGISTRY`: from calibration statistics, or for a
 weights-only criterion (AIMER) from the checkpoint itself, with no calibration.
 
 Weights-only scores stream every routed expert's gate, up and down matrices from the safetensors one
@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
 from mone_jax.convert.families import family, parse_config
 from mone_jax.convert.load import check_quantization, expert_weights, kept_counts
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.errors import UserError
-from mone_jax.planning import SCOPES, Plan, make_plan, plan_from_scores, resolve_keep
-from mone_jax.scoring import metric as get_metric
-from mone_jax.stats import Stats
+from mone_jax.prune.planning import SCOPES, Plan, make_plan, plan_from_scores, resolve_keep
+from mone_jax.prune.scoring import metric as get_metric
 
 
 def weight_scores(folder: str | Path, metric: str, *, progress: bool = True) -> dict[int, np.ndarray]:

@@ -24,11 +24,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from mone_jax.base.errors import UserError
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
 from mone_jax.convert.formats import MODELING, ExportFormat, export_format
 from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
-from mone_jax.errors import UserError
-from mone_jax.planning import LayerPlan, Plan
+from mone_jax.prune.planning import LayerPlan, Plan
 
 MANIFEST = "mone_manifest.json"
 _HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
@@ -80,7 +80,7 @@ def export_pruned(
 ) -> dict:
     """Write the pruned checkpoint of ``src_dir`` to ``out_dir`` and return a summary dict.
 
-    ``plan`` is a :class:`~mone_jax.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
+    ``plan`` is a :class:`~mone_jax.prune.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
     [hidden] novice vector of
     each novice expert (unused for ``fmt="drop"``); ``extra_files`` (name -> bytes: a model card, the plan)
     are written into the folder and its manifest too.
@@ -111,7 +111,7 @@ def export_pruned(
 
 def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str = "substitution",
                  dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> dict:
-    """Write the arrays ``model`` (a :class:`~mone_jax.model.MoEForCausalLM`, pruned or not) holds, in
+    """Write the arrays ``model`` (a :class:`~mone_jax.model.causal_lm.MoEForCausalLM`, pruned or not) holds, in
     format ``fmt``; ``source_dir`` (the original checkpoint) gives config.json and the tokenizer files."""
     from mone_jax.convert.state_dict import hf_state_dict  # imports flax
 

@@ -2,7 +2,7 @@
 
 A record holds the checkpoint names of the MoE block (read by the loader, the exporter, ``inspect``
 and the state-dict writer), the transformers config-class defaults for keys a config.json may
-omit, and a parse hook turning the config dict into :class:`~mone_jax.config.ModelConfig` fields
+omit, and a parse hook turning the config dict into :class:`~mone_jax.base.config.ModelConfig` fields
 (MoE layout, routing, attention options, sliding windows). Transformers class names are resolved
 through transformers' own auto mappings (see ``modeling_mone.py``), so they are not repeated here.
 Math lives in the core model; a family whose math is new adds a block there and a flag in ModelConfig.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from mone_jax.config import DeltaNetConfig, ModelConfig
+from mone_jax.base.config import DeltaNetConfig, ModelConfig
+from mone_jax.base.errors import UserError
 from mone_jax.convert.hf_config import common_fields, need, parse_rope, sliding_windows
-from mone_jax.errors import UserError
 
 STD_PROJ = ("gate_proj", "up_proj", "down_proj")
 # Compressed model types written by the PyTorch reference (zxgx/mode-pd): <base>_compressed.

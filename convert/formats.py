@@ -12,9 +12,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mone_jax.base.errors import UserError
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, num_experts_key
 from mone_jax.convert.legacy_config import with_legacy_keys
-from mone_jax.errors import UserError
 
 MODELING = "modeling_mone.py"
 # {layer: {expert: tensor key of its novice}} of a pruned checkpoint, as its config declares it

@@ -5,8 +5,8 @@ Per-family rules (defaults, MoE layout, routing) are hooks in :mod:`mone_jax.con
 
 from __future__ import annotations
 
-from mone_jax.config import RopeConfig
-from mone_jax.errors import UserError
+from mone_jax.base.config import RopeConfig
+from mone_jax.base.errors import UserError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 

@@ -22,15 +22,15 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mone_jax.config import ModelConfig
+from mone_jax.base.config import ModelConfig
+from mone_jax.base.errors import UserError
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.deltanet import DepthwiseConv
-from mone_jax.errors import UserError
-from mone_jax.layers import LayerNorm, Linear, RMSNorm
-from mone_jax.model import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
-from mone_jax.sharding import padded_state, param_specs, place
+from mone_jax.model.causal_lm import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
+from mone_jax.model.deltanet import DepthwiseConv
+from mone_jax.model.layers import LayerNorm, Linear, RMSNorm
+from mone_jax.model.sharding import padded_state, param_specs, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from mone_jax.base.errors import UserError
 from mone_jax.convert.multimodal import tensor_names, text_config
-from mone_jax.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

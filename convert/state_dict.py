@@ -14,9 +14,9 @@ import numpy as np
 from flax import nnx
 
 from mone_jax.convert.families import Family, family
-from mone_jax.deltanet import DepthwiseConv
-from mone_jax.layers import LayerNorm, Linear, RMSNorm
-from mone_jax.model import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
+from mone_jax.model.causal_lm import LAYER_NORMS, MLP, MoEBlock, MoEForCausalLM
+from mone_jax.model.deltanet import DepthwiseConv
+from mone_jax.model.layers import LayerNorm, Linear, RMSNorm
 
 
 def _np(var: nnx.Variable) -> np.ndarray:

@@ -26,10 +26,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mone_jax.cli import main as cli  # noqa: E402
-from mone_jax.compare_report import table, write  # noqa: E402
+from mone_jax.app.cli import main as cli  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
-from mone_jax.scoring import METRICS  # noqa: E402
+from mone_jax.evaluate.report import table, write  # noqa: E402
+from mone_jax.prune.scoring import METRICS  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 SOURCE_BYTES = 120_000  # head / tail of valid.txt taken as its Python-docs / Bible part
@@ -231,7 +231,7 @@ shipped demo model (`mone_jax/demo/model`: Qwen3-MoE layout, {r0['num_experts']}
   {args.valid_samples} consecutive blocks of {args.seq_len} tokens each, {r0['sources']['python']['tokens']:,}
   predicted tokens per source), each alone and pooled (`all`: the token-weighted mean NLL, so both sources
   weigh equally). `train.txt` is 69% Python documentation and 31% Bible (by bytes).
-- Perplexity in JAX (`mone_jax.evaluate.perplexity`), equal to `mone-jax eval` of each plan's export
+- Perplexity in JAX (`mone_jax.evaluate.perplexity.perplexity`), equal to `mone-jax eval` of each plan's export
   (tests/test_compare.py). Bold: best mean in the column.{missing(r0)}
 
 ## Calibration seed 0: pooled validation

@@ -25,11 +25,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mone_jax.app.data import load_token_blocks
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.state_dict import hf_state_dict
-from mone_jax.data import load_token_blocks
-from mone_jax.evaluate import perplexity, unigram_perplexity
-from mone_jax.model import MoEForCausalLM, capture_sown, route
+from mone_jax.evaluate.perplexity import perplexity, unigram_perplexity
+from mone_jax.model.causal_lm import MoEForCausalLM, capture_sown, route
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def paragraphs(path: str) -> list[str]:
-    """Documents of a text file split as ``mone_jax.data`` splits them: at blank lines, stripped, non-empty."""
+    """Documents of a text file split as ``mone_jax.app.data`` splits them: at blank lines, stripped, non-empty."""
     text = Path(path).read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
@@ -207,7 +207,7 @@ BOS and padding.
 - Loss: next-token cross entropy + {args.aux_coef} x the Switch-Transformer load-balancing loss
   (num_experts x sum_e fraction_e x mean_probability_e, averaged over layers), so that all experts
   are used and specialise.
-- Code: this project's Flax NNX model (`mone_jax.model`) and optax; JAX {jax.__version__} on CPU,
+- Code: this project's Flax NNX model (`mone_jax.model.causal_lm`) and optax; JAX {jax.__version__} on CPU,
   {facts['minutes']:.1f} minutes of training wall-clock time on {os.cpu_count()} cores.
 
 ## Quality

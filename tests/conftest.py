@@ -17,7 +17,7 @@ os.environ.setdefault("MONE_JAX_COMPILE_CACHE", os.path.join(
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mone_jax.compile_cache import configure  # noqa: E402
+from mone_jax.base.compile_cache import configure  # noqa: E402
 
 configure()  # this process's compilations use it too
 

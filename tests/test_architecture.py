@@ -1,17 +1,22 @@
-"""Dependencies run one way: core (no Hugging Face) <- HF layer (``mone_jax.convert``) <- application
-(pipelines, CLI, the package facade); no import cycles. Read from the source with ``ast``, so a new module
-is checked by default (anything in mone_jax/ not listed as application is core)."""
+"""The folders are the layers (docs/architecture.md). Read from the source with ``ast``, so a new module is
+checked by the folder it sits in; nothing here lists modules by hand.
+
+    core:  base <- model <- calib <- prune <- evaluate   (no Hugging Face imports)
+    hf:    mone_jax.convert (convert/)
+    app:   mone_jax.app, mone_jax.demo and the facade mone_jax/__init__.py
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-APP = {"mone_jax", "mone_jax.compare_job", "mone_jax.cli", "mone_jax.jobs", "mone_jax.scale", "mone_jax.sequential", "mone_jax.inspect", "mone_jax.data", "mone_jax.harness", "mone_jax.diff",
-       "mone_jax.mix",
-       "mone_jax.demo"}
-HF_ONLY = ("transformers", "torch", "datasets", "tokenizers", "huggingface_hub")
+CORE = ("base", "model", "calib", "prune", "evaluate")  # each may import itself and the ones before it
+LAYERS = {**{f"mone_jax.{p}": i for i, p in enumerate(CORE)}, "mone_jax.convert": len(CORE),
+          "mone_jax.app": len(CORE) + 1, "mone_jax.demo": len(CORE) + 1, "mone_jax": len(CORE) + 1}
+HF_ONLY = ("transformers", "torch", "datasets", "tokenizers", "huggingface_hub", "lm_eval")
 
 
 def _modules() -> dict[str, Path]:
@@ -32,30 +37,43 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 
-def _layer(module: str) -> str:
-    if module in APP or module.startswith("mone_jax.demo"):
-        return "app"
-    return "hf" if module.startswith("mone_jax.convert") else "core"
+def _folder(module: str) -> str:
+    """The layer folder of a module: the longest key of LAYERS it sits in."""
+    return max((f for f in LAYERS if module == f or module.startswith(f + ".")), key=len)
+
+
+def test_every_module_sits_in_a_layer_folder():
+    loose = [m for m, p in _modules().items() if _folder(m) == "mone_jax" and m != "mone_jax"]
+    assert not loose, f"modules outside a layer folder: {loose} (move them under one of {sorted(LAYERS)})"
 
 
 def test_dependencies_point_one_way():
     mods = _modules()
-    allowed = {"core": {"core"}, "hf": {"core", "hf"}, "app": {"core", "hf", "app"}}
     problems = []
     for name, path in mods.items():
-        layer = _layer(name)
+        here = _folder(name)
         for imp in _imports(path, top_level_only=False):
             if imp.startswith("mone_jax"):
-                target = max((m for m in mods if imp == m or imp.startswith(m + ".")), key=len, default=imp)
-                if _layer(target) not in allowed[layer]:
-                    problems.append(f"{name} ({layer}) imports {target} ({_layer(target)})")
-            elif layer == "core" and imp.split(".")[0] in HF_ONLY:
+                if imp not in mods and imp.rsplit(".", 1)[0] in mods:
+                    imp = imp.rsplit(".", 1)[0]  # `from package import name`: the package
+                there = _folder(imp)
+                if LAYERS[there] > LAYERS[here]:
+                    problems.append(f"{name} ({here}) imports {imp} ({there})")
+            elif LAYERS[here] < LAYERS["mone_jax.convert"] and imp.split(".")[0] in HF_ONLY:
                 problems.append(f"{name} (core) imports {imp}")
     assert not problems, "\n".join(problems)
+
+
+def test_no_module_shadows_the_standard_library():
+    """`python mone_jax/app/cli.py` puts that folder first on sys.path: a module named like a standard one
+    (inspect, io, ...) would then be imported by numpy in its place."""
+    clash = sorted(str(p.relative_to(REPO)) for p in _modules().values()
+                   if p.stem in sys.stdlib_module_names)
+    assert not clash, f"modules named like standard-library ones: {clash}"
 
 
 def test_the_shipped_modeling_file_stands_alone():

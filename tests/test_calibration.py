@@ -8,8 +8,8 @@ from conftest import FAMILY_VARIANTS
 from reference import reference_stats
 
 import mone_jax
-from mone_jax.scoring import layer_scores
-from mone_jax.stats import Stats
+from mone_jax.base.stats import Stats
+from mone_jax.prune.scoring import layer_scores
 
 
 def _batches(vocab: int, sizes=((2, 12), (3, 12)), pad: bool = True, seed: int = 0):
@@ -86,7 +86,7 @@ def test_default_batch_size_follows_the_model_and_memory():
     the memory at most; a multiple of the data-parallel devices."""
     from types import SimpleNamespace
 
-    from mone_jax.calibration import default_batch_size
+    from mone_jax.calib.calibration import default_batch_size
 
     def cfg(E, k):  # the fields the rule reads
         return SimpleNamespace(num_experts=E, top_k=k, hidden_size=512, shared_expert_intermediate_size=0)

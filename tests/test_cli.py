@@ -9,11 +9,11 @@ import sys
 import numpy as np
 from conftest import assert_close_logits, torch_logits
 
-from mone_jax.stats import Stats
+from mone_jax.base.stats import Stats
 
 
 def run(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", *map(str, args)], capture_output=True, text=True,
                        timeout=600)
     if check:
         assert p.returncode == 0, p.stderr

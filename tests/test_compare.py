@@ -11,16 +11,16 @@ import pytest
 from conftest import torch, transformers
 from test_evaluate import hf_perplexity
 
-from mone_jax.calibration import calibrate
-from mone_jax.cli import main
-from mone_jax.compare_job import carve, parse_sources
+from mone_jax.app.cli import main
+from mone_jax.app.compare_job import carve, parse_sources
+from mone_jax.app.data import load_token_blocks
+from mone_jax.base.errors import UserError
+from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.criteria import plan_for
 from mone_jax.convert.load import load_hf
-from mone_jax.data import load_token_blocks
-from mone_jax.errors import UserError
-from mone_jax.evaluate import perplexity
-from mone_jax.pruning import prune
-from mone_jax.scoring import METRICS
+from mone_jax.evaluate.perplexity import perplexity
+from mone_jax.prune.pruning import prune
+from mone_jax.prune.scoring import METRICS
 
 T = 13  # a block length no other test compiles, so the compile count below is this test's own
 

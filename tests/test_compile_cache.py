@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mone_jax import compile_cache
-from mone_jax.stats import Stats
+from mone_jax.base import compile_cache
+from mone_jax.base.stats import Stats
 
 
 @pytest.mark.parametrize("option,env,want", [
@@ -36,7 +36,7 @@ def _calibrate(model: str, ids: Path, out: Path, *extra: str, env: dict | None =
     """stderr of a fresh `mone-jax calibrate` process (its phase lines)."""
     env = {**os.environ, **(env or {})}
     env.pop("MONE_JAX_COMPILE_CACHE", None)  # the session's test cache (conftest) must not answer here
-    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", "calibrate", model, "--calib", str(ids),
+    p = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "calibrate", model, "--calib", str(ids),
                         "--stats-out", str(out), *extra], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     return p.stderr

@@ -1,4 +1,4 @@
-"""Tests for mone_jax.data: every source, window semantics, determinism, and every refusal."""
+"""Tests for mone_jax.app.data: every source, window semantics, determinism, and every refusal."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mone_jax import data
-from mone_jax.data import load_token_blocks
-from mone_jax.errors import UserError
+from mone_jax.app import data
+from mone_jax.app.data import load_token_blocks
+from mone_jax.base.errors import UserError
 
 EOS = "<|endoftext|>"
 N, L = 6, 24  # blocks asked for in most tests

@@ -15,13 +15,13 @@ from conftest import PER_FAMILY, torch, transformers
 from flax import nnx
 
 import mone_jax
-from mone_jax.cli import main
+from mone_jax.app.cli import main
+from mone_jax.base.errors import UserError
 from mone_jax.convert.formats import FORMATS
 from mone_jax.convert.load import load_hf
-from mone_jax.decoding import _decode, cached_hidden, decode_arguments, init_cache
 from mone_jax.demo import demo_model_dir
-from mone_jax.errors import UserError
-from mone_jax.sharding import make_mesh
+from mone_jax.model.decoding import _decode, cached_hidden, decode_arguments, init_cache
+from mone_jax.model.sharding import make_mesh
 
 DEMO = demo_model_dir()
 PROMPTS = ["The for statement in Python", "In the beginning", "Once upon a time there was a little",
@@ -189,7 +189,7 @@ def test_generate_refuses_more_positions_than_the_model_has(demo, capsys):
 def test_nucleus_equals_the_sorted_definition():
     """The sort-free top-p nucleus keeps exactly the tokens a float64 sort keeps: most likely first until the
     mass reaches top_p, ties of the last included; logits with ties, -inf, one dominant token, a flat row."""
-    from mone_jax.decoding import nucleus
+    from mone_jax.model.decoding import nucleus
 
     rng = np.random.default_rng(0)
     rows = [rng.normal(size=300) * 3, np.round(rng.normal(size=300), 1), np.zeros(300),

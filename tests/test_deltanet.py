@@ -14,9 +14,9 @@ from conftest import COMMON, CONFIGS, assert_close_logits, build_hf, torch, torc
 from safetensors import safe_open
 
 import mone_jax
+from mone_jax.app.describe import summarize
 from mone_jax.convert.export import export_pruned
-from mone_jax.deltanet import chunked_gated_delta_rule
-from mone_jax.inspect import summarize
+from mone_jax.model.deltanet import chunked_gated_delta_rule
 
 
 def recurrence64(q, k, v, g, beta, state):

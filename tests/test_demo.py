@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from conftest import assert_close_logits, torch, torch_logits, transformers
 
-from mone_jax.cli import main
+from mone_jax.app.cli import main
+from mone_jax.app.data import load_token_blocks
 from mone_jax.convert.load import load_hf
-from mone_jax.data import load_token_blocks
 from mone_jax.demo import demo_model_dir
-from mone_jax.evaluate import perplexity, predicted
-from mone_jax.sampling import sampler_for
+from mone_jax.evaluate.perplexity import perplexity, predicted
+from mone_jax.model.sampling import sampler_for
 
 DEMO = demo_model_dir()
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -44,7 +44,7 @@ def pruned_demo(tmp_path_factory) -> Path:
     not the 8 the test session simulates)."""
     cwd = tmp_path_factory.mktemp("empty")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    run = subprocess.run([sys.executable, "-m", "mone_jax.cli", "prune", "--quiet"], cwd=cwd, env=env,
+    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "prune", "--quiet"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     return cwd / "mone-demo-out"
@@ -98,7 +98,7 @@ def test_beats_unigram_on_validation_text(demo):
 
 
 def test_prune_without_arguments_then_verify(pruned_demo):
-    run = subprocess.run([sys.executable, "-m", "mone_jax.cli", "verify", str(pruned_demo)], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "verify", str(pruned_demo)], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     cfg = json.loads((pruned_demo / "config.json").read_text())
@@ -141,7 +141,7 @@ def test_training_script_forward_and_export(tmp_path):
     from flax import nnx
 
     from mone_jax.convert.families import parse_config
-    from mone_jax.model import MoEForCausalLM
+    from mone_jax.model.causal_lm import MoEForCausalLM
 
     spec = importlib.util.spec_from_file_location("train_demo", Path(__file__).parents[1] / "scripts" / "train_demo.py")
     td = importlib.util.module_from_spec(spec)

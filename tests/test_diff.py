@@ -15,7 +15,7 @@ from conftest import torch_logits
 from safetensors.numpy import load_file, save_file
 
 import mone_jax
-from mone_jax.cli import main
+from mone_jax.app.cli import main
 from mone_jax.demo import demo_model_dir
 
 DEMO = demo_model_dir()

@@ -63,27 +63,27 @@ def test_cli_prune_and_verify(hf_models, tmp_path):
     folder, _ = hf_models("qwen3_moe", "a")
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 96, (4, 16)).astype(np.int32))
     out = tmp_path / "cli_out"
-    cmd = [sys.executable, "-m", "mone_jax.cli", "prune", str(folder), "--calib", str(tmp_path / "ids.npy"),
+    cmd = [sys.executable, "-m", "mone_jax.app.cli", "prune", str(folder), "--calib", str(tmp_path / "ids.npy"),
            "--ratio", "0.5", "--out", str(out), "--stats-out", str(tmp_path / "s.safetensors"),
            "--plan-out", str(tmp_path / "p.json"), "--quiet"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     plan = json.loads((tmp_path / "p.json").read_text())
     assert all(len(v["kept"]) == 4 for v in plan["layers"].values())
-    v = subprocess.run([sys.executable, "-m", "mone_jax.cli", "verify", str(out)], capture_output=True, text=True)
+    v = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "verify", str(out)], capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
     shard = next(out.glob("*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF  # corrupt one byte of tensor data
     shard.write_bytes(bytes(data))
-    v = subprocess.run([sys.executable, "-m", "mone_jax.cli", "verify", str(out)], capture_output=True, text=True)
+    v = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "verify", str(out)], capture_output=True, text=True)
     assert v.returncode == 2 and "failed verification" in v.stderr and "Traceback" not in v.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # out exists: refused
     assert again.returncode == 2 and "exists" in again.stderr
 
 
 def test_reexport_of_a_pruned_checkpoint_is_refused(hf_models, tmp_path):
-    from mone_jax.errors import UserError
+    from mone_jax.base.errors import UserError
 
     folder, _, model, stats, plan = _pipeline(hf_models, "olmoe")
     out = tmp_path / "once"

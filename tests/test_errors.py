@@ -25,11 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save, save_file
 
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.convert.export import verify_export
 from mone_jax.convert.reader import CheckpointReader
-from mone_jax.errors import UserError
-from mone_jax.planning import Plan, make_plan, save_plan
-from mone_jax.stats import LayerStats, Stats
+from mone_jax.prune.planning import Plan, make_plan, save_plan
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 96  # tests/conftest.py's olmoe "a"
 WORDS = "the a of and to in is it that was for on are with as be at by this had".split()
@@ -266,7 +266,7 @@ CASES: dict[str, tuple[Callable[[Inputs, Path], list], str]] = {
 
 
 def _cli(argv: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mone_jax.cli", *map(str, argv)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mone_jax.app.cli", *map(str, argv)], capture_output=True, text=True,
                           timeout=300, **kw)
 
 
@@ -350,7 +350,7 @@ def test_reused_stats_and_plan(inputs, tmp_path):
 _SLOW_WRITER = """
 import sys, time
 import mone_jax.convert.export as ex
-from mone_jax.cli import main
+from mone_jax.app.cli import main
 real = ex._write_shard
 def first_then_hang(path, tensors):
     record = real(path, tensors)

@@ -11,13 +11,13 @@ from conftest import torch
 from reference import torch_export
 
 from mone_jax import save_hf
-from mone_jax.calibration import calibrate
-from mone_jax.cli import main
+from mone_jax.app.cli import main
+from mone_jax.base.errors import UserError
+from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.load import load_hf
-from mone_jax.errors import UserError
-from mone_jax.evaluate import perplexity, predicted, unigram_perplexity
-from mone_jax.planning import make_plan
-from mone_jax.pruning import prune
+from mone_jax.evaluate.perplexity import perplexity, predicted, unigram_perplexity
+from mone_jax.prune.planning import make_plan
+from mone_jax.prune.pruning import prune
 
 RTOL = 1e-4
 

@@ -20,12 +20,12 @@ from reference import torch_export
 from safetensors import safe_open
 from torch_apply import per_expert
 
+from mone_jax.base.errors import UserError
 from mone_jax.convert import export as export_mod
 from mone_jax.convert.export import export_pruned, verify_export
 from mone_jax.convert.families import family
 from mone_jax.convert.formats import FORMATS as REGISTRY
 from mone_jax.convert.formats import export_format
-from mone_jax.errors import UserError
 
 # Every model comes from conftest's one table of tiny configs (one variant per family: PER_FAMILY); expert
 # counts, hidden size, vocabulary and router groups are read from each model's config. That table mixes in

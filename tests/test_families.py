@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from test_calibration import _batches, assert_stats_match
 
 import mone_jax
-from mone_jax.errors import UserError
+from mone_jax.base.errors import UserError
 
 NEW_VARIANTS = [v for v in ALL_VARIANTS if v not in FAMILY_VARIANTS]
 

@@ -1,5 +1,5 @@
 """A new user's first hour (issue 14): every sample calibrated, parseable and honest output, global options,
-clean finished runs, self-describing exports. Runs the real CLI in-process (``mone_jax.cli.main``) on the tiny
+clean finished runs, self-describing exports. Runs the real CLI in-process (``mone_jax.app.cli.main``) on the tiny
 checkpoints of conftest.py, against independent references (a float64 NumPy loop, the plan file itself)."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from reference import reference_stats
 from test_calibration import assert_stats_match
 
 import mone_jax
-from mone_jax.cli import main
+from mone_jax.app.cli import main
+from mone_jax.base.stats import Stats
 from mone_jax.convert.export import verify_export
-from mone_jax.stats import Stats
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -164,9 +164,9 @@ def test_verify_lists_every_problem(tmp_path, capsys):
 
 
 def test_help_states_every_option_its_choices_and_defaults(capsys):
-    from mone_jax.cli import build_parser
+    from mone_jax.app.cli import build_parser
     from mone_jax.convert.formats import FORMATS
-    from mone_jax.scoring import METRICS
+    from mone_jax.prune.scoring import METRICS
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -182,7 +182,7 @@ def test_help_states_every_option_its_choices_and_defaults(capsys):
 
 
 def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_path, capfd):
-    from mone_jax.data import load_token_blocks
+    from mone_jax.app.data import load_token_blocks
 
     demo = Path(mone_jax.__file__).parent / "demo" / "model"
     pruned = tmp_path / "pruned"  # a modepd-style config: a model type transformers does not know, and auto_map
@@ -200,7 +200,7 @@ def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_pat
     out, err = capfd.readouterr()
     assert ids.shape == (1, 8) and out == "" and err == ""  # no split bar, no model-type warning, no prompt
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
-    p = subprocess.run([sys.executable, "-m", "mone_jax.cli", "eval", str(demo), "--data", "hf:some/data", "--seq-len", "8"],
+    p = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "eval", str(demo), "--data", "hf:some/data", "--seq-len", "8"],
                        capture_output=True, text=True, env=env, timeout=300)
     lines = [line for line in p.stderr.splitlines() if not line.startswith("mone-jax: [")]  # all but phase lines
     assert p.returncode == 2 and lines == [lines[0]] and "cannot be reached" in lines[0]
@@ -238,7 +238,7 @@ def test_self_calibration_says_what_it_risks(hf_models, tmp_path, capsys):
 
 
 def test_perplexity_figure_is_readable(tmp_path):
-    from mone_jax.compare_report import plot
+    from mone_jax.evaluate.report import plot
 
     repo = Path(__file__).resolve().parents[1]
     res = json.loads((repo / "docs" / "results.json").read_text())["runs"]["seed 0"]

@@ -10,7 +10,7 @@ from conftest import FAMILY_VARIANTS, assert_close_logits, rewrite_config, torch
 from safetensors.torch import save_file
 
 import mone_jax
-from mone_jax.errors import UserError
+from mone_jax.base.errors import UserError
 
 
 def _ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_pickle_only_checkpoint_is_refused(hf_models, tmp_path):
 
 
 def test_forward_is_jitted_once_per_shape(hf_models):
-    from mone_jax.model import _forward
+    from mone_jax.model.causal_lm import _forward
 
     folder, hf = hf_models("olmoe", "a")
     model = mone_jax.load_hf(folder, progress=False)

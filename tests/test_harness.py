@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # the harness's `hf` model, the reference
 
-from mone_jax.cli import main  # noqa: E402
+from mone_jax.app.cli import main  # noqa: E402
+from mone_jax.app.harness import evaluate_tasks  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
-from mone_jax.harness import evaluate_tasks  # noqa: E402
 
 DEMO = demo_model_dir()
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -106,7 +106,7 @@ def _hf_results(folder: Path, task_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def jax_results(exports, task_dir):
     """name -> JaxLM's results (with samples) on one device; computed once per model."""
-    from mone_jax.sharding import single_device_mesh
+    from mone_jax.model.sharding import single_device_mesh
 
     cache: dict[str, dict] = {}
 
@@ -141,7 +141,7 @@ def test_cli_on_a_2x4_mesh_gives_the_same_results(exports, task_dir, jax_results
     metrics as one device; results.json in lm-eval's format and results.md written."""
     folder = exports["substitution"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    run = subprocess.run([sys.executable, "-m", "mone_jax.cli", "eval", str(folder), "--tasks", f"{MC},{GEN}",
+    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "eval", str(folder), "--tasks", f"{MC},{GEN}",
                           "--include-path", str(task_dir), "--mesh", "data=2,expert=4", "--batch-size", "8",
                           "--out", str(tmp_path), "--quiet"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_cli_on_a_2x4_mesh_gives_the_same_results(exports, task_dir, jax_results
 def test_generate_until_on_a_2x4_mesh_matches_one_device(exports, task_dir, jax_results):
     """`generate_until` with the model on 8 devices as a 2x4 (data, expert) mesh, each batch's rows split over
     them: the same generation for every request as on one device."""
-    from mone_jax.harness import JaxLM
+    from mone_jax.app.harness import JaxLM
 
     lm = JaxLM(str(exports["substitution"]), mesh="data=2,expert=4", batch_size=8, progress=False)
     assert lm.scorer.mesh.size == 8

@@ -18,7 +18,7 @@ from reference import torch_export
 from safetensors.numpy import load_file, save_file
 
 import mone_jax
-from mone_jax.errors import UserError
+from mone_jax.base.errors import UserError
 
 # (family, variant, keep, format): drop mode needs keep to split into the router's groups.
 _CHOSEN = [

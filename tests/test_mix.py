@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import mone_jax
-from mone_jax.cli import main
-from mone_jax.data import load_token_blocks
+from mone_jax.app.cli import main
+from mone_jax.app.data import load_token_blocks
+from mone_jax.app.mix import META_KEY, MixSource, allocate, parse_mix
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
 from mone_jax.demo import demo_model_dir
-from mone_jax.errors import UserError
-from mone_jax.mix import META_KEY, MixSource, allocate, parse_mix
-from mone_jax.stats import Stats
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "valid.txt"
 

@@ -24,7 +24,7 @@ def test_card_command_prints_the_card_perplexity():
     data = args[args.index("--data") + 1]
     if not (REPO / data).is_file():
         pytest.skip(f"shared corpus absent: {data} exists only in the project workspace")
-    run = subprocess.run([sys.executable, "-m", "mone_jax.cli", *args, "--quiet"], cwd=REPO, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", *args, "--quiet"], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     printed = float(re.search(r"perplexity ([0-9.]+)", run.stdout).group(1))

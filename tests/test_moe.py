@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mone_jax.moe import IMPLS, Experts, dispatch
+from mone_jax.model.moe import IMPLS, Experts, dispatch
 
 
 def _setup(T=40, d=16, f=8, E=6, k=2, seed=0, ids=None):

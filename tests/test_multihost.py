@@ -11,8 +11,8 @@ import numpy as np
 from test_sharding import assert_stats_equal
 
 import mone_jax
-from mone_jax.calibration import calibrate
-from mone_jax.stats import Stats
+from mone_jax.base.stats import Stats
+from mone_jax.calib.calibration import calibrate
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ def test_two_processes_match_one(hf_models, tmp_path):
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (4, 2)
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "mone_jax.cli", "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
+        [sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
          "--batch-size", "6", "--stats-out", str(tmp_path / f"p{i}.safetensors"), "--mesh", "data=4,expert=2",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
          "--heartbeat-timeout", "10", "--quiet"],

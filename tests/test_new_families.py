@@ -12,8 +12,8 @@ import pytest
 from conftest import COMMON, CONFIGS, assert_close_logits, rewrite_config, torch_logits, transformers
 
 import mone_jax
+from mone_jax.base.errors import UserError
 from mone_jax.convert.families import parse_config
-from mone_jax.errors import UserError
 
 
 def _config(family: str, **changes) -> dict:
@@ -66,7 +66,7 @@ def test_hunyuan_per_layer_lists_of_one_value_are_read():
                                     "phimoe"])
 def test_inspect_counts_match_transformers(hf_models, family):
     """``inspect`` on each new family: MoE layers and parameter counts as the transformers model holds them."""
-    from mone_jax.inspect import summarize
+    from mone_jax.app.describe import summarize
 
     folder, hf = hf_models(family, "a")
     s = summarize(folder)

@@ -11,9 +11,9 @@ from flax import nnx
 from torch_apply import drop, substitute
 
 import mone_jax
-from mone_jax.errors import UserError
-from mone_jax.planning import check_drop_keep
-from mone_jax.pruning import prune_params
+from mone_jax.base.errors import UserError
+from mone_jax.prune.planning import check_drop_keep
+from mone_jax.prune.pruning import prune_params
 
 
 def _calib(hf, model, seed=0):

@@ -17,13 +17,13 @@ from flax import nnx
 from safetensors import safe_open
 
 import mone_jax
-from mone_jax.cli import main
+from mone_jax.app.cli import main
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.convert.export import export_pruned
 from mone_jax.convert.families import parse_config
 from mone_jax.demo import demo_model_dir
-from mone_jax.errors import UserError
-from mone_jax.planning import make_plan
-from mone_jax.stats import LayerStats, Stats
+from mone_jax.prune.planning import make_plan
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mode-pd-demo"
 KS = (12, 8)

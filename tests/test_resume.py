@@ -13,15 +13,15 @@ import pytest
 from test_sequential import assert_identical
 from test_sharding import batches
 
-from mone_jax.calibration import calibrate, identity
-from mone_jax.errors import UserError
-from mone_jax.resume import CalibCheckpoint
-from mone_jax.sequential import calibrate_sequential
-from mone_jax.stats import Stats
+from mone_jax.app.sequential import calibrate_sequential
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
+from mone_jax.calib.calibration import calibrate, identity
+from mone_jax.calib.resume import CalibCheckpoint
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "mone_jax.cli", *map(str, args)]
+    return [sys.executable, "-m", "mone_jax.app.cli", *map(str, args)]
 
 
 def one_device_env() -> dict:

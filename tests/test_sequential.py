@@ -10,11 +10,11 @@ from conftest import STRUCTURES
 from test_sharding import assert_stats_equal, batches
 
 import mone_jax
-import mone_jax.sequential as seq
-from mone_jax.calibration import calibrate
-from mone_jax.cli import main
-from mone_jax.sharding import make_mesh
-from mone_jax.stats import NAMES, Stats
+import mone_jax.app.sequential as seq
+from mone_jax.app.cli import main
+from mone_jax.base.stats import NAMES, Stats
+from mone_jax.calib.calibration import calibrate
+from mone_jax.model.sharding import make_mesh
 
 
 def assert_identical(a: Stats, b: Stats) -> None:

@@ -11,9 +11,9 @@ from reference import torch_export
 from safetensors.numpy import load_file
 
 import mone_jax
+from mone_jax.base.errors import UserError
 from mone_jax.convert.formats import FORMATS
 from mone_jax.convert.state_dict import hf_state_dict
-from mone_jax.errors import UserError
 
 
 @pytest.mark.parametrize("family,variant", PER_FAMILY)

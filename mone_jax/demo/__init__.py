@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mone_jax.errors import UserError
+from mone_jax.base.errors import UserError
 
 
 def demo_model_dir() -> Path:

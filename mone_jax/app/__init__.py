@@ -1,0 +1,1 @@
+"""The application layer: the CLI, its typed jobs and pipelines."""

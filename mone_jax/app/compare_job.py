@@ -1,0 +1,230 @@
+"""Application side of ``mone-jax compare`` and ``--metric auto``: validation sources parsed and read,
+a validation split carved from the calibration blocks, the model loaded once and calibrated once."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from mone_jax.app.jobs import CalibJob, calib_job, checked_config, read_batches
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
+from mone_jax.evaluate.compare import candidates, compare, select
+from mone_jax.prune.planning import check_drop_keep, resolve_keep
+from mone_jax.prune.scoring import METRICS, metric
+
+_NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
+
+
+def parse_sources(spec: str) -> dict[str, str]:
+    """``--valid``: ``SPEC`` (one source named "valid") or ``NAME=SPEC,NAME=SPEC,...``."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise UserError("--valid is empty: give a validation file, folder, .npy or hf:NAME")
+    if len(parts) == 1 and not _NAMED.fullmatch(parts[0]):
+        return {"valid": parts[0]}
+    out: dict[str, str] = {}
+    for p in parts:
+        m = _NAMED.fullmatch(p)
+        if not m:
+            raise UserError(f"--valid part '{p}' has no name: write several sources as NAME=SPEC,NAME=SPEC")
+        if m[1] in out or m[1] == "all":
+            raise UserError(f"--valid names '{m[1]}' twice or uses the reserved name 'all': give unique names")
+        if m[2] == "self":
+            raise UserError("validate on held-out data (a file, folder, .npy or hf:NAME), not on the model's own "
+                            "samples")
+        out[m[1]] = m[2]
+    return out
+
+
+def read_sources(sources: dict[str, str], model: str, vocab: int, num_samples: int, seq_len: int,
+                 text_field: str = "text") -> dict[str, np.ndarray]:
+    """Consecutive token blocks from the start of each source (as ``mone-jax eval`` reads them)."""
+    from mone_jax.app.data import load_token_blocks
+
+    if "self" in sources.values():
+        raise UserError("validate on held-out data (a file, folder, .npy or hf:NAME), not on the model's own samples")
+    return {name: load_token_blocks(spec, tokenizer_dir=model, num_samples=num_samples, seq_len=seq_len,
+                                    text_field=text_field, vocab_size=vocab, contiguous=True)
+            for name, spec in sources.items()}
+
+
+def carve(batches: tuple[np.ndarray, ...], fraction: float, seed: int,
+          batch_size: int) -> tuple[tuple[np.ndarray, ...], np.ndarray, list[int]]:
+    """Split calibration blocks into (calibration batches, validation blocks, indices of the held-out blocks):
+    round(fraction x blocks) seeded random blocks (at least one) are held out. The blocks are non-overlapping
+    windows of one token stream, so the two parts share no token position."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--valid-fraction must lie in (0, 1), got {fraction}")
+    blocks = np.concatenate(batches)
+    n = blocks.shape[0]
+    held = max(1, int(round(fraction * n)))
+    if held >= n:
+        raise UserError(f"--valid-fraction {fraction} of {n} calibration blocks leaves none to calibrate on: "
+                        "raise --num-samples or lower --valid-fraction")
+    order = np.random.default_rng(seed).permutation(n)
+    valid, calib = np.sort(order[:held]), np.sort(order[held:])
+    rest = blocks[calib]
+    return tuple(rest[i:i + batch_size] for i in range(0, len(rest), batch_size)), blocks[valid], valid.tolist()
+
+
+def block_len(job: CalibJob) -> int:
+    """Tokens per calibration block (a raw .npy's rows as they are), the length validation blocks get."""
+    return int(job.batches[0].shape[1]) if job.batches else job.seq_len
+
+
+def load_and_calibrate(job: CalibJob):
+    """(model, statistics, seconds to load, seconds to calibrate) of a calibration job: the model is loaded once
+    and kept for evaluation."""
+    from mone_jax.app.scale import run_calibration
+    from mone_jax.convert.load import load_hf, refuse_pruned
+
+    if job.scale.sequential:
+        raise UserError("comparing or choosing plans evaluates pruned models in memory: drop --sequential")
+    refuse_pruned(job.model)
+    t0 = time.perf_counter()
+    model = load_hf(job.model, job.dtype, progress=job.progress)
+    t1 = time.perf_counter()
+    if job.batches is None:  # --calib self: sampled from the loaded model
+        from mone_jax.model.sampling import sampler_for
+
+        job = replace(job, batches=read_batches(job, sampler_for(model)))
+    stats = run_calibration(job, model=model)
+    return model, stats, t1 - t0, time.perf_counter() - t1
+
+
+def weight_scores(folder: str, metrics, progress: bool = True) -> dict[str, dict[int, np.ndarray]]:
+    """Scores of the weights-only metrics among ``metrics`` (default: the registry), streamed from the checkpoint."""
+    from mone_jax.convert.criteria import weight_scores as scores
+
+    return {m: scores(folder, m, progress=progress) for m in (METRICS if metrics is None else metrics)
+            if metric(m).needs_weights}
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{what} takes comma-separated numbers, got '{text}'") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{what} takes comma-separated integers, got '{text}'") from None
+
+
+def run_compare(args: argparse.Namespace) -> dict:
+    """``mone-jax compare``: every check before the model loads, one calibration, every plan, the report."""
+    from mone_jax.evaluate import report
+
+    t_start = time.perf_counter()
+    if args.calib is None:
+        raise UserError("give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)")
+    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    ratios, seeds = _floats(args.ratios, "ratios"), _ints(args.seeds, "seeds")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    cands = candidates(metrics, ratios, modes, seeds)
+    cfg = checked_config(args.model)
+    for r in ratios:
+        keep = resolve_keep(cfg.num_experts, None, r)
+        if "drop" in modes:
+            check_drop_keep(cfg, keep)
+    sources = parse_sources(args.valid)
+    job = calib_job(args, args.model, cfg, args.calib)
+    t_data = time.perf_counter()
+    evals = read_sources(sources, args.model, cfg.vocab_size, args.valid_samples, block_len(job), args.text_field)
+    data_s = time.perf_counter() - t_data
+    model, stats, load_s, calib_s = load_and_calibrate(job)
+    t_scores = time.perf_counter()
+    scores = weight_scores(args.model, {c.metric for c in cands}, args.progress)
+    calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
+    result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size or 8,
+                     weight_scores=scores, progress=args.progress)
+    result.update(model=args.model, calib=args.calib, calib_tokens=stats.tokens, valid=sources,
+                  seeds=seeds, candidates=len(cands))
+    result["timing"] = timing(result, load_s, data_s + (t_data - t_start), calib_s, time.perf_counter() - t_start)
+    paths = report.write(result, args.out)
+    result["timing"]["total_with_report"] = time.perf_counter() - t_start
+    return {**result, "written": paths}
+
+
+def timing(result: dict, load_s: float, data_s: float, calib_s: float, total_s: float) -> dict:
+    """Where the wall time went, and wall / (calibration + one evaluation per plan + compilation)."""
+    plans = result["plans"]
+    compile_s = result["original_compile_seconds"] + sum(p["compile_seconds"] for p in plans)
+    forward = float(np.median([p["seconds"] - p["compile_seconds"] for p in plans]))
+    shapes = len({(p["mode"], p["keep"]) for p in plans})
+    expected = calib_s + forward * (len(plans) + 1) + compile_s
+    return {"load": load_s, "data": data_s, "calibration": calib_s, "compile": compile_s, "shapes": shapes,
+            "compiles": result.get("compiles", shapes + 1), "forward_per_plan": forward, "total": total_s,
+            "expected": expected, "ratio": total_s / expected}
+
+
+def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int):
+    """``prune --metric auto``: (statistics, chosen plan). The model is loaded once; the validation blocks are
+    ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before calibrating on the rest."""
+    from mone_jax.convert.load import load_hf
+
+    progress = job.calib.progress if job.calib is not None else True
+    evals, held_ids = None, []
+    if valid is not None:
+        seq_len = block_len(job.calib) if job.calib is not None else 512
+        evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
+    if job.calib is None:  # statistics reused: nothing to carve from
+        if evals is None:
+            raise UserError("--metric auto with --stats needs validation data disjoint from the calibration: give "
+                            "--valid")
+        model, stats = load_hf(job.model, job.dtype, progress=progress), job.stats
+    else:
+        cal = job.calib
+        if cal.scale.sequential:
+            raise UserError("--metric auto evaluates every candidate in memory: drop --sequential")
+        model = load_hf(job.model, job.dtype, progress=progress)
+        if cal.batches is None:  # --calib self: sampled from the loaded model
+            from mone_jax.model.sampling import sampler_for
+
+            cal = replace(cal, batches=read_batches(cal, sampler_for(model)))
+        if evals is None:
+            calib, held, held_ids = carve(cal.batches, fraction, cal.seed, cal.batch_size)
+            cal, evals = replace(cal, batches=calib), {"valid": held}
+        from mone_jax.app.scale import run_calibration
+
+        stats = run_calibration(cal, model=model)
+    n_group = job.config.n_group if job.format.mode == "drop" else 1
+    plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
+                  n_group=n_group, weight_scores=weight_scores(job.model, None, progress), batch_size=batch_size,
+                  progress=progress)
+    plan.selection["held_out"] = ({"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids}
+                                  if valid is None else {"valid": valid})
+    return stats, plan
+
+
+def select_for_plan(args: argparse.Namespace):
+    """``plan MODEL_DIR --stats FILE --metric auto --valid DATA``: the chosen plan (the statistics are given, so the
+    validation data must be given too)."""
+    from mone_jax.convert.formats import export_format
+    from mone_jax.convert.load import load_hf
+
+    model_dir = args.stats_file
+    if args.stats is None or model_dir is None or args.valid is None:
+        raise UserError("plan --metric auto scores every candidate's pruned model: give the model folder, --stats "
+                        "(its statistics) and --valid (validation data disjoint from the calibration)")
+    stats = Stats.load(args.stats)
+    cfg = checked_config(model_dir)
+    stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+    mode = export_format(args.format).mode
+    keep = resolve_keep(cfg.num_experts, args.keep, args.ratio)
+    if mode == "drop":
+        check_drop_keep(cfg, keep)
+    evals = read_sources(parse_sources(args.valid), model_dir, cfg.vocab_size, args.valid_samples, args.seq_len)
+    model = load_hf(model_dir, args.dtype, progress=args.progress)
+    return select(model, stats, evals, keep=keep, mode=mode, scope=args.scope, seed=args.seed,
+                  n_group=cfg.n_group if mode == "drop" else 1,
+                  weight_scores=weight_scores(model_dir, None, args.progress), batch_size=args.batch_size,
+                  progress=args.progress)

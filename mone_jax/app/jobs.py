@@ -1,0 +1,301 @@
+"""Typed jobs of ``calibrate`` and ``prune``: every option resolved and every input checked against the
+model's config.json before the first heavy step (model load, calibration, export)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from mone_jax.app.mix import parse_mix
+from mone_jax.base.config import ModelConfig
+from mone_jax.base.errors import UserError
+from mone_jax.base.phases import phase
+from mone_jax.base.stats import Stats, check_semantics
+from mone_jax.base.tokens import token_ids
+from mone_jax.convert.families import parse_config
+from mone_jax.convert.formats import ExportFormat, export_format
+from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.prune.planning import SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.prune.scoring import metric
+
+CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
+SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "
+                    "need and can forget sources they rarely show (the demo loses its Bible text); calibrate on data "
+                    "like the data it must serve, a balanced mix of its sources (--calib a.txt:0.5,b.txt:0.5), and "
+                    "check pruned models against each other with `mone-jax compare`")
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """Mesh, layer streaming, resumable checkpoints and multi-host options (see mone_jax.app.scale)."""
+
+    mesh: str = "auto"
+    sequential: bool = False
+    offload_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout: int = 100
+
+
+@dataclass(frozen=True)
+class CalibJob:
+    """What a calibration run needs; ``batches`` were read before the model loads (None: ``--calib self``,
+    sampled from the loaded model)."""
+
+    model: str
+    config: ModelConfig
+    dtype: str
+    calib: str
+    num_samples: int
+    seq_len: int
+    seed: int
+    text_field: str
+    batch_size: int
+    batches: tuple[np.ndarray | dict, ...] | None
+    scale: ScaleOptions
+    progress: bool
+    semantics: str = "exact"  # stats.SEMANTICS, recorded in the statistics
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """Calibrate (or reuse ``stats``), plan (or reuse ``plan``), prune and export."""
+
+    model: str
+    config: ModelConfig
+    dtype: str  # compute dtype (novices are rounded through it, as the in-memory prune does)
+    calib: CalibJob | None  # None: the statistics are reused, or not needed (weights-only metric, drop)
+    stats: Stats | None
+    plan: Plan | None
+    keep: int
+    metric: str
+    scope: str
+    seed: int
+    format: ExportFormat
+    out: Path
+    stats_out: str | None
+    plan_out: str | None
+    out_dtype: str | None
+    overwrite: bool
+    ratio: float | None = None  # the requested pruned fraction, when given as one
+    semantics: str = "exact"  # of the plan made here (stats.SEMANTICS)
+
+
+def checked_config(folder: str) -> ModelConfig:
+    """The parsed config.json of ``folder``, its sizes checked for sense, its weights' headers read."""
+    cfg = parse_config(read_config(folder))
+    sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+             "num_attention_heads": cfg.num_heads, "the number of experts": cfg.num_experts,
+             "num_experts_per_tok": cfg.top_k}
+    if bad := next((k for k, v in sizes.items() if v <= 0), None):
+        raise UserError(f"config.json in '{folder}' gives {bad} = {sizes[bad]}, which must be positive: repair it")
+    if cfg.top_k > cfg.num_experts:
+        raise UserError(f"config.json in '{folder}' routes each token to {cfg.top_k} of {cfg.num_experts} experts: "
+                        "num_experts_per_tok cannot exceed the experts; repair it")
+    if not cfg.moe_layer_ids:
+        raise UserError(f"'{folder}' has no MoE layer: there are no experts to prune")
+    CheckpointReader(folder).close()  # safetensors weights present, headers sound
+    return cfg
+
+
+def _file_out(path: str | None) -> None:
+    if path and Path(path).is_dir():
+        raise UserError(f"'{path}' is a folder: give a file name to write")
+
+
+def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str, *, num_samples: int | None = None,
+              seq_len: int | None = None) -> CalibJob:
+    """A checked calibration job; text and token files are read (and checked) now."""
+    scale = ScaleOptions(**{k: getattr(args, k) for k in ScaleOptions.__dataclass_fields__})
+    if scale.offload_dir and not scale.sequential:
+        raise UserError("--offload-dir applies to --sequential runs only")
+    if scale.sequential and calib == "self":
+        raise UserError("--calib self samples from the loaded model: it cannot be combined with --sequential")
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
+    raw_npy = calib.endswith(".npy") and args.num_samples is None and args.seq_len is None
+    seq = seq_len or args.seq_len or min(512, cfg.max_position_embeddings)
+    if raw_npy and Path(calib).is_file():
+        try:
+            seq = np.load(calib, mmap_mode="r", allow_pickle=False).shape[-1]
+        except (ValueError, OSError, IndexError):
+            pass  # read_batches reports it
+    batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale))
+    job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128, seq, args.seed,
+                   args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics)
+    if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
+        raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    if calib == "self":
+        warnings.warn(SELF_CALIBRATION, stacklevel=2)
+        return job
+    if (mix := parse_mix(calib)) is not None:
+        from mone_jax.app.mix import mix_blocks  # tokenizers and datasets: only when needed
+
+        phase("data", f"reading the mix of {len(mix)} sources into {job.num_samples} blocks of {job.seq_len} tokens")
+        ids, record = mix_blocks(mix, tokenizer_dir=model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                 seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size)
+        return replace(job, batches=_batches(job, ids), mix=tuple(record))
+    phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
+                                            f" into {job.num_samples} blocks of {job.seq_len} tokens"))
+    return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
+
+
+def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions) -> int:
+    """:func:`~mone_jax.calib.calibration.default_batch_size` for this machine: every device data-parallel, the memory of
+    one device (the host's available RAM on CPU) less the checkpoint's weights. Multi-host runs may not touch JAX
+    before ``jax.distributed`` starts: one device's share, memory unchecked."""
+    from mone_jax.calib.calibration import default_batch_size
+
+    if scale.distributed or any(v is not None for v in (scale.coordinator, scale.num_processes, scale.process_id)):
+        return default_batch_size(cfg, seq_len)
+    import jax
+
+    devices = jax.devices()
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        memory = stats["bytes_limit"] - weights
+    else:
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / len(devices) - weights
+    return default_batch_size(cfg, seq_len, len(devices), max(memory, 1.0))
+
+
+def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
+    """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
+    --seq-len is used as it is."""
+    cfg = job.config
+    if raw_npy:
+        path = Path(job.calib)
+        if not path.is_file():
+            raise UserError(f"calibration file '{job.calib}' does not exist")
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"'{job.calib}' is not a plain .npy array ({e})") from None
+    else:
+        from mone_jax.app.data import load_token_blocks  # tokenizers and datasets: only when needed
+
+        ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
+                                seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
+    return _batches(job, ids)
+
+
+def _batches(job: CalibJob, ids: np.ndarray) -> tuple[np.ndarray | dict, ...]:
+    """Blocks ``ids`` checked against the model and cut into batches (:func:`batched`)."""
+    cfg = job.config
+    ids = token_ids(ids, cfg.vocab_size, f"'{job.calib}'")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise UserError(f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}: lower --seq-len")
+    from mone_jax.calib.calibration import calibration_batches  # JAX: only once data is read
+
+    return calibration_batches(ids, job.batch_size)
+
+
+def batches_shape(batches) -> tuple[int, int]:
+    """(sequences, tokens per sequence) that calibration batches hold, padding rows not counted."""
+    rows = sum(int(np.asarray(b["attention_mask"]).any(1).sum()) if isinstance(b, dict) else b.shape[0]
+               for b in batches)
+    first = batches[0]["input_ids"] if isinstance(batches[0], dict) else batches[0]
+    return rows, int(first.shape[1])
+
+
+def calibrate_job(args: argparse.Namespace) -> CalibJob:
+    """``mone-jax calibrate``."""
+    if args.calib is None:
+        raise UserError(CALIB_HELP)
+    _file_out(args.stats_out)
+    return calib_job(args, args.model, checked_config(args.model), args.calib)
+
+
+def prune_job(args: argparse.Namespace) -> PruneJob:
+    """``mone-jax prune``: with no model, the shipped demo model with demo defaults."""
+    model, calib, out, ratio = args.model, args.calib, args.out, args.ratio
+    num_samples, seq_len = args.num_samples, args.seq_len
+    if model is None:
+        from mone_jax.demo import demo_model_dir
+
+        model, out = str(demo_model_dir()), out or "mone-demo-out"
+        calib = calib or (None if args.stats or _weights_drop(args) else "self")
+        if args.keep is None and ratio is None and not args.plan:
+            ratio = 0.25
+        if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
+            num_samples, seq_len = num_samples or 16, seq_len or 64
+    if args.metric != "auto":
+        metric(args.metric)  # known
+    elif args.plan:
+        raise UserError("--plan fixes the kept experts: drop --metric auto")
+    semantics = check_semantics(getattr(args, "semantics", "exact"))
+    if args.metric == "auto" and semantics != "exact":
+        raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
+                        "--semantics reference, or drop --semantics")
+    if args.scope not in SCOPES:
+        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    fmt = export_format(args.format)
+    if args.plan and (args.keep is not None or ratio is not None):
+        raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
+    if args.keep is None and ratio is None and not args.plan:
+        raise UserError("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
+    if fmt.mode == "drop" and args.scope == "model" and not args.plan:
+        raise UserError("--format drop needs the same number of experts in every layer, which --scope model "
+                        "does not give: use --scope layer or --format substitution")
+    if args.stats and calib:
+        raise UserError("--stats reuses computed statistics: drop --calib")
+    if _weights_drop(args):  # the plan reads the weights and a drop export writes no novices
+        if calib or args.stats or args.stats_out:
+            raise UserError(f"--metric {args.metric} --format {args.format} needs no calibration: drop "
+                            "--calib / --stats / --stats-out")
+    elif calib is None and not args.stats:
+        raise UserError(CALIB_HELP)
+    if out is None:
+        raise UserError("give the output folder with --out")
+    for path in (args.stats_out, args.plan_out):
+        _file_out(path)
+    cfg = checked_config(model)
+    _check_out(Path(out), model, args)
+    stats = plan = None
+    keep = 0
+    if args.stats:
+        stats = Stats.load(args.stats)
+        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+    if args.plan:
+        plan = Plan.load(args.plan).validate(cfg, fmt.mode)
+    else:
+        keep = resolve_keep(cfg.num_experts, args.keep, ratio)
+        if fmt.mode == "drop":
+            check_drop_keep(cfg, keep)
+    calib_part = None if stats is not None or _weights_drop(args) else calib_job(
+        args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
+    return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
+                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
+                    semantics)
+
+
+def _weights_drop(args: argparse.Namespace) -> bool:
+    """A prune that needs no statistics: a weights-only metric (aimer) exported with experts dropped."""
+    return (not args.plan and args.metric != "auto" and metric(args.metric).needs_weights
+            and export_format(args.format).mode == "drop")
+
+
+def _check_out(out: Path, model: str, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --out that the export could not or should not replace."""
+    src = Path(model).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file: give a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output folder '{out}' exists and is not empty: choose another --out or pass --overwrite")
+    if out.resolve() == src or out.resolve() in src.parents:
+        raise UserError(f"--out '{out}' would replace the model folder '{model}': choose another --out")
+    for f in (args.stats_out, args.plan_out):
+        if f and out.resolve() in Path(f).resolve().parents:
+            raise UserError(f"'{f}' lies inside --out '{out}', which the export replaces: write it elsewhere")

@@ -1,0 +1,34 @@
+"""Phase lines: what a long run is doing, from its first second (load, data, compile, calibrate, plan, export).
+
+The command line turns them on (``--quiet`` leaves them off, as the Python API does): one line on stderr
+when a phase starts, with the seconds since the run began, e.g. ``mone-jax: [3.1s] compile: the
+calibration step (once per batch shape)``. Progress bars then show rates within a phase only, so a bar
+started after compilation reports the real rate. A command adopts them with one call per phase::
+
+    from mone_jax.base.phases import phase
+    phase("export", f"writing {out}")
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+_on = False
+_start = time.monotonic()
+
+
+def configure(on: bool) -> None:
+    """Turn phase lines on or off; the clock of the run starts now."""
+    global _on, _start
+    _on, _start = on, time.monotonic()
+
+
+def enabled() -> bool:
+    return _on
+
+
+def phase(name: str, what: str) -> None:
+    """Say that phase ``name`` starts and what it does (nothing when phase lines are off)."""
+    if _on:
+        print(f"mone-jax: [{time.monotonic() - _start:.1f}s] {name}: {what}", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Calibration: the jitted statistics pass and its resumable checkpoints."""

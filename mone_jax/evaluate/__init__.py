@@ -1,0 +1,1 @@
+"""Perplexity, log-likelihoods and plans compared on validation data."""

@@ -1,0 +1,172 @@
+"""Plans judged side by side from one calibration (``mone-jax compare``) and chosen by validation loss
+(``--metric auto``).
+
+Every candidate (metric x ratio x mode; ``random`` over several seeds) is a plan made from the same
+statistics, applied to the loaded model and evaluated on validation token blocks, per source. Plans of
+one (mode, keep) give pruned models of identical array shapes and one graphdef, so the jitted loss of
+:mod:`mone_jax.evaluate.perplexity` compiles once per shape: the kept ids, the novice ids and values and the
+gathered expert rows of a plan are array inputs of it (its pruned parameter state).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from jax import monitoring
+from tqdm.auto import tqdm
+
+from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
+from mone_jax.evaluate.perplexity import _nll_sum, perplexity
+from mone_jax.model.causal_lm import MoEForCausalLM
+from mone_jax.prune.planning import Plan, make_plan, plan_from_scores, prune_mode, resolve_keep
+from mone_jax.prune.pruning import prune
+from mone_jax.prune.scoring import METRICS, metric
+
+AUTO = "auto"
+SEEDED = ("random",)  # metrics evaluated over several seeds
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan to judge: ``ratio`` of the experts pruned by ``metric`` (``seed`` for random), output ``mode``."""
+
+    metric: str
+    ratio: float
+    mode: str
+    seed: int = 0
+
+    @property
+    def column(self) -> str:
+        return f"{self.mode}@{self.ratio:g}"
+
+
+def candidates(metrics: Sequence[str] | None, ratios: Sequence[float], modes: Sequence[str],
+               seeds: Sequence[int]) -> list[Candidate]:
+    """Every metric (default: the whole registry) x ratio x mode; seeded metrics once per seed."""
+    metrics = list(METRICS if metrics is None else metrics)
+    for m in metrics:
+        metric(m)  # known
+    modes = [prune_mode(m) for m in modes]
+    if not metrics or not ratios or not modes or not seeds:
+        raise UserError("give at least one metric, ratio, mode and seed to compare")
+    return [Candidate(m, r, mode, s) for mode in modes for r in ratios for m in metrics
+            for s in (seeds if m in SEEDED else seeds[:1])]
+
+
+def pooled(results: dict[str, dict]) -> dict:
+    """Token-weighted mean NLL (and its perplexity) over several sources' results."""
+    tokens = sum(r["tokens"] for r in results.values())
+    nll = sum(r["nll"] * r["tokens"] for r in results.values()) / tokens
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens}
+
+
+def evaluate(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, dict]:
+    """``{source: {"nll", "perplexity", "tokens"}}`` of ``model`` on each source's token blocks."""
+    return {name: perplexity(model, ids, batch_size=batch_size) for name, ids in evals.items()}
+
+
+WeightScores = dict[str, dict[int, np.ndarray]]  # weights-only metric -> {MoE layer: scores [E]}
+
+
+def plan_of(stats: Stats, name: str, weight_scores: WeightScores | None = None, **kw) -> Plan:
+    """The plan of metric ``name``: from the statistics, or from ``weight_scores[name]`` for a weights-only one."""
+    if metric(name).needs_weights:
+        if not weight_scores or name not in weight_scores:
+            raise UserError(f"metric '{name}' scores the weights: its scores must be computed from the model folder")
+        kw.pop("seed", None)
+        return plan_from_scores(weight_scores[name], metric=name, **kw)
+    return make_plan(stats, metric=name, **kw)
+
+
+def plan_for(model: MoEForCausalLM, stats: Stats, c: Candidate, scope: str = "layer",
+             weight_scores: WeightScores | None = None) -> Plan:
+    """The plan of candidate ``c`` (a drop plan keeps the same number in each router group)."""
+    n_group = model.config.n_group if c.mode == "drop" else 1
+    return plan_of(stats, c.metric, weight_scores, ratio=c.ratio, scope=scope, seed=c.seed, n_group=n_group)
+
+
+@contextmanager
+def compile_clock() -> Iterator[list[float]]:
+    """Seconds JAX spends tracing, lowering and compiling inside the block (its own monitoring events)."""
+    spent: list[float] = []
+
+    def listen(name: str, secs: float, **_) -> None:
+        if name in _COMPILE_EVENTS:
+            spent.append(secs)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield spent
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
+def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], cands: Sequence[Candidate], *,
+            scope: str = "layer", batch_size: int = 8, weight_scores: WeightScores | None = None,
+            progress: bool = True) -> dict:
+    """Evaluate every candidate's pruned model (and the original) on every source of ``evals``; weights-only
+    metrics plan from ``weight_scores``.
+
+    Returns a JSON-able dict: ``original`` ({source: result}), ``plans`` (one entry per candidate:
+    metric, ratio, mode, seed, keep, kept ids per layer, per-source ``nll`` / ``perplexity`` and its
+    ``seconds`` and compile seconds), ``sources`` (tokens per source).
+    """
+    E = model.config.num_experts
+    for r in sorted({c.ratio for c in cands}):
+        resolve_keep(E, None, r)  # in range
+    rows, compiled = [], _nll_sum._cache_size()
+    bar = tqdm(total=len(cands) + 1, desc="comparing plans", unit="plan", disable=not progress)
+    with compile_clock() as spent:
+        t0 = time.perf_counter()
+        original = evaluate(model, evals, batch_size)
+        if len(evals) > 1:
+            original = {"all": pooled(original), **original}
+        original_s, original_c = time.perf_counter() - t0, sum(spent)
+        bar.update()
+        for c in cands:
+            t0, c0 = time.perf_counter(), sum(spent)
+            plan = plan_for(model, stats, c, scope, weight_scores)
+            res = evaluate(prune(model, stats, plan, mode=c.mode), evals, batch_size)
+            if len(evals) > 1:
+                res["all"] = pooled(res)
+            rows.append({"metric": c.metric, "ratio": c.ratio, "mode": c.mode, "seed": c.seed, "keep": plan.keep,
+                         "nll": {k: v["nll"] for k, v in res.items()},
+                         "perplexity": {k: v["perplexity"] for k, v in res.items()},
+                         "kept": {str(i): list(lp.kept) for i, lp in plan.layers.items()},
+                         "seconds": time.perf_counter() - t0, "compile_seconds": sum(spent) - c0})
+            bar.set_postfix_str(f"{c.mode} {c.ratio:g} {c.metric}", refresh=False)
+            bar.update()
+    bar.close()
+    return {"compiles": _nll_sum._cache_size() - compiled,"original": {k: {"nll": v["nll"], "perplexity": v["perplexity"]} for k, v in original.items()},
+            "original_seconds": original_s, "original_compile_seconds": original_c,
+            "sources": {k: {"tokens": v["tokens"], "blocks": sum(int(evals[s].shape[0]) for s in evals if k in (s, "all")),
+                            "seq_len": int(next(iter(evals.values())).shape[1])} for k, v in original.items()},
+            "num_experts": E, "top_k": model.config.top_k, "scope": scope, "plans": rows}
+
+
+def select(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], *, keep: int, mode: str = "substitute",
+           scope: str = "layer", seed: int = 0, n_group: int = 1, metrics: Sequence[str] | None = None,
+           weight_scores: WeightScores | None = None, batch_size: int = 8, progress: bool = True) -> Plan:
+    """``--metric auto``: the plan of the candidate metric (default: every registered one) whose pruned model has
+    the lowest validation loss (token-weighted mean NLL over ``evals``, which must be disjoint from the
+    calibration tokens); ties go to the earlier metric. The plan records every candidate's loss."""
+    losses, plans = {}, {}
+    for m in tqdm(list(METRICS if metrics is None else metrics), desc="scoring candidates", unit="metric",
+                  disable=not progress):
+        plans[m] = plan_of(stats, m, weight_scores, keep=keep, scope=scope, seed=seed, n_group=n_group)
+        losses[m] = pooled(evaluate(prune(model, stats, plans[m], mode=mode), evals, batch_size))
+    best = min(losses, key=lambda m: losses[m]["nll"])
+    record = {"chosen": best, "mode": mode, "seed": seed, "criterion": "validation mean token NLL",
+              "validation": {k: {"blocks": int(v.shape[0]), "seq_len": int(v.shape[1])} for k, v in evals.items()},
+              "candidates": {m: {"nll": r["nll"], "perplexity": r["perplexity"], "tokens": r["tokens"]}
+                             for m, r in losses.items()}}
+    p = plans[best]
+    return Plan(best, p.scope, p.keep, p.layers, selection=record)

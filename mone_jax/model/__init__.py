@@ -1,0 +1,1 @@
+"""The Flax NNX model: blocks, MoE dispatch, sharding rules, KV-cache decoding."""

@@ -1,0 +1,1 @@
+"""Scoring experts, the plan, the pruning transform and the model card."""
