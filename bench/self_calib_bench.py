@@ -43,7 +43,8 @@ def run_once(tree: Path, args, out: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
            "MONE_JAX_COMPILE_CACHE": str(out.with_suffix(".xla"))}  # a fresh, empty compilation cache: a first run
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(args.model), "--calib", "self", "--num-samples",
+    entry = "mone_jax.app.cli" if (tree / "mone_jax" / "app" / "cli.py").is_file() else "mone_jax.cli"  # older trees
+    cmd = [sys.executable, "-m", entry, "calibrate", str(args.model), "--calib", "self", "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--stats-out", str(out), "--quiet"]
     before, start = _child_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)

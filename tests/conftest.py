@@ -13,16 +13,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one persistent compilation cache per test run, shared by the xdist workers and the CLI subprocesses they start
 os.environ.setdefault("MONE_JAX_COMPILE_CACHE", os.path.join(
     tempfile.gettempdir(), "mone-jax-tests-xla-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
+os.environ.setdefault("MONE_JAX_COMPILE_CACHE_MIN_SECS", "0")  # every program: the tiny models compile fast
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from mone_jax.base.compile_cache import configure  # noqa: E402
 
 configure()  # this process's compilations use it too
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# Property tests: a small profile for the suite; HYPOTHESIS_PROFILE=thorough for a deeper search.
+settings.register_profile("ci", max_examples=30, deadline=None)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def __getattr__(name: str):
+    """``from conftest import torch, transformers``: imported on first use, so a test module that needs them is
+    skipped where they are missing while the torch-free core tests still run."""
+    if name in ("torch", "transformers"):
+        return pytest.importorskip(name)
+    raise AttributeError(name)
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
               max_position_embeddings=256, tie_word_embeddings=False)
@@ -142,6 +154,7 @@ def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2);
     then (drawn last, so the values above do not move) attention and lm_head biases ~ N(0, 0.1^2) and LayerNorm
     weights ~ N(1, 0.2^2), biases ~ N(0, 0.1^2), which transformers initialises to constants."""
+    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
     cls_name, kw = CONFIGS[(family, variant)]
     cfg = getattr(transformers, cls_name)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
@@ -188,6 +201,7 @@ def hf_models(tmp_path_factory):
 
 
 def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    torch = pytest.importorskip("torch")
     with torch.no_grad():
         out = model(torch.as_tensor(ids), attention_mask=None if mask is None else torch.as_tensor(mask))
     return out.logits.float().numpy()

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mone_jax.base.config import ModelConfig, RopeConfig
@@ -96,7 +96,6 @@ def test_ratio_and_bad_arguments():
             make_plan(s, **kw)
 
 
-@settings(max_examples=40, deadline=None)
 @given(E=st.integers(2, 12), L=st.integers(1, 4), n=st.integers(1, 12), seed=st.integers(0, 10_000),
        metric=st.sampled_from(STATS_METRICS), scope=st.sampled_from(["layer", "model"]))
 def test_plan_invariants(E, L, n, seed, metric, scope):
@@ -117,7 +116,6 @@ def test_plan_invariants(E, L, n, seed, metric, scope):
     assert make_plan(s, keep=n, metric=metric, scope=scope, seed=seed) == plan  # deterministic for a seed
 
 
-@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(1, 59), max_size=6))
 def test_merge_is_split_invariant(seed, cuts):
     """Chan merge: any split of the tokens into batches gives the moments of the whole (float64 loop)."""
@@ -176,7 +174,6 @@ def test_drop_plan_keeps_the_best_of_every_group():
             make_plan(s, **kw)
 
 
-@settings(max_examples=40, deadline=None)
 @given(G=st.sampled_from([2, 4]), size=st.integers(2, 4), per=st.integers(1, 4), seed=st.integers(0, 10_000))
 def test_grouped_plans_pass_drop_validation(G, size, per, seed):
     per = min(per, size)

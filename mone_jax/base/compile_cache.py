@@ -21,7 +21,8 @@ import jax
 ENV = "MONE_JAX_COMPILE_CACHE"
 OFF = ("off", "none", "0", "false", "")
 MAX_BYTES = 4 * 2**30  # least-recently-used entries are evicted beyond this
-MIN_COMPILE_SECS = 0.2  # programs compiled faster than this are not worth a file
+MIN_COMPILE_SECS = 0.2  # programs compiled faster than this are not worth a file (default)
+MIN_ENV = "MONE_JAX_COMPILE_CACHE_MIN_SECS"  # another threshold (the test suite caches everything: 0)
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -56,7 +57,7 @@ def configure(option: str | None = None) -> Path | None:
             path = None
     jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
     if path is not None:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get(MIN_ENV, MIN_COMPILE_SECS)))
         if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec("filelock"):
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)  # LRU eviction needs file locks
     compilation_cache.reset_cache()  # taken into account even when something compiled before
