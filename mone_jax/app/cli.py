@@ -6,54 +6,73 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mone_jax.app.arguments import build_parser, check_numbers
+from mone_jax.base import phases
 from mone_jax.base.errors import UserError
-from mone_jax.base.phases import configure, phase
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
-    (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead."""
+    (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead. What the
+    command changes in the process (phase lines, warning display, environment) is restored when it returns."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # e.g. "PyTorch was not found": not needed here
-    configure(not args.quiet)  # phase lines on stderr; bars only where a terminal redraws them
-    args.progress = not args.quiet and sys.stderr.isatty()
-    if not args.debug:
-        warnings.showwarning = _warn
-    if getattr(args, "quiet", False):  # the libraries' progress bars and notices too
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args.progress = not args.quiet and sys.stderr.isatty()  # bars only where a terminal redraws them
+    with _session(args):
+        try:
+            check_numbers(args)
+            return _run(args)
+        except UserError as e:
+            if args.debug:
+                raise
+            print(f"mone-jax: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("mone-jax: interrupted", file=sys.stderr)
+            return 130
+        except (OSError, MemoryError, RuntimeError) as e:
+            if args.debug or (isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" not in str(e)):
+                raise
+            print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
+            return 1
+
+
+@contextmanager
+def _session(args) -> Iterator[None]:
+    """Phase lines on stderr (unless ``--quiet``), warnings as one line each (unless ``--debug``) and the
+    libraries' notices quieted through the environment, for the length of the command."""
+    env = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}  # e.g. "PyTorch was not found": not needed here
+    if args.quiet:  # the libraries' progress bars and notices too
+        env.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    added = [k for k in env if k not in os.environ]
+    os.environ.update({k: env[k] for k in added})
     try:
-        check_numbers(args)
-        clock = _compile_cache(args)
-        code = args.run(args) or 0
-        if clock is not None:
-            phase("done", clock.describe())
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"mone-jax: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mone-jax: interrupted", file=sys.stderr)
-        return 130
-    except (OSError, MemoryError, RuntimeError) as e:
-        if args.debug or (isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" not in str(e)):
-            raise
-        print(f"mone-jax: error: {_failure(e)}", file=sys.stderr)
-        return 1
-    return code
+        with warnings.catch_warnings(), phases.configured(not args.quiet):
+            if not args.debug:
+                warnings.showwarning = _warn
+            yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
-def _compile_cache(args):
-    """The persistent compilation cache configured for a command that compiles; its compile clock started."""
+def _run(args) -> int:
+    """The command's exit code; commands that compile use the persistent compilation cache and report
+    their compile time."""
     if args.cmd in ("inspect", "verify"):
-        return None
+        return args.run(args) or 0
     from mone_jax.base.compile_cache import CLOCK, configure
 
     configure(args.compile_cache)
-    return CLOCK.start()
+    clock = CLOCK.start()
+    try:
+        code = args.run(args) or 0
+    finally:
+        clock.stop()
+    phases.phase("done", clock.describe())
+    return code
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
