@@ -1,14 +1,21 @@
-"""The command line as a user runs it (subprocesses)."""
+"""The command line as a user runs it (subprocesses), and ``main`` run in-process twice."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 from conftest import assert_close_logits, torch_logits
 
+import mone_jax
+from mone_jax.app.cli import main
+from mone_jax.base import phases
 from mone_jax.base.stats import Stats
 
 
@@ -54,3 +61,24 @@ def test_calibrate_then_plan(hf_models, tmp_path):
     assert plan["metric"] == "reap" and all(len(v["kept"]) == 5 for v in plan["layers"].values())
     bad = run("plan", tmp_path / "s.safetensors", "--keep", "9", "--plan-out", tmp_path / "q.json", check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "q.json").exists()
+
+
+def test_main_leaves_the_process_as_it_found_it(capsys, monkeypatch):
+    """Two in-process runs print the same (but for timings) and leave phase lines, the warning display and the
+    environment as they were, on success and on a refused input."""
+    demo = str(Path(mone_jax.__file__).parent / "demo" / "model")
+
+    def shown(*_):
+        pass
+
+    monkeypatch.setattr(warnings, "showwarning", shown)
+    env = dict(os.environ)
+    for argv in (["inspect", demo], ["calibrate", demo, "--calib", "self", "--sequential", "--stats-out", "s"]):
+        runs = []
+        for _ in range(2):
+            code = main(argv)
+            out, err = capsys.readouterr()
+            runs.append((code, out, re.sub(r"\[\d+\.\ds\]", "[t]", err)))
+            assert warnings.showwarning is shown and not phases.enabled() and dict(os.environ) == env
+        assert runs[0] == runs[1]
+    assert runs[0][0] == 2 and "mone-jax: [t] check:" in runs[0][2]  # phase lines were on during the run

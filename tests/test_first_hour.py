@@ -164,7 +164,7 @@ def test_verify_lists_every_problem(tmp_path, capsys):
 
 
 def test_help_states_every_option_its_choices_and_defaults(capsys):
-    from mone_jax.app.cli import build_parser
+    from mone_jax.app.arguments import build_parser
     from mone_jax.convert.formats import FORMATS
     from mone_jax.prune.scoring import METRICS
 

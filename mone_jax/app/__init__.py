@@ -1,1 +1,1 @@
-"""The application layer: the CLI, its typed jobs and pipelines."""
+"""The application layer: the CLI (main, arguments, one module per command), its typed jobs and pipelines."""

@@ -80,7 +80,7 @@ def block_len(job: CalibJob) -> int:
 def load_and_calibrate(job: CalibJob):
     """(model, statistics, seconds to load, seconds to calibrate) of a calibration job: the model is loaded once
     and kept for evaluation."""
-    from mone_jax.app.scale import run_calibration
+    from mone_jax.app.pipeline import run_calibration
     from mone_jax.convert.load import load_hf, refuse_pruned
 
     if job.scale.sequential:
@@ -193,7 +193,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         if evals is None:
             calib, held, held_ids = carve(cal.batches, fraction, cal.seed, cal.batch_size)
             cal, evals = replace(cal, batches=calib), {"valid": held}
-        from mone_jax.app.scale import run_calibration
+        from mone_jax.app.pipeline import run_calibration
 
         stats = run_calibration(cal, model=model)
     n_group = job.config.n_group if job.format.mode == "drop" else 1

@@ -48,7 +48,7 @@ class JaxLM(TemplateLM):
     def __init__(self, pretrained: str, *, dtype: str = "float32", batch_size: int | str = 8, mesh=None,
                  max_gen_toks: int = 256, progress: bool = True, **_ignored) -> None:
         super().__init__()
-        from mone_jax.app.scale import model_mesh
+        from mone_jax.app.pipeline import model_mesh
         from mone_jax.convert.load import config_of, load_hf
         from mone_jax.evaluate.loglik import TokenScorer
 

@@ -32,7 +32,7 @@ SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the 
 
 @dataclass(frozen=True)
 class ScaleOptions:
-    """Mesh, layer streaming, resumable checkpoints and multi-host options (see mone_jax.app.scale)."""
+    """Mesh, layer streaming, resumable checkpoints and multi-host options (``arguments.add_scale_args``)."""
 
     mesh: str = "auto"
     sequential: bool = False
@@ -108,7 +108,8 @@ def checked_config(folder: str) -> ModelConfig:
     return cfg
 
 
-def _file_out(path: str | None) -> None:
+def file_out(path: str | None) -> None:
+    """Refuse an output file option that names a folder, before any work."""
     if path and Path(path).is_dir():
         raise UserError(f"'{path}' is a folder: give a file name to write")
 
@@ -214,7 +215,7 @@ def calibrate_job(args: argparse.Namespace) -> CalibJob:
     """``mone-jax calibrate``."""
     if args.calib is None:
         raise UserError(CALIB_HELP)
-    _file_out(args.stats_out)
+    file_out(args.stats_out)
     return calib_job(args, args.model, checked_config(args.model), args.calib)
 
 
@@ -260,7 +261,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     if out is None:
         raise UserError("give the output folder with --out")
     for path in (args.stats_out, args.plan_out):
-        _file_out(path)
+        file_out(path)
     cfg = checked_config(model)
     _check_out(Path(out), model, args)
     stats = plan = None

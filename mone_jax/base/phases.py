@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _on = False
 _start = time.monotonic()
@@ -22,6 +24,18 @@ def configure(on: bool) -> None:
     """Turn phase lines on or off; the clock of the run starts now."""
     global _on, _start
     _on, _start = on, time.monotonic()
+
+
+@contextmanager
+def configured(on: bool) -> Iterator[None]:
+    """:func:`configure` for the length of a block (a command); then as before."""
+    global _on, _start
+    before = _on, _start
+    configure(on)
+    try:
+        yield
+    finally:
+        _on, _start = before
 
 
 def enabled() -> bool:

@@ -1,0 +1,57 @@
+"""``mone-jax prune``: calibrate, plan, prune and export in one go."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mone_jax.base.phases import phase
+
+
+def run(args) -> None:
+    phase("check", f"the options and '{args.model or 'the demo model'}' (importing JAX and transformers)")
+    from mone_jax import __version__
+    from mone_jax.app.distributed import init_distributed, is_writer
+    from mone_jax.app.jobs import prune_job
+    from mone_jax.app.pipeline import finish, run_calibration
+    from mone_jax.app.sequential import export_from_stats
+    from mone_jax.convert.criteria import plan_for
+    from mone_jax.prune.card import folder_files
+    from mone_jax.prune.planning import describe_summary, plan_summary
+
+    job = prune_job(args)
+    if job.calib is not None:
+        init_distributed(job.calib.scale)
+    n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
+    if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
+        from mone_jax.app.compare_job import select_for_prune
+
+        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
+        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8)
+    else:
+        stats = job.stats if job.calib is None else run_calibration(job.calib)
+        phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
+        plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                    seed=job.seed, n_group=n_group, semantics=job.semantics,
+                                    progress=not args.quiet)
+    if not is_writer():
+        return
+    if job.stats_out:  # before the export: a failed export does not lose the calibration
+        stats.save(job.stats_out)
+    if job.plan_out:
+        plan.save(job.plan_out)
+    kept = plan_summary(plan, job.config.num_experts, job.ratio)
+    c = job.calib
+    calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
+                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
+    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
+                         mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
+    # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
+    phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
+    summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
+                                out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    if c is not None:
+        finish(c)
+    print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
+    print(f"mone-jax: {describe_summary(kept, job.config.num_experts)}; wrote {job.format.name} checkpoint "
+          f"{job.out}; next: mone-jax eval {job.out} --data HELD_OUT_TEXT", file=sys.stderr)
