@@ -1,4 +1,4 @@
-"""Plans under any criterion of :data:`mone_jax.prune.scoring.REGISTRY`: from calibration statistics, or for a
+"""Plans under any criterion of :data:`mone_jax.pruning.scoring.REGISTRY`: from calibration statistics, or for a
 weights-only criterion (AIMER) from the checkpoint itself, with no calibration.
 
 Weights-only scores stream every routed expert's gate, up and down matrices from the safetensors one
@@ -17,8 +17,8 @@ from mone_jax.base.stats import Stats
 from mone_jax.convert.families import family, parse_config
 from mone_jax.convert.load import check_quantization, expert_weights, kept_counts
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.prune.planning import SCOPES, Plan, make_plan, plan_from_scores, resolve_keep
-from mone_jax.prune.scoring import metric as get_metric
+from mone_jax.pruning.planning import SCOPES, Plan, make_plan, plan_from_scores, resolve_keep
+from mone_jax.pruning.scoring import metric as get_metric
 
 
 def weight_scores(folder: str | Path, metric: str, *, progress: bool = True) -> dict[int, np.ndarray]:

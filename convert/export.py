@@ -28,7 +28,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
 from mone_jax.convert.formats import MODELING, ExportFormat, export_format
 from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
-from mone_jax.prune.planning import LayerPlan, Plan
+from mone_jax.pruning.planning import LayerPlan, Plan
 
 MANIFEST = "mone_manifest.json"
 _HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
@@ -80,7 +80,7 @@ def export_pruned(
 ) -> dict:
     """Write the pruned checkpoint of ``src_dir`` to ``out_dir`` and return a summary dict.
 
-    ``plan`` is a :class:`~mone_jax.prune.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
+    ``plan`` is a :class:`~mone_jax.pruning.planning.Plan` or its JSON dict (docs/formats.md); ``novices[l][e]`` the
     [hidden] novice vector of
     each novice expert (unused for ``fmt="drop"``); ``extra_files`` (name -> bytes: a model card, the plan)
     are written into the folder and its manifest too.

@@ -21,14 +21,14 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from mone_jax.base.stats import Stats
     from mone_jax.model.causal_lm import MoEForCausalLM
-    from mone_jax.prune.planning import Plan
+    from mone_jax.pruning.planning import Plan
 
 # Imported on first use, to keep `mone-jax --help` and light commands free of JAX's start-up (0.3 s, not 3.5 s);
 # dependencies run one way (tests/test_architecture.py), so nothing here breaks a cycle.
 _LAZY = {
-    "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calib.calibration", "prune": "mone_jax.prune.pruning",
-    "Stats": "mone_jax.base.stats", "MoEForCausalLM": "mone_jax.model.causal_lm", "load_plan": "mone_jax.prune.planning",
-    "save_plan": "mone_jax.prune.planning", "make_plan": "mone_jax.prune.planning", "Plan": "mone_jax.prune.planning",
+    "load_hf": "mone_jax.convert.load", "calibrate": "mone_jax.calib.calibration", "prune": "mone_jax.pruning.transform",
+    "Stats": "mone_jax.base.stats", "MoEForCausalLM": "mone_jax.model.causal_lm", "load_plan": "mone_jax.pruning.planning",
+    "save_plan": "mone_jax.pruning.planning", "make_plan": "mone_jax.pruning.planning", "Plan": "mone_jax.pruning.planning",
     "calibration_batches": "mone_jax.calib.calibration", "load_token_blocks": "mone_jax.app.data",
     "perplexity": "mone_jax.evaluate.perplexity", "generate": "mone_jax.model.decoding",
 }

@@ -19,7 +19,7 @@ import numpy as np
 import mone_jax
 from mone_jax.base.errors import UserError
 from mone_jax.demo import demo_model_dir
-from mone_jax.prune.planning import make_plan
+from mone_jax.pruning.planning import make_plan
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mode-pd-demo"
 

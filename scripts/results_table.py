@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from mone_jax.app.cli import main as cli  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
 from mone_jax.evaluate.report import table, write  # noqa: E402
-from mone_jax.prune.scoring import METRICS  # noqa: E402
+from mone_jax.pruning.scoring import METRICS  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 SOURCE_BYTES = 120_000  # head / tail of valid.txt taken as its Python-docs / Bible part

@@ -1,7 +1,7 @@
 """The folders are the layers (docs/architecture.md). Read from the source with ``ast``, so a new module is
 checked by the folder it sits in; nothing here lists modules by hand.
 
-    core:  base <- model <- calib <- prune <- evaluate   (no Hugging Face imports)
+    core:  base <- model <- calib <- pruning <- evaluate   (no Hugging Face imports)
     hf:    mone_jax.convert (convert/)
     app:   mone_jax.app, mone_jax.demo and the facade mone_jax/__init__.py
 """
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("base", "model", "calib", "prune", "evaluate")  # each may import itself and the ones before it
+CORE = ("base", "model", "calib", "pruning", "evaluate")  # each may import itself and the ones before it
 LAYERS = {**{f"mone_jax.{p}": i for i, p in enumerate(CORE)}, "mone_jax.convert": len(CORE),
           "mone_jax.app": len(CORE) + 1, "mone_jax.demo": len(CORE) + 1, "mone_jax": len(CORE) + 1}
 HF_ONLY = ("transformers", "torch", "datasets", "tokenizers", "huggingface_hub", "lm_eval")
@@ -74,6 +74,15 @@ def test_no_module_shadows_the_standard_library():
     clash = sorted(str(p.relative_to(REPO)) for p in _modules().values()
                    if p.stem in sys.stdlib_module_names)
     assert not clash, f"modules named like standard-library ones: {clash}"
+
+
+def test_no_subpackage_hides_a_public_name():
+    """Importing a subpackage binds its name on ``mone_jax``: one named like a facade function (``prune``)
+    would replace that function once anything imported the subpackage."""
+    import mone_jax
+
+    subpackages = {m.split(".")[1] for m in _modules() if m.count(".") >= 1}
+    assert not subpackages & set(mone_jax.__all__), subpackages & set(mone_jax.__all__)
 
 
 def test_the_shipped_modeling_file_stands_alone():

@@ -9,7 +9,7 @@ from reference import reference_stats
 
 import mone_jax
 from mone_jax.base.stats import Stats
-from mone_jax.prune.scoring import layer_scores
+from mone_jax.pruning.scoring import layer_scores
 
 
 def _batches(vocab: int, sizes=((2, 12), (3, 12)), pad: bool = True, seed: int = 0):

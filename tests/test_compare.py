@@ -19,8 +19,8 @@ from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.criteria import plan_for
 from mone_jax.convert.load import load_hf
 from mone_jax.evaluate.perplexity import perplexity
-from mone_jax.prune.pruning import prune
-from mone_jax.prune.scoring import METRICS
+from mone_jax.pruning.scoring import METRICS
+from mone_jax.pruning.transform import prune
 
 T = 13  # a block length no other test compiles, so the compile count below is this test's own
 

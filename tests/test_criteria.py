@@ -16,8 +16,8 @@ from mone_jax.app.cli import main
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.convert.criteria import weight_scores
-from mone_jax.prune.card import STATS_FILE
-from mone_jax.prune.planning import Plan, make_plan
+from mone_jax.pruning.card import STATS_FILE
+from mone_jax.pruning.planning import Plan, make_plan
 
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.\w+\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(?:gate_up_proj|down_proj)$")  # GPT-OSS [E, ...]

@@ -29,7 +29,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.convert.export import verify_export
 from mone_jax.convert.reader import CheckpointReader
-from mone_jax.prune.planning import Plan, make_plan, save_plan
+from mone_jax.pruning.planning import Plan, make_plan, save_plan
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 96  # tests/conftest.py's olmoe "a"
 WORDS = "the a of and to in is it that was for on are with as be at by this had".split()

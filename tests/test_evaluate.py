@@ -16,8 +16,8 @@ from mone_jax.base.errors import UserError
 from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.load import load_hf
 from mone_jax.evaluate.perplexity import perplexity, predicted, unigram_perplexity
-from mone_jax.prune.planning import make_plan
-from mone_jax.prune.pruning import prune
+from mone_jax.pruning.planning import make_plan
+from mone_jax.pruning.transform import prune
 
 RTOL = 1e-4
 

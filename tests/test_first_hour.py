@@ -166,7 +166,7 @@ def test_verify_lists_every_problem(tmp_path, capsys):
 def test_help_states_every_option_its_choices_and_defaults(capsys):
     from mone_jax.app.arguments import build_parser
     from mone_jax.convert.formats import FORMATS
-    from mone_jax.prune.scoring import METRICS
+    from mone_jax.pruning.scoring import METRICS
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

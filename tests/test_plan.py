@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from mone_jax.base.config import ModelConfig, RopeConfig
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
-from mone_jax.prune import planning
-from mone_jax.prune.planning import Plan
-from mone_jax.prune.scoring import METRICS, REGISTRY
+from mone_jax.pruning import planning
+from mone_jax.pruning.planning import Plan
+from mone_jax.pruning.scoring import METRICS, REGISTRY
 
 STATS_METRICS = [m for m in METRICS if not REGISTRY[m].needs_weights]
 

@@ -12,8 +12,8 @@ from torch_apply import drop, substitute
 
 import mone_jax
 from mone_jax.base.errors import UserError
-from mone_jax.prune.planning import check_drop_keep
-from mone_jax.prune.pruning import prune_params
+from mone_jax.pruning.planning import check_drop_keep
+from mone_jax.pruning.transform import prune_params
 
 
 def _calib(hf, model, seed=0):

@@ -23,7 +23,7 @@ from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.convert.export import export_pruned
 from mone_jax.convert.families import parse_config
 from mone_jax.demo import demo_model_dir
-from mone_jax.prune.planning import make_plan
+from mone_jax.pruning.planning import make_plan
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mode-pd-demo"
 KS = (12, 8)

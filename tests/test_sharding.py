@@ -15,7 +15,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.stats import FLOATS, REFERENCE, Stats
 from mone_jax.calib.calibration import batch_tables, calibrate, layer_programs, shard_batch, windows
 from mone_jax.model.sharding import batch_spec, make_mesh, mesh_shape, param_specs
-from mone_jax.prune.planning import Plan, make_plan
+from mone_jax.pruning.planning import Plan, make_plan
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 # one family per layer structure on data=2,expert=4, plus expert axes that do not divide the expert count (6 on 4, 4 on 8)

@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; ``args.run(args)`` runs the parsed one."""
     from mone_jax import __version__
     from mone_jax.convert.formats import FORMATS
-    from mone_jax.prune.planning import SCOPES
-    from mone_jax.prune.scoring import METRICS
+    from mone_jax.pruning.planning import SCOPES
+    from mone_jax.pruning.scoring import METRICS
 
     ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
     ap.add_argument("--version", action="version", version=f"mone-jax {__version__}")

@@ -14,8 +14,8 @@ from mone_jax.app.jobs import CalibJob, calib_job, checked_config, read_batches
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
-from mone_jax.prune.planning import check_drop_keep, resolve_keep
-from mone_jax.prune.scoring import METRICS, metric
+from mone_jax.pruning.planning import check_drop_keep, resolve_keep
+from mone_jax.pruning.scoring import METRICS, metric
 
 _NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
 

@@ -10,8 +10,8 @@ import numpy as np
 from mone_jax.convert.families import family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.prune.card import PLAN_FILE
-from mone_jax.prune.planning import Plan
+from mone_jax.pruning.card import PLAN_FILE
+from mone_jax.pruning.planning import Plan
 
 
 def summarize(folder: str | Path) -> dict:

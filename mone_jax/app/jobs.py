@@ -20,8 +20,8 @@ from mone_jax.base.tokens import token_ids
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.prune.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.prune.scoring import metric
+from mone_jax.pruning.planning import SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.pruning.scoring import metric
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
 SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "

@@ -46,7 +46,7 @@ from mone_jax.model.sharding import (
     process_rows,
     single_device_mesh,
 )
-from mone_jax.prune.planning import Plan
+from mone_jax.pruning.planning import Plan
 
 EMBED = "model.embed_tokens.weight"
 
@@ -223,7 +223,7 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | No
 
     :func:`~convert.export.export_pruned` streams the source tensor by tensor into shards; the
     novice vectors are the statistics' means rounded through the compute ``dtype``, exactly as
-    :func:`~mone_jax.prune.pruning.prune` sets them, so the folder equals the full-model export. A drop export
+    :func:`~mone_jax.pruning.transform.prune` sets them, so the folder equals the full-model export. A drop export
     writes no novices and needs no ``stats`` (None).
     """
     cfg = config_of(folder)

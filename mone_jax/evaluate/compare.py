@@ -24,9 +24,9 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.perplexity import _nll_sum, perplexity
 from mone_jax.model.causal_lm import MoEForCausalLM
-from mone_jax.prune.planning import Plan, make_plan, plan_from_scores, prune_mode, resolve_keep
-from mone_jax.prune.pruning import prune
-from mone_jax.prune.scoring import METRICS, metric
+from mone_jax.pruning.planning import Plan, make_plan, plan_from_scores, prune_mode, resolve_keep
+from mone_jax.pruning.scoring import METRICS, metric
+from mone_jax.pruning.transform import prune
 
 AUTO = "auto"
 SEEDED = ("random",)  # metrics evaluated over several seeds

@@ -10,8 +10,8 @@ from mone_jax.base.errors import UserError
 def run(args) -> None:
     from mone_jax.base.stats import Stats
     from mone_jax.convert.criteria import plan_for
-    from mone_jax.prune.planning import describe_summary, plan_summary
-    from mone_jax.prune.scoring import metric
+    from mone_jax.pruning.planning import describe_summary, plan_summary
+    from mone_jax.pruning.scoring import metric
 
     opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed, semantics=args.semantics)
     if args.metric == "auto" and args.semantics != "exact":

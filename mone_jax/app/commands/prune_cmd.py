@@ -16,8 +16,8 @@ def run(args) -> None:
     from mone_jax.app.pipeline import finish, run_calibration
     from mone_jax.app.sequential import export_from_stats
     from mone_jax.convert.criteria import plan_for
-    from mone_jax.prune.card import folder_files
-    from mone_jax.prune.planning import describe_summary, plan_summary
+    from mone_jax.pruning.card import folder_files
+    from mone_jax.pruning.planning import describe_summary, plan_summary
 
     job = prune_job(args)
     if job.calib is not None:

@@ -12,8 +12,8 @@ import numpy as np
 from mone_jax.base.errors import UserError
 from mone_jax.base.files import atomic_write_text
 from mone_jax.base.stats import check_semantics
-from mone_jax.prune.scoring import check_stats_metric, layer_scores
-from mone_jax.prune.scoring import metric as get_metric
+from mone_jax.pruning.scoring import check_stats_metric, layer_scores
+from mone_jax.pruning.scoring import metric as get_metric
 
 if TYPE_CHECKING:
     from mone_jax.base.config import ModelConfig

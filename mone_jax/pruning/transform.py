@@ -8,7 +8,7 @@ from flax import nnx
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.model.causal_lm import MoEForCausalLM
-from mone_jax.prune.planning import Plan, prune_mode
+from mone_jax.pruning.planning import Plan, prune_mode
 
 
 def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substitution") -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mone_jax.base.stats import Stats
-from mone_jax.prune.planning import Plan
+from mone_jax.pruning.planning import Plan
 
 PLAN_FILE = "mone_plan.json"
 STATS_FILE = "mone_stats_summary.json"
@@ -41,7 +41,7 @@ def stats_summary(stats: Stats) -> dict:
 
 def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt: str, mode: str, kept: dict,
                  calibration: dict, version: str) -> dict[str, bytes]:
-    """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.prune.planning.
+    """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.pruning.planning.
     plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...); ``stats`` None:
     a weights-only plan exported without calibration (no statistics summary)."""
     meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if mode == "substitute"

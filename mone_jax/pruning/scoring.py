@@ -1,5 +1,5 @@
 """Expert scoring criteria, one registry entry each (docs/formats.md); plans made from them are in
-:mod:`mone_jax.prune.planning`. A score is computed per MoE layer from its :class:`~mone_jax.base.stats.LayerStats`;
+:mod:`mone_jax.pruning.planning`. A score is computed per MoE layer from its :class:`~mone_jax.base.stats.LayerStats`;
 a high score means the expert is kept.
 
 Two semantics (:data:`mone_jax.base.stats.SEMANTICS`): ``exact`` (the default) scores exact statistics; ``reference``
