@@ -555,10 +555,10 @@ def _compile_cache(args):
     """The persistent compilation cache configured for a command that compiles; its compile clock started."""
     if args.cmd in ("inspect", "verify"):
         return None
-    from mone_jax.base.compile_cache import CLOCK, configure
+    from mone_jax.base.compile_cache import CompileClock, configure
 
     configure(args.compile_cache)
-    return CLOCK.start()
+    return CompileClock().start()
 
 
 def _failure(e: BaseException) -> str:
