@@ -239,7 +239,7 @@ def cmd_diff(args) -> int:
 def cmd_generate(args) -> None:
     from pathlib import Path
 
-    from mone_jax.app.data import _load_tokenizer as load_tokenizer
+    from mone_jax.app.data import load_tokenizer
     from mone_jax.model.decoding import generate
 
     if args.max_new_tokens < 0 or args.temperature < 0:

@@ -195,6 +195,7 @@ def table(report: dict) -> str:
 
 def token_ids_for(folder: str | Path, tokens: str | None, text: str | None, vocab_size: int) -> np.ndarray:
     """[B, T] ids from a .npy (``tokens``), or ``text`` (default: a fixed sample) with ``folder``'s tokenizer."""
+    from mone_jax.app.data import load_tokenizer
     from mone_jax.base.tokens import token_ids
 
     if tokens is not None:
@@ -203,8 +204,6 @@ def token_ids_for(folder: str | Path, tokens: str | None, text: str | None, voca
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read token ids from '{tokens}' ({e}): give a .npy of int token ids") from None
         return token_ids(ids, vocab_size, f"'{tokens}'")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok = load_tokenizer(folder)
     ids = tok(text or DEFAULT_TEXT, add_special_tokens=False)["input_ids"]
     return token_ids(np.asarray(ids), vocab_size, "the text")
