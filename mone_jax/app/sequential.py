@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.calib.calibration import as_batch, batch_tables, empty_stats, layer_step, shard_batch, windows
-from mone_jax.calib.resume import CalibCheckpoint, check_digest
+from mone_jax.calib.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.convert.export import export_pruned
 from mone_jax.convert.formats import export_format
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
@@ -91,15 +90,6 @@ class _Hidden:
                 bufs[0].base.flush()
 
 
-def _digest(batches: list[tuple[np.ndarray, np.ndarray]]) -> str:
-    h = hashlib.sha256()
-    for ids, mask in batches:
-        h.update(f"{ids.shape}".encode())
-        h.update(ids.tobytes())
-        h.update(mask.tobytes())
-    return h.hexdigest()
-
-
 def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float32", mesh: Mesh | None = None,
                          offload_dir: str | Path | None = None, progress: bool = True,
                          checkpoint: CalibCheckpoint | None = None, impl: str | None = None,
@@ -129,7 +119,10 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
 
     acc = empty_stats(cfg)
     acc.tokens = int(sum(int(mask.sum()) for _, mask in data))
-    start_layer, start_batch, digest = 0, 0, _digest(data)
+    consumed = DataDigest()
+    for ids, mask in data:
+        consumed.update(ids, mask)
+    start_layer, start_batch, digest = 0, 0, consumed.hexdigest()
     if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
         acc, position, expected = found
         check_digest(checkpoint.directory, expected, digest)
