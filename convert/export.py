@@ -10,13 +10,9 @@ last file written is ``mone_manifest.json`` (sha256 and size of every other file
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
 import re
-import shutil
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +21,13 @@ import ml_dtypes
 import numpy as np
 
 from mone_jax.base.errors import UserError
+from mone_jax.base.files import atomic_write_folder
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
 from mone_jax.convert.formats import MODELING, ExportFormat, export_format
 from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 from mone_jax.prune.planning import LayerPlan, Plan
 
 MANIFEST = "mone_manifest.json"
-_HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _FLOATS = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
 _ST_NAME = {
@@ -181,23 +177,18 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
 
 def _write(out: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int,
            extra_files: dict[str, bytes] | None = None) -> int:
-    """Write the folder into a temporary sibling, add the manifest, move it into place; the file count."""
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    """Write the folder atomically (:func:`~mone_jax.base.files.atomic_write_folder`), the manifest last; the
+    file count."""
+    def write(tmp: Path) -> int:
         files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in files or name == MANIFEST:
                 raise ValueError(f"extra file name '{name}' is not a free plain file name")
             files[name] = _write_bytes(tmp / name, data)
         _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return len(files) + 1
+        return len(files) + 1
+
+    return atomic_write_folder(out, write)
 
 
 def verify_export(out_dir: str | Path) -> list[str]:
@@ -474,46 +465,6 @@ def _copy_data_file(src: Path, dst: Path) -> dict:
             del obj["auto_map"]
             return _write_json(dst, obj)
     return _write_bytes(dst, data)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out``, replacing an existing ``out`` only at the very end."""
-    old = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove what killed exports to ``out`` from this host left behind: temporary folders of dead
-    processes, and the set-aside previous ``out`` (put back when the kill came before the new one
-    was moved into place)."""
-    for kind in ("tmp", "old"):
-        prefix = f".{out.name}.{kind}-{_HOST}-"
-        for path in out.parent.glob(glob.escape(prefix) + "*"):
-            pid = path.name[len(prefix):]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            if kind == "old" and not out.exists():
-                path.rename(out)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def _sha256(path: Path) -> str:
