@@ -22,8 +22,8 @@ import numpy as np
 
 from mone_jax.base.errors import UserError
 from mone_jax.base.files import atomic_write_folder
-from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
-from mone_jax.convert.formats import MODELING, ExportFormat, export_format
+from mone_jax.convert.families import Family, family, parse_config
+from mone_jax.convert.formats import MODELING, ExportFormat, export_format, recognise
 from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
 from mone_jax.prune.planning import LayerPlan, Plan
 
@@ -166,9 +166,9 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
         raise UserError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     cfg = read_config(src)
     model_type = str(cfg.get("model_type", ""))
-    substituted = (cfg.get("compression_config") or {}).get("transform_config", {}).get("expert_substitution")
-    if model_type.endswith(COMPRESSED_SUFFIX) or substituted:
-        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}): export from the original model")
+    if (pruned := recognise(cfg)) is not None:
+        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}, {pruned.name} format): "
+                        "export from the original model")
     fam = family(model_type)
     if dtype is not None and cfg.get("quantization_config"):
         raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")

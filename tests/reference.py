@@ -95,20 +95,3 @@ def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]
             ws[e] = wsum[i][e]
         out[i] = dict(count=count, weight_sum=ws, mean=mean, var=var, reap=reap, man=man, msan=msan)
     return out, tokens
-
-
-def torch_export(folder, **kwargs):
-    """The transformers model of an exported folder: ``modepd`` (no ``auto_map``, as the reference's own
-    checkpoints) through the package's ``modeling_mone``, the others through ``AutoModelForCausalLM``
-    (the folder's bundled modeling file when its config names one)."""
-    import json
-    from pathlib import Path
-
-    import transformers
-
-    from mone_jax.convert import modeling_mone
-
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    if cfg["model_type"].endswith(modeling_mone.COMPRESSED):
-        return modeling_mone.from_pretrained(folder, **kwargs)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code="auto_map" in cfg, **kwargs)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import transformers
 from conftest import assert_close_logits, torch_logits
-from reference import torch_export
 
 import mone_jax
 from mone_jax.convert.export import verify_export
+from mone_jax.convert.formats import torch_model
 
 
 def _pipeline(hf_models, family, variant="a", keep=None, seed=0):
@@ -35,7 +35,7 @@ def test_export_matches_jax(hf_models, tmp_path, family, fmt):
     out = tmp_path / f"e2e_{family}_{fmt}"
     summary = mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     assert verify_export(out) == []
-    loaded = torch_export(out).eval()
+    loaded = torch_model(out).eval()
     ids = np.random.default_rng(3).integers(0, hf.config.vocab_size, (2, 12)).astype(np.int32)
     ours = np.asarray(pruned(ids))
     assert_close_logits(ours, torch_logits(loaded, ids))

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
-from reference import torch_export
 from safetensors import safe_open
 from torch_apply import per_expert
 
@@ -25,7 +24,7 @@ from mone_jax.convert import export as export_mod
 from mone_jax.convert.export import export_pruned, verify_export
 from mone_jax.convert.families import family
 from mone_jax.convert.formats import FORMATS as REGISTRY
-from mone_jax.convert.formats import export_format
+from mone_jax.convert.formats import export_format, torch_model
 
 # Every model comes from conftest's one table of tiny configs (one variant per family: PER_FAMILY); expert
 # counts, hidden size, vocabulary and router groups are read from each model's config. That table mixes in
@@ -159,7 +158,7 @@ def _dropped_reference(model, plan: dict):
 
 
 def _load(out: Path, fmt: str):
-    model, info = torch_export(out, output_loading_info=True)
+    model, info = torch_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 

@@ -146,8 +146,8 @@ def cmd_prune(args) -> None:
     c = job.calib
     calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
                    if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
-    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
-                         mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
+    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format, kept=kept,
+                         calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,

@@ -10,7 +10,6 @@ disagreement can be traced to the first layer where it appears.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -109,21 +108,14 @@ class _Tap(nnx.Module):
 def torch_taps(folder: str | Path, ids: np.ndarray, layers: bool = True) -> Taps:
     """The same from transformers (``trust_remote_code`` for exports that ship their modeling file)."""
     import torch
-    import transformers
 
-    from mone_jax.convert.families import COMPRESSED_SUFFIX, family
+    from mone_jax.convert.families import family
+    from mone_jax.convert.formats import torch_model
     from mone_jax.convert.load import config_of
 
     cfg = config_of(folder)
-    raw = json.loads((Path(folder) / "config.json").read_text())
     try:
-        if str(raw.get("model_type", "")).endswith(COMPRESSED_SUFFIX):  # modepd: no auto_map
-            from mone_jax.convert.modeling_mone import from_pretrained
-
-            model = from_pretrained(str(folder), dtype=torch.float32).eval()
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                                      trust_remote_code="auto_map" in raw).eval()
+        model = torch_model(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"transformers cannot load '{folder}': {str(e).splitlines()[0]}") from None
     taps = Taps(np.zeros(0))
