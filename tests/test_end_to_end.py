@@ -12,8 +12,8 @@ import transformers
 from conftest import assert_close_logits, torch_logits
 
 import mone_jax
-from mone_jax.convert.export import verify_export
 from mone_jax.convert.formats import torch_model
+from mone_jax.convert.writer import verify_export
 
 
 def _pipeline(hf_models, family, variant="a", keep=None, seed=0):

@@ -21,7 +21,7 @@ from test_calibration import assert_stats_match
 import mone_jax
 from mone_jax.app.cli import main
 from mone_jax.base.stats import Stats
-from mone_jax.convert.export import verify_export
+from mone_jax.convert.writer import verify_export
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

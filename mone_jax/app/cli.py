@@ -116,8 +116,8 @@ def cmd_prune(args) -> None:
     from mone_jax import __version__
     from mone_jax.app.jobs import prune_job
     from mone_jax.app.scale import finish, init_distributed, is_writer, run_calibration
-    from mone_jax.app.sequential import export_from_stats
     from mone_jax.convert.criteria import plan_for
+    from mone_jax.convert.export import export_from_stats
     from mone_jax.prune.card import folder_files
     from mone_jax.prune.planning import describe_summary, plan_summary
 
@@ -259,7 +259,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from mone_jax.convert.export import verify_export
+    from mone_jax.convert.writer import verify_export
 
     problems = verify_export(args.folder)
     if len(problems) == 1:

@@ -30,8 +30,6 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.calib.calibration import as_batch, batch_tables, empty_stats, layer_step, shard_batch, windows
 from mone_jax.calib.resume import CalibCheckpoint, DataDigest, check_digest
-from mone_jax.convert.export import export_pruned
-from mone_jax.convert.formats import export_format
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.model.moe import default_impl
@@ -45,7 +43,6 @@ from mone_jax.model.sharding import (
     process_rows,
     single_device_mesh,
 )
-from mone_jax.prune.planning import Plan
 
 EMBED = "model.embed_tokens.weight"
 
@@ -207,30 +204,3 @@ class _Run:
             self.hidden.flush()
             position = {"layer": layer + 1, "batch": 0} if last else {"layer": layer, "batch": b + 1}
             self.checkpoint.save(self.acc, position, self.digest)
-
-
-def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | None, plan: Plan | dict, *,
-                      fmt: str = "substitution", dtype="float32", out_dtype: str | None = None,
-                      overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> dict:
-    """Write the pruned checkpoint of ``folder`` without loading the model.
-
-    :func:`~convert.export.export_pruned` streams the source tensor by tensor into shards; the
-    novice vectors are the statistics' means rounded through the compute ``dtype``, exactly as
-    :func:`~mone_jax.prune.pruning.prune` sets them, so the folder equals the full-model export. A drop export
-    writes no novices and needs no ``stats`` (None).
-    """
-    cfg = config_of(folder)
-    mode = export_format(fmt).mode
-    plan = Plan.from_dict(plan).validate(cfg, mode)
-    if stats is None:
-        if mode != "drop":
-            raise UserError(f"--format {fmt} writes novices, which need calibration statistics: calibrate first")
-    else:
-        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
-    dt = resolve_dtype(dtype)
-    novices = {i: {} if mode == "drop" else
-               {e: v.astype(dt).astype(np.float32) for e, v in
-                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
-               for i, lp in plan.layers.items()}
-    return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
-                         extra_files=extra_files)
