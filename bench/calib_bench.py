@@ -139,52 +139,35 @@ class PeakRSS:
         self._t.join()
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (to show that timed repetitions compile nothing)."""
-
-    def __init__(self):
-        import jax
-
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kw) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.n += 1
-
-    def close(self) -> None:
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
 def interleaved(runs: dict[str, Callable[[], object]], reps: int, warmup: int, rss: PeakRSS) -> dict[str, dict]:
     """Time every callable ``reps`` times, round-robin, after ``warmup`` untimed calls each; record the
     first call's time, peak RSS (and its rise during a call) and compilations during timed calls."""
+    from mone_jax.base.compile_cache import CompileClock
+
     out = {k: {"times": [], "first_s": None, "rss_peak_gb": 0.0, "rss_delta_gb": 0.0, "compiles": 0} for k in runs}
-    compiles = CompileCounter()
+    compiles = CompileClock()
 
     def call(k: str, fn: Callable) -> float:
-        base, n = rss.reset(), compiles.n
+        base, n = rss.reset(), compiles.programs
         t = time.perf_counter()
         fn()
         t = time.perf_counter() - t
         o = out[k]
         o["rss_peak_gb"] = max(o["rss_peak_gb"], rss.peak / 2**30)
         o["rss_delta_gb"] = max(o["rss_delta_gb"], (rss.peak - base) / 2**30)
-        o["compiles"] += compiles.n - n
+        o["compiles"] += compiles.programs - n
         return t
 
-    for k, fn in runs.items():
-        for _ in range(warmup):
-            t = call(k, fn)
-            out[k]["first_s"] = out[k]["first_s"] or t
-    for v in out.values():
-        v["compiles"] = 0
-    for _ in range(reps):
+    with compiles:
         for k, fn in runs.items():
-            out[k]["times"].append(call(k, fn))
-    compiles.close()
+            for _ in range(warmup):
+                t = call(k, fn)
+                out[k]["first_s"] = out[k]["first_s"] or t
+        for v in out.values():
+            v["compiles"] = 0
+        for _ in range(reps):
+            for k, fn in runs.items():
+                out[k]["times"].append(call(k, fn))
     for v in out.values():
         v["median_s"] = float(np.median(v["times"])) if v["times"] else float("nan")
         v["best_s"] = float(np.min(v["times"])) if v["times"] else float("nan")

@@ -1,69 +1,31 @@
-"""Write pruned Hugging Face checkpoints in any format of the registry (:mod:`.formats`).
+"""Pruned Hugging Face checkpoints in any format of the registry (:mod:`.formats`): which tensors, under which
+names, with which config; :mod:`.writer` writes them.
 
-Two sources: :func:`export_pruned` streams a source checkpoint plus a plan and novice vectors (the
-pruned model is never assembled: peak memory is one tensor); :func:`export_model` writes the arrays a
-Flax model holds (:func:`~mone_jax.convert.state_dict.hf_state_dict`).
-Everything lands in a temporary sibling folder that is renamed into place only when complete; the
-last file written is ``mone_manifest.json`` (sha256 and size of every other file), which
-``verify_export`` checks. A later export to the same folder removes what killed runs left behind.
+Three sources: :func:`export_pruned` streams a source checkpoint plus a plan and novice vectors (the
+pruned model is never assembled: peak memory is one tensor); :func:`export_from_stats` takes the novices
+from calibration statistics; :func:`export_model` writes the arrays a Flax model holds
+(:func:`~mone_jax.convert.state_dict.hf_state_dict`).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
-import os
 import re
-import shutil
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from mone_jax.base.errors import UserError
-from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, family, parse_config
-from mone_jax.convert.formats import MODELING, ExportFormat, export_format
-from mone_jax.convert.reader import INDEX, SINGLE, CheckpointReader, read_config
+from mone_jax.base.stats import Stats
+from mone_jax.convert.families import Family, family, parse_config
+from mone_jax.convert.formats import ExportFormat, export_format, recognise
+from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.convert.writer import Tensor, write_export
 from mone_jax.pruning.planning import LayerPlan, Plan
 
-MANIFEST = "mone_manifest.json"
-_HOST = socket.gethostname()  # temporary siblings are named .<out>.tmp-<host>-<pid>
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _FLOATS = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
-_ST_NAME = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
-    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
-}
-# Plain-data files copied verbatim (tokenizer_config.json is copied without any auto_map).
-_COPIED = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
-)
-_COPIED_SUFFIXES = (".model", ".tiktoken")
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One output tensor: its name, shape, dtype and how to produce it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    load: Callable[[], np.ndarray]
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 def export_pruned(
@@ -103,10 +65,39 @@ def export_pruned(
         bytes_before = sum(
             int(np.prod(reader.shape(k), dtype=np.int64)) * reader.dtype(k).itemsize for k in reader.keys()
         )
-        files = _write(out, src, tensors, config, f, max_shard_bytes, extra_files)
+        files = write_export(out, src, tensors, config, f, max_shard_bytes, extra_files)
     return {"format": fmt, "out_dir": str(out), "layers": len(layers), "params_before": before,
             "params_after": sum(t.numel for t in tensors), "bytes_before": bytes_before,
             "bytes_after": sum(t.nbytes for t in tensors), **counts, "files": files}
+
+
+def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | None, plan: Plan | dict, *,
+                      fmt: str = "substitution", dtype="float32", out_dtype: str | None = None,
+                      overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> dict:
+    """Write the pruned checkpoint of ``folder`` without loading the model.
+
+    :func:`export_pruned` streams the source tensor by tensor into shards; the
+    novice vectors are the statistics' means rounded through the compute ``dtype``, exactly as
+    :func:`~mone_jax.pruning.transform.prune` sets them, so the folder equals the full-model export. A drop export
+    writes no novices and needs no ``stats`` (None).
+    """
+    from mone_jax.convert.load import config_of, resolve_dtype  # imports flax
+
+    cfg = config_of(folder)
+    mode = export_format(fmt).mode
+    plan = Plan.from_dict(plan).validate(cfg, mode)
+    if stats is None:
+        if mode != "drop":
+            raise UserError(f"--format {fmt} writes novices, which need calibration statistics: calibrate first")
+    else:
+        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+    dt = resolve_dtype(dtype)
+    novices = {i: {} if mode == "drop" else
+               {e: v.astype(dt).astype(np.float32) for e, v in
+                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
+               for i, lp in plan.layers.items()}
+    return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
+                         extra_files=extra_files)
 
 
 def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str = "substitution",
@@ -134,16 +125,16 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
     state = hf_state_dict(model)
     out_dtype = _OUT_DTYPES[dtype] if dtype else None
     names = {k: _renamed(k, fam, kept, f) for k in state}
-    tensors = [_Tensor(names[k], a.shape, out_dtype if out_dtype and a.dtype in _FLOATS else a.dtype,
+    tensors = [Tensor(names[k], a.shape, out_dtype if out_dtype and a.dtype in _FLOATS else a.dtype,
                        lambda a=a: a) for k, a in state.items()]
     for i, (ids, values) in novices.items():
         for e, v in zip(ids, values):
             vdt = out_dtype or np.dtype(blocks[i].novice_values.get_value().dtype)
-            tensors.append(_Tensor(f.novice_key(fam, i, e), v.shape, vdt, lambda v=v: v))
+            tensors.append(Tensor(f.novice_key(fam, i, e), v.shape, vdt, lambda v=v: v))
     tensors.sort(key=lambda t: _natural_key(t.name))
     config = _out_config(cfg, fam, {i: sorted(ids) for i, (ids, _) in novices.items()}, f, dtype,
                          sorted(blocks), mc.num_experts)
-    files = _write(out, src, tensors, config, f, max_shard_bytes)
+    files = write_export(out, src, tensors, config, f, max_shard_bytes)
     return {"format": fmt, "out_dir": str(out), "layers": len(blocks),
             "params_after": sum(t.numel for t in tensors), "bytes_after": sum(t.nbytes for t in tensors),
             "files": files}
@@ -170,62 +161,13 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
         raise UserError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     cfg = read_config(src)
     model_type = str(cfg.get("model_type", ""))
-    substituted = (cfg.get("compression_config") or {}).get("transform_config", {}).get("expert_substitution")
-    if model_type.endswith(COMPRESSED_SUFFIX) or substituted:
-        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}): export from the original model")
+    if (pruned := recognise(cfg)) is not None:
+        raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}, {pruned.name} format): "
+                        "export from the original model")
     fam = family(model_type)
     if dtype is not None and cfg.get("quantization_config"):
         raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")
     return cfg, fam
-
-
-def _write(out: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int,
-           extra_files: dict[str, bytes] | None = None) -> int:
-    """Write the folder into a temporary sibling, add the manifest, move it into place; the file count."""
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
-        for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in files or name == MANIFEST:
-                raise ValueError(f"extra file name '{name}' is not a free plain file name")
-            files[name] = _write_bytes(tmp / name, data)
-        _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return len(files) + 1
-
-
-def verify_export(out_dir: str | Path) -> list[str]:
-    """Problems found in ``out_dir`` against its ``mone_manifest.json`` (empty list = intact)."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return [f"'{out}' is not a folder"]
-    try:
-        files = json.loads((out / MANIFEST).read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
-    except FileNotFoundError:
-        return [f"{MANIFEST} is missing"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        return [f"{MANIFEST} is malformed ({e})"]
-    problems = []
-    for name, want in sorted(files.items()):
-        path = out / name
-        if Path(name).name != name or name in (".", "..", MANIFEST):
-            problems.append(f"manifest lists an invalid file name '{name}'")
-        elif not path.is_file():
-            problems.append(f"missing file '{name}'")
-        elif path.stat().st_size != want.get("size"):
-            problems.append(f"'{name}' changed: size {path.stat().st_size}, manifest says {want.get('size')}")
-        elif _sha256(path) != want.get("sha256"):
-            problems.append(f"'{name}' changed: sha256 does not match the manifest")
-    problems += [f"unexpected file '{p.name}'" for p in sorted(out.iterdir()) if p.name not in files and p.name != MANIFEST]
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -279,7 +221,7 @@ def _plan_tensors(
     f: ExportFormat,
     out_dtype: np.dtype | None,
     model_dtype: np.dtype | None,
-) -> tuple[list[_Tensor], dict]:
+) -> tuple[list[Tensor], dict]:
     """Output tensors in natural key order, plus parameter counts removed / added.
 
     Novices are stored in ``out_dtype``, else the config's model dtype, else the router's dtype."""
@@ -295,7 +237,7 @@ def _plan_tensors(
         return out_dtype if out_dtype is not None and dt in _FLOATS else dt
 
     def add(name: str, shape: tuple[int, ...], dt: np.dtype, load: Callable[[], np.ndarray]) -> None:
-        tensors.append(_Tensor(name, tuple(shape), cast(dt), load))
+        tensors.append(Tensor(name, tuple(shape), cast(dt), load))
 
     for key in reader.keys():
         shape, dt = reader.shape(key), reader.dtype(key)
@@ -335,7 +277,7 @@ def _plan_tensors(
             for e in lp.novices:
                 name = f.novice_key(fam, layer, e)
                 vec = np.asarray(novices[layer][e])
-                tensors.append(_Tensor(name, vec.shape, vdt, lambda v=vec, d=vdt: v.astype(np.float32).astype(d)))
+                tensors.append(Tensor(name, vec.shape, vdt, lambda v=vec, d=vdt: v.astype(np.float32).astype(d)))
                 counts["novice_params_added"] += vec.size
     tensors.sort(key=lambda t: _natural_key(t.name))
     return tensors, counts
@@ -373,152 +315,3 @@ def _out_config(cfg: dict, fam: Family, novices: dict[int, list[int]], f: Export
     return f.write_config(out, fam, novices, moe_layers, kept)
 
 
-# ---------------------------------------------------------------------------------------------- writing
-
-
-class _HashingFile:
-    """A binary file being written, with its running sha256 and size."""
-
-    def __init__(self, path: Path):
-        self._f = open(path, "xb")  # noqa: SIM115 - closed in __exit__
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> None:
-        self._f.write(data)
-        self.sha.update(data)
-        self.size += len(memoryview(data).cast("B"))
-
-    def __enter__(self) -> _HashingFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
-
-    def record(self) -> dict:
-        return {"sha256": self.sha.hexdigest(), "size": self.size}
-
-
-def _write_folder(
-    tmp: Path, src: Path, tensors: list[_Tensor], config: dict, f: ExportFormat, max_shard_bytes: int
-) -> dict[str, dict]:
-    """Write weights, config, copied files and (unless drop) the modeling file; return their manifest entries."""
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    files = {}
-    names = [SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
-    for name, shard in zip(names, shards):
-        files[name] = _write_shard(tmp / name, shard)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
-        }
-        files[INDEX] = _write_json(tmp / INDEX, index)
-    files["config.json"] = _write_json(tmp / "config.json", config)
-    for path in sorted(src.iterdir()):
-        if path.is_file() and (path.name in _COPIED or path.suffix in _COPIED_SUFFIXES):
-            files[path.name] = _copy_data_file(path, tmp / path.name)
-    if f.ships_modeling:
-        files[MODELING] = _write_bytes(tmp / MODELING, Path(__file__).with_name(MODELING).read_bytes())
-    return files
-
-
-def _write_shard(path: Path, tensors: list[_Tensor]) -> dict:
-    """Write one safetensors file, one tensor in memory at a time."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with _HashingFile(path) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors:
-            arr = np.ascontiguousarray(t.load().astype(t.dtype, copy=False))
-            if arr.shape != t.shape:
-                raise UserError(f"tensor '{t.name}' changed shape while exporting: the source is being modified")
-            f.write(arr.reshape(-1).view(np.uint8))
-        return f.record()
-
-
-def _write_json(path: Path, obj: dict) -> dict:
-    return _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def _write_bytes(path: Path, data: bytes) -> dict:
-    with _HashingFile(path) as f:
-        f.write(data)
-        return f.record()
-
-
-def _copy_data_file(src: Path, dst: Path) -> dict:
-    """Copy a tokenizer / generation file; tokenizer_config.json loses any auto_map (custom code)."""
-    data = src.read_bytes()
-    if src.name == "tokenizer_config.json":
-        try:
-            obj = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{src} is not valid JSON ({e}): repair it or remove it") from None
-        if isinstance(obj, dict) and "auto_map" in obj:
-            del obj["auto_map"]
-            return _write_json(dst, obj)
-    return _write_bytes(dst, data)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out``, replacing an existing ``out`` only at the very end."""
-    old = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove what killed exports to ``out`` from this host left behind: temporary folders of dead
-    processes, and the set-aside previous ``out`` (put back when the kill came before the new one
-    was moved into place)."""
-    for kind in ("tmp", "old"):
-        prefix = f".{out.name}.{kind}-{_HOST}-"
-        for path in out.parent.glob(glob.escape(prefix) + "*"):
-            pid = path.name[len(prefix):]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            if kind == "old" and not out.exists():
-                path.rename(out)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,16 +1,19 @@
 """The export-format registry: how a pruned model is laid out in a Hugging Face folder, one record each.
 
 A format declares its prune mode, how retained experts are numbered on disk, the tensor name of a
-novice, the config fields it writes, whether it ships the PyTorch modeling file, and how its
-config is recognised again on import (``read_novices``). The writer (:mod:`.export`) and the
-loader (:mod:`.load`) only iterate this table.
+novice, the config fields it writes, whether it ships the PyTorch modeling file, how its config is
+recognised again (``recognise``, ``read_novices``) and how transformers loads a folder of it
+(``auto_loads``, ``load_code``). The writer (:mod:`.export`), the loader (:mod:`.load`), the model
+card and the PyTorch comparisons only ask this table.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from mone_jax.base.errors import UserError
 from mone_jax.convert.families import COMPRESSED_SUFFIX, Family, num_experts_key
@@ -30,6 +33,9 @@ class ExportFormat:
     novice_key: Callable[[Family, int, int], str] | None  # (family, layer, expert) -> novice tensor name
     write_config: Callable[[dict, Family, dict[int, list[int]], list[int], int], dict]
     read_novices: Callable[[dict, Family], Novices | None]  # None: the config is not of this format
+    recognise: Callable[[dict], bool]  # a config.json of this format (never for a stock checkpoint)
+    auto_loads: bool  # AutoModelForCausalLM loads it (else modeling_mone.from_pretrained: no auto_map)
+    load_code: str  # Python that loads a folder "{out}" of this format with transformers (the model card)
 
     def disk_index(self, kept: list[int], expert: int) -> int:
         """On-disk index of retained expert ``expert`` (original id) among ``kept`` (ascending)."""
@@ -69,8 +75,12 @@ def _substitution_config(cfg: dict, fam: Family, novices: dict[int, list[int]], 
             "auto_map": {"AutoModelForCausalLM": f"modeling_mone.Mone{_stem(fam.model_type)}ForCausalLM"}}
 
 
+def _substitution_block(raw: dict) -> dict | None:
+    return ((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution")
+
+
 def _substitution_novices(raw: dict, fam: Family) -> Novices | None:
-    block = ((raw.get("compression_config") or {}).get("transform_config") or {}).get("expert_substitution")
+    block = _substitution_block(raw)
     if not block:
         return None
     sem = block.get("router_semantics") or {}
@@ -131,11 +141,27 @@ def _drop_config(cfg: dict, fam: Family, novices: dict[int, list[int]], moe_laye
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in [
     ExportFormat("substitution", "substitute", compact=True, ships_modeling=True, novice_key=_substitution_key,
-                 write_config=_substitution_config, read_novices=_substitution_novices),
+                 write_config=_substitution_config, read_novices=_substitution_novices,
+                 recognise=lambda raw: bool(_substitution_block(raw)), auto_loads=True,
+                 load_code='from transformers import AutoModelForCausalLM, AutoTokenizer\n'
+                           'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)  '
+                           '# modeling_mone.py\n'
+                           'tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)'),
     ExportFormat("modepd", "substitute", compact=False, ships_modeling=False, novice_key=_modepd_key,
-                 write_config=_modepd_config, read_novices=_modepd_novices),
+                 write_config=_modepd_config, read_novices=_modepd_novices,
+                 recognise=lambda raw: str(raw.get("model_type", "")).endswith(COMPRESSED_SUFFIX), auto_loads=False,
+                 load_code='from transformers import AutoTokenizer\n'
+                           'from mone_jax.convert.modeling_mone import from_pretrained  '
+                           '# no auto_map, as the reference\'s own\n'
+                           'model = from_pretrained("{out}")\n'
+                           'tokenizer = AutoTokenizer.from_pretrained("{out}")'),
     ExportFormat("drop", "drop", compact=True, ships_modeling=False, novice_key=None,
-                 write_config=_drop_config, read_novices=lambda raw, fam: None),  # a stock checkpoint
+                 write_config=_drop_config, read_novices=lambda raw, fam: None,  # a stock checkpoint
+                 recognise=lambda raw: False, auto_loads=True,
+                 load_code='from transformers import AutoModelForCausalLM, AutoTokenizer\n'
+                           'model = AutoModelForCausalLM.from_pretrained("{out}")  '
+                           '# a stock checkpoint with fewer experts\n'
+                           'tokenizer = AutoTokenizer.from_pretrained("{out}")'),
 ]}
 
 
@@ -155,3 +181,23 @@ def read_novices(raw: dict, fam: Family) -> tuple[ExportFormat, Novices] | None:
         raise UserError("config.json has a malformed 'compression_config' / 'approximate_experts' block: "
                         "re-export the pruned checkpoint") from None
     return None
+
+
+def recognise(raw: dict) -> ExportFormat | None:
+    """The export format a config.json declares; None for a stock checkpoint (an original or a drop export)."""
+    return next((f for f in FORMATS.values() if f.recognise(raw)), None)
+
+
+def torch_model(folder: str | Path, **kwargs):
+    """The transformers model of a Hugging Face folder, original or any export format, loaded the way its format
+    says (a bundled modeling file when its config names one); ``kwargs`` go to ``from_pretrained``."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    f = recognise(raw)
+    if f is not None and not f.auto_loads:
+        from mone_jax.convert.modeling_mone import from_pretrained
+
+        return from_pretrained(str(folder), **kwargs)
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code="auto_map" in raw,
+                                                             **kwargs)

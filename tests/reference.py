@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -60,13 +63,100 @@ def expert_output(mod, e: int, x: np.ndarray) -> np.ndarray:
     return (_silu(h[..., :f]) * h[..., f:]) @ _np(mod.down_proj[e]).T  # down [d, f]
 
 
-def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[dict, int]:
-    """Per-layer float64 statistics by a plain loop over tokens and their top-k experts."""
+@dataclass
+class Routed:
+    """One MoE layer seen by transformers, float64: per expert its routed raw outputs ``y[e]`` [n, d], routing
+    weights ``w[e]`` [n] and the forward call (batch) of each row ``call[e]`` [n]; the run's ``tokens``."""
+
+    y: list[np.ndarray]
+    w: list[np.ndarray]
+    call: list[np.ndarray]
+    tokens: int
+
+    def per_expert(self, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], object]) -> np.ndarray:
+        """``fn(y, w, call)`` of every expert; zeros of its shape for an expert no token reached."""
+        vals = {e: np.asarray(fn(y, w, c), np.float64) for e, (y, w, c) in enumerate(zip(self.y, self.w, self.call))
+                if len(w)}
+        zero = np.zeros_like(next(iter(vals.values())))
+        return np.stack([vals.get(e, zero) for e in range(len(self.w))])
+
+
+def _norm(y: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(y, axis=-1)
+
+
+def _var(y: np.ndarray) -> np.ndarray:
+    return y.var(0, ddof=1) if len(y) > 1 else np.zeros(y.shape[-1])
+
+
+def _reference_calls(y: np.ndarray, call: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(count, mean, var) of the MoNE reference's per-call recurrence (zxgx/mode-pd) over an expert's rows: a
+    call of b rows moves the mean to (n mean + sum y) / (n + b); once n > 0 the variance becomes
+    var (n - 1) / (n + b - 1) + sum (y - new mean)^2 / (n + b); a one-row call while n = 0 is dropped."""
+    n, mean, var = 0, np.zeros(y.shape[-1]), np.zeros(y.shape[-1])
+    for k in np.unique(call):
+        rows = y[call == k]
+        b = len(rows)
+        if n == 0 and b == 1:
+            continue
+        new = (n * mean + rows.sum(0)) / (n + b)
+        if n > 0:
+            var = var * (n - 1) / (n + b - 1) + ((rows - new) ** 2).sum(0) / (n + b)
+        n, mean = n + b, new
+    return n, mean, var
+
+
+# One float64 formula per statistic of mone_jax.base.stats.FIELDS, from the layer's routed rows.
+FIELDS_F64: dict[str, Callable[[Routed], np.ndarray]] = {
+    "count": lambda r: r.per_expert(lambda y, w, c: len(w)),
+    "weight_sum": lambda r: r.per_expert(lambda y, w, c: w.sum()),
+    "mean": lambda r: r.per_expert(lambda y, w, c: y.mean(0)),
+    "m2": lambda r: r.per_expert(lambda y, w, c: ((y - y.mean(0)) ** 2).sum(0)),
+    "reap_sum": lambda r: r.per_expert(lambda y, w, c: (w * _norm(y)).sum()),
+    "norm_sum": lambda r: r.per_expert(lambda y, w, c: _norm(y).sum()),
+    "ref_count": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[0]),
+    "ref_mean": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[1]),
+    "ref_var": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[2]),
+}
+
+# One float64 formula per statistics metric of mone_jax.pruning.scoring.REGISTRY: its scores [E] under
+# semantics "exact" (METRICS_F64) and, where the metric has one, "reference" (REFERENCE_METRICS_F64).
+METRICS_F64: dict[str, Callable[[Routed, np.random.Generator], np.ndarray]] = {
+    "mone": lambda r, rng: r.per_expert(lambda y, w, c: w.sum() / r.tokens * np.sqrt(_var(y).sum())),
+    "frequency": lambda r, rng: r.per_expert(lambda y, w, c: len(w) / r.tokens),
+    "routing-score": lambda r, rng: r.per_expert(lambda y, w, c: w.sum() / r.tokens),
+    "variance": lambda r, rng: r.per_expert(lambda y, w, c: np.sqrt(_var(y).sum())),
+    "reap": lambda r, rng: r.per_expert(lambda y, w, c: (w * _norm(y)).mean()),
+    "man": lambda r, rng: r.per_expert(lambda y, w, c: _norm(y).mean()),
+    "msan": lambda r, rng: r.per_expert(lambda y, w, c: (_norm(y) ** 2).mean()),
+    "random": lambda r, rng: rng.random(len(r.w)),
+}
+REFERENCE_METRICS_F64: dict[str, Callable[[Routed, np.random.Generator], np.ndarray]] = {
+    "mone": lambda r, rng: r.per_expert(
+        lambda y, w, c: w.sum() / r.tokens * np.sqrt(_reference_calls(y, c)[2].sum())),
+    "routing-score": lambda r, rng: r.per_expert(lambda y, w, c: w.sum() / r.tokens),
+}
+
+
+# One float64 formula per weights-only metric of the registry: the score of expert e of a transformers
+# (fused) experts module.
+WEIGHT_METRICS_F64: dict[str, Callable[[torch.nn.Module, int], float]] = {
+    "aimer": lambda mod, e: -np.abs(x := _weights(mod, e)).mean() / np.sqrt((x**2).mean()),  # every entry
+}
+
+
+def _weights(mod, e: int) -> np.ndarray:
+    """Every entry of expert e's gate, up and down matrices (no biases), float64."""
+    return np.concatenate([_np(mod.gate_up_proj[e]).ravel(), _np(mod.down_proj[e]).ravel()])
+
+
+def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[dict[int, Routed], int]:
+    """{layer: its routed rows} by a plain loop over tokens and their top-k experts, one call per batch; the
+    token count."""
     mods = experts_modules(hf_model)
-    acc: dict[int, dict[int, list]] = {i: {} for i in mods}
-    wsum: dict[int, dict[int, float]] = {i: {} for i in mods}
+    rows: dict[int, dict[int, list]] = {i: {} for i in mods}
     tokens = 0
-    for ids, mask in batches:
+    for k, (ids, mask) in enumerate(batches):
         m = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         tokens += int(m.sum())
         for i, (h, idx, w) in capture_routing(hf_model, ids, mask).items():
@@ -76,39 +166,12 @@ def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]
                     continue
                 for j in range(idx.shape[1]):
                     e = int(idx[t, j])
-                    y = expert_output(mods[i], e, h[t])
-                    acc[i].setdefault(e, []).append((y, float(w[t, j])))
-                    wsum[i][e] = wsum[i].get(e, 0.0) + float(w[t, j])
+                    rows[i].setdefault(e, []).append((expert_output(mods[i], e, h[t]), float(w[t, j]), k))
     out = {}
     for i, mod in mods.items():
-        E, d = mod.num_experts, hf_model.config.hidden_size
-        count, mean, var = np.zeros(E, np.int64), np.zeros((E, d)), np.zeros((E, d))
-        reap, man, msan, ws = np.zeros(E), np.zeros(E), np.zeros(E), np.zeros(E)
-        for e, rows in acc[i].items():
-            ys = np.stack([r[0] for r in rows])
-            count[e] = len(rows)
-            mean[e] = ys.mean(0)
-            var[e] = ys.var(0, ddof=1) if len(rows) > 1 else 0.0
-            reap[e] = np.mean([r[1] * np.linalg.norm(r[0]) for r in rows])
-            man[e] = np.mean([np.linalg.norm(r[0]) for r in rows])
-            msan[e] = np.mean([np.linalg.norm(r[0]) ** 2 for r in rows])
-            ws[e] = wsum[i][e]
-        out[i] = dict(count=count, weight_sum=ws, mean=mean, var=var, reap=reap, man=man, msan=msan)
+        d = hf_model.config.hidden_size
+        got = [rows[i].get(e, []) for e in range(mod.num_experts)]
+        out[i] = Routed([np.array([r[0] for r in g]).reshape(len(g), d) for g in got],
+                        [np.array([r[1] for r in g], np.float64) for g in got],
+                        [np.array([r[2] for r in g], np.int64) for g in got], tokens)
     return out, tokens
-
-
-def torch_export(folder, **kwargs):
-    """The transformers model of an exported folder: ``modepd`` (no ``auto_map``, as the reference's own
-    checkpoints) through the package's ``modeling_mone``, the others through ``AutoModelForCausalLM``
-    (the folder's bundled modeling file when its config names one)."""
-    import json
-    from pathlib import Path
-
-    import transformers
-
-    from mone_jax.convert import modeling_mone
-
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    if cfg["model_type"].endswith(modeling_mone.COMPRESSED):
-        return modeling_mone.from_pretrained(folder, **kwargs)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code="auto_map" in cfg, **kwargs)

@@ -27,8 +27,8 @@ from safetensors.numpy import load_file, save, save_file
 
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
-from mone_jax.convert.export import verify_export
 from mone_jax.convert.reader import CheckpointReader
+from mone_jax.convert.writer import verify_export
 from mone_jax.pruning.planning import Plan, make_plan, save_plan
 
 E, TOP_K, HIDDEN, VOCAB = 8, 2, 32, 96  # tests/conftest.py's olmoe "a"
@@ -378,14 +378,15 @@ def test_reused_stats_and_plan(inputs, tmp_path, cli):
 _SLOW_WRITER = """
 import sys, time
 import mone_jax.convert.export as ex
+import mone_jax.convert.writer as wr
 from mone_jax.app.cli import main
-real = ex._write_shard
+real = wr._write_shard
 def first_then_hang(path, tensors):
     record = real(path, tensors)
     print("wrote", path.name, flush=True)
     time.sleep(300)
     return record
-ex._write_shard = first_then_hang
+wr._write_shard = first_then_hang
 ex.export_pruned.__kwdefaults__["max_shard_bytes"] = 20_000  # several shards
 sys.exit(main(sys.argv[1:]))
 """

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 from conftest import torch
-from reference import torch_export
 
 from mone_jax import save_hf
 from mone_jax.app.cli import main
 from mone_jax.base.errors import UserError
 from mone_jax.calib.calibration import calibrate
+from mone_jax.convert.formats import torch_model
 from mone_jax.convert.load import load_hf
 from mone_jax.evaluate.perplexity import perplexity, predicted, unigram_perplexity
 from mone_jax.pruning.planning import make_plan
@@ -59,7 +59,7 @@ def test_pruned_export_matches_transformers(hf_models, data, tmp_path, fmt):
     stats = calibrate(model, [ids], progress=False)
     pruned = prune(model, stats, make_plan(stats, ratio=0.5), mode="drop" if fmt == "drop" else "substitute")
     save_hf(pruned, tmp_path / fmt, format=fmt, source=folder)
-    hf = torch_export(tmp_path / fmt, dtype=torch.float32).eval()
+    hf = torch_model(tmp_path / fmt, dtype=torch.float32).eval()
     ref = hf_perplexity(hf, ids, mask)
     in_memory = perplexity(pruned, ids, mask, batch_size=3)["perplexity"]
     reloaded = perplexity(load_hf(tmp_path / fmt, progress=False), ids, mask, batch_size=3)["perplexity"]

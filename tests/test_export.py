@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
-from reference import torch_export
 from safetensors import safe_open
 from torch_apply import per_expert
 
 from mone_jax.base.errors import UserError
-from mone_jax.convert import export as export_mod
-from mone_jax.convert.export import export_pruned, verify_export
+from mone_jax.convert import writer as writer_mod
+from mone_jax.convert.export import export_pruned
 from mone_jax.convert.families import family
 from mone_jax.convert.formats import FORMATS as REGISTRY
-from mone_jax.convert.formats import export_format
+from mone_jax.convert.formats import export_format, torch_model
+from mone_jax.convert.writer import verify_export
 
 # Every model comes from conftest's one table of tiny configs (one variant per family: PER_FAMILY); expert
 # counts, hidden size, vocabulary and router groups are read from each model's config. That table mixes in
@@ -159,7 +159,7 @@ def _dropped_reference(model, plan: dict):
 
 
 def _load(out: Path, fmt: str):
-    model, info = torch_export(out, output_loading_info=True)
+    model, info = torch_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -349,7 +349,7 @@ def test_existing_output_refused_unless_overwrite(hf_models, tmp_path):
 def test_failure_mid_write_leaves_nothing(hf_models, tmp_path, monkeypatch):
     src, original = hf_models("olmoe", "a")
     plan, novices = _plan(original, 5)
-    real = export_mod._write_shard
+    real = writer_mod._write_shard
     calls = []
 
     def failing(path, tensors):
@@ -359,7 +359,7 @@ def test_failure_mid_write_leaves_nothing(hf_models, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(path, tensors)
 
-    monkeypatch.setattr(export_mod, "_write_shard", failing)
+    monkeypatch.setattr(writer_mod, "_write_shard", failing)
     parent = tmp_path / "exports"
     with pytest.raises(OSError, match="disk full"):
         export_pruned(src, parent / "out", plan, novices, max_shard_bytes=20_000)

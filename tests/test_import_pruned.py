@@ -14,11 +14,11 @@ import shutil
 import numpy as np
 import pytest
 from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits
-from reference import torch_export
 from safetensors.numpy import load_file, save_file
 
 import mone_jax
 from mone_jax.base.errors import UserError
+from mone_jax.convert.formats import torch_model
 
 # (family, variant, keep, format): drop mode needs keep to split into the router's groups.
 _CHOSEN = [
@@ -76,7 +76,7 @@ def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, f
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     ids = _ids(hf.config.vocab_size)
     ours = np.asarray(pruned(ids))
-    theirs = torch_export(out).eval()
+    theirs = torch_model(out).eval()
     _close(ours, torch_logits(theirs, ids))
     back = mone_jax.load_hf(out, progress=False)
     back.impl = "dense"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomllib
 
-from mone_jax.convert.export import verify_export
+from mone_jax.convert.writer import verify_export
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from conftest import PER_FAMILY, assert_close_logits, torch_logits
 from flax import nnx
-from reference import torch_export
 from safetensors.numpy import load_file
 
 import mone_jax
 from mone_jax.base.errors import UserError
-from mone_jax.convert.formats import FORMATS
+from mone_jax.convert.formats import FORMATS, torch_model
 from mone_jax.convert.state_dict import hf_state_dict
 
 
@@ -54,7 +53,7 @@ def test_save_hf_writes_the_models_own_arrays(hf_models, tmp_path, fmt):
             continue
         np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(var.get_value()), err_msg=str(path))
     ids = np.random.default_rng(5).integers(0, 96, (2, 12)).astype(np.int32)
-    hf = torch_export(out).eval()
+    hf = torch_model(out).eval()
     assert_close_logits(np.asarray(pruned(ids)), torch_logits(hf, ids))
 
 

@@ -63,10 +63,10 @@ def _run(args) -> int:
     their compile time."""
     if args.cmd in ("inspect", "verify"):
         return args.run(args) or 0
-    from mone_jax.base.compile_cache import CLOCK, configure
+    from mone_jax.base.compile_cache import CompileClock, configure
 
     configure(args.compile_cache)
-    clock = CLOCK.start()
+    clock = CompileClock().start()
     try:
         code = args.run(args) or 0
     finally:

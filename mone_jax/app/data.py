@@ -198,14 +198,15 @@ def _builder(path: Path) -> str | None:
 def _text_blocks(docs: Iterable[object], source: str, tokenizer_dir: str | Path | None, num_samples: int,
                  seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
     """Tokenize documents until the blocks (plus a quarter for random offsets) are covered; cut them."""
-    tokenizer = _load_tokenizer(tokenizer_dir, source)
+    tokenizer = load_tokenizer(tokenizer_dir, source)
     need = num_samples * seq_len + (0 if rng is None else num_samples * seq_len // 4)
     stream = _token_stream(docs, tokenizer, need, source)
     return _windows(stream, num_samples, seq_len, rng, source)
 
 
-def _load_tokenizer(tokenizer_dir: str | Path | None, source: str):
-    """The model folder's own tokenizer, local files only, no remote code."""
+def load_tokenizer(tokenizer_dir: str | Path | None, source: str = "the text"):
+    """The model folder's own tokenizer (local files only, no remote code), with an EOS token; ``source`` names
+    the text that needs it in the error without a folder."""
     if tokenizer_dir is None:
         raise UserError(f"text data {source!r} needs the model folder's tokenizer; give the model folder")
     folder = Path(tokenizer_dir)

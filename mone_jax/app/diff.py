@@ -10,7 +10,6 @@ disagreement can be traced to the first layer where it appears.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -109,21 +108,14 @@ class _Tap(nnx.Module):
 def torch_taps(folder: str | Path, ids: np.ndarray, layers: bool = True) -> Taps:
     """The same from transformers (``trust_remote_code`` for exports that ship their modeling file)."""
     import torch
-    import transformers
 
-    from mone_jax.convert.families import COMPRESSED_SUFFIX, family
+    from mone_jax.convert.families import family
+    from mone_jax.convert.formats import torch_model
     from mone_jax.convert.load import config_of
 
     cfg = config_of(folder)
-    raw = json.loads((Path(folder) / "config.json").read_text())
     try:
-        if str(raw.get("model_type", "")).endswith(COMPRESSED_SUFFIX):  # modepd: no auto_map
-            from mone_jax.convert.modeling_mone import from_pretrained
-
-            model = from_pretrained(str(folder), dtype=torch.float32).eval()
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                                      trust_remote_code="auto_map" in raw).eval()
+        model = torch_model(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"transformers cannot load '{folder}': {str(e).splitlines()[0]}") from None
     taps = Taps(np.zeros(0))
@@ -195,6 +187,7 @@ def table(report: dict) -> str:
 
 def token_ids_for(folder: str | Path, tokens: str | None, text: str | None, vocab_size: int) -> np.ndarray:
     """[B, T] ids from a .npy (``tokens``), or ``text`` (default: a fixed sample) with ``folder``'s tokenizer."""
+    from mone_jax.app.data import load_tokenizer
     from mone_jax.base.tokens import token_ids
 
     if tokens is not None:
@@ -203,8 +196,6 @@ def token_ids_for(folder: str | Path, tokens: str | None, text: str | None, voca
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read token ids from '{tokens}' ({e}): give a .npy of int token ids") from None
         return token_ids(ids, vocab_size, f"'{tokens}'")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok = load_tokenizer(folder)
     ids = tok(text or DEFAULT_TEXT, add_special_tokens=False)["input_ids"]
     return token_ids(np.asarray(ids), vocab_size, "the text")

@@ -48,6 +48,7 @@ class JaxLM(TemplateLM):
     def __init__(self, pretrained: str, *, dtype: str = "float32", batch_size: int | str = 8, mesh=None,
                  max_gen_toks: int = 256, progress: bool = True, **_ignored) -> None:
         super().__init__()
+        from mone_jax.app.data import load_tokenizer
         from mone_jax.app.pipeline import model_mesh
         from mone_jax.convert.load import config_of, load_hf
         from mone_jax.evaluate.loglik import TokenScorer
@@ -59,7 +60,7 @@ class JaxLM(TemplateLM):
         self.model = load_hf(pretrained, dtype, mesh=mesh_obj, progress=progress)
         rows = 8 if str(batch_size).startswith("auto") else int(batch_size)  # lm_eval's CLI may say auto
         self.scorer = TokenScorer(self.model, mesh_obj, rows)
-        self.tokenizer = _tokenizer(pretrained)
+        self.tokenizer = load_tokenizer(pretrained)
         self._max_gen_toks = int(max_gen_toks)
         self.progress = progress
 
@@ -165,18 +166,6 @@ class JaxLM(TemplateLM):
                 bar.update(len(part))
         bar.close()
         return out
-
-
-def _tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
-    if tok.eos_token_id is None:
-        raise UserError(f"the tokenizer in {folder} has no EOS token; set eos_token in its tokenizer_config.json")
-    return tok
 
 
 def evaluate_tasks(model: str | JaxLM, tasks: Sequence[str], *, num_fewshot: int | None = None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,7 @@ from tqdm.auto import tqdm
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.calib.calibration import as_batch, batch_tables, empty_stats, layer_step, shard_batch, windows
-from mone_jax.calib.resume import CalibCheckpoint, check_digest
-from mone_jax.convert.export import export_pruned
-from mone_jax.convert.formats import export_format
+from mone_jax.calib.resume import CalibCheckpoint, DataDigest, check_digest
 from mone_jax.convert.load import config_of, load_layer, refuse_pruned, resolve_dtype
 from mone_jax.convert.reader import CheckpointReader
 from mone_jax.model.moe import default_impl
@@ -46,7 +43,6 @@ from mone_jax.model.sharding import (
     process_rows,
     single_device_mesh,
 )
-from mone_jax.pruning.planning import Plan
 
 EMBED = "model.embed_tokens.weight"
 
@@ -91,15 +87,6 @@ class _Hidden:
                 bufs[0].base.flush()
 
 
-def _digest(batches: list[tuple[np.ndarray, np.ndarray]]) -> str:
-    h = hashlib.sha256()
-    for ids, mask in batches:
-        h.update(f"{ids.shape}".encode())
-        h.update(ids.tobytes())
-        h.update(mask.tobytes())
-    return h.hexdigest()
-
-
 def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float32", mesh: Mesh | None = None,
                          offload_dir: str | Path | None = None, progress: bool = True,
                          checkpoint: CalibCheckpoint | None = None, impl: str | None = None,
@@ -129,7 +116,10 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
 
     acc = empty_stats(cfg)
     acc.tokens = int(sum(int(mask.sum()) for _, mask in data))
-    start_layer, start_batch, digest = 0, 0, _digest(data)
+    consumed = DataDigest()
+    for ids, mask in data:
+        consumed.update(ids, mask)
+    start_layer, start_batch, digest = 0, 0, consumed.hexdigest()
     if checkpoint is not None and (found := checkpoint.restore(acc)) is not None:
         acc, position, expected = found
         check_digest(checkpoint.directory, expected, digest)
@@ -214,30 +204,3 @@ class _Run:
             self.hidden.flush()
             position = {"layer": layer + 1, "batch": 0} if last else {"layer": layer, "batch": b + 1}
             self.checkpoint.save(self.acc, position, self.digest)
-
-
-def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | None, plan: Plan | dict, *,
-                      fmt: str = "substitution", dtype="float32", out_dtype: str | None = None,
-                      overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> dict:
-    """Write the pruned checkpoint of ``folder`` without loading the model.
-
-    :func:`~convert.export.export_pruned` streams the source tensor by tensor into shards; the
-    novice vectors are the statistics' means rounded through the compute ``dtype``, exactly as
-    :func:`~mone_jax.pruning.transform.prune` sets them, so the folder equals the full-model export. A drop export
-    writes no novices and needs no ``stats`` (None).
-    """
-    cfg = config_of(folder)
-    mode = export_format(fmt).mode
-    plan = Plan.from_dict(plan).validate(cfg, mode)
-    if stats is None:
-        if mode != "drop":
-            raise UserError(f"--format {fmt} writes novices, which need calibration statistics: calibrate first")
-    else:
-        stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
-    dt = resolve_dtype(dtype)
-    novices = {i: {} if mode == "drop" else
-               {e: v.astype(dt).astype(np.float32) for e, v in
-                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
-               for i, lp in plan.layers.items()}
-    return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
-                         extra_files=extra_files)

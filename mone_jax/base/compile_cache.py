@@ -65,8 +65,9 @@ def configure(option: str | None = None) -> Path | None:
 
 
 class CompileClock:
-    """Seconds spent tracing, lowering and compiling (or loading from the cache) since :meth:`start`, and
-    how many programs came from the persistent cache."""
+    """Seconds spent tracing, lowering and compiling (or loading from the cache), how many programs were
+    compiled and how many came from the persistent cache, while it runs: ``with CompileClock() as clock:``
+    or :meth:`start` ... :meth:`stop`. A fresh clock per run starts at zero."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -95,9 +96,12 @@ class CompileClock:
             jax.monitoring.unregister_event_listener(self._event)
             self._on = False
 
+    def __enter__(self) -> CompileClock:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def describe(self) -> str:
         cached = f", {self.cache_hits} from the cache" if self.cache_hits else ""
         return f"{self.seconds:.1f} s compiling {self.programs} program{'s' * (self.programs != 1)}{cached}"
-
-
-CLOCK = CompileClock()

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from jax import monitoring
 from tqdm.auto import tqdm
 
+from mone_jax.base.compile_cache import CompileClock
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.perplexity import _nll_sum, perplexity
@@ -30,8 +29,6 @@ from mone_jax.pruning.transform import prune
 
 AUTO = "auto"
 SEEDED = ("random",)  # metrics evaluated over several seeds
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
 
 
 @dataclass(frozen=True)
@@ -93,22 +90,6 @@ def plan_for(model: MoEForCausalLM, stats: Stats, c: Candidate, scope: str = "la
     return plan_of(stats, c.metric, weight_scores, ratio=c.ratio, scope=scope, seed=c.seed, n_group=n_group)
 
 
-@contextmanager
-def compile_clock() -> Iterator[list[float]]:
-    """Seconds JAX spends tracing, lowering and compiling inside the block (its own monitoring events)."""
-    spent: list[float] = []
-
-    def listen(name: str, secs: float, **_) -> None:
-        if name in _COMPILE_EVENTS:
-            spent.append(secs)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield spent
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
-
-
 def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], cands: Sequence[Candidate], *,
             scope: str = "layer", batch_size: int = 8, weight_scores: WeightScores | None = None,
             progress: bool = True) -> dict:
@@ -124,15 +105,15 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
         resolve_keep(E, None, r)  # in range
     rows, compiled = [], _nll_sum._cache_size()
     bar = tqdm(total=len(cands) + 1, desc="comparing plans", unit="plan", disable=not progress)
-    with compile_clock() as spent:
+    with CompileClock() as clock:
         t0 = time.perf_counter()
         original = evaluate(model, evals, batch_size)
         if len(evals) > 1:
             original = {"all": pooled(original), **original}
-        original_s, original_c = time.perf_counter() - t0, sum(spent)
+        original_s, original_c = time.perf_counter() - t0, clock.seconds
         bar.update()
         for c in cands:
-            t0, c0 = time.perf_counter(), sum(spent)
+            t0, c0 = time.perf_counter(), clock.seconds
             plan = plan_for(model, stats, c, scope, weight_scores)
             res = evaluate(prune(model, stats, plan, mode=c.mode), evals, batch_size)
             if len(evals) > 1:
@@ -141,7 +122,7 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
                          "nll": {k: v["nll"] for k, v in res.items()},
                          "perplexity": {k: v["perplexity"] for k, v in res.items()},
                          "kept": {str(i): list(lp.kept) for i, lp in plan.layers.items()},
-                         "seconds": time.perf_counter() - t0, "compile_seconds": sum(spent) - c0})
+                         "seconds": time.perf_counter() - t0, "compile_seconds": clock.seconds - c0})
             bar.set_postfix_str(f"{c.mode} {c.ratio:g} {c.metric}", refresh=False)
             bar.update()
     bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -15,18 +16,12 @@ PLAN_FILE = "mone_plan.json"
 STATS_FILE = "mone_stats_summary.json"
 CARD_FILE = "README.md"
 
-_LOAD = {
-    "substitute": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
-                  'model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)  # modeling_mone.py\n'
-                  'tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)',
-    "modepd": 'from transformers import AutoTokenizer\n'
-              'from mone_jax.convert.modeling_mone import from_pretrained  # no auto_map, as the reference\'s own\n'
-              'model = from_pretrained("{out}")\n'
-              'tokenizer = AutoTokenizer.from_pretrained("{out}")',
-    "drop": 'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
-            'model = AutoModelForCausalLM.from_pretrained("{out}")  # a stock checkpoint with fewer experts\n'
-            'tokenizer = AutoTokenizer.from_pretrained("{out}")',
-}
+class Format(Protocol):
+    """What the card tells of an export format (a record of the registry, :mod:`mone_jax.convert.formats`)."""
+
+    name: str
+    mode: str
+    load_code: str  # Python that loads a folder "{out}" of this format
 
 
 def stats_summary(stats: Stats) -> dict:
@@ -39,13 +34,13 @@ def stats_summary(stats: Stats) -> dict:
     return {"tokens": stats.tokens, "layers": layers}
 
 
-def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt: str, mode: str, kept: dict,
+def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt: Format, kept: dict,
                  calibration: dict, version: str) -> dict[str, bytes]:
     """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.pruning.planning.
     plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...); ``stats`` None:
     a weights-only plan exported without calibration (no statistics summary)."""
-    meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if mode == "substitute"
-            else "expert dropping", "format": fmt, "metric": plan.metric, "scope": plan.scope,
+    meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if fmt.mode == "substitute"
+            else "expert dropping", "format": fmt.name, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),
             "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens})}}
@@ -59,16 +54,16 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
 # Pruned with mone-jax {version}
 
 `{source}` with {kept['pruned_fraction']:.1%} of its routed experts pruned ({meta['method']}, metric
-`{plan.metric}`, scope `{plan.scope}`), written in the `{fmt}` format. Calibration: {calib}.
+`{plan.metric}`, scope `{plan.scope}`), written in the `{fmt.name}` format. Calibration: {calib}.
 
-| MoE layer | experts kept | {'novices' if mode == 'substitute' else 'dropped'} (original ids) |
+| MoE layer | experts kept | {'novices' if fmt.mode == 'substitute' else 'dropped'} (original ids) |
 |---|---|---|
 {rows}
 
 Load it:
 
 ```python
-{_LOAD.get(fmt, _LOAD[mode]).format(out=Path(out).name)}
+{fmt.load_code.format(out=Path(out).name)}
 ```
 
 The plan is in `{PLAN_FILE}`,{'' if stats is None else f' per-expert calibration statistics in `{STATS_FILE}`,'} sha256 sums

@@ -11,7 +11,7 @@ from mone_jax.base.phases import phase
 
 
 def run(args) -> None:
-    from mone_jax.app.data import _load_tokenizer as load_tokenizer
+    from mone_jax.app.data import load_tokenizer
     from mone_jax.model.decoding import generate
 
     if args.max_new_tokens < 0 or args.temperature < 0:

@@ -14,8 +14,8 @@ def run(args) -> None:
     from mone_jax.app.distributed import init_distributed, is_writer
     from mone_jax.app.jobs import prune_job
     from mone_jax.app.pipeline import finish, run_calibration
-    from mone_jax.app.sequential import export_from_stats
     from mone_jax.convert.criteria import plan_for
+    from mone_jax.convert.export import export_from_stats
     from mone_jax.pruning.card import folder_files
     from mone_jax.pruning.planning import describe_summary, plan_summary
 
@@ -44,8 +44,8 @@ def run(args) -> None:
     c = job.calib
     calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
                    if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
-    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format.name,
-                         mode=job.format.mode, kept=kept, calibration=calibration, version=__version__)
+    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format, kept=kept,
+                         calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,

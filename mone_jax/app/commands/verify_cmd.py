@@ -8,7 +8,7 @@ from mone_jax.base.errors import UserError
 
 
 def run(args) -> None:
-    from mone_jax.convert.export import verify_export
+    from mone_jax.convert.writer import verify_export
 
     problems = verify_export(args.folder)
     if len(problems) == 1:

@@ -1,0 +1,205 @@
+"""Writing an export folder: safetensors shards (one tensor in memory at a time), the index, config, copied
+tokenizer files and the modeling file, then ``mone_manifest.json`` (sha256 and size of every other file)
+last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
+folder against its manifest. What goes in is chosen by :mod:`.export`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from mone_jax.base.errors import UserError
+from mone_jax.base.files import atomic_write_folder
+from mone_jax.convert.formats import MODELING, ExportFormat
+from mone_jax.convert.reader import INDEX, SINGLE
+
+MANIFEST = "mone_manifest.json"
+_ST_NAME = {
+    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+}
+# Plain-data files copied verbatim (tokenizer_config.json is copied without any auto_map).
+_COPIED = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+_COPIED_SUFFIXES = (".model", ".tiktoken")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One output tensor: its name, shape, dtype and how to produce it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def write_export(out: Path, src: Path, tensors: list[Tensor], config: dict, f: ExportFormat, max_shard_bytes: int,
+                 extra_files: dict[str, bytes] | None = None) -> int:
+    """Write the folder atomically (:func:`~mone_jax.base.files.atomic_write_folder`), the manifest last; the
+    file count."""
+    def write(tmp: Path) -> int:
+        files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in files or name == MANIFEST:
+                raise ValueError(f"extra file name '{name}' is not a free plain file name")
+            files[name] = _write_bytes(tmp / name, data)
+        _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
+        return len(files) + 1
+
+    return atomic_write_folder(out, write)
+
+
+def verify_export(out_dir: str | Path) -> list[str]:
+    """Problems found in ``out_dir`` against its ``mone_manifest.json`` (empty list = intact)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return [f"'{out}' is not a folder"]
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+    except FileNotFoundError:
+        return [f"{MANIFEST} is missing"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return [f"{MANIFEST} is malformed ({e})"]
+    problems = []
+    for name, want in sorted(files.items()):
+        path = out / name
+        if Path(name).name != name or name in (".", "..", MANIFEST):
+            problems.append(f"manifest lists an invalid file name '{name}'")
+        elif not path.is_file():
+            problems.append(f"missing file '{name}'")
+        elif path.stat().st_size != want.get("size"):
+            problems.append(f"'{name}' changed: size {path.stat().st_size}, manifest says {want.get('size')}")
+        elif _sha256(path) != want.get("sha256"):
+            problems.append(f"'{name}' changed: sha256 does not match the manifest")
+    problems += [f"unexpected file '{p.name}'" for p in sorted(out.iterdir()) if p.name not in files and p.name != MANIFEST]
+    return problems
+
+
+class _HashingFile:
+    """A binary file being written, with its running sha256 and size."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "xb")  # noqa: SIM115 - closed in __exit__
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self._f.write(data)
+        self.sha.update(data)
+        self.size += len(memoryview(data).cast("B"))
+
+    def __enter__(self) -> _HashingFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def record(self) -> dict:
+        return {"sha256": self.sha.hexdigest(), "size": self.size}
+
+
+def _write_folder(
+    tmp: Path, src: Path, tensors: list[Tensor], config: dict, f: ExportFormat, max_shard_bytes: int
+) -> dict[str, dict]:
+    """Write weights, config, copied files and (unless drop) the modeling file; return their manifest entries."""
+    shards: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    files = {}
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        files[name] = _write_shard(tmp / name, shard)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+        }
+        files[INDEX] = _write_json(tmp / INDEX, index)
+    files["config.json"] = _write_json(tmp / "config.json", config)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and (path.name in _COPIED or path.suffix in _COPIED_SUFFIXES):
+            files[path.name] = _copy_data_file(path, tmp / path.name)
+    if f.ships_modeling:
+        files[MODELING] = _write_bytes(tmp / MODELING, Path(__file__).with_name(MODELING).read_bytes())
+    return files
+
+
+def _write_shard(path: Path, tensors: list[Tensor]) -> dict:
+    """Write one safetensors file, one tensor in memory at a time."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with _HashingFile(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors:
+            arr = np.ascontiguousarray(t.load().astype(t.dtype, copy=False))
+            if arr.shape != t.shape:
+                raise UserError(f"tensor '{t.name}' changed shape while exporting: the source is being modified")
+            f.write(arr.reshape(-1).view(np.uint8))
+        return f.record()
+
+
+def _write_json(path: Path, obj: dict) -> dict:
+    return _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> dict:
+    with _HashingFile(path) as f:
+        f.write(data)
+        return f.record()
+
+
+def _copy_data_file(src: Path, dst: Path) -> dict:
+    """Copy a tokenizer / generation file; tokenizer_config.json loses any auto_map (custom code)."""
+    data = src.read_bytes()
+    if src.name == "tokenizer_config.json":
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{src} is not valid JSON ({e}): repair it or remove it") from None
+        if isinstance(obj, dict) and "auto_map" in obj:
+            del obj["auto_map"]
+            return _write_json(dst, obj)
+    return _write_bytes(dst, data)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
