@@ -133,8 +133,6 @@ CONFIGS.update({  # hybrid Gated DeltaNet / gated-attention layers
                                                         partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
 })
 ALL_VARIANTS = list(CONFIGS)
-# The first four families' variants (GQA-attention families), as the older tests are parametrised.
-FAMILY_VARIANTS = [v for v in ALL_VARIANTS if v[0] in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")]
 # One variant per family, for the costlier cross-checks (sharding, sequential, prune vs PyTorch, export).
 PER_FAMILY = [("olmoe", "a"), ("qwen2_moe", "b"), ("qwen3_moe", "a"), ("mixtral", "b"), ("deepseek_v2", "group_yarn"),
               ("deepseek_v3", "grouped_yarn"), ("glm4_moe", "a"), ("dots1", "a"), ("glm4_moe_lite", "a"),

@@ -117,3 +117,10 @@ def test_every_registered_family_is_under_the_shared_cross_checks():
     from mone_jax.convert.families import FAMILIES
 
     assert sorted(FAMILIES) == sorted(f for f, _ in PER_FAMILY)
+
+
+def test_test_files_do_not_import_each_other():
+    """Shared checks live in tests/checks.py, tests/reference.py and conftest.py, not in another test file."""
+    found = [f"{p.name} imports {m}" for p in (REPO / "tests").glob("test_*.py")
+             for m in _imports(p, top_level_only=False) if m.split(".")[0].startswith("test_")]
+    assert not found, found

@@ -1,79 +1,21 @@
-"""Calibration statistics against a float64 NumPy loop over transformers' own routing."""
+"""Calibration beyond the per-family check (tests/test_families.py): weights-only metrics, batch splits and
+dispatch implementations against the float64 loop; the statistics file; the default batch size."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAMILY_VARIANTS
+from checks import assert_close, assert_stats_match
 from reference import (
-    FIELDS_F64,
-    METRICS_F64,
-    REFERENCE_METRICS_F64,
     WEIGHT_METRICS_F64,
-    Routed,
     experts_modules,
     reference_stats,
 )
 
 import mone_jax
-from mone_jax.base.stats import FIELDS, NAMES, REFERENCE, Stats
+from mone_jax.base.stats import Stats
 from mone_jax.convert.criteria import weight_scores
-from mone_jax.pruning.scoring import REGISTRY, layer_scores
-
-
-def _batches(vocab: int, sizes=((2, 12), (3, 12)), pad: bool = True, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for b, t in sizes:
-        ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
-        mask = np.ones((b, t), np.int32)
-        if pad:
-            mask[0, t - 4:] = 0
-        out.append((ids, mask))
-    return out
-
-
-def _close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
-    scale = np.abs(theirs).max() + 1e-12
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
-
-
-def assert_stats_match(stats: Stats, ref: dict[int, Routed], tokens: int, reference: bool = True) -> None:
-    """Every statistic of FIELDS and every statistics metric of the registry (under each semantics it has)
-    equals its float64 formula in tests/reference.py; one without a formula fails here. ``reference`` False:
-    statistics read back from an exact-semantics file, which holds no reference fields (REFERENCE)."""
-    assert not (lacking := set(NAMES) - set(FIELDS_F64)), f"statistics without a float64 formula: {lacking}"
-    stats_metrics = {k: m for k, m in REGISTRY.items() if not m.needs_weights}
-    assert not (lacking := set(stats_metrics) - set(METRICS_F64)), f"metrics without a float64 formula: {lacking}"
-    with_ref = {k for k, m in stats_metrics.items() if m.reference is not None}
-    assert not (lacking := with_ref - set(REFERENCE_METRICS_F64)), f"reference semantics without a formula: {lacking}"
-    fields = [f for f in FIELDS if reference or f.name not in REFERENCE]
-    assert stats.tokens == tokens
-    assert sorted(stats.layers) == sorted(ref)
-    for i, r in ref.items():
-        s = stats.layers[i]
-        for f in fields:
-            ours, theirs = getattr(s, f.name), FIELDS_F64[f.name](r)
-            if f.kind in ("count", "ref_count"):
-                np.testing.assert_array_equal(ours, theirs, err_msg=f"layer {i} {f.name}")
-            else:
-                _close(ours, theirs, f"layer {i} {f.name}")
-        for name in stats_metrics:
-            _close(layer_scores(s, tokens, name, np.random.default_rng(7)), METRICS_F64[name](r, np.random.default_rng(7)),
-                   f"layer {i} metric {name}")
-        for name in with_ref if reference else ():
-            _close(layer_scores(s, tokens, name, semantics="reference"), REFERENCE_METRICS_F64[name](r, None),
-                   f"layer {i} metric {name} (reference semantics)")
-
-
-@pytest.mark.parametrize("family,variant", FAMILY_VARIANTS)
-def test_stats_match_float64_reference(hf_models, family, variant):
-    folder, hf = hf_models(family, variant)
-    model = mone_jax.load_hf(folder, progress=False)
-    batches = _batches(hf.config.vocab_size)
-    ref, tokens = reference_stats(hf, batches)
-    stats = mone_jax.calibrate(model, [{"input_ids": i, "attention_mask": m} for i, m in batches], progress=False)
-    assert_stats_match(stats, ref, tokens)
+from mone_jax.pruning.scoring import REGISTRY
 
 
 @pytest.mark.parametrize("family,variant", [("qwen2_moe", "b"), ("gpt_oss", "a")])  # split and interleaved gate/up
@@ -85,7 +27,7 @@ def test_weight_metrics_match_float64_reference(hf_models, family, variant):
     for name in names:
         got = weight_scores(folder, name, progress=False)
         for i, mod in experts_modules(hf).items():
-            _close(got[i], [WEIGHT_METRICS_F64[name](mod, e) for e in range(mod.num_experts)], f"layer {i} {name}")
+            assert_close(got[i], [WEIGHT_METRICS_F64[name](mod, e) for e in range(mod.num_experts)], f"layer {i} {name}")
 
 
 @pytest.mark.parametrize("impl", ["scan", "ragged", "dense"])

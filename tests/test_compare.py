@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from checks import hf_perplexity
 from conftest import torch, transformers
-from test_evaluate import hf_perplexity
 
 from mone_jax.app.cli import main
 from mone_jax.app.compare_job import carve, parse_sources

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from checks import hf_perplexity
 from conftest import torch
 
 from mone_jax import save_hf
@@ -20,15 +21,6 @@ from mone_jax.pruning.planning import make_plan
 from mone_jax.pruning.transform import prune
 
 RTOL = 1e-4
-
-
-def hf_perplexity(model, ids: np.ndarray, mask: np.ndarray) -> float:
-    """exp(mean NLL) of the predicted tokens, from transformers' logits (float64 log-softmax)."""
-    with torch.no_grad():
-        logits = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.double()
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    nll = -logp.gather(-1, torch.as_tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
-    return math.exp(nll[predicted(mask)].mean())
 
 
 @pytest.fixture(scope="module")

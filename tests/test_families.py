@@ -1,4 +1,5 @@
-"""DeepSeek-V2/V3, GLM-4.5-MoE and GPT-OSS: fp32 logits and calibration statistics against transformers."""
+"""Every family of the shared table: fp32 logits against transformers and calibration statistics against the
+float64 loop; the router parameters, quantized experts and refusals of the families that have them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from checks import assert_stats_match, calib_batches
 from conftest import (
     ALL_VARIANTS,
-    FAMILY_VARIANTS,
     assert_close_logits,
     build_hf,
     rewrite_config,
@@ -17,31 +18,24 @@ from conftest import (
 )
 from reference import reference_stats
 from safetensors.numpy import load_file, save_file
-from test_calibration import _batches, assert_stats_match
 
 import mone_jax
 from mone_jax.base.errors import UserError
-
-NEW_VARIANTS = [v for v in ALL_VARIANTS if v not in FAMILY_VARIANTS]
 
 
 def _ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("family,variant", NEW_VARIANTS)
-def test_logits_match_transformers(hf_models, family, variant):
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_logits_and_stats_match_the_references(hf_models, family, variant):
+    """Every variant of the shared table: logits against transformers' forward, and calibration statistics (with
+    padding) against the float64 loop over the tokens transformers routed, every field and metric."""
     folder, hf = hf_models(family, variant)
     model = mone_jax.load_hf(folder, progress=False)
     ids = _ids(hf.config.vocab_size)
     assert_close_logits(model(ids), torch_logits(hf, ids))
-
-
-@pytest.mark.parametrize("family,variant", NEW_VARIANTS)
-def test_stats_match_float64_reference(hf_models, family, variant):
-    folder, hf = hf_models(family, variant)
-    model = mone_jax.load_hf(folder, progress=False)
-    batches = _batches(hf.config.vocab_size, sizes=((2, 12), (2, 12)))  # one compiled shape
+    batches = calib_batches(hf.config.vocab_size, sizes=((2, 12), (2, 12)))  # one compiled shape
     ref, tokens = reference_stats(hf, batches)
     stats = mone_jax.calibrate(model, [{"input_ids": i, "attention_mask": m} for i, m in batches], progress=False)
     assert_stats_match(stats, ref, tokens)

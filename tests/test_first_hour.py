@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from checks import assert_stats_match
 from reference import reference_stats
-from test_calibration import assert_stats_match
 
 import mone_jax
 from mone_jax.app.cli import main

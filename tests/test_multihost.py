@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_sharding import assert_stats_equal
+from checks import assert_stats_equal
 
 import mone_jax
 from mone_jax.base.stats import Stats

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from test_sequential import assert_identical
-from test_sharding import batches
+from checks import assert_identical
+from checks import mesh_batches as batches
 
 from mone_jax.app.sequential import calibrate_sequential
 from mone_jax.base.errors import UserError

@@ -6,22 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from checks import assert_identical, assert_stats_equal
+from checks import mesh_batches as batches
 from conftest import STRUCTURES
-from test_sharding import assert_stats_equal, batches
 
 import mone_jax
 import mone_jax.app.sequential as seq
 from mone_jax.app.cli import main
-from mone_jax.base.stats import NAMES, Stats
+from mone_jax.base.stats import Stats
 from mone_jax.calib.calibration import calibrate
 from mone_jax.model.sharding import make_mesh
-
-
-def assert_identical(a: Stats, b: Stats) -> None:
-    assert a.tokens == b.tokens and sorted(a.layers) == sorted(b.layers)
-    for i in a.layers:
-        for f in NAMES:
-            np.testing.assert_array_equal(getattr(a.layers[i], f), getattr(b.layers[i], f), err_msg=f"{i} {f}")
 
 
 @pytest.mark.parametrize("family,variant", STRUCTURES)

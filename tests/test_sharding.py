@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from checks import assert_stats_equal
+from checks import mesh_batches as batches
 from conftest import STRUCTURES
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -12,7 +14,6 @@ from jax.sharding import PartitionSpec as P
 
 import mone_jax
 from mone_jax.base.errors import UserError
-from mone_jax.base.stats import FLOATS, REFERENCE, Stats
 from mone_jax.calib.calibration import batch_tables, calibrate, layer_programs, shard_batch, windows
 from mone_jax.model.sharding import batch_spec, make_mesh, mesh_shape, param_specs
 from mone_jax.pruning.planning import Plan, make_plan
@@ -20,29 +21,6 @@ from mone_jax.pruning.planning import Plan, make_plan
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 # one family per layer structure on data=2,expert=4, plus expert axes that do not divide the expert count (6 on 4, 4 on 8)
 CASES = [(*v, (2, 4)) for v in STRUCTURES] + [("qwen2_moe", "a", (2, 4)), ("mixtral", "a", (1, 8))]
-
-
-def batches(vocab: int, seed: int = 0) -> list[dict]:
-    """Batches of 5 rows (padded to the data axis) with some padding tokens."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(2):
-        ids = rng.integers(0, vocab, (5, 16)).astype(np.int32)
-        mask = np.ones((5, 16), np.int32)
-        mask[0, 11:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
-
-def assert_stats_equal(got: Stats, ref: Stats, rtol: float = 1e-6) -> None:
-    """Counts and tokens exact; every float tensor within rtol of its own magnitude (max |ref|)."""
-    assert got.tokens == ref.tokens and sorted(got.layers) == sorted(ref.layers)
-    for i, r in ref.layers.items():
-        g = got.layers[i]
-        np.testing.assert_array_equal(g.count, r.count, err_msg=f"layer {i} count")
-        for f in (f for f in FLOATS if f not in REFERENCE):  # per-call recurrence: batch-split dependent
-            a, b = getattr(g, f), getattr(r, f)
-            assert np.abs(a - b).max() <= rtol * np.abs(b).max(), f"layer {i} {f}"
 
 
 def kept(plan: Plan) -> dict:
