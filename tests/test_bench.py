@@ -21,8 +21,6 @@ TINY = ["--hidden", "64", "--head-dim", "16", "--experts", "8", "--top-k", "2", 
 BENCHES = {  # name -> (script, arguments, what stdout must say)
     "calibration": ("calib_bench.py", [*TINY, "--family", "qwen3_moe", "--impls", "scan", "--dtypes", "float32",
                                        "--prune-ratios", "0.5", "--json", "out.json"], "ours / PyTorch"),
-    "whole process": ("calib_bench.py", [*TINY, "--whole-process", "--token-counts", "128", "--json", "out.json"],
-                      "jax / torch"),
     "memory at scale": ("scale_bench.py", ["--dir", "scale", "--layers", "2", "--hidden", "64", "--experts", "4",
                                            "--top-k", "2", "--expert-ffn", "32", "--vocab", "256", "--tokens", "256",
                                            "--batch-size", "1"], "statistics identical: True"),

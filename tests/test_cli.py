@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import assert_close_logits, torch_logits
 
 import mone_jax
@@ -41,6 +42,7 @@ def test_inspect(hf_models):
     assert "qwen2_moe" in run("inspect", folder).stdout
 
 
+@pytest.mark.slow
 def test_forward_writes_transformers_logits(hf_models, tmp_path):
     folder, hf = hf_models("mixtral", "a")
     ids = np.random.default_rng(0).integers(0, 96, (2, 9)).astype(np.int64)
@@ -49,6 +51,7 @@ def test_forward_writes_transformers_logits(hf_models, tmp_path):
     assert_close_logits(np.load(tmp_path / "logits.npy"), torch_logits(hf, ids))
 
 
+@pytest.mark.slow
 def test_calibrate_then_plan(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     np.save(tmp_path / "ids.npy", np.random.default_rng(1).integers(0, 96, (4, 16)).astype(np.int32))

@@ -46,6 +46,7 @@ def _done(stderr: str) -> str:
     return next(line for line in stderr.splitlines() if "] done: " in line)
 
 
+@pytest.mark.slow
 def test_rerun_loads_programs_from_the_cache(hf_models, tmp_path):
     """Two identical runs in fresh processes: the first compiles and fills the folder, the second loads every
     calibration program from it (JAX's own cache-hit events) and writes identical statistics."""
@@ -65,6 +66,7 @@ def test_rerun_loads_programs_from_the_cache(hf_models, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_default_folder_and_off(hf_models, tmp_path):
     """Without the option the cache goes to $XDG_CACHE_HOME/mone-jax/xla; `--compile-cache off` writes nothing;
     an unusable folder is a warning, not a failure."""

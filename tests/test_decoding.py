@@ -146,6 +146,7 @@ def test_generate_cli(demo, capsys):
     assert main([*argv, "--prompt", "x", "--temperature", "-1"]) == 2
 
 
+@pytest.mark.slow
 def test_generate_on_a_2x4_mesh_splits_rows_and_matches_one_device(hf_models):
     """On 8 devices as a 2x4 (data, expert) mesh (6 experts padded to 8): greedy and sampled tokens equal one
     device's for prompts of mixed lengths (5 rows padded to 8), and the compiled program holds one row of

@@ -97,6 +97,7 @@ def test_beats_unigram_on_validation_text(demo):
     assert ppl < best_unigram / 2
 
 
+@pytest.mark.slow
 def test_prune_without_arguments_then_verify(pruned_demo):
     run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "verify", str(pruned_demo)], capture_output=True,
                          text=True, timeout=300)
@@ -107,6 +108,7 @@ def test_prune_without_arguments_then_verify(pruned_demo):
     assert all(len(t["replacements"]) == 4 for t in targets.values())  # 25% of 16 experts
 
 
+@pytest.mark.slow
 def test_pruned_export_for_lm_eval_and_cli_eval(pruned_demo, tmp_path):
     """Load as lm-evaluation-harness's `hf` model does; our `eval` equals transformers' perplexity."""
     config = transformers.AutoConfig.from_pretrained(pruned_demo, trust_remote_code=True)
@@ -133,6 +135,7 @@ def test_pruned_export_for_lm_eval_and_cli_eval(pruned_demo, tmp_path):
     assert math.isclose(ours["perplexity"], math.exp(nll.mean()), rel_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_script_forward_and_export(tmp_path):
     """scripts/train_demo.py: its training forward is the model's, and its folder loads in transformers."""
     import importlib.util

@@ -43,6 +43,7 @@ def test_export_size_drops_as_planned(hf_models, tmp_path):
     assert json.dumps(summary)  # the summary is plain data
 
 
+@pytest.mark.slow
 def test_cli_prune_and_verify(hf_models, tmp_path):
     folder, _ = hf_models("qwen3_moe", "a")
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 96, (4, 16)).astype(np.int32))

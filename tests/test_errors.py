@@ -306,12 +306,14 @@ def test_bad_input_one_line_exit_2_nothing_written(case, inputs, tmp_path, cli):
     _check_refused(cli(argv(inputs, tmp_path)), expect, inputs, tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(inputs, tmp_path):
     """The same contract from the installed entry point, for a pickle-only checkpoint (never unpickled)."""
     argv, expect = CASES["only pickle weights"]
     _check_refused(_cli(argv(inputs, tmp_path)), expect, inputs, tmp_path)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(inputs, tmp_path):
     p = _cli(["--debug", *_prune(inputs, tmp_path, model="truncated")])
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
@@ -392,6 +394,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_no_checkpoint(inputs, tmp_path):
     """SIGKILL after the first shard: no --out; the hidden temporary sibling is no checkpoint (no config.json,
     no manifest) and the next export to the same --out removes it."""
@@ -414,6 +417,7 @@ def test_killed_export_leaves_no_checkpoint(inputs, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.slow
 def test_disk_full_mid_export_leaves_nothing(inputs, tmp_path):
     """A file size limit (like a full disk) makes the first shard fail: one line, exit code 1, no output."""
     argv = _prune(inputs, tmp_path, "--stats", inputs.dir / "stats.safetensors", "--plan", inputs.dir / "plan.json",

@@ -181,6 +181,7 @@ def test_help_states_every_option_its_choices_and_defaults(capsys):
     assert "--calib self --num-samples 16 --seq-len 64 --ratio 0.25" in text
 
 
+@pytest.mark.slow
 def test_no_noise_on_local_text_pruned_tokenizers_and_an_unreachable_hub(tmp_path, capfd):
     from mone_jax.app.data import load_token_blocks
 

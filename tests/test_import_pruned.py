@@ -1,8 +1,8 @@
 """Pruned checkpoints in the substitution and mode-pd layouts load in JAX as pruned models.
 
-Round trip (new families): calibrate -> plan -> prune in JAX -> export -> transformers loads the
-export (trust_remote_code, our bundled modeling file) and ``mone_jax.load_hf`` loads it back; all
-three logits agree. Cross-framework: a mode-pd checkpoint written here from a transformers model
+Round trip (every family, substitution and drop): calibrate -> plan -> prune in JAX, whose logits equal an
+independent PyTorch application of the plan (tests/torch_apply.py) -> export -> transformers loads the export
+(trust_remote_code, our bundled modeling file) and ``mone_jax.load_hf`` loads it back; all logits agree. Cross-framework: a mode-pd checkpoint written here from a transformers model
 whose experts this test replaced itself loads in JAX and matches that PyTorch model.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits
 from safetensors.numpy import load_file, save_file
+from torch_apply import drop, substitute
 
 import mone_jax
 from mone_jax.base.errors import UserError
@@ -31,7 +32,8 @@ _CHOSEN = [
 ]
 # every other family of the shared table: a substitution and a drop round trip (keep chosen from its config)
 CASES = _CHOSEN + [(f, v, None, fmt) for f, v in PER_FAMILY if f not in {c[0] for c in _CHOSEN}
-                   for fmt in ("substitution", "drop")]
+                   for fmt in ("substitution", "drop")] + [
+    ("olmoe", "b", None, "substitution"), ("mixtral", "b", None, "drop"), ("qwen2_moe", "b", None, "drop")]
 REL = 1e-5
 
 
@@ -76,6 +78,11 @@ def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, f
     mone_jax.save_hf(pruned, out, format=fmt, source=folder)
     ids = _ids(hf.config.vocab_size)
     ours = np.asarray(pruned(ids))
+    # an independent PyTorch application of the plan (tests/torch_apply.py), then the export in transformers
+    novices = {i: {e: stats.layers[i].mean[e].astype(np.float32) for e in lp.novices} for i, lp in plan.layers.items()}
+    independent = drop(hf, plan.to_dict()) if fmt == "drop" else substitute(hf, plan.to_dict(), novices)
+    _close(ours, torch_logits(independent, ids))
+    assert np.abs(ours - torch_logits(hf, ids)).max() > 1e-6  # pruning really changed something
     theirs = torch_model(out).eval()
     _close(ours, torch_logits(theirs, ids))
     back = mone_jax.load_hf(out, progress=False)

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 CARD = demo_model_dir() / "README.md"
 
 
+@pytest.mark.slow
 def test_card_command_prints_the_card_perplexity():
     text = CARD.read_text()
     (claimed,) = re.findall(r"perplexity \*\*([0-9.]+)\*\*", text)

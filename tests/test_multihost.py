@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from checks import assert_stats_equal
 
 import mone_jax
@@ -21,6 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     ids = np.random.default_rng(7).integers(0, 96, (12, 16)).astype(np.int32)

@@ -1,4 +1,5 @@
-"""The pruning transform: pruned JAX model against an independent PyTorch application of the plan."""
+"""The pruning transform: keep-all identity, parameter shapes, refusals, grouped drop routing (every family's pruned
+logits against an independent PyTorch application of the plan: tests/test_import_pruned.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, assert_close_logits, torch, torch_logits, transformers
+from conftest import torch, torch_logits, transformers
 from flax import nnx
-from torch_apply import drop, substitute
+from torch_apply import drop
 
 import mone_jax
 from mone_jax.base.errors import UserError
-from mone_jax.pruning.planning import check_drop_keep
 from mone_jax.pruning.transform import prune_params
 
 
@@ -37,36 +37,6 @@ def test_keep_all_is_identical(hf_models, ids):
     stats = _calib(hf, model)
     pruned = mone_jax.prune(model, stats, mone_jax.plan(stats, keep=hf.config.num_experts))
     np.testing.assert_array_equal(np.asarray(pruned(ids)), np.asarray(model(ids)))
-
-
-def _drop_keep(cfg) -> int | None:
-    """The smallest keep count of at least half the experts that a drop plan may use (None if only all)."""
-    for keep in range(max(cfg.top_k, cfg.num_experts // 2), cfg.num_experts):
-        try:
-            check_drop_keep(cfg, keep)
-            return keep
-        except UserError:
-            continue
-    return None
-
-
-@pytest.mark.parametrize("family,variant", PER_FAMILY + [("olmoe", "b"), ("mixtral", "a")])
-def test_pruned_matches_independent_torch(hf_models, ids, family, variant):
-    folder, hf = hf_models(family, variant)
-    model = mone_jax.load_hf(folder, progress=False)
-    stats = _calib(hf, model)
-    cfg = model.config
-    # group-limited routers reach only their groups' experts: keep few so that novices are surely routed
-    plan = mone_jax.plan(stats, keep=cfg.top_k if cfg.topk_group < cfg.n_group else max(cfg.top_k, cfg.num_experts // 2))
-    ours = np.asarray(mone_jax.prune(model, stats, plan)(ids))
-    assert_close_logits(ours, torch_logits(substitute(hf, plan.to_dict(), _novices(stats, plan)), ids))
-    assert np.abs(ours - np.asarray(model(ids))).max() > 1e-6  # pruning really changed something
-    keep = _drop_keep(cfg)
-    if keep is None:  # e.g. top-3 over 2 of 4 groups of 2: every drop below all experts starves the router
-        return
-    plan = mone_jax.plan(stats, keep=keep, n_group=cfg.n_group)
-    ours_drop = np.asarray(mone_jax.prune(model, stats, plan, mode="drop")(ids))
-    assert_close_logits(ours_drop, torch_logits(drop(hf, plan.to_dict()), ids))
 
 
 def test_prune_params_shapes_and_novices(hf_models):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 from mone_jax.convert.writer import verify_export
@@ -15,6 +16,7 @@ from mone_jax.convert.writer import verify_export
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_readme_python_snippet_runs_as_written(tmp_path):
     readme = (REPO / "README.md").read_text()
     snippet = next(s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "import mone_jax" in s)

@@ -29,6 +29,7 @@ def one_device_env() -> dict:
     return {**env, "JAX_PLATFORMS": "cpu"}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_file(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 96, (60, 16)).astype(np.int32))
