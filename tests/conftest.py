@@ -150,6 +150,12 @@ STRUCTURES = [("olmoe", "a"), ("qwen2_moe", "b"), ("deepseek_v3", "grouped_yarn"
               ("ernie4_5_moe", "a"), ("qwen3_next", "a")]
 
 
+def tiered(cases, fast=STRUCTURES) -> list:
+    """A parametrisation of ``cases`` ((family, variant, ...) tuples) in two tiers: cases whose (family, variant) is
+    in ``fast`` run in the fast tier (``pytest -m "not slow"``), the others are marked slow; CI runs both."""
+    return [c if tuple(c[:2]) in fast else pytest.param(*c, marks=pytest.mark.slow) for c in cases]
+
+
 def build_hf(family: str, variant: str, seed: int = 0, **overrides):
     """A random transformers model of ``family`` with diverse routing: router weights ~ N(0, 1),
     e_score_correction_bias ~ N(0, 0.5^2), expert biases ~ N(0, 0.1^2), HunYuan q/k norm weights ~ N(1, 0.5^2);

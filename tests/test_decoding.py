@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, torch, transformers
+from conftest import PER_FAMILY, tiered, torch, transformers
 from flax import nnx
 
 import mone_jax
@@ -69,7 +69,7 @@ def _check_decoding_matches_forward(model, seed: int = 0) -> list:
     return cache
 
 
-@pytest.mark.parametrize("family, variant", PER_FAMILY)
+@pytest.mark.parametrize("family, variant", tiered(PER_FAMILY))
 def test_cached_decoding_matches_forward(family, variant, hf_models):
     model = load_hf(hf_models(family, variant)[0], progress=False)
     cache = _check_decoding_matches_forward(model)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, build_hf, save_hf, torch, transformers
+from conftest import PER_FAMILY, build_hf, save_hf, tiered, torch, transformers
 from safetensors import safe_open
 from torch_apply import per_expert
 
@@ -197,7 +197,7 @@ def _check_weights(loaded, original, plan: dict, novices: dict, fmt: str) -> Non
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("family, variant", PER_FAMILY)
+@pytest.mark.parametrize("family, variant", tiered(PER_FAMILY))
 def test_export_roundtrip(family, variant, fmt, hf_models, tmp_path, out):
     drop = export_format(fmt).mode == "drop"
     if drop and (family, variant) in DROP_OVERRIDES:

@@ -10,9 +10,11 @@ import pytest
 from checks import assert_stats_match, calib_batches
 from conftest import (
     ALL_VARIANTS,
+    PER_FAMILY,
     assert_close_logits,
     build_hf,
     rewrite_config,
+    tiered,
     torch,
     torch_logits,
 )
@@ -27,7 +29,7 @@ def _ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+@pytest.mark.parametrize("family,variant", tiered(ALL_VARIANTS, fast=PER_FAMILY))
 def test_logits_and_stats_match_the_references(hf_models, family, variant):
     """Every variant of the shared table: logits against transformers' forward, and calibration statistics (with
     padding) against the float64 loop over the tokens transformers routed, every field and metric."""

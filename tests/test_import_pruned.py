@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, assert_close_logits, build_hf, torch, torch_logits
+from conftest import PER_FAMILY, assert_close_logits, build_hf, tiered, torch, torch_logits
 from safetensors.numpy import load_file, save_file
 from torch_apply import drop, substitute
 
@@ -66,7 +66,7 @@ def _close(ours, ref, rel: float = REL) -> None:
     assert err <= rel * np.abs(ref).max(), f"max|diff| {err:.3g} vs max|ref| {np.abs(ref).max():.3g}"
 
 
-@pytest.mark.parametrize("family,variant,keep,fmt", CASES)
+@pytest.mark.parametrize("family,variant,keep,fmt", tiered(CASES))
 def test_export_and_import_roundtrip(sources, tmp_path, family, variant, keep, fmt):
     folder, hf, model, stats = sources(family, variant)
     cfg = model.config

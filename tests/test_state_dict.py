@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PER_FAMILY, assert_close_logits, torch_logits
+from conftest import PER_FAMILY, assert_close_logits, tiered, torch_logits
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -15,7 +15,7 @@ from mone_jax.convert.formats import FORMATS, torch_model
 from mone_jax.convert.state_dict import hf_state_dict
 
 
-@pytest.mark.parametrize("family,variant", PER_FAMILY)
+@pytest.mark.parametrize("family,variant", tiered(PER_FAMILY))
 def test_state_dict_equals_the_checkpoint(hf_models, family, variant):
     folder, _ = hf_models(family, variant)
     ours = hf_state_dict(mone_jax.load_hf(folder, progress=False))
