@@ -150,7 +150,12 @@ STRUCTURES = [("olmoe", "a"), ("qwen2_moe", "b"), ("deepseek_v3", "grouped_yarn"
               ("ernie4_5_moe", "a"), ("qwen3_next", "a")]
 
 
-def tiered(cases, fast=STRUCTURES) -> list:
+# The fast tier's families for the per-family cross-checks: plain GQA, MLA with a grouped sigmoid router, Gated
+# DeltaNet layers (every family's logits and statistics run in the fast tier too: tests/test_families.py).
+FAST = [("olmoe", "a"), ("deepseek_v3", "grouped_yarn"), ("qwen3_next", "a")]
+
+
+def tiered(cases, fast=FAST) -> list:
     """A parametrisation of ``cases`` ((family, variant, ...) tuples) in two tiers: cases whose (family, variant) is
     in ``fast`` run in the fast tier (``pytest -m "not slow"``), the others are marked slow; CI runs both."""
     return [c if tuple(c[:2]) in fast else pytest.param(*c, marks=pytest.mark.slow) for c in cases]

@@ -30,7 +30,8 @@ def test_weight_metrics_match_float64_reference(hf_models, family, variant):
             assert_close(got[i], [WEIGHT_METRICS_F64[name](mod, e) for e in range(mod.num_experts)], f"layer {i} {name}")
 
 
-@pytest.mark.parametrize("impl", ["scan", "ragged", "dense"])
+@pytest.mark.parametrize("impl", ["scan", pytest.param("ragged", marks=pytest.mark.slow),
+                                  pytest.param("dense", marks=pytest.mark.slow)])
 def test_batch_split_and_impl_do_not_change_stats(hf_models, impl):
     """Merge correctness: the same tokens as 1 batch, or 3 batches of different sizes, give equal stats."""
     folder, hf = hf_models("qwen2_moe", "b")

@@ -38,6 +38,7 @@ def tiny(hf_models, tmp_path_factory):
     return folder, hf, files, tmp
 
 
+@pytest.mark.slow
 def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny):
     folder, _, files, tmp = tiny
     out = tmp / "cmp"

@@ -112,6 +112,7 @@ def demo():
     return load_hf(DEMO, progress=False)
 
 
+@pytest.mark.slow
 def test_greedy_generate_matches_transformers(demo):
     tok = transformers.AutoTokenizer.from_pretrained(DEMO)
     hf = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
@@ -125,6 +126,7 @@ def test_greedy_generate_matches_transformers(demo):
         assert got == ref[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_sampled_generate_is_seeded_and_stops_at_eos(demo):
     prompts = [[5, 6, 7], [9]]
     run = partial(mone_jax.generate, demo, prompts, max_new_tokens=16, temperature=1.0)

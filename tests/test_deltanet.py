@@ -95,6 +95,7 @@ def multimodal(tmp_path_factory):
     return folder, hf
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*multimodal qwen3_5_moe checkpoint")
 def test_multimodal_checkpoint_reads_its_text_model(multimodal, tmp_path):
     folder, hf = multimodal
@@ -127,6 +128,7 @@ def test_multimodal_checkpoint_reads_its_text_model(multimodal, tmp_path):
     assert np.abs(pruned - ref).max() > 1e-3  # the novices changed the model
 
 
+@pytest.mark.slow
 def test_greedy_generate_matches_transformers(hf_models):
     """Prefill with left padding, then one token at a time from the DeltaNet's conv and recurrent state, as
     transformers' own generate (its recurrent torch path) decodes."""

@@ -76,6 +76,7 @@ def test_greedy_sampling_matches_transformers_generate(demo, hf_demo):
     np.testing.assert_array_equal(ours, np.repeat(ref, 2, axis=0))
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(demo):
     sample = sampler_for(demo, temperature=1.0, top_p=0.9)
     a, b, c = sample(3, 16, 1), sample(3, 16, 1), sample(3, 16, 2)

@@ -71,6 +71,7 @@ def sources(tmp_path_factory):
     return folder / "python.txt", folder / "bible.txt"
 
 
+@pytest.mark.slow
 def test_balanced_mix_counts_add_up_to_its_sources(sources, tmp_path):
     python, bible = sources
     demo, seq, n = str(demo_model_dir()), 64, 8

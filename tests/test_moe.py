@@ -82,6 +82,7 @@ def test_dispatch_without_stats_matches_dense():
         np.testing.assert_allclose(y, ys[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_is_differentiable():
     """The demo model trains through the scan dispatch: its gradient equals the dense one's."""
     x, ex, ids, w = _setup(T=20, E=4, k=2)

@@ -84,6 +84,7 @@ def test_float32_run_reproduces_the_reference(ref_stats, scope):
     assert 0.8 < ratio < 0.99
 
 
+@pytest.mark.slow
 def test_bfloat16_run_keeps_the_reference_sets(ref_stats):
     stats = ref_stats("bfloat16")
     for k in KS:

@@ -73,6 +73,7 @@ class DyingCheckpoint(CalibCheckpoint):
             raise Preempted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every,die_after", [(3, 1), (2, 3)])  # layer 0 mid-way; layer 1 mid-way
 def test_sequential_resumes_inside_a_layer(hf_models, tmp_path, every, die_after):
     """Checkpoints inside and at the end of layers; the alternating hidden-state files make both resumable."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from checks import assert_identical, assert_stats_equal
 from checks import mesh_batches as batches
-from conftest import STRUCTURES
+from conftest import STRUCTURES, tiered
 
 import mone_jax
 import mone_jax.app.sequential as seq
@@ -18,7 +18,7 @@ from mone_jax.calib.calibration import calibrate
 from mone_jax.model.sharding import make_mesh
 
 
-@pytest.mark.parametrize("family,variant", STRUCTURES)
+@pytest.mark.parametrize("family,variant", tiered(STRUCTURES))
 def test_sequential_equals_full_model(hf_models, family, variant):
     """Bit-identical statistics for one family per layer structure."""
     folder, _ = hf_models(family, variant)
@@ -41,7 +41,7 @@ def test_sequential_streams_layers(hf_models, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # the offload file is gone once the run ends
 
 
-@pytest.mark.parametrize("family,variant", [("olmoe", "a"), ("qwen2_moe", "a")])  # 8 and 6 (padded) experts
+@pytest.mark.parametrize("family,variant", [("olmoe", "a"), pytest.param("qwen2_moe", "a", marks=pytest.mark.slow)])  # 8, 6 (padded) experts
 def test_sequential_on_a_mesh(hf_models, family, variant):
     """Within float32 rounding: expert outputs summed across shards round differently, and layer l's
     hidden states carry that into layer l + 1's statistics."""

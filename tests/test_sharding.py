@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from checks import assert_stats_equal
 from checks import mesh_batches as batches
-from conftest import STRUCTURES
+from conftest import STRUCTURES, tiered
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -42,7 +42,7 @@ def test_meshes_match_one_device(hf_models):
             assert kept(make_plan(got, keep=3, metric=m, scope=s)) == plan, (shape, m, s)
 
 
-@pytest.mark.parametrize("family,variant,shape", CASES)
+@pytest.mark.parametrize("family,variant,shape", tiered(CASES, fast=STRUCTURES))
 def test_expert_mesh_matches_one_device(hf_models, family, variant, shape):
     """Each family on an expert mesh; padded expert rows (E not divisible by the axis) stay inert."""
     model = mone_jax.load_hf(hf_models(family, variant)[0], progress=False)
