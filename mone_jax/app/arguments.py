@@ -76,7 +76,8 @@ def global_args(p: argparse.ArgumentParser, default) -> None:
     """--debug and --quiet, before or after the command name (``default``: False at the top level, SUPPRESS
     in a command so that an option given before the command name survives)."""
     p.add_argument("--debug", action="store_true", default=default, help="show Python tracebacks")
-    p.add_argument("--quiet", action="store_true", default=default, help="no progress or phase lines")
+    p.add_argument("--quiet", action="store_true", default=default,
+                   help="errors only on stderr: no progress, phase, warning or summary lines")
     p.add_argument("--compile-cache", default=None if default is False else default, metavar="DIR",
                    help="persistent XLA compilation cache folder, or 'off' (default: $MONE_JAX_COMPILE_CACHE, "
                         "else ~/.cache/mone-jax/xla): a rerun with the same shapes compiles nothing")
@@ -271,8 +272,8 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
 def add_mesh_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """``--mesh`` (in a new ``scale`` group, returned)."""
     g = p.add_argument_group("scale")
-    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; X divides the "
-                                                  "experts); 'auto': pure data parallel unless the model needs "
+    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; the experts are "
+                                                  "padded to a multiple of X); 'auto': pure data parallel unless the model needs "
                                                   "its experts split to fit device memory")
     return g
 

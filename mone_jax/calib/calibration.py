@@ -226,7 +226,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             phase("compile", "the calibration step (once per layer kind and batch shape)")
         out = run_layers(model, table, programs, shard_batch(ids, mesh), shard_batch(mask, mesh), mesh), int(mask.sum())
         if bar is None:  # started after compilation: its rate is the real one
-            phase("calibrate", f"{total if total is not None else 'all'} batches of {ids.shape[0]} x {ids.shape[1]} "
+            phase("calibrate", f"{total if total is not None else 'all'} batch{'' if total == 1 else 'es'} of {ids.shape[0]} x {ids.shape[1]} "
                                "tokens")
             bar = tqdm(desc="calibrating", unit="batch", disable=not progress, total=total, initial=seen - 1)
         bar.update(1)
