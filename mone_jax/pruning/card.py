@@ -43,7 +43,9 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
             else "expert dropping", "format": fmt.name, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),
-            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens})}}
+            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens}),
+                            **({"precision": stats.meta["precision"]} if stats is not None and "precision" in stats.meta
+                               else {})}}  # the matmul precision the statistics were computed at
     front = "\n".join(["---", "library_name: transformers", "tags: [mone-jax, mixture-of-experts, expert-pruning]",
                        "mone_jax:", *(f"  {k}: {json.dumps(v)}" for k, v in meta.items()), "---"])
     novices = {i: list(lp.novices) for i, lp in plan.layers.items()}
