@@ -131,3 +131,17 @@ def test_bfloat16_defaults_to_the_backend_precision(hf_models, tmp_path, capsys,
                                            "--dtype", dtype])
         ns.run, ns.progress = spy, False
         assert cli._run(ns) == 0 and seen["precision"] == expected and ns.precision == expected
+
+
+def test_plan_and_checkpoint_identity_carry_the_precision(hf_models):
+    from mone_jax.calib.calibration import identity
+    from mone_jax.convert.load import config_of
+    from mone_jax.pruning.planning import LayerPlan, Plan
+
+    plan = Plan("mone", "layer", 1, {0: LayerPlan((0,), (1,), None)}, precision="highest")
+    assert plan.to_dict()["precision"] == "highest" and Plan.from_dict(plan.to_dict()) == plan
+    assert "precision" not in Plan("mone", "layer", 1, plan.layers).to_dict()  # older layout when unrecorded
+    cfg = config_of(hf_models("olmoe", "a")[0])
+    assert "precision" not in identity(cfg, "full")  # checkpoints written before the option resume at 'default'
+    with matmul_precision("highest"):
+        assert identity(cfg, "full")["precision"] == "highest"  # not resumed at another precision
