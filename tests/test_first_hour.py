@@ -84,6 +84,9 @@ def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_p
     assert front["kept_per_layer"] == kept and front["format"] == "substitution" and front["metric"] == "mone"
     assert front["version"] == mone_jax.__version__ and front["source_model"] == str(folder)
     assert front["calibration"]["tokens"] == Stats.load(tmp_path / "s.safetensors").tokens == 120
+    # the matmul precision (--precision, default highest for float32): statistics, plan and card say it
+    assert front["calibration"]["precision"] == plan["precision"] == "highest"
+    assert Stats.load(tmp_path / "s.safetensors").meta["precision"] == "highest"
     assert json.loads((out_dir / "mone_plan.json").read_text()) == plan
     assert verify_export(out_dir) == []
     rc, out, err = cli(capsys, "inspect", out_dir, "--json")

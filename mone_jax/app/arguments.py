@@ -21,6 +21,7 @@ from mone_jax.app.commands import (
     verify_cmd,
 )
 from mone_jax.base.errors import UserError
+from mone_jax.base.precision import PRECISIONS
 
 
 class _Help(argparse.HelpFormatter):
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("model", help="Hugging Face model folder (safetensors)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="compute dtype")
+        add_precision_arg(p)
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="--metric auto: blocks per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="--metric auto: compute dtype")
+    add_precision_arg(p, "--metric auto: ")
     p.set_defaults(run=plan_cmd.run)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -254,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder written by `mone-jax prune`")
     p.set_defaults(run=verify_cmd.run)
     return ap
+
+
+def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--precision`` of the commands that run the model (entered around the whole command by the CLI)."""
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help=what + "precision of the float32 matrix products: 'highest' (full float32) or 'default' "
+                               "(the backend's: one bfloat16 pass on TPU, TF32 on recent GPUs, float32 on CPU); "
+                               "default: highest with --dtype float32, default with bfloat16 / float16")
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:

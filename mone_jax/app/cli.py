@@ -61,16 +61,21 @@ def _session(args) -> Iterator[None]:
 
 
 def _run(args) -> int:
-    """The command's exit code; commands that compile use the persistent compilation cache and report
-    their compile time."""
+    """The command's exit code; commands that compile use the persistent compilation cache, report their
+    compile time and trace every matmul at ``--precision`` (resolved here from the compute dtype when not
+    given: :func:`mone_jax.base.precision.default_for`)."""
     if args.cmd in ("inspect", "verify"):
         return args.run(args) or 0
     from mone_jax.base.compile_cache import CompileClock, configure
+    from mone_jax.base.precision import default_for, matmul_precision
 
     configure(args.compile_cache)
+    if getattr(args, "precision", None) is None:
+        args.precision = default_for(getattr(args, "dtype", "float32"))
     clock = CompileClock().start()
     try:
-        code = args.run(args) or 0
+        with matmul_precision(args.precision):
+            code = args.run(args) or 0
     finally:
         clock.stop()
     phases.phase("done", clock.describe())

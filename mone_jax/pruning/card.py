@@ -44,7 +44,9 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
             else "expert dropping", "format": fmt.name, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),
-            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens})}}
+            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens}),
+                            **({"precision": stats.meta["precision"]} if stats is not None and "precision" in stats.meta
+                               else {})}}  # the matmul precision the statistics were computed at
     if plan.selection:  # --metric auto: the choice and what it was chosen from
         meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
                                     "validation_nll": {m: round(c["nll"], 6)
