@@ -320,8 +320,9 @@ def test_debug_shows_the_traceback(inputs, tmp_path):
 
 
 def test_custom_code_is_ignored_with_a_warning(inputs, tmp_path, cli):
-    """auto_map and a modeling file in the input folder: warned about, never imported; the run succeeds."""
-    p = cli(_prune(inputs, tmp_path, model="custom_code"))
+    """auto_map and a modeling file in the input folder: warned about (without --quiet, which shows errors only),
+    never imported; the run succeeds."""
+    p = cli([a for a in _prune(inputs, tmp_path, model="custom_code") if a != "--quiet"])
     assert p.returncode == 0, p.stderr
     warning = [line for line in p.stderr.splitlines() if "custom code" in line]
     assert warning == [f"mone-jax: warning: '{inputs.model('custom_code')}' ships custom code (auto_map in "

@@ -84,6 +84,9 @@ def test_prune_output_is_json_honest_and_self_describing(hf_models, ids10, tmp_p
     assert front["kept_per_layer"] == kept and front["format"] == "substitution" and front["metric"] == "mone"
     assert front["version"] == mone_jax.__version__ and front["source_model"] == str(folder)
     assert front["calibration"]["tokens"] == Stats.load(tmp_path / "s.safetensors").tokens == 120
+    # the matmul precision (--precision, default highest for float32): statistics, plan and card say it
+    assert front["calibration"]["precision"] == plan["precision"] == "highest"
+    assert Stats.load(tmp_path / "s.safetensors").meta["precision"] == "highest"
     assert json.loads((out_dir / "mone_plan.json").read_text()) == plan
     assert verify_export(out_dir) == []
     rc, out, err = cli(capsys, "inspect", out_dir, "--json")
@@ -232,7 +235,7 @@ def test_one_vocabulary(hf_models, ids10, tmp_path, capsys):
 def test_self_calibration_says_what_it_risks(hf_models, tmp_path, capsys):
     folder, _ = hf_models("olmoe", "a")
     rc, _, err = cli(capsys, "calibrate", folder, "--calib", "self", "--num-samples", 2, "--seq-len", 8,
-                     "--stats-out", tmp_path / "s.safetensors", "--quiet")
+                     "--stats-out", tmp_path / "s.safetensors")  # warnings: not under --quiet
     warning = [line for line in err.splitlines() if line.startswith("mone-jax: warning: calibrating on the model's own")]
     assert rc == 0 and len(warning) == 1 and "balanced mix" in warning[0] and "mone-jax compare" in warning[0]
     assert Stats.load(tmp_path / "s.safetensors").tokens == 16
@@ -255,3 +258,43 @@ def test_perplexity_figure_is_readable(tmp_path):
     seeds = [p["perplexity"][src] for p in res["plans"] if p["metric"] == "random" and p["mode"] == "substitute"]
     band = ax.collections[0].get_paths()[0].vertices[:, 1]  # random's min-max over its seeds
     assert np.isclose(band.max(), max(seeds))
+
+
+def test_auto_choice_batch_size_and_mesh_are_shown(hf_models, ids10, tmp_path, capsys, monkeypatch):
+    import jax
+
+    folder, _ = hf_models("qwen3_moe", "a")
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "prune", folder, "--calib", ids10, "--metric", "auto", "--valid-fraction", 0.25,
+                       "--ratio", 0.5, "--out", "out")
+    assert rc == 0, err
+    summary = json.loads(out)
+    plan = json.loads((tmp_path / "out" / "mone_plan.json").read_text())
+    chosen = plan["selection"]["chosen"]
+    sel = summary["metric_selection"]
+    assert sel["chosen"] == chosen and set(sel["validation_nll"]) == set(plan["selection"]["candidates"])
+    assert summary["batch_size"] >= 1 and summary["batch_size_from"] == "auto"
+    assert summary["mesh"] == f"data={jax.device_count()},expert=1"  # CPU: data parallel
+    assert f"chose metric '{chosen}'" in err and all(m in err for m in sel["validation_nll"])
+    assert f"batch size {summary['batch_size']} (chosen for this machine)" in err and f"{summary['mesh']} mesh" in err
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])["mone_jax"]
+    assert meta["source_model"] == str(Path(folder).resolve()) and Path(meta["source_model"]).is_absolute()
+    assert meta["metric_selection"]["chosen"] == chosen and "`--metric auto`" in card
+    assert "pip install torch" in card
+
+
+def test_quiet_is_errors_only_and_small_messages(hf_models, ids10, tmp_path, capsys):
+    folder, _ = hf_models("qwen3_moe", "a")
+    rc, out, err = cli(capsys, "prune", folder, "--calib", "self", "--num-samples", 2, "--seq-len", 8, "--ratio",
+                       0.5, "--out", tmp_path / "q", "--quiet")
+    assert rc == 0 and err == "" and json.loads(out)["batch_size"] >= 1  # no warning, no summary; the JSON stays
+    rc, out, err = cli(capsys, "prune", folder, "--calib", ids10, "--metric", "nope", "--out", tmp_path / "r",
+                       "--quiet")
+    assert rc == 2 and err.count("\n") == 1 and "unknown metric 'nope'" in err and "auto" in err
+    rc, _, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--num-samples", 2, "--seq-len", 20,
+                     "--stats-out", tmp_path / "s.st")
+    assert rc == 2 and "--seq-len" in err, err
+    rc, _, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 16, "--stats-out",
+                     tmp_path / "s.st")
+    assert rc == 0 and "1 batch of" in err and "1 batches" not in err

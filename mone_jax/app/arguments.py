@@ -21,6 +21,7 @@ from mone_jax.app.commands import (
     verify_cmd,
 )
 from mone_jax.base.errors import UserError
+from mone_jax.base.precision import PRECISIONS
 
 
 class _Help(argparse.HelpFormatter):
@@ -76,7 +77,8 @@ def global_args(p: argparse.ArgumentParser, default) -> None:
     """--debug and --quiet, before or after the command name (``default``: False at the top level, SUPPRESS
     in a command so that an option given before the command name survives)."""
     p.add_argument("--debug", action="store_true", default=default, help="show Python tracebacks")
-    p.add_argument("--quiet", action="store_true", default=default, help="no progress or phase lines")
+    p.add_argument("--quiet", action="store_true", default=default,
+                   help="errors only on stderr: no progress, phase, warning or summary lines")
     p.add_argument("--compile-cache", default=None if default is False else default, metavar="DIR",
                    help="persistent XLA compilation cache folder, or 'off' (default: $MONE_JAX_COMPILE_CACHE, "
                         "else ~/.cache/mone-jax/xla): a rerun with the same shapes compiles nothing")
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("model", help="Hugging Face model folder (safetensors)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="compute dtype")
+        add_precision_arg(p)
 
     def calib_args(p):
         p.add_argument("--calib", default=None, help="token ids .npy, text file/folder (.txt/.jsonl/.parquet), "
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="--metric auto: blocks per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="--metric auto: compute dtype")
+    add_precision_arg(p, "--metric auto: ")
     p.set_defaults(run=plan_cmd.run)
 
     p = sub.add_parser("prune", help="calibrate, plan, prune and export in one go",
@@ -255,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--precision`` of the commands that run the model (entered around the whole command by the CLI)."""
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help=what + "precision of the float32 matrix products: 'highest' (full float32) or 'default' "
+                               "(the backend's: one bfloat16 pass on TPU, TF32 on recent GPUs, float32 on CPU); "
+                               "default: highest with --dtype float32, default with bfloat16 / float16")
+
+
 def add_scale_args(p: argparse.ArgumentParser) -> None:
     """The scale-out flags of ``calibrate``, ``prune`` and ``compare``: mesh, layer streaming, resumable
     checkpoints, multi-host."""
@@ -271,8 +283,8 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
 def add_mesh_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """``--mesh`` (in a new ``scale`` group, returned)."""
     g = p.add_argument_group("scale")
-    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; X divides the "
-                                                  "experts); 'auto': pure data parallel unless the model needs "
+    g.add_argument("--mesh", default="auto", help="device mesh data=D,expert=X (D*X = devices; the experts are "
+                                                  "padded to a multiple of X); 'auto': pure data parallel unless the model needs "
                                                   "its experts split to fit device memory")
     return g
 

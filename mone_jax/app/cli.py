@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def _session(args) -> Iterator[None]:
-    """Phase lines on stderr (unless ``--quiet``), warnings as one line each (unless ``--debug``) and the
-    libraries' notices quieted through the environment, for the length of the command."""
+    """Phase lines and warnings (one line each unless ``--debug``) on stderr, none with ``--quiet`` (errors
+    only), and the libraries' notices quieted through the environment, for the length of the command."""
     env = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}  # e.g. "PyTorch was not found": not needed here
     if args.quiet:  # the libraries' progress bars and notices too
         env.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
@@ -50,7 +50,9 @@ def _session(args) -> Iterator[None]:
     os.environ.update({k: env[k] for k in added})
     try:
         with warnings.catch_warnings(), phases.configured(not args.quiet):
-            if not args.debug:
+            if args.quiet:  # errors only
+                warnings.simplefilter("ignore")
+            elif not args.debug:
                 warnings.showwarning = _warn
             yield
     finally:
@@ -59,16 +61,21 @@ def _session(args) -> Iterator[None]:
 
 
 def _run(args) -> int:
-    """The command's exit code; commands that compile use the persistent compilation cache and report
-    their compile time."""
+    """The command's exit code; commands that compile use the persistent compilation cache, report their
+    compile time and trace every matmul at ``--precision`` (resolved here from the compute dtype when not
+    given: :func:`mone_jax.base.precision.default_for`)."""
     if args.cmd in ("inspect", "verify"):
         return args.run(args) or 0
     from mone_jax.base.compile_cache import CompileClock, configure
+    from mone_jax.base.precision import default_for, matmul_precision
 
     configure(args.compile_cache)
+    if getattr(args, "precision", None) is None:
+        args.precision = default_for(getattr(args, "dtype", "float32"))
     clock = CompileClock().start()
     try:
-        code = args.run(args) or 0
+        with matmul_precision(args.precision):
+            code = args.run(args) or 0
     finally:
         clock.stop()
     phases.phase("done", clock.describe())

@@ -12,6 +12,7 @@ import numpy as np
 
 from mone_jax.app.jobs import CalibJob, calib_job, checked_config, read_batches
 from mone_jax.base.errors import UserError
+from mone_jax.base.phases import phase
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
 from mone_jax.pruning.planning import check_drop_keep, resolve_keep
@@ -166,9 +167,22 @@ def timing(result: dict, load_s: float, data_s: float, calib_s: float, total_s: 
             "expected": expected, "ratio": total_s / expected}
 
 
-def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int):
+def describe_selection(selection: dict) -> str:
+    """One line on a ``--metric auto`` choice: the chosen metric and every candidate's validation loss."""
+    losses = ", ".join(f"{m} {c['nll']:.4f}" for m, c in selection["candidates"].items())
+    return f"chose metric '{selection['chosen']}' (lowest validation loss; mean token NLL: {losses})"
+
+
+def selection_summary(selection: dict) -> dict:
+    """The choice of ``--metric auto`` for the JSON that ``prune`` prints: chosen metric, each candidate's loss."""
+    return {"chosen": selection["chosen"], "criterion": selection["criterion"],
+            "validation_nll": {m: c["nll"] for m, c in selection["candidates"].items()}}
+
+
+def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None):
     """``prune --metric auto``: (statistics, chosen plan). The model is loaded once; the validation blocks are
-    ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before calibrating on the rest."""
+    ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before calibrating on the rest
+    (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`)."""
     from mone_jax.convert.load import load_hf
 
     progress = job.calib.progress if job.calib is not None else True
@@ -185,6 +199,11 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         cal = job.calib
         if cal.scale.sequential:
             raise UserError("--metric auto evaluates every candidate in memory: drop --sequential")
+        from mone_jax.app.pipeline import batch_text, mesh_text, model_mesh
+
+        mesh = mesh or model_mesh(cal.config, cal.dtype, cal.scale.mesh)
+        phase("load", f"the model in '{job.model}' ({job.config.num_layers} layers, {job.dtype}); calibrating on a "
+                      f"{mesh_text(mesh)} mesh, batch size {batch_text(cal)}")
         model = load_hf(job.model, job.dtype, progress=progress)
         if cal.batches is None:  # --calib self: sampled from the loaded model
             from mone_jax.model.sampling import sampler_for
@@ -195,7 +214,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
             cal, evals = replace(cal, batches=calib), {"valid": held}
         from mone_jax.app.pipeline import run_calibration
 
-        stats = run_calibration(cal, model=model)
+        stats = run_calibration(cal, model=model, mesh=mesh)
     n_group = job.config.n_group if job.format.mode == "drop" else 1
     plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
                   n_group=n_group, weight_scores=weight_scores(job.model, None, progress), batch_size=batch_size,

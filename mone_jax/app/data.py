@@ -55,7 +55,7 @@ def load_token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num
     When the data holds fewer than ``num_samples`` blocks, all it holds are returned with a warning.
     """
     if num_samples < 1 or seq_len < 1:
-        raise UserError(f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive")
+        raise UserError(f"--num-samples ({num_samples}) and --seq-len ({seq_len}) must be positive")
     if vocab_size is not None and vocab_size < 1:
         raise UserError(f"vocab_size ({vocab_size}) must be positive")
     rng = None if contiguous else np.random.default_rng(seed)
@@ -103,8 +103,8 @@ def _npy_blocks(path: Path, num_samples: int, seq_len: int, rng: np.random.Gener
     if ids.ndim != 2:
         raise UserError(f"{path} has shape {list(ids.shape)}; give [N, T] blocks or a 1-D token stream")
     if ids.shape[1] < seq_len:
-        raise UserError(f"{path} has rows of {ids.shape[1]} tokens, shorter than seq_len {seq_len}; "
-                        "lower seq_len or give longer rows")
+        raise UserError(f"{path} has rows of {ids.shape[1]} tokens, shorter than --seq-len {seq_len}; "
+                        "lower --seq-len or give longer rows")
     return np.asarray(ids[:_block_count(ids.shape[0], num_samples, str(path)), :seq_len])
 
 
@@ -299,7 +299,7 @@ def _windows(stream: np.ndarray, num_samples: int, seq_len: int, rng: np.random.
     uniformly random offsets (sorted points in the slack, spread by one block each)."""
     if len(stream) < seq_len:
         raise UserError(f"{source} holds {len(stream)} tokens, fewer than one block of {seq_len}; "
-                        "give more data or lower seq_len")
+                        "give more data or lower --seq-len")
     count = _block_count(len(stream) // seq_len, num_samples, source)
     starts = np.arange(count) * seq_len
     if rng is not None:

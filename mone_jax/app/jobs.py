@@ -21,7 +21,7 @@ from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.pruning.planning import SCOPES, Plan, check_drop_keep, resolve_keep
-from mone_jax.pruning.scoring import metric
+from mone_jax.pruning.scoring import METRICS, metric
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
 SELF_CALIBRATION = ("calibrating on the model's own samples (--calib self): the pruned model keeps what they "
@@ -65,6 +65,7 @@ class CalibJob:
     progress: bool
     semantics: str = "exact"  # stats.SEMANTICS, recorded in the statistics
     mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
+    batch_given: bool = False  # batch_size from --batch-size (else chosen here: auto_batch_size)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ def checked_config(folder: str) -> ModelConfig:
     return cfg
 
 
+def known_metric(name: str) -> None:
+    """Refuse a ``--metric`` that is neither registered nor ``auto``."""
+    if name != "auto" and name not in METRICS:
+        raise UserError(f"unknown metric '{name}': use one of {', '.join((*METRICS, 'auto'))}")
+
+
 def file_out(path: str | None) -> None:
     """Refuse an output file option that names a folder, before any work."""
     if path and Path(path).is_dir():
@@ -132,7 +139,8 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
             pass  # read_batches reports it
     batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale))
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128, seq, args.seed,
-                   args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics)
+                   args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics,
+                   batch_given=args.batch_size is not None)
     if job.seq_len > cfg.max_position_embeddings and not raw_npy:  # before any tokenizing
         raise UserError(f"sequence length {job.seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}: lower --seq-len")
@@ -233,7 +241,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
     if args.metric != "auto":
-        metric(args.metric)  # known
+        known_metric(args.metric)
     elif args.plan:
         raise UserError("--plan fixes the kept experts: drop --metric auto")
     semantics = check_semantics(getattr(args, "semantics", "exact"))

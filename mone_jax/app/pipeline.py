@@ -27,6 +27,16 @@ def model_mesh(cfg, dtype, spec: str | None, *, sequential: bool = False):
                                 device_bytes=limit))
 
 
+def mesh_text(mesh) -> str:
+    """``data=D,expert=X``: a mesh as ``--mesh`` writes it."""
+    return ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+
+
+def batch_text(job) -> str:
+    """How a calibration job's batch size was set: ``8 (--batch-size)`` or ``8 (chosen for this machine)``."""
+    return f"{job.batch_size} ({'--batch-size' if job.batch_given else 'chosen for this machine'})"
+
+
 def finish(job) -> None:
     """After the outputs of a finished run are written: its resumable checkpoint is no longer needed."""
     from mone_jax.calib.resume import remove_checkpoint
@@ -35,9 +45,10 @@ def finish(job) -> None:
         remove_checkpoint(job.scale.checkpoint_dir, job.scale.offload_dir)
 
 
-def run_calibration(job, model=None):
-    """Statistics of a :class:`~mone_jax.app.jobs.CalibJob`: the model loaded layer by layer onto the mesh, or
-    streamed with --sequential; an already loaded ``model`` is used as it is."""
+def run_calibration(job, model=None, mesh=None):
+    """Statistics of a :class:`~mone_jax.app.jobs.CalibJob`: the model loaded layer by layer onto the mesh
+    (``mesh``, default :func:`model_mesh`), or streamed with --sequential; an already loaded ``model`` is used
+    as it is."""
     from mone_jax.app.jobs import read_batches
     from mone_jax.app.mix import META_KEY as MIX_KEY
     from mone_jax.app.sequential import calibrate_sequential
@@ -46,10 +57,11 @@ def run_calibration(job, model=None):
     from mone_jax.convert.load import load_hf, refuse_pruned
 
     opts, cfg = job.scale, job.config
-    mesh = model_mesh(cfg, job.dtype, opts.mesh, sequential=opts.sequential)
+    mesh = mesh or model_mesh(cfg, job.dtype, opts.mesh, sequential=opts.sequential)
     if model is None and not opts.sequential:
         refuse_pruned(job.model)
-        phase("load", f"the model in '{job.model}' ({cfg.num_layers} layers, {job.dtype})")
+        phase("load", f"the model in '{job.model}' ({cfg.num_layers} layers, {job.dtype}) onto a "
+                      f"{mesh_text(mesh)} mesh; batch size {batch_text(job)}")
         model = load_hf(job.model, job.dtype, mesh=mesh, progress=job.progress)
     batches = job.batches
     if batches is None:  # sampled from the loaded model
@@ -64,7 +76,9 @@ def run_calibration(job, model=None):
                                identity(cfg, "sequential" if opts.sequential else "full", job.dtype))
     try:
         if opts.sequential:
-            phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} batches")
+            phase("calibrate", f"streaming {cfg.num_layers} layers from '{job.model}' over {len(batches)} "
+                               f"batch{'es' if len(batches) != 1 else ''} ({mesh_text(mesh)} mesh; batch size "
+                               f"{batch_text(job)})")
             stats = calibrate_sequential(job.model, batches, dtype=job.dtype, mesh=mesh,
                                          offload_dir=opts.offload_dir, progress=job.progress, checkpoint=ckpt)
         else:

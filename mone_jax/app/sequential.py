@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mone_jax.base.errors import UserError
+from mone_jax.base.precision import current as current_precision
 from mone_jax.base.stats import LayerStats, Stats
 from mone_jax.calib.calibration import as_batch, batch_tables, empty_stats, layer_step, shard_batch, windows
 from mone_jax.calib.resume import CalibCheckpoint, DataDigest, check_digest
@@ -155,6 +156,7 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
         bar.update(run.nb - first)
     bar.close()
     run.acc.check_finite()
+    run.acc.meta["precision"] = current_precision()  # the matmul precision the statistics were computed at
     return run.acc
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
 from mone_jax.base.phases import phase
+from mone_jax.base.precision import current as current_precision
 from mone_jax.base.stats import LayerStats, Stats, check_semantics
 from mone_jax.base.tokens import token_ids
 from mone_jax.calib.resume import CalibCheckpoint, DataDigest, check_digest
@@ -183,10 +184,14 @@ def empty_stats(cfg) -> Stats:
                  {"model_type": cfg.model_type, "num_experts": cfg.num_experts, "top_k": cfg.top_k})
 
 
-def identity(cfg, mode: str, dtype: str = "float32") -> dict:
-    """What a checkpoint must agree on to be resumed: model, mode (full / sequential), compute dtype."""
+def identity(cfg, mode: str, dtype: str = "float32", precision: str | None = None) -> dict:
+    """What a checkpoint must agree on to be resumed: model, mode (full / sequential), compute dtype and
+    matmul precision (default: the one in effect, :mod:`mone_jax.base.precision`; ``default`` is left out, as
+    checkpoints written before the option carry none)."""
+    precision = precision or current_precision()
     return {"mode": mode, "dtype": str(dtype), "model_type": cfg.model_type, "num_layers": cfg.num_layers,
-            "num_experts": cfg.num_experts, "hidden": cfg.hidden_size}
+            "num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
+            **({} if precision == "default" else {"precision": precision})}
 
 
 def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = None, progress: bool = True,
@@ -226,7 +231,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
             phase("compile", "the calibration step (once per layer kind and batch shape)")
         out = run_layers(model, table, programs, shard_batch(ids, mesh), shard_batch(mask, mesh), mesh), int(mask.sum())
         if bar is None:  # started after compilation: its rate is the real one
-            phase("calibrate", f"{total if total is not None else 'all'} batches of {ids.shape[0]} x {ids.shape[1]} "
+            phase("calibrate", f"{total if total is not None else 'all'} batch{'' if total == 1 else 'es'} of {ids.shape[0]} x {ids.shape[1]} "
                                "tokens")
             bar = tqdm(desc="calibrating", unit="batch", disable=not progress, total=total, initial=seen - 1)
         bar.update(1)
@@ -243,6 +248,7 @@ def calibrate(model: MoEForCausalLM, batches: Iterable, *, mesh: Mesh | None = N
         raise UserError("calibration saw no (non-padding) tokens: give non-empty calibration data")
     acc.check_finite()
     acc.meta["semantics"] = semantics
+    acc.meta["precision"] = current_precision()  # the matmul precision the statistics were computed at
     return acc
 
 

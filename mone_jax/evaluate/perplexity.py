@@ -85,8 +85,9 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
             phase("compile", "the evaluation step")
         s, n = _nll_sum(graphdef, state, jnp.asarray(ids[i:i + bs]), jnp.asarray(mask[i:i + bs]), chunk)
         if bar is None:  # started once compiled: its rate is the real one
-            phase("evaluate", f"{ids.shape[0] // bs} batches of {bs} x {ids.shape[1]} tokens")
-            bar = tqdm(desc="evaluating", unit="batch", disable=not progress, total=ids.shape[0] // bs)
+            nb = ids.shape[0] // bs
+            phase("evaluate", f"{nb} batch{'es' if nb != 1 else ''} of {bs} x {ids.shape[1]} tokens")
+            bar = tqdm(desc="evaluating", unit="batch", disable=not progress, total=nb)
         bar.update(1)
         total += float(s)
         count += int(n)

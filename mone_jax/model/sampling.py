@@ -40,7 +40,7 @@ def sampler_for(model: MoEForCausalLM, *, temperature: float = 1.0, top_p: float
 
     def sample(num_samples: int, seq_len: int, seed: int) -> np.ndarray:
         if num_samples < 1 or seq_len < 1:
-            raise UserError(f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive")
+            raise UserError(f"--num-samples ({num_samples}) and --seq-len ({seq_len}) must be positive")
         bs = min(batch_size, num_samples)
         root = jax.random.key(seed)
         prompt = np.full((bs, 1), first, np.int32)

@@ -39,28 +39,40 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
     """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.pruning.planning.
     plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...); ``stats`` None:
     a weights-only plan exported without calibration (no statistics summary)."""
+    source = str(Path(source).resolve())  # not relative to the folder prune ran from
     meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if fmt.mode == "substitute"
             else "expert dropping", "format": fmt.name, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),
-            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens})}}
+            "calibration": {**calibration, **({} if stats is None else {"tokens": stats.tokens}),
+                            **({"precision": stats.meta["precision"]} if stats is not None and "precision" in stats.meta
+                               else {})}}  # the matmul precision the statistics were computed at
+    if plan.selection:  # --metric auto: the choice and what it was chosen from
+        meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
+                                    "validation_nll": {m: round(c["nll"], 6)
+                                                       for m, c in plan.selection["candidates"].items()}}
     front = "\n".join(["---", "library_name: transformers", "tags: [mone-jax, mixture-of-experts, expert-pruning]",
                        "mone_jax:", *(f"  {k}: {json.dumps(v)}" for k, v in meta.items()), "---"])
     novices = {i: list(lp.novices) for i, lp in plan.layers.items()}
     rows = "\n".join(f"| {i} | {len(lp.kept)} | {', '.join(map(str, novices[i])) or '-'} |"
                      for i, lp in plan.layers.items())
     calib = ", ".join(f"{k} {v}" for k, v in meta["calibration"].items())
+    chosen = ""
+    if sel := meta.get("metric_selection"):
+        losses = ", ".join(f"`{m}` {v:.4f}" for m, v in sel["validation_nll"].items())
+        chosen = (f"\n\nThe metric was chosen by `--metric auto`: `{sel['chosen']}` gave the lowest validation loss "
+                  f"(mean token NLL: {losses}).")
     body = f"""
 # Pruned with mone-jax {version}
 
 `{source}` with {kept['pruned_fraction']:.1%} of its routed experts pruned ({meta['method']}, metric
-`{plan.metric}`, scope `{plan.scope}`), written in the `{fmt.name}` format. Calibration: {calib}.
+`{plan.metric}`, scope `{plan.scope}`), written in the `{fmt.name}` format. Calibration: {calib}.{chosen}
 
 | MoE layer | experts kept | {'novices' if fmt.mode == 'substitute' else 'dropped'} (original ids) |
 |---|---|---|
 {rows}
 
-Load it:
+Load it with transformers, which needs PyTorch (`pip install torch`, or `pip install 'mone-jax[torch]'`):
 
 ```python
 {fmt.load_code.format(out=Path(out).name)}

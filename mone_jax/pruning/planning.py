@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,7 @@ class Plan:
     layers: dict[int, LayerPlan]
     semantics: str = "exact"  # stats.SEMANTICS: how scores, thresholds and novices were / are made
     selection: dict | None = None  # --metric auto: every candidate's validation loss and the chosen one
+    precision: str | None = None  # the matmul precision of the statistics scored (their meta), when recorded
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -71,8 +72,9 @@ class Plan:
         semantics = d.get("semantics") or "exact"
         if semantics not in ("exact", "reference"):
             raise UserError(f"the plan's semantics '{semantics}' is unknown (exact, reference): {_REMAKE}")
+        precision = d.get("precision") if isinstance(d.get("precision"), str) else None
         return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
-                   semantics, selection)
+                   semantics, selection, precision)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -84,6 +86,8 @@ class Plan:
         head = {"metric": self.metric, "scope": self.scope, "keep": self.keep}
         if self.semantics != "exact":  # exact plans keep the layout older readers know
             head["semantics"] = self.semantics
+        if self.precision is not None:
+            head["precision"] = self.precision
         out = {**head, "layers": layers}
         return out if self.selection is None else {**out, "selection": self.selection}
 
@@ -214,7 +218,7 @@ def make_plan(stats: Stats, *, keep: int | None = None, ratio: float | None = No
         if not np.all(np.isfinite(sc)):
             raise UserError(f"scores of layer {i} contain NaN/Inf: the statistics are corrupt; recalibrate")
     kept = _reference_kept(scores, ids, n, scope) if semantics == "reference" else _select(scores, n, scope, n_group)
-    return _plan(scores, kept, metric, scope, n, semantics)
+    return replace(_plan(scores, kept, metric, scope, n, semantics), precision=stats.meta.get("precision"))
 
 
 def plan_from_scores(scores: dict[int, np.ndarray], *, keep: int | None = None, ratio: float | None = None,

@@ -13,7 +13,7 @@ def run(args) -> None:
     from mone_jax import __version__
     from mone_jax.app.distributed import init_distributed, is_writer
     from mone_jax.app.jobs import prune_job
-    from mone_jax.app.pipeline import finish, run_calibration
+    from mone_jax.app.pipeline import finish, mesh_text, model_mesh, run_calibration
     from mone_jax.convert.criteria import plan_for
     from mone_jax.convert.export import export_from_stats
     from mone_jax.pruning.card import folder_files
@@ -23,13 +23,17 @@ def run(args) -> None:
     if job.calib is not None:
         init_distributed(job.calib.scale)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
+    mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
+                                                     sequential=job.calib.scale.sequential)
     if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
-        from mone_jax.app.compare_job import select_for_prune
+        from mone_jax.app.compare_job import describe_selection, select_for_prune
 
         phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
-        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8)
+        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8,
+                                       mesh)
+        phase("plan", describe_selection(plan.selection))
     else:
-        stats = job.stats if job.calib is None else run_calibration(job.calib)
+        stats = job.stats if job.calib is None else run_calibration(job.calib, mesh=mesh)
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
         plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
                                     seed=job.seed, n_group=n_group, semantics=job.semantics,
@@ -52,6 +56,15 @@ def run(args) -> None:
                                 out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
     if c is not None:
         finish(c)
+    if c is not None:  # what the tool chose by itself
+        summary.update(batch_size=c.batch_size, batch_size_from="--batch-size" if c.batch_given else "auto",
+                       mesh=mesh_text(mesh))
+    if plan.selection:
+        from mone_jax.app.compare_job import selection_summary
+
+        summary["metric_selection"] = selection_summary(plan.selection)
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
+    if args.quiet:  # errors only on stderr
+        return
     print(f"mone-jax: {describe_summary(kept, job.config.num_experts)}; wrote {job.format.name} checkpoint "
           f"{job.out}; next: mone-jax eval {job.out} --data HELD_OUT_TEXT", file=sys.stderr)
