@@ -274,7 +274,7 @@ def test_real_corpus_tokenizes_only_what_it_needs(tmp_path: Path, monkeypatch: p
     (lambda p: "self", {}, "needs a model to sample from"),
     (lambda p: _npy(p, np.zeros((4, L), np.float32)), {}, "not integer token ids"),
     (lambda p: _npy(p, np.array([[1, 2]], dtype=object)), {}, "cannot read"),
-    (lambda p: _npy(p, np.zeros((4, L - 1), np.int32)), {}, "shorter than seq_len"),
+    (lambda p: _npy(p, np.zeros((4, L - 1), np.int32)), {}, "shorter than --seq-len"),
     (lambda p: _npy(p, np.zeros((2, 2, L), np.int32)), {}, "1-D token stream"),
     (lambda p: _npy(p, np.zeros(0, np.int32)), {}, "holds no tokens"),
     (lambda p: _npy(p, np.arange(L - 1)), {}, "fewer than one block"),
