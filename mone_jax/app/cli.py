@@ -72,12 +72,8 @@ def _run(args) -> int:
     configure(args.compile_cache)
     if getattr(args, "precision", None) is None:
         args.precision = default_for(getattr(args, "dtype", "float32"))
-    clock = CompileClock().start()
-    try:
-        with matmul_precision(args.precision):
-            code = args.run(args) or 0
-    finally:
-        clock.stop()
+    with CompileClock() as clock, matmul_precision(args.precision):
+        code = args.run(args) or 0
     phases.phase("done", clock.describe())
     return code
 
