@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.criteria import plan_for
 from mone_jax.convert.load import load_hf
-from mone_jax.evaluate.perplexity import perplexity
+from mone_jax.evaluate.perplexity import _nll_sum, perplexity
 from mone_jax.pruning.scoring import METRICS
 from mone_jax.pruning.transform import prune
 
@@ -39,17 +40,25 @@ def tiny(hf_models, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny):
+def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny, capsys):
     folder, _, files, tmp = tiny
     out = tmp / "cmp"
+    capsys.readouterr()
     assert main(["compare", str(folder), "--calib", str(files["calib"]), "--valid",
                  f"a={files['a']},b={files['b']}", "--metrics", "mone,random", "--seeds", "0,1", "--ratios", "0.5",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--out", str(out)]) == 0
     res = json.loads((out / "compare.json").read_text())
     plans = res["plans"]
     assert len(plans) == 2 * (1 + 2)  # modes x (mone, random over 2 seeds)
     shapes = {(p["mode"], p["keep"]) for p in plans}
     assert len(shapes) == 2 and res["compiles"] == len(shapes) + 1  # + the original model's
+    # stderr, not a terminal: a compile line per program jax compiled, one progress line per plan (+ the original)
+    err = capsys.readouterr().err
+    assert err.count("compile: the evaluation step") == res["compiles"]
+    steps = progress_lines(err, "compare", "plans")
+    assert [n for n, _, _ in steps] == list(range(1, len(plans) + 2)) and {t for _, t, _ in steps} == {len(plans) + 1}
+    for (_, _, nll), p in zip(steps, [{"nll": {k: v["nll"] for k, v in res["original"].items()}}, *plans]):
+        assert nll == pytest.approx(p["nll"]["all"], abs=1e-4)
     assert res["calib_tokens"] == 8 * T and res["timing"]["ratio"] > 0
     # a sample of plans, each exported by the streamed pruner and evaluated by `mone-jax eval`
     assert main(["calibrate", str(folder), "--calib", str(files["calib"]), "--stats-out", str(tmp / "s.st"),
@@ -74,16 +83,24 @@ def test_compare_equals_eval_of_each_export_and_compiles_once_per_shape(tiny):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path):
+def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path, capsys):
     folder, _, files, _ = tiny
     out, plan_out = tmp_path / "auto", tmp_path / "plan.json"
+    capsys.readouterr()
+    programs = _nll_sum._cache_size()
     assert main(["prune", str(folder), "--calib", str(files["calib"]), "--metric", "auto", "--valid-fraction", "0.25",
-                 "--ratio", "0.5", "--out", str(out), "--plan-out", str(plan_out), "--quiet"]) == 0
+                 "--ratio", "0.5", "--out", str(out), "--plan-out", str(plan_out)]) == 0
     plan = json.loads(plan_out.read_text())
     sel = plan["selection"]
     assert sorted(sel["candidates"]) == sorted(METRICS)
     losses = {m: c["nll"] for m, c in sel["candidates"].items()}
     assert plan["metric"] == sel["chosen"] == min(losses, key=losses.get)
+    # progress on a non-terminal: one line per candidate, with its loss; a compile line only for what compiled
+    err = capsys.readouterr().err
+    assert err.count("compile: the evaluation step") == _nll_sum._cache_size() - programs
+    steps = progress_lines(err, "auto", "candidate metrics")
+    assert [(n, t) for n, t, _ in steps] == [(i + 1, len(METRICS)) for i in range(len(METRICS))]
+    assert [nll for _, _, nll in steps] == pytest.approx([losses[m] for m in METRICS], abs=1e-4)
     assert json.loads((out / "mone_plan.json").read_text()) == plan  # the export keeps the record
     assert main(["verify", str(out)]) == 0
     # independent: statistics of the blocks not held out, each candidate pruned and evaluated on the held-out ones
@@ -109,6 +126,13 @@ def test_auto_picks_the_lowest_validation_loss_of_every_candidate(tiny, tmp_path
     assert {i: lp["kept"] for i, lp in again["layers"].items()} == {i: lp["kept"] for i, lp in plan["layers"].items()}
     for m, c in again["selection"]["candidates"].items():
         assert math.isclose(c["nll"], losses[m], rel_tol=1e-5), m
+
+
+def progress_lines(err: str, name: str, unit: str) -> list[tuple[int, int, float]]:
+    """(done, total, NLL) of each progress line ``name: done/total unit (..., NLL x)[, ETA ...]`` on stderr."""
+    pattern = re.compile(rf"\] {name}: (\d+)/(\d+) {unit} \(.*NLL ([\d.]+)\)(, ETA \d.*)?$")
+    found = [pattern.search(line) for line in err.splitlines()]
+    return [(int(m[1]), int(m[2]), float(m[3])) for m in found if m]
 
 
 def test_carved_validation_shares_no_token_with_calibration(tmp_path):

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mone_jax.base.compile_cache import CompileClock
 from mone_jax.base.errors import UserError
+from mone_jax.base.phases import Steps
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.perplexity import _nll_sum, perplexity
 from mone_jax.model.causal_lm import MoEForCausalLM
@@ -66,11 +66,17 @@ def pooled(results: dict[str, dict]) -> dict:
 
 
 def evaluate(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, dict]:
-    """``{source: {"nll", "perplexity", "tokens"}}`` of ``model`` on each source's token blocks."""
-    return {name: perplexity(model, ids, batch_size=batch_size) for name, ids in evals.items()}
+    """``{source: {"nll", "perplexity", "tokens"}}`` of ``model`` on each source's token blocks (no phase line
+    but ``compile``: the caller reports progress per model)."""
+    return {name: perplexity(model, ids, batch_size=batch_size, lines=False) for name, ids in evals.items()}
 
 
 WeightScores = dict[str, dict[int, np.ndarray]]  # weights-only metric -> {MoE layer: scores [E]}
+
+
+def _nll_of(results: dict[str, dict]) -> float:
+    """The NLL over every source of one model's results (the pooled one where there are several)."""
+    return results["all"]["nll"] if "all" in results else next(iter(results.values()))["nll"]
 
 
 def plan_of(stats: Stats, name: str, weight_scores: WeightScores | None = None, **kw) -> Plan:
@@ -104,14 +110,14 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
     for r in sorted({c.ratio for c in cands}):
         resolve_keep(E, None, r)  # in range
     rows, compiled = [], _nll_sum._cache_size()
-    bar = tqdm(total=len(cands) + 1, desc="comparing plans", unit="plan", disable=not progress)
+    steps = Steps("compare", len(cands) + 1, "plans", bar=progress)
     with CompileClock() as clock:
         t0 = time.perf_counter()
         original = evaluate(model, evals, batch_size)
         if len(evals) > 1:
             original = {"all": pooled(original), **original}
         original_s, original_c = time.perf_counter() - t0, clock.seconds
-        bar.update()
+        steps.step(f"the original model, NLL {_nll_of(original):.4f}")
         for c in cands:
             t0, c0 = time.perf_counter(), clock.seconds
             plan = plan_for(model, stats, c, scope, weight_scores)
@@ -123,10 +129,10 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
                          "perplexity": {k: v["perplexity"] for k, v in res.items()},
                          "kept": {str(i): list(lp.kept) for i, lp in plan.layers.items()},
                          "seconds": time.perf_counter() - t0, "compile_seconds": clock.seconds - c0})
-            bar.set_postfix_str(f"{c.mode} {c.ratio:g} {c.metric}", refresh=False)
-            bar.update()
-    bar.close()
-    return {"compiles": _nll_sum._cache_size() - compiled,"original": {k: {"nll": v["nll"], "perplexity": v["perplexity"]} for k, v in original.items()},
+            steps.step(f"{c.mode} {c.ratio:g} {c.metric}{f' seed {c.seed}' if c.metric in SEEDED else ''}, "
+                       f"NLL {_nll_of(res):.4f}")
+    steps.close()
+    return {"compiles": _nll_sum._cache_size() - compiled, "original": {k: {"nll": v["nll"], "perplexity": v["perplexity"]} for k, v in original.items()},
             "original_seconds": original_s, "original_compile_seconds": original_c,
             "sources": {k: {"tokens": v["tokens"], "blocks": sum(int(evals[s].shape[0]) for s in evals if k in (s, "all")),
                             "seq_len": int(next(iter(evals.values())).shape[1])} for k, v in original.items()},
@@ -140,10 +146,13 @@ def select(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], *,
     the lowest validation loss (token-weighted mean NLL over ``evals``, which must be disjoint from the
     calibration tokens); ties go to the earlier metric. The plan records every candidate's loss."""
     losses, plans = {}, {}
-    for m in tqdm(list(METRICS if metrics is None else metrics), desc="scoring candidates", unit="metric",
-                  disable=not progress):
+    names = list(METRICS if metrics is None else metrics)
+    steps = Steps("auto", len(names), "candidate metrics", bar=progress)
+    for m in names:
         plans[m] = plan_of(stats, m, weight_scores, keep=keep, scope=scope, seed=seed, n_group=n_group)
         losses[m] = pooled(evaluate(prune(model, stats, plans[m], mode=mode), evals, batch_size))
+        steps.step(f"{m}, NLL {losses[m]['nll']:.4f}")
+    steps.close()
     best = min(losses, key=lambda m: losses[m]["nll"])
     record = {"chosen": best, "mode": mode, "seed": seed, "criterion": "validation mean token NLL",
               "validation": {k: {"blocks": int(v.shape[0]), "seq_len": int(v.shape[1])} for k, v in evals.items()},

@@ -60,12 +60,26 @@ def _nll_sum(graphdef, state, ids, mask, chunk: int):
     return jnp.sum(jnp.where(valid, per_token, 0.0)), valid.sum(dtype=jnp.int32)
 
 
+_SHAPES_SEEN: set = set()  # the step programs traced in this process (a compile: phase line for each new one)
+
+
+def _new_program(graphdef, state, batch_shape: tuple[int, int], chunk: int) -> bool:
+    """Whether :func:`_nll_sum` has not yet traced a step for this model structure, parameter shapes and batch."""
+    leaves = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state))
+    key = (graphdef, jax.tree.structure(state), leaves, batch_shape, chunk)
+    if key in _SHAPES_SEEN:
+        return False
+    _SHAPES_SEEN.add(key)
+    return True
+
+
 def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None = None, *, batch_size: int = 8,
-               progress: bool = False) -> dict:
+               progress: bool = False, lines: bool = True) -> dict:
     """``{"perplexity", "nll", "tokens"}`` of ``model`` on int token ids [N, T] (``mask``: 1 = real token).
 
     Rows are evaluated ``batch_size`` at a time (the last batch padded with masked rows, so one
-    shape compiles once); NLL sums are accumulated in float64 on the host.
+    shape compiles once); NLL sums are accumulated in float64 on the host. Phase lines: ``compile`` when
+    the step compiles, ``evaluate`` unless ``lines`` is false (a caller reporting its own progress).
     """
     ids = token_ids(ids, model.config.vocab_size, "the evaluation data")
     if ids.shape[1] < 2:
@@ -81,12 +95,13 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     graphdef, state = nnx.split(model)
     total, count, bar = 0.0, 0, None
     for i in range(0, ids.shape[0], bs):
-        if bar is None:
+        if bar is None and _new_program(graphdef, state, (bs, ids.shape[1]), chunk):
             phase("compile", "the evaluation step")
         s, n = _nll_sum(graphdef, state, jnp.asarray(ids[i:i + bs]), jnp.asarray(mask[i:i + bs]), chunk)
         if bar is None:  # started once compiled: its rate is the real one
             nb = ids.shape[0] // bs
-            phase("evaluate", f"{nb} batch{'es' if nb != 1 else ''} of {bs} x {ids.shape[1]} tokens")
+            if lines:
+                phase("evaluate", f"{nb} batch{'es' if nb != 1 else ''} of {bs} x {ids.shape[1]} tokens")
             bar = tqdm(desc="evaluating", unit="batch", disable=not progress, total=nb)
         bar.update(1)
         total += float(s)
