@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from mone_jax.app.harness_env import check_task_data, harness_output, offline
 from mone_jax.base.errors import UserError
+from mone_jax.base.phases import Steps, phase
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -35,6 +36,9 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise UserError("zero-shot tasks need lm-evaluation-harness: pip install 'mone-jax[eval]'") from None
+
+
+REPORT_EVERY = 10.0  # seconds between progress lines on a non-terminal
 
 
 @register_model("mone-jax")
@@ -57,6 +61,7 @@ class JaxLM(TemplateLM):
             raise UserError(f"model folder '{pretrained}' does not exist")
         mesh_obj = model_mesh(config_of(pretrained), dtype, mesh) if mesh is None or isinstance(mesh, str) else mesh
         self.folder = str(pretrained)
+        phase("load", f"the model in '{pretrained}' ({dtype})")
         self.model = load_hf(pretrained, dtype, mesh=mesh_obj, progress=progress)
         rows = 8 if str(batch_size).startswith("auto") else int(batch_size)  # lm_eval's CLI may say auto
         self.scorer = TokenScorer(self.model, mesh_obj, rows)
@@ -96,6 +101,10 @@ class JaxLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenization of the requests (its bar only with ``progress``), then :meth:`_loglikelihood_tokens`."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether every continuation token is the argmax) per
         ``((context, continuation), context_ids, continuation_ids)``; context + continuation left-truncated
@@ -109,15 +118,16 @@ class JaxLM(TemplateLM):
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
         rows = self.scorer.rows
-        with tqdm(total=len(items), desc="log-likelihoods", disable=disable_tqdm or not self.progress) as bar:
-            for start in range(0, len(order), rows):
-                idx = order[start:start + rows]
-                logp, greedy = self.scorer.score([items[i][0] for i in idx])
-                for row, i in enumerate(idx):
-                    seq, n = items[i]
-                    span = slice(len(seq) - 1 - n, len(seq) - 1)  # position t scores token t + 1
-                    out[i] = (float(logp[row, span].astype(np.float64).sum()), bool(greedy[row, span].all()))
-                bar.update(len(idx))
+        steps = Steps("score", len(items), "requests", bar=self.progress and not disable_tqdm, every=REPORT_EVERY)
+        for start in range(0, len(order), rows):
+            idx = order[start:start + rows]
+            logp, greedy = self.scorer.score([items[i][0] for i in idx])
+            for row, i in enumerate(idx):
+                seq, n = items[i]
+                span = slice(len(seq) - 1 - n, len(seq) - 1)  # position t scores token t + 1
+                out[i] = (float(logp[row, span].astype(np.float64).sum()), bool(greedy[row, span].all()))
+            steps.step(n=len(idx))
+        steps.close()
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -143,7 +153,8 @@ class JaxLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or not self.progress)
+        steps = Steps("generate", len(requests), "requests", bar=self.progress and not disable_tqdm,
+                      every=REPORT_EVERY)
         for idx in groups.values():
             kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -163,32 +174,38 @@ class JaxLM(TemplateLM):
                     if self.eot_token_id in toks:
                         toks = toks[:toks.index(self.eot_token_id)]
                     out[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
-                bar.update(len(part))
-        bar.close()
+                steps.step(n=len(part))
+        steps.close()
         return out
 
 
 def evaluate_tasks(model: str | JaxLM, tasks: Sequence[str], *, num_fewshot: int | None = None,
                    limit: float | None = None, include_path: str | None = None, batch_size: int = 8,
                    mesh=None, dtype: str = "float32", log_samples: bool = False, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, log_level: str = "warning") -> dict:
     """lm-eval's ``simple_evaluate`` on the JAX model: its results dict (``results``, ``configs``, ...;
-    ``samples`` with ``log_samples``)."""
+    ``samples`` with ``log_samples``). Hub datasets that are neither cached nor reachable are refused first;
+    lm-eval logs at ``log_level`` and shows bars only with ``progress``
+    (:mod:`mone_jax.app.harness_env`)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include-path '{include_path}' is not a folder of task YAML files")
+    phase("check", f"the tasks {', '.join(tasks)} and their datasets (indexing lm-eval's tasks)")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm_eval ls tasks`, or give "
                         "--include-path for local task YAML files")
+    run_offline = check_task_data(manager, list(tasks))
     lm = model if isinstance(model, JaxLM) else JaxLM(model, dtype=dtype, batch_size=batch_size, mesh=mesh,
                                                       progress=progress)
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              task_manager=manager, log_samples=log_samples, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    phase("tasks", f"building the requests of {', '.join(tasks)} (lm-eval)")
+    with offline(run_offline), harness_output(progress, log_level):
+        results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, log_samples=log_samples, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     results["config"]["model"] = "mone-jax"
     results["config"]["model_args"] = f"pretrained={lm.folder}"
     return results
