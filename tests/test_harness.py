@@ -136,9 +136,14 @@ def test_cli_on_a_2x4_mesh_gives_the_same_results(exports, task_dir, jax_results
     folder = exports["substitution"]
     capsys.readouterr()
     assert main(["eval", str(folder), "--tasks", f"{MC},{GEN}", "--include-path", str(task_dir), "--mesh",
-                 "data=2,expert=4", "--batch-size", "8", "--out", str(tmp_path), "--quiet"]) == 0
+                 "data=2,expert=4", "--batch-size", "8", "--out", str(tmp_path)]) == 0
     mesh_results = json.loads((tmp_path / "results.json").read_text())
-    assert MC in (tmp_path / "results.md").read_text() and MC in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert MC in (tmp_path / "results.md").read_text() and MC in out
+    # stderr, not a terminal: our lines only (lm-eval's log records among them), no bar, nothing from git
+    assert all(line.startswith("mone-jax: ") for line in err.splitlines()) and "\r" not in err
+    assert "fatal" not in err and f"score: {4 * LIMIT}/{4 * LIMIT} requests" in err  # 4 choices per document
+    assert f"generate: {LIMIT}/{LIMIT} requests" in err
     one = jax_results("substitution")
     for task in (MC, GEN):
         assert mesh_results["results"][task] == json.loads(json.dumps(one["results"][task]))

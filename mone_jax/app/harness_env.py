@@ -140,6 +140,8 @@ def _find_task_files(tasks: list[str], roots: list[Path]) -> dict[str, Path]:
         for path in sorted(root.rglob("*.yaml")):
             for m in line.finditer(path.read_text(errors="replace")):
                 found.setdefault(m[1], path)
+        if len(found) == len(set(tasks)):
+            break
     return found
 
 
