@@ -298,3 +298,12 @@ def test_quiet_is_errors_only_and_small_messages(hf_models, ids10, tmp_path, cap
     rc, _, err = cli(capsys, "calibrate", folder, "--calib", ids10, "--batch-size", 16, "--stats-out",
                      tmp_path / "s.st")
     assert rc == 0 and "1 batch of" in err and "1 batches" not in err
+
+
+def test_prune_names_every_argument_problem_at_once_the_folder_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an output would land
+    rc, out, err = cli(capsys, "prune", tmp_path / "no_such_model", "--quiet")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and not any(tmp_path.iterdir())
+    assert err.startswith(f"mone-jax: error: 4 problems: model folder '{tmp_path / 'no_such_model'}' does not exist")
+    said = [err.index(option) for option in ("--keep N", "--calib", "--out")]
+    assert said == sorted(said)

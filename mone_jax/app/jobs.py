@@ -13,7 +13,7 @@ import numpy as np
 
 from mone_jax.app.mix import parse_mix
 from mone_jax.base.config import ModelConfig
-from mone_jax.base.errors import UserError
+from mone_jax.base.errors import Problems, UserError
 from mone_jax.base.phases import phase
 from mone_jax.base.stats import Stats, check_semantics
 from mone_jax.base.tokens import token_ids
@@ -240,38 +240,16 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             ratio = 0.25
         if calib == "self":  # 16 sampled sequences of 64 tokens: a first run in seconds
             num_samples, seq_len = num_samples or 16, seq_len or 64
-    if args.metric != "auto":
-        known_metric(args.metric)
-    elif args.plan:
-        raise UserError("--plan fixes the kept experts: drop --metric auto")
+    problems = Problems()
+    cfg = None
+    with problems.check():  # the folder first
+        cfg = checked_config(model)
+    with problems.check():
+        if out is not None:
+            _check_out(Path(out), model, args)
+    fmt = _prune_option_problems(args, problems, calib, ratio, out)
+    problems.raise_any()
     semantics = check_semantics(getattr(args, "semantics", "exact"))
-    if args.metric == "auto" and semantics != "exact":
-        raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
-                        "--semantics reference, or drop --semantics")
-    if args.scope not in SCOPES:
-        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
-    fmt = export_format(args.format)
-    if args.plan and (args.keep is not None or ratio is not None):
-        raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
-    if args.keep is None and ratio is None and not args.plan:
-        raise UserError("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
-    if fmt.mode == "drop" and args.scope == "model" and not args.plan:
-        raise UserError("--format drop needs the same number of experts in every layer, which --scope model "
-                        "does not give: use --scope layer or --format substitution")
-    if args.stats and calib:
-        raise UserError("--stats reuses computed statistics: drop --calib")
-    if _weights_drop(args):  # the plan reads the weights and a drop export writes no novices
-        if calib or args.stats or args.stats_out:
-            raise UserError(f"--metric {args.metric} --format {args.format} needs no calibration: drop "
-                            "--calib / --stats / --stats-out")
-    elif calib is None and not args.stats:
-        raise UserError(CALIB_HELP)
-    if out is None:
-        raise UserError("give the output folder with --out")
-    for path in (args.stats_out, args.plan_out):
-        file_out(path)
-    cfg = checked_config(model)
-    _check_out(Path(out), model, args)
     stats = plan = None
     keep = 0
     if args.stats:
@@ -288,6 +266,46 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
                     args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
                     semantics)
+
+
+def _prune_option_problems(args: argparse.Namespace, problems: Problems, calib: str | None, ratio: float | None,
+                           out: str | None) -> ExportFormat | None:
+    """Note every problem of ``prune``'s options in ``problems``; the export format when it is known."""
+    fmt = None
+    with problems.check():
+        fmt = export_format(args.format)
+    with problems.check():
+        if args.metric != "auto":
+            known_metric(args.metric)
+        elif args.plan:
+            raise UserError("--plan fixes the kept experts: drop --metric auto")
+        semantics = check_semantics(getattr(args, "semantics", "exact"))
+        if args.metric == "auto" and semantics != "exact":
+            raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
+                            "--semantics reference, or drop --semantics")
+    if args.scope not in SCOPES:
+        problems.add(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    if args.plan and (args.keep is not None or ratio is not None):
+        problems.add("--plan fixes the kept experts: drop --keep / --ratio")
+    if args.keep is None and ratio is None and not args.plan:
+        problems.add("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
+    if fmt is not None and fmt.mode == "drop" and args.scope == "model" and not args.plan:
+        problems.add("--format drop needs the same number of experts in every layer, which --scope model does not "
+                     "give: use --scope layer or --format substitution")
+    if args.stats and calib:
+        problems.add("--stats reuses computed statistics: drop --calib")
+    weights_drop = fmt is not None and (args.metric == "auto" or args.metric in METRICS) and _weights_drop(args)
+    if weights_drop and (calib or args.stats or args.stats_out):
+        problems.add(f"--metric {args.metric} --format {args.format} needs no calibration: drop --calib / --stats / "
+                     "--stats-out")
+    elif not weights_drop and calib is None and not args.stats:
+        problems.add(CALIB_HELP)
+    if out is None:
+        problems.add("give the output folder with --out")
+    for path in (args.stats_out, args.plan_out):
+        with problems.check():
+            file_out(path)
+    return fmt
 
 
 def _weights_drop(args: argparse.Namespace) -> bool:
