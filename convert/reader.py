@@ -39,7 +39,7 @@ def read_config(folder: str | Path) -> dict:
 
 def _raw_config(folder: Path) -> dict:
     if not folder.is_dir():
-        raise UserError(f"model folder '{folder}' does not exist: pass a Hugging Face model folder")
+        raise UserError(f"model folder '{folder}' does not exist: pass a Hugging Face model folder or a hub id ORG/NAME")
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"'{folder}' has no config.json: pass a Hugging Face model folder")

@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(p, optional=False):
         if optional:
-            p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder (default: the demo model)")
+            p.add_argument("model", nargs="?", default=None, help=f"{MODEL_HELP} (default: the demo model)")
         else:
-            p.add_argument("model", help="Hugging Face model folder (safetensors)")
+            p.add_argument("model", help=MODEL_HELP)
+        revision_arg(p)
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="compute dtype")
         add_precision_arg(p)
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
-    p.add_argument("model", help="Hugging Face model folder, original or pruned")
+    p.add_argument("model", help="Hugging Face model folder, original or pruned, or a hub id ORG/NAME[@REVISION]")
+    revision_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=inspect_cmd.run)
 
@@ -161,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="score experts and choose kept / novices")
     p.add_argument("--stats", help="statistics file from `mone-jax calibrate`")
     p.add_argument("stats_file", nargs="?", metavar="MODEL_DIR",
-                   help="the model folder, for a weights-only metric (aimer: no statistics needed)")
+                   help="the model folder or hub id, for a weights-only metric (aimer: no statistics needed) or "
+                        "--metric auto")
+    revision_arg(p)
     plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --metric random")
     p.add_argument("--plan-out", required=True, help="plan file to write (.json)")
@@ -257,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder written by `mone-jax prune`")
     p.set_defaults(run=verify_cmd.run)
     return ap
+
+
+MODEL_HELP = ("Hugging Face model folder (safetensors), or a hub id ORG/NAME[@REVISION] fetched into the Hugging Face "
+              "cache (its safetensors, config and tokenizer files; HF_HUB_OFFLINE: the cache only)")
+
+
+def revision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id given without @REVISION "
+                                                    "(default: main)")
 
 
 def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     with _session(args):
         try:
             check_numbers(args)
+            from mone_jax.app.hub import resolve_models
+
+            resolve_models(args)  # hub ids -> folders in the Hugging Face cache
             return _run(args)
         except UserError as e:
             if args.debug:

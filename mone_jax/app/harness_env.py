@@ -12,34 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mone_jax.base.errors import UserError
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder"}
-PROBE_SECONDS = 2.0  # how long the hub may take to accept a connection before it counts as unreachable
 
 
-def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) is allowed (no ``HF_HUB_OFFLINE``) and accepts a
-    connection within ``timeout`` seconds."""
-    from huggingface_hub import constants
+def hub_reachable() -> bool:
+    """:func:`mone_jax.app.hub.hub_reachable`, and no ``HF_DATASETS_OFFLINE``."""
+    from mone_jax.app.hub import hub_reachable as reachable
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
+    return os.environ.get("HF_DATASETS_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE") and reachable()
 
 
 def dataset_cached(path: str) -> bool:

@@ -49,6 +49,7 @@ def run_calibration(job, model=None, mesh=None):
     """Statistics of a :class:`~mone_jax.app.jobs.CalibJob`: the model loaded layer by layer onto the mesh
     (``mesh``, default :func:`model_mesh`), or streamed with --sequential; an already loaded ``model`` is used
     as it is."""
+    from mone_jax.app.hub import origin
     from mone_jax.app.jobs import read_batches
     from mone_jax.app.mix import META_KEY as MIX_KEY
     from mone_jax.app.sequential import calibrate_sequential
@@ -84,6 +85,8 @@ def run_calibration(job, model=None, mesh=None):
         else:
             stats = calibrate(model, batches, mesh=mesh, progress=job.progress, checkpoint=ckpt)
         stats.meta["semantics"] = job.semantics  # recorded in the statistics file
+        if hub := origin(job.model):  # a hub model: its id and the commit calibrated
+            stats.meta.update(source_model=hub["repo"], source_revision=hub["revision"])
         if job.mix:  # the statistics record the calibration mix (mone_jax.app.mix)
             stats.meta[MIX_KEY] = json.dumps(list(job.mix))
         return stats

@@ -35,12 +35,15 @@ def stats_summary(stats: Stats) -> dict:
 
 
 def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt: Format, kept: dict,
-                 calibration: dict, version: str) -> dict[str, bytes]:
+                 calibration: dict, version: str, source_revision: str | None = None) -> dict[str, bytes]:
     """The files (name -> bytes) that make an export self-describing. ``kept``: :func:`~mone_jax.pruning.planning.
     plan_summary`; ``calibration``: where the statistics came from (data, samples, tokens...); ``stats`` None:
-    a weights-only plan exported without calibration (no statistics summary)."""
-    source = str(Path(source).resolve())  # not relative to the folder prune ran from
-    meta = {"version": version, "source_model": source, "method": "MoNE (novices)" if fmt.mode == "substitute"
+    a weights-only plan exported without calibration (no statistics summary); ``source_revision``: the commit of
+    a hub model (``source`` is then its hub id)."""
+    if source_revision is None:
+        source = str(Path(source).resolve())  # not relative to the folder prune ran from
+    meta = {"version": version, "source_model": source,
+            **({"source_revision": source_revision} if source_revision else {}), "method": "MoNE (novices)" if fmt.mode == "substitute"
             else "expert dropping", "format": fmt.name, "metric": plan.metric, "scope": plan.scope,
             "pruned_fraction": round(kept["pruned_fraction"], 6), "kept_per_layer": kept["kept_per_layer"],
             "experts_per_layer": kept["experts_total"] // max(len(kept["kept_per_layer"]), 1),

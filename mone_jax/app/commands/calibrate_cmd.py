@@ -8,11 +8,13 @@ from mone_jax.base.phases import phase
 def run(args) -> None:
     phase("check", f"the options and '{args.model}' (importing JAX and transformers)")
     from mone_jax.app.distributed import init_distributed, is_writer
+    from mone_jax.app.hub import same_revision
     from mone_jax.app.jobs import batches_shape, calibrate_job
     from mone_jax.app.pipeline import finish, run_calibration
 
     job = calibrate_job(args)
     init_distributed(job.scale)
+    same_revision(job.model)
     stats = run_calibration(job)
     if is_writer():
         stats.save(args.stats_out)

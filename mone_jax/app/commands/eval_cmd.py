@@ -45,12 +45,14 @@ def run(args) -> None:
 def _tasks(args) -> None:
     from mone_jax.app.distributed import init_distributed, is_writer
     from mone_jax.app.harness_env import quick_check
+    from mone_jax.app.hub import same_revision
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks is empty: name lm-eval tasks, e.g. --tasks arc_easy,piqa")
     quick_check(tasks, args.include_path)  # a task offline without its data: refused in seconds
     init_distributed(args)
+    same_revision(args.model)
     from mone_jax.app.harness import evaluate_tasks, markdown, write_results
     results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              include_path=args.include_path, batch_size=args.batch_size, mesh=args.mesh,

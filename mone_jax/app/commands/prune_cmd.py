@@ -12,6 +12,7 @@ def run(args) -> None:
     phase("check", f"the options and '{args.model or 'the demo model'}' (importing JAX and transformers)")
     from mone_jax import __version__
     from mone_jax.app.distributed import init_distributed, is_writer
+    from mone_jax.app.hub import origin, same_revision
     from mone_jax.app.jobs import prune_job
     from mone_jax.app.pipeline import finish, mesh_text, model_mesh, run_calibration
     from mone_jax.convert.criteria import plan_for
@@ -22,6 +23,7 @@ def run(args) -> None:
     job = prune_job(args)
     if job.calib is not None:
         init_distributed(job.calib.scale)
+        same_revision(job.model)
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
@@ -48,8 +50,10 @@ def run(args) -> None:
     c = job.calib
     calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
                    if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
-    extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format, kept=kept,
-                         calibration=calibration, version=__version__)
+    hub = origin(job.model)  # a hub model: its id and commit, not the cache folder
+    extra = folder_files(source=hub["repo"] if hub else job.model, out=str(job.out), plan=plan, stats=stats,
+                         fmt=job.format, kept=kept, calibration=calibration, version=__version__,
+                         source_revision=hub and hub["revision"])
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
     summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
