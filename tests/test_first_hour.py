@@ -307,3 +307,18 @@ def test_prune_names_every_argument_problem_at_once_the_folder_first(tmp_path, c
     assert err.startswith(f"mone-jax: error: 4 problems: model folder '{tmp_path / 'no_such_model'}' does not exist")
     said = [err.index(option) for option in ("--keep N", "--calib", "--out")]
     assert said == sorted(said)
+
+
+@pytest.mark.slow
+def test_time_stamps_count_from_process_start(tmp_path):
+    """The first phase line's stamp is the time since launch as the parent measures it (imports included)."""
+    import time
+
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "prune", str(tmp_path / "nowhere")],
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = p.stderr.readline()
+    seen = time.monotonic() - t0
+    p.communicate(timeout=120)
+    stamp = float(first.split("[")[1].split("s]")[0])
+    assert first.startswith("mone-jax: [") and seen - 0.5 < stamp <= seen + 0.05, (first, seen)

@@ -15,12 +15,14 @@ from mone_jax.base.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
+    """Run the command (``argv`` None: the process's command line, whose phase lines count from process
+    start; else from this call); bad input: one line ``mone-jax: error: ...`` and exit code 2; the machine failing
     (disk full, out of memory): one line and exit code 1. ``--debug`` shows the traceback instead. What the
     command changes in the process (phase lines, warning display, environment) is restored when it returns."""
+    since = phases.process_start() if argv is None else None  # the command line: stamps from process start
     args = build_parser().parse_args(argv)
     args.progress = not args.quiet and sys.stderr.isatty()  # bars only where a terminal redraws them
-    with _session(args):
+    with _session(args, since):
         try:
             check_numbers(args)
             from mone_jax.app.hub import resolve_models
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _session(args) -> Iterator[None]:
+def _session(args, since: float | None = None) -> Iterator[None]:
     """Phase lines and warnings (one line each unless ``--debug``) on stderr, none with ``--quiet`` (errors
     only), and the libraries' notices quieted through the environment, for the length of the command."""
     env = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}  # e.g. "PyTorch was not found": not needed here
@@ -52,7 +54,7 @@ def _session(args) -> Iterator[None]:
     added = [k for k in env if k not in os.environ]
     os.environ.update({k: env[k] for k in added})
     try:
-        with warnings.catch_warnings(), phases.configured(not args.quiet):
+        with warnings.catch_warnings(), phases.configured(not args.quiet, since):
             if args.quiet:  # errors only
                 warnings.simplefilter("ignore")
             elif not args.debug:

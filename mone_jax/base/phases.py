@@ -17,25 +17,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _on = False
-_start = time.monotonic()
+_start = _imported = time.monotonic()
 
 
-def configure(on: bool) -> None:
-    """Turn phase lines on or off; the clock of the run starts now."""
+def configure(on: bool, since: float | None = None) -> None:
+    """Turn phase lines on or off; the clock of the run starts at ``since`` (a :func:`time.monotonic` time,
+    e.g. :func:`process_start`), default now."""
     global _on, _start
-    _on, _start = on, time.monotonic()
+    _on, _start = on, time.monotonic() if since is None else since
 
 
 @contextmanager
-def configured(on: bool) -> Iterator[None]:
+def configured(on: bool, since: float | None = None) -> Iterator[None]:
     """:func:`configure` for the length of a block (a command); then as before."""
     global _on, _start
     before = _on, _start
-    configure(on)
+    configure(on, since)
     try:
         yield
     finally:
         _on, _start = before
+
+
+def process_start() -> float:
+    """When this process started, on the :func:`time.monotonic` clock (Linux: from /proc; elsewhere: when this
+    module was imported), so that the first line's stamp includes the seconds spent importing."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _imported
+    return time.monotonic() - age if 0 <= age < time.monotonic() - _imported + 3600 else _imported
 
 
 def enabled() -> bool:
