@@ -8,6 +8,7 @@ def run(args) -> None:
 
     res = run_compare(args)
     t = res["timing"]
-    print(f"{len(res['plans'])} plans judged on {', '.join(res['sources'])} in {t['total']:.1f} s (calibration "
+    n = len(res["plans"])
+    print(f"{n} plan{'s' * (n != 1)} judged on {', '.join(res['sources'])} in {t['total']:.1f} s (calibration "
           f"{t['calibration']:.1f} s, compilation {t['compile']:.1f} s, {t['forward_per_plan']:.2f} s per plan); "
           f"wrote {', '.join(res['written'].values())}")
