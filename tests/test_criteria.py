@@ -53,11 +53,13 @@ def test_aimer_scores_match_float64_reference(hf_models, family, variant):
         np.testing.assert_allclose(ours[layer], -r, rtol=1e-5, atol=0)  # kept score: the negated ratio
 
 
-def test_aimer_plan_and_drop_prune_need_no_calibration(hf_models, tmp_path):
+def test_aimer_plan_and_drop_prune_need_no_calibration(hf_models, tmp_path, capsys):
     folder, hf = hf_models("olmoe", "a")  # 8 experts per layer
     keep, E = 5, hf.config.num_experts
+    capsys.readouterr()
     assert main(["plan", str(folder), "--metric", "aimer", "--keep", str(keep), "--plan-out",
                  str(tmp_path / "p.json")]) == 0
+    assert "\r" not in capsys.readouterr().err  # stderr is no terminal: no progress bar
     plan = Plan.load(tmp_path / "p.json")
     for layer, r in reference_ratios(folder).items():
         pruned = np.argsort(-r, kind="stable")[:E - keep]  # AIMER: prune the k highest ratios

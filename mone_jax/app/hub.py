@@ -20,6 +20,7 @@ MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "gene
                "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken",
                "chat_template.*"]
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+FILE_SUFFIXES = {".safetensors", ".npz", ".npy", ".json", ".txt", ".jsonl", ".parquet", ".yaml"}  # files, not models
 COMMIT = re.compile(r"[0-9a-f]{40}")
 MODEL_ARGS = ("model", "stats_file", "other")  # the options that name a model folder
 PROBE_SECONDS = 2.0  # how long the hub may take to accept a connection before it counts as unreachable
@@ -42,7 +43,7 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
 
 def hub_id(spec: str | None) -> tuple[str, str | None] | None:
     """(repo id, revision or None) when ``spec`` is a hub id and no local path, else None."""
-    if not spec or Path(spec).expanduser().exists():
+    if not spec or Path(spec).expanduser().exists() or Path(spec).suffix in FILE_SUFFIXES:
         return None
     m = HUB_ID.fullmatch(spec)
     return None if m is None else (m["repo"], m["revision"])

@@ -30,7 +30,7 @@ def run(args) -> None:
         if args.stats is not None or model is None or not Path(model).is_dir():
             raise UserError(f"metric '{args.metric}' scores the weights, not statistics: give the model folder "
                             f"instead of '{args.stats or model}' (mone-jax plan MODEL_DIR --metric {args.metric})")
-        plan = plan_for(args.metric, model=model, progress=not args.quiet, **opts)
+        plan = plan_for(args.metric, model=model, progress=args.progress, **opts)
     else:
         if (args.stats is None) == (args.stats_file is None):
             raise UserError("give the statistics file once, with --stats FILE")

@@ -39,7 +39,7 @@ def run(args) -> None:
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
         plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
                                     seed=job.seed, n_group=n_group, semantics=job.semantics,
-                                    progress=not args.quiet)
+                                    progress=args.progress)
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
