@@ -45,7 +45,7 @@ REPORT_EVERY = 10.0  # seconds between progress lines on a non-terminal
 class JaxLM(TemplateLM):
     """An lm-eval LM backed by a mone-jax Flax model (any supported family, original or any export format).
 
-    ``pretrained``: the Hugging Face folder; ``mesh``: ``data=D,expert=X`` or ``auto`` (as ``calibrate``)
+    ``pretrained``: the Hugging Face folder or hub id ``ORG/NAME[@REVISION]``; ``mesh``: ``data=D,expert=X`` or ``auto`` (as ``calibrate``)
     or a :class:`jax.sharding.Mesh`; ``batch_size``: rows per batch (rounded up to the device count).
     """
 
@@ -53,10 +53,13 @@ class JaxLM(TemplateLM):
                  max_gen_toks: int = 256, progress: bool = True, **_ignored) -> None:
         super().__init__()
         from mone_jax.app.data import load_tokenizer
+        from mone_jax.app.hub import hub_id, snapshot
         from mone_jax.app.pipeline import model_mesh
         from mone_jax.convert.load import config_of, load_hf
         from mone_jax.evaluate.loglik import TokenScorer
 
+        if (hub := hub_id(str(pretrained))) is not None:  # ORG/NAME[@REVISION] from Python or lm_eval's CLI
+            pretrained = snapshot(*hub, progress=progress)
         if not Path(pretrained).is_dir():
             raise UserError(f"model folder '{pretrained}' does not exist")
         mesh_obj = model_mesh(config_of(pretrained), dtype, mesh) if mesh is None or isinstance(mesh, str) else mesh
