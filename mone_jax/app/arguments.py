@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="--tasks: folder for results.json (lm-eval's format) and results.md")
     add_mesh_args(p)
     add_distributed_args(p)
-    p.set_defaults(run=eval_cmd.run)
+    p.set_defaults(run=eval_cmd.run, precheck=eval_cmd.precheck)
 
     p = sub.add_parser("diff", help="compare the logits (and per-layer outputs) of two checkpoints, or of one "
                                     "in JAX and in transformers (--vs-torch)")

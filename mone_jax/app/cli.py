@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             from mone_jax.app.hub import resolve_models
 
             resolve_models(args)  # hub ids -> folders in the Hugging Face cache
+            if getattr(args, "precheck", None):  # a command's checks that need no JAX
+                args.precheck(args)
             return _run(args)
         except UserError as e:
             if args.debug:

@@ -45,7 +45,8 @@ REPORT_EVERY = 10.0  # seconds between progress lines on a non-terminal
 class JaxLM(TemplateLM):
     """An lm-eval LM backed by a mone-jax Flax model (any supported family, original or any export format).
 
-    ``pretrained``: the Hugging Face folder or hub id ``ORG/NAME[@REVISION]``; ``mesh``: ``data=D,expert=X`` or ``auto`` (as ``calibrate``)
+    ``pretrained``: the Hugging Face folder or hub id ``ORG/NAME[@REVISION]``; ``mesh``: ``data=D,expert=X`` or
+    ``auto`` (as ``calibrate``)
     or a :class:`jax.sharding.Mesh`; ``batch_size``: rows per batch (rounded up to the device count).
     """
 

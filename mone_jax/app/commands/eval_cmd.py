@@ -11,6 +11,14 @@ from mone_jax.base.files import atomic_write_text
 from mone_jax.base.phases import phase
 
 
+def precheck(args) -> None:
+    """Before JAX is imported: a task offline without its data is refused in seconds."""
+    if args.tasks:
+        from mone_jax.app.harness_env import quick_check
+
+        quick_check([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
+
+
 def run(args) -> None:
     if (args.data is None) == (args.tasks is None):
         raise UserError("give --data (perplexity) or --tasks (lm-evaluation-harness tasks), not both or neither")
@@ -44,13 +52,11 @@ def run(args) -> None:
 
 def _tasks(args) -> None:
     from mone_jax.app.distributed import init_distributed, is_writer
-    from mone_jax.app.harness_env import quick_check
     from mone_jax.app.hub import same_revision
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks is empty: name lm-eval tasks, e.g. --tasks arc_easy,piqa")
-    quick_check(tasks, args.include_path)  # a task offline without its data: refused in seconds
     init_distributed(args)
     same_revision(args.model)
     from mone_jax.app.harness import evaluate_tasks, markdown, write_results
