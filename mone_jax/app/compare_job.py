@@ -122,6 +122,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run_compare(args: argparse.Namespace) -> dict:
     """``mone-jax compare``: every check before the model loads, one calibration, every plan, the report."""
+    from mone_jax.app.hub import origin
     from mone_jax.evaluate import report
 
     t_start = time.perf_counter()
@@ -147,8 +148,9 @@ def run_compare(args: argparse.Namespace) -> dict:
     calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
     result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size or 8,
                      weight_scores=scores, progress=args.progress)
-    result.update(model=args.model, calib=args.calib, calib_tokens=stats.tokens, valid=sources,
-                  seeds=seeds, candidates=len(cands))
+    hub = origin(args.model)  # a hub model: its id and commit rather than the cache folder
+    result.update(model=hub["repo"] if hub else args.model, **({"model_revision": hub["revision"]} if hub else {}),
+                  calib=args.calib, calib_tokens=stats.tokens, valid=sources, seeds=seeds, candidates=len(cands))
     result["timing"] = timing(result, load_s, data_s + (t_data - t_start), calib_s, time.perf_counter() - t_start)
     paths = report.write(result, args.out)
     result["timing"]["total_with_report"] = time.perf_counter() - t_start

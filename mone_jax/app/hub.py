@@ -82,7 +82,9 @@ def snapshot(repo: str, revision: str | None = None, *, progress: bool = False) 
     if not progress:
         disable_progress_bars()
     try:
-        return snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES, local_files_only=not online)
+        folder = snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES, local_files_only=not online)
+        phase("model", f"'{repo}' at commit {Path(folder).name}" + ("" if online else " (cached; the hub is offline)"))
+        return folder
     except LocalEntryNotFoundError:
         raise UserError(f"{where} is neither a local model folder nor in the Hugging Face cache "
                         f"({constants.HF_HUB_CACHE}), and the hub cannot be reached (offline or HF_HUB_OFFLINE): "

@@ -63,6 +63,8 @@ def run(args) -> None:
     if c is not None:  # what the tool chose by itself
         summary.update(batch_size=c.batch_size, batch_size_from="--batch-size" if c.batch_given else "auto",
                        mesh=mesh_text(mesh))
+    if hub:  # the commit of a hub model
+        summary.update(source_model=hub["repo"], source_revision=hub["revision"])
     if plan.selection:
         from mone_jax.app.compare_job import selection_summary
 
