@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 @contextmanager
 def _session(args, since: float | None = None) -> Iterator[None]:
     """Phase lines and warnings (one line each unless ``--debug``) on stderr, none with ``--quiet`` (errors
-    only), and the libraries' notices quieted through the environment, for the length of the command."""
+    only), and the libraries' bars (off a terminal) and notices (``--quiet``) quieted through the environment,
+    for the length of the command."""
     env = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}  # e.g. "PyTorch was not found": not needed here
-    if args.quiet:  # the libraries' progress bars and notices too
-        env.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    if not args.progress:  # the libraries' progress bars only on a terminal (read when they are imported)
+        env.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if args.quiet:  # and their notices not with --quiet
+        env.update(TRANSFORMERS_VERBOSITY="error")
     added = [k for k in env if k not in os.environ]
     os.environ.update({k: env[k] for k in added})
     try:
