@@ -73,3 +73,18 @@ def test_a_builtin_task_offline_names_its_dataset(offline_hub):
     assert yaml.safe_load(path.read_text())["task"] == "arc_easy"
     with pytest.raises(UserError, match=want):
         quick_check(["arc_easy"], None)
+
+
+@pytest.mark.slow  # lm-eval indexes its task files
+def test_groups_and_tags_are_checked_after_lm_evals_index(offline_hub):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mone_jax.app.harness_env import check_task_data, hub_datasets
+
+    manager = TaskManager()
+    assert hub_datasets(manager, ["ai2_arc"]) == {"arc_challenge": "allenai/ai2_arc", "arc_easy": "allenai/ai2_arc"}
+    mmlu = hub_datasets(manager, ["mmlu"])
+    assert len(mmlu) == 57 and set(mmlu.values()) == {"cais/mmlu"}  # MMLU's 57 subjects, one dataset
+    with pytest.raises(UserError, match="allenai/ai2_arc"):
+        check_task_data(manager, ["ai2_arc"])
