@@ -1,0 +1,256 @@
+"""Quantized checkpoints: one registry entry per scheme, and where a checkpoint's quantized tensors are.
+
+A quantized tensor ``X`` (a Linear's ``X = <module>.weight``, or a GPT-OSS fused expert stack) is stored
+as parts whose names are ``X`` plus a suffix (``X_scale_inv``, ``X_packed``, ``X_blocks`` ...). Which
+tensors are quantized follows from ``quantization_config`` and the parts present beside them (a scale
+beside a weight), never from module names. :class:`~mone_jax.convert.reader.CheckpointReader` shows each
+one under its logical name ``X``, dequantized to float32 one tensor (or one expert row) at a time, and
+keeps the stored parts readable so an export copies them byte for byte.
+
+Formats (docs/formats.md): fine-grained FP8 (DeepSeek-V3's ``quant_method: fp8``, blocks of
+``weight_block_size``, the last block of a dimension partial), compressed-tensors ``float-quantized`` and
+``pack-quantized`` (llm-compressor; symmetric, tensor / channel / group / block scales) and GPT-OSS MXFP4.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mone_jax.base.errors import UserError
+
+Parts = dict[str, np.ndarray]  # role -> stored array
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A stored form of quantized tensors: its config ``method`` (and compressed-tensors ``format``), the
+    part that marks a tensor as quantized, the suffix of each part, and how the parts become float32."""
+
+    name: str
+    method: str  # quantization_config.quant_method
+    fmt: str | None  # compressed-tensors format ("float-quantized" | "pack-quantized"), else None
+    marker: str  # regex over stored names: group 1 is the logical name of a quantized tensor
+    parts: dict[str, str]  # role -> suffix appended to the logical name ("" = the logical name itself)
+    dequantize: Callable[[Parts, dict], np.ndarray]  # (parts, args) -> float32
+    exclude_key: str  # config key that lists modules left unquantized
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """One quantized tensor of a checkpoint: its scheme, stored part names, logical shape, scheme arguments."""
+
+    scheme: Scheme
+    parts: dict[str, str]  # role -> stored tensor name
+    shape: tuple[int, ...]
+    args: dict = field(default_factory=dict)
+
+    def dequantize(self, parts: Parts) -> np.ndarray:
+        return self.scheme.dequantize(parts, self.args)
+
+
+# ------------------------------------------------------------------------------------------- dequantizers
+
+
+def expand_scales(scale: np.ndarray, block: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
+    """A [..., ceil(R/b0), ceil(C/b1)] scale grid as a [..., R, C] float32 array: entry (i, j) is
+    scale[i // b0, j // b1], so the last block of a dimension that is not a multiple of its block is partial."""
+    s = np.asarray(scale, np.float32)
+    s = np.repeat(s, block[0], axis=-2)[..., : shape[-2], :]
+    return np.repeat(s, block[1], axis=-1)[..., : shape[-1]]
+
+
+def _scaled(parts: Parts, args: dict) -> np.ndarray:
+    w = parts["weight"].astype(np.float32)
+    return w * expand_scales(parts["scale"].reshape(*w.shape[:-2], *args["grid"][-2:]), args["block"], w.shape)
+
+
+def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Signed ``bits``-bit integers packed densely into int32 words along the last axis (element i at bit
+    i * bits of the little-endian stream, stored with an offset of 2^(bits-1)) -> int8 [..., cols]."""
+    stream = np.unpackbits(np.ascontiguousarray(packed, "<i4").view(np.uint8), axis=-1, bitorder="little")
+    vals = stream[..., : cols * bits].reshape(*packed.shape[:-1], cols, bits)
+    weights = (1 << np.arange(bits, dtype=np.int16))
+    return ((vals * weights).sum(-1, dtype=np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+def _packed(parts: Parts, args: dict) -> np.ndarray:
+    q = unpack_int32(parts["packed"], args["bits"], args["shape"][-1]).astype(np.float32)
+    return q * expand_scales(parts["scale"].reshape(*q.shape[:-2], *args["grid"][-2:]), args["block"], q.shape)
+
+
+_FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 -> float32: ``blocks`` [..., R, G, 16] uint8 (two e2m1 values per byte, low nibble first),
+    ``scales`` [..., R, G] uint8 (power-of-two exponents, bias 127) -> [..., G * 32, R] (transposed, as
+    GPT-OSS bf16 checkpoints store the weight)."""
+    vals = np.stack([_FP4_E2M1[blocks & 0x0F], _FP4_E2M1[blocks >> 4]], axis=-1)
+    vals = np.ldexp(vals.reshape(*blocks.shape[:-1], -1), scales.astype(np.int32)[..., None] - 127)
+    return vals.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in [
+    Scheme("fp8-block", "fp8", None, r"(.+\.weight)_scale_inv", {"weight": "", "scale": "_scale_inv"}, _scaled,
+           "modules_to_not_convert"),
+    Scheme("ct-float", "compressed-tensors", "float-quantized", r"(.+\.weight)_scale",
+           {"weight": "", "scale": "_scale"}, _scaled, "ignore"),
+    Scheme("ct-pack", "compressed-tensors", "pack-quantized", r"(.+\.weight)_packed",
+           {"packed": "_packed", "scale": "_scale", "shape": "_shape"}, _packed, "ignore"),
+    Scheme("mxfp4", "mxfp4", None, r"(.+)_blocks", {"blocks": "_blocks", "scales": "_scales"},
+           lambda p, a: mxfp4_dequantize(p["blocks"], p["scales"]), "modules_to_not_convert"),
+]}
+METHODS = sorted({s.method for s in SCHEMES.values()})
+SUPPORTED = "fp8 (fine-grained blocks), compressed-tensors (float-quantized FP8, pack-quantized INT) and mxfp4 (GPT-OSS)"
+
+
+def quant_method(raw: dict) -> str | None:
+    """``quantization_config.quant_method`` of config.json ``raw`` (None: unquantized); UserError for methods
+    no scheme reads."""
+    q = raw.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method not in METHODS:
+        raise UserError(f"quantized checkpoints ({method}) are not supported: mone-jax reads {SUPPORTED}; "
+                        "use such a release or the unquantized one")
+    return method
+
+
+def exclude_key(raw: dict) -> str | None:
+    """The config key under ``quantization_config`` listing unquantized modules (None: not quantized)."""
+    method = quant_method(raw)
+    return None if method is None else next(s.exclude_key for s in SCHEMES.values() if s.method == method)
+
+
+# ----------------------------------------------------------------------------------------------- finding
+
+
+class StoredInfo(Protocol):
+    """What the finder needs of the stored tensors: names, shapes, dtypes and small reads."""
+
+    def keys(self) -> Iterable[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> np.dtype: ...
+    def get(self, key: str) -> np.ndarray: ...
+
+
+def find_quantized(raw: dict, stored: StoredInfo) -> dict[str, QuantTensor]:
+    """{logical name: QuantTensor} of a checkpoint (config.json ``raw``, tensors ``stored``); UserError where the
+    tensors and the config disagree (a float8 weight without its scale, a quantized module the config excludes)."""
+    method = quant_method(raw)
+    keys = set(stored.keys())
+    if method is None:
+        found: dict[str, QuantTensor] = {}
+    else:
+        q = raw["quantization_config"]
+        found = {}
+        for scheme in (s for s in SCHEMES.values() if s.method == method):
+            for key in sorted(keys):
+                if (m := re.fullmatch(scheme.marker, key)) and key != m[1]:
+                    logical = m[1]
+                    if logical in found or (scheme.name == "ct-float" and logical not in keys):
+                        continue
+                    parts = {role: logical + suffix for role, suffix in scheme.parts.items()}
+                    if lost := [p for p in parts.values() if p not in keys]:
+                        raise UserError(f"quantized tensor '{logical}' lacks '{lost[0]}' beside '{key}': the "
+                                        "checkpoint is incomplete; re-download it")
+                    found[logical] = _tensor(scheme, q, logical, parts, stored)
+    used = {p for t in found.values() for p in t.parts.values()}
+    for key in sorted(keys - used):
+        if np.dtype(stored.dtype(key)).itemsize == 1 and np.dtype(stored.dtype(key)).kind == "V":
+            raise UserError(f"tensor '{key}' is stored in {np.dtype(stored.dtype(key)).name} without the scales "
+                            f"of a quantization scheme mone-jax reads ({SUPPORTED}): the checkpoint's "
+                            "quantization_config does not describe it")
+    return found
+
+
+def _tensor(scheme: Scheme, q: dict, logical: str, parts: dict[str, str], stored: StoredInfo) -> QuantTensor:
+    module = logical.removesuffix(".weight")
+    if scheme.name == "mxfp4":
+        *lead, rows, groups, _ = stored.shape(parts["blocks"])
+        return QuantTensor(scheme, parts, (*lead, groups * 32, rows))
+    if scheme.name == "fp8-block":
+        _excluded_but_quantized(q.get("modules_to_not_convert") or [], module, logical)
+        shape = stored.shape(parts["weight"])
+        size = q.get("weight_block_size")
+        block = tuple(size) if size else shape[-2:]
+        return _checked(QuantTensor(scheme, parts, shape, {"block": tuple(int(b) for b in block)}), stored)
+    args = _ct_weights(q, module, logical, scheme)
+    if scheme.name == "ct-pack":
+        shape = tuple(int(d) for d in stored.get(parts["shape"]).reshape(-1))
+        if args["type"] != "int" or not 1 <= args["bits"] <= 8:
+            raise UserError(f"'{logical}': pack-quantized {args['type']} with {args['bits']} bits is not supported "
+                            "(only int, 1 to 8 bits)")
+        packed = stored.shape(parts["packed"])
+        if packed != (*shape[:-1], math.ceil(shape[-1] * args["bits"] / 32)):
+            raise UserError(f"'{parts['packed']}' has shape {list(packed)}, which does not pack weight_shape "
+                            f"{list(shape)} at {args['bits']} bits: the checkpoint is corrupt")
+    else:
+        shape = stored.shape(parts["weight"])
+    return _checked(QuantTensor(scheme, parts, shape, {**args, "block": _ct_block(args, shape, logical)}), stored)
+
+
+def _checked(t: QuantTensor, stored: StoredInfo) -> QuantTensor:
+    """``t`` with its scale grid ``args["grid"]``, after checking that the stored scale has that many entries."""
+    b0, b1 = t.args["block"]
+    grid = (*t.shape[:-2], math.ceil(t.shape[-2] / b0), math.ceil(t.shape[-1] / b1))
+    scale = stored.shape(t.parts["scale"])
+    if math.prod(scale) != math.prod(grid) or (len(scale) == len(grid) and tuple(scale) != grid):
+        raise UserError(f"'{t.parts['scale']}' has shape {list(scale)} but a {list(t.shape)} weight in blocks of "
+                        f"{b0} x {b1} needs {list(grid)}: the checkpoint does not match its quantization_config")
+    return QuantTensor(t.scheme, t.parts, t.shape, {**t.args, "grid": grid})
+
+
+def _excluded_but_quantized(excluded: list, module: str, logical: str) -> None:
+    if any(_matches(str(p), module) for p in excluded):
+        raise UserError(f"'{logical}' is quantized but quantization_config excludes module '{module}': "
+                        "the checkpoint does not match its config")
+
+
+def _matches(pattern: str, module: str) -> bool:
+    """A compressed-tensors / transformers module pattern: ``re:REGEX`` (searched from the start), a class
+    name (``Linear``: every quantized tensor is a Linear's), an exact name or a trailing dotted name."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return pattern == "Linear" or module == pattern or module.endswith("." + pattern)
+
+
+def _ct_weights(q: dict, module: str, logical: str, scheme: Scheme) -> dict:
+    """The compressed-tensors weight arguments of ``module``: its config group's ``weights`` (ignore list and
+    format checked)."""
+    _excluded_but_quantized(q.get("ignore") or [], module, logical)
+    groups = [g for g in (q.get("config_groups") or {}).values()
+              if isinstance(g, dict) and any(_matches(str(t), module) for t in g.get("targets") or [])]
+    if not groups or not isinstance(groups[0].get("weights"), dict):
+        raise UserError(f"'{logical}' is quantized but no config_groups entry of quantization_config targets "
+                        f"'{module}': the checkpoint does not match its config")
+    fmt = groups[0].get("format") or q.get("format")
+    if fmt != scheme.fmt:
+        raise UserError(f"'{logical}' is stored {scheme.fmt} but quantization_config says format '{fmt}': "
+                        "the checkpoint does not match its config")
+    w = groups[0]["weights"]
+    if not w.get("symmetric", True) or w.get("zero_point") is not None:
+        raise UserError(f"'{logical}': asymmetric compressed-tensors weights (zero points) are not supported")
+    return {"type": w.get("type", "int"), "bits": int(w.get("num_bits", 8)), "strategy": w.get("strategy"),
+            "group_size": w.get("group_size"), "block_structure": w.get("block_structure")}
+
+
+def _ct_block(args: dict, shape: tuple[int, ...], logical: str) -> tuple[int, int]:
+    strategy = args["strategy"]
+    if strategy == "tensor":
+        return shape[-2], shape[-1]
+    if strategy == "channel":
+        return 1, shape[-1]
+    if strategy == "group" and args["group_size"]:
+        return 1, int(args["group_size"])
+    if strategy == "block" and args["block_structure"]:
+        return tuple(int(b) for b in args["block_structure"])
+    raise UserError(f"'{logical}': compressed-tensors strategy '{strategy}' is not supported "
+                    "(tensor, channel, group or block)")
