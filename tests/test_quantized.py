@@ -1,0 +1,257 @@
+"""Quantized checkpoints in (fine-grained FP8, compressed-tensors FP8 and INT4) and lossless out.
+
+Each case quantizes a tiny random model of the shared table with the independent NumPy quantizer of
+tests/reference.py (INT4 packed by compressed-tensors' own ``pack_to_int32``) and writes beside it the
+NumPy-dequantized float32 folder (INT4 unpacked by compressed-tensors' own ``unpack_from_int32``). Checks:
+the reader's weights equal the reference's; JAX logits of the quantized folder equal transformers' on the
+float32 folder; substitution and drop exports hold every retained stored tensor byte for byte, nothing of a
+pruned expert, novices unquantized (and so declared), and load in JAX with the logits of the same export made
+from the float32 folder. The FP8 block sizes leave partial last blocks (DeepSeek-V3's 24-row
+``kv_a_proj_with_mqa`` in blocks of 16); transformers' own FP8 dequantization, wrong on those, only reads
+exports whose blocks divide every dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_close_logits, rewrite_config, tiered, torch, torch_logits
+from reference import blockwise_dequantize, blockwise_quantize
+from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file
+
+import mone_jax
+from mone_jax.app.cli import main
+from mone_jax.base.errors import UserError
+from mone_jax.convert.export import export_pruned
+from mone_jax.convert.formats import torch_model
+from mone_jax.convert.reader import CheckpointReader
+
+BLOCK = (16, 12)  # FP8 blocks: partial last blocks on rows of 24 / 12, columns of 32 / 16 / 48 / 80
+WHOLE = (4, 4)  # divides every dimension of the tiny models: transformers' dequantization is right
+GROUP = 8  # INT4 group size
+_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+_CT_WEIGHTS = {
+    "ct-int4": ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP}),
+    "ct-fp8-channel": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}),
+    "ct-fp8-tensor": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"}),
+}
+# every projection of attention, dense MLPs and experts (shared ones too); routers (".gate.") stay float32
+_QUANTIZED = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\.(?!gate\.).+\.weight$")
+CASES = [("fp8", "deepseek_v3", "grouped_yarn"), ("fp8-pow2", "minimax_m2", "a"), ("fp8", "qwen3_moe", "a"),
+         ("ct-int4", "qwen3_moe", "a"), ("ct-fp8-channel", "qwen3_moe", "a"), ("ct-fp8-tensor", "minimax_m2", "a")]
+FAST = [("fp8", "deepseek_v3")]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _torch(a: np.ndarray):
+    """NumPy (ml_dtypes floats too) -> torch, bytes unchanged."""
+    for np_t, t_t in ((ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn), (ml_dtypes.float8_e8m0fnu, torch.float8_e8m0fnu)):
+        if a.dtype == np_t:
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(t_t)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _quantize(src: Path, scheme: str, qdir: Path, fdir: Path, block=BLOCK) -> dict[str, np.ndarray]:
+    """Write ``src`` quantized by ``scheme`` to ``qdir`` and its dequantized float32 twin to ``fdir``; return the
+    twin's tensors."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    stored, floats = {}, {}
+    for k, w in load_file(str(src / "model.safetensors")).items():
+        stored[k] = floats[k] = w
+        if w.ndim != 2 or not _QUANTIZED.search(k):
+            continue
+        if scheme.startswith("fp8"):
+            q, s = blockwise_quantize(w, block, scheme)
+            stored[k], stored[k + "_scale_inv"], floats[k] = q, s, blockwise_dequantize(q, s, block)
+        elif scheme == "ct-int4":
+            q, s = blockwise_quantize(w, (1, GROUP), "int4")
+            packed = pack_to_int32(torch.from_numpy(q), 4)
+            del stored[k]
+            stored[k + "_packed"], stored[k + "_scale"] = packed.numpy(), s
+            stored[k + "_shape"] = np.array(w.shape, np.int64)
+            floats[k] = blockwise_dequantize(unpack_from_int32(packed, 4, torch.Size(w.shape)).numpy(), s, (1, GROUP))
+        else:
+            blk = (1, w.shape[1]) if scheme == "ct-fp8-channel" else w.shape
+            q, s = blockwise_quantize(w, blk, "fp8")
+            stored[k], stored[k + "_scale"], floats[k] = q, s.reshape(-1, 1) if blk[0] == 1 else s.reshape(1), \
+                blockwise_dequantize(q, s, blk)
+    for folder, tensors in ((qdir, stored), (fdir, floats)):
+        folder.mkdir()
+        shutil.copy(src / "config.json", folder / "config.json")
+        save_file({k: _torch(v) for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if scheme.startswith("fp8"):
+        qc = {**_FP8, "weight_block_size": list(block)}
+    else:
+        fmt, weights = _CT_WEIGHTS[scheme]
+        qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+              "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt, "input_activations": None,
+                                            "weights": {**weights, "symmetric": True, "dynamic": False}}},
+              "ignore": ["lm_head", "re:.*\\.gate$"]}
+    rewrite_config(qdir, quantization_config=qc)
+    return floats
+
+
+def _raw(folder: Path) -> dict[str, tuple]:
+    """{name: (safetensors dtype, shape, bytes)} of every tensor of a folder, read from the files' own headers."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        for name, e in json.loads(data[8:8 + n]).items():
+            if name != "__metadata__":
+                a, b = e["data_offsets"]
+                out[name] = (e["dtype"], tuple(e["shape"]), data[8 + n + a:8 + n + b])
+    return out
+
+
+def _plan(hf, drop: bool, seed: int = 3) -> tuple[dict, dict]:
+    """A random plan keeping half the experts of each MoE layer (per router group in drop mode), novices ~ N(0, 1)."""
+    cfg, rng = hf.config, np.random.default_rng(seed)
+    E = next(getattr(cfg, a) for a in ("n_routed_experts", "num_local_experts", "num_experts") if getattr(cfg, a, None))
+    groups = (getattr(cfg, "n_group", None) or 1) if drop else 1
+    layers, novices = {}, {}
+    for i, layer in enumerate(hf.model.layers):
+        if not hasattr(layer.mlp, "experts"):
+            continue
+        size = E // groups
+        kept = sorted(g * size + int(e) for g in range(groups) for e in rng.choice(size, size // 2, replace=False))
+        nov = [e for e in range(E) if e not in kept]
+        layers[str(i)] = {"kept": kept, "novices": nov, "scores": rng.random(E).tolist()}
+        novices[i] = {e: rng.normal(0.0, 1.0, cfg.hidden_size).astype(np.float32) for e in nov}
+    return {"metric": "mone", "scope": "layer", "keep": E // 2, "layers": layers}, novices
+
+
+def _check_lossless(src: Path, out: Path, plan: dict, novices: dict | None, drop: bool) -> None:
+    """``out`` holds exactly: every source tensor not of a pruned expert, bytes unchanged (retained experts
+    renumbered 0..K-1; in drop mode the routers' rows of the kept experts), plus (substitution) one float32
+    novice per pruned expert, ``novices`` when given; its quantization_config lists the novices unquantized."""
+    s, o = _raw(src), _raw(out)
+    want = {}
+    for name, (dt, shape, data) in s.items():
+        m = re.fullmatch(r"(model\.layers\.(\d+)\.\w+)\.(experts\.(\d+)|gate|e_score_correction_bias)(\..+)?", name)
+        lp = plan["layers"].get(m[2]) if m else None
+        if lp is None:
+            want[name] = (dt, shape, data)
+        elif m[4] is not None:
+            if int(m[4]) in lp["kept"]:
+                want[f"{m[1]}.experts.{lp['kept'].index(int(m[4]))}{m[5]}"] = (dt, shape, data)
+        elif drop and (m[3] == "e_score_correction_bias" or m[5] in (".weight", ".e_score_correction_bias")):
+            rows = np.frombuffer(data, np.float32).reshape(shape)[lp["kept"]]
+            want[name] = (dt, rows.shape, rows.tobytes())
+        else:
+            want[name] = (dt, shape, data)
+    modules = []
+    if not drop:
+        for layer, lp in plan["layers"].items():
+            prefix = next(k for k in s if k.startswith(f"model.layers.{layer}.") and ".experts." in k).split(".experts.")[0]
+            for e in lp["novices"]:
+                name = f"{prefix}.expert_replacements.{e}.value"
+                value = o[name][2] if novices is None else novices[int(layer)][e].tobytes()
+                want[name] = ("F32", o[name][1], value)
+                modules.append(f"{prefix}.expert_replacements.{e}")
+    assert sorted(o) == sorted(want)
+    assert all(o[k] == want[k] for k in want), [k for k in want if o[k] != want[k]]
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    key = "ignore" if qc["quant_method"] == "compressed-tensors" else "modules_to_not_convert"
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == (
+        {**qc, key: [*(qc.get(key) or []), *modules]} if modules else qc)
+
+
+def _ids(hf) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 12)).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("scheme,family,variant", tiered(CASES, fast=FAST))
+def test_quantized_in_and_lossless_out(scheme, family, variant, hf_models, tmp_path):
+    src, hf = hf_models(family, variant)
+    qdir, fdir = tmp_path / "q", tmp_path / "f"
+    floats = _quantize(src, scheme, qdir, fdir)
+    with CheckpointReader(qdir) as r:
+        for k, w in floats.items():
+            np.testing.assert_array_equal(r.get(k), w, err_msg=k)
+    ids = _ids(hf)
+    assert_close_logits(mone_jax.load_hf(qdir, progress=False)(ids), torch_logits(torch_model(fdir), ids), atol=1e-5)
+    for fmt in ("substitution", "drop"):
+        plan, novices = _plan(hf, drop=fmt == "drop")
+        qout, fout = tmp_path / f"q-{fmt}", tmp_path / f"f-{fmt}"
+        summary = export_pruned(qdir, qout, plan, novices, fmt=fmt)
+        _check_lossless(qdir, qout, plan, novices, drop=fmt == "drop")
+        assert summary["bytes_after"] == sum(len(t[2]) for t in _raw(qout).values())
+        export_pruned(fdir, fout, plan, novices, fmt=fmt)
+        assert_close_logits(mone_jax.load_hf(qout, progress=False)(ids), mone_jax.load_hf(fout, progress=False)(ids),
+                            atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,family,variant", [("fp8", "deepseek_v3", "grouped_yarn"), ("ct-int4", "qwen3_moe", "a")])
+def test_exports_load_in_transformers(scheme, family, variant, hf_models, tmp_path):
+    """Blocks that divide every dimension: transformers reads the quantized exports (dequantizing on CPU) with the
+    logits of the same exports made from the float32 folder."""
+    src, hf = hf_models(family, variant)
+    _quantize(src, scheme, tmp_path / "q", tmp_path / "f", block=WHOLE)
+    ids = _ids(hf)
+    for fmt in ("substitution", "drop"):
+        plan, novices = _plan(hf, drop=fmt == "drop")
+        for name in ("q", "f"):
+            export_pruned(tmp_path / name, tmp_path / f"{name}-{fmt}-{tmp_path.name}", plan, novices, fmt=fmt)
+        ours, ref = (torch_logits(torch_model(tmp_path / f"{n}-{fmt}-{tmp_path.name}"), ids) for n in ("q", "f"))
+        assert_close_logits(ours, ref, atol=1e-5)
+
+
+def test_quantized_refusals(hf_models, tmp_path):
+    """modepd exports, a float8 weight without its scales, a scale grid that does not fit the block size and a
+    quantized module the config excludes are refused in one line."""
+    src, hf = hf_models("deepseek_v3", "grouped_yarn")
+    qdir = tmp_path / "q"
+    _quantize(src, "fp8", qdir, tmp_path / "f")
+    plan, novices = _plan(hf, drop=False)
+    with pytest.raises(UserError, match="--format modepd is refused"):
+        export_pruned(qdir, tmp_path / "o", plan, novices, fmt="modepd")
+    assert not (tmp_path / "o").exists()
+    for qc, match in ((dict(_FP8, weight_block_size=[8, 12]), "needs .* does not match its quantization_config"),
+                      (dict(_FP8, weight_block_size=list(BLOCK), modules_to_not_convert=["o_proj"]),
+                       "is quantized but quantization_config excludes module 'model.layers.0.self_attn.o_proj'")):
+        rewrite_config(qdir, quantization_config=qc)
+        with pytest.raises(UserError, match=match):
+            CheckpointReader(qdir)
+    tensors = load_torch(str(qdir / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+    save_file(tensors, str(qdir / "model.safetensors"))
+    rewrite_config(qdir, quantization_config=dict(_FP8, weight_block_size=list(BLOCK)))
+    with pytest.raises(UserError, match=r"'model.layers.1.mlp.experts.3.up_proj.weight' is stored in float8_e4m3fn "
+                                        "without the scales"):
+        mone_jax.load_hf(qdir, progress=False)
+
+
+@pytest.mark.slow
+def test_cli_prunes_a_quantized_checkpoint(hf_models, tmp_path):
+    """`mone-jax prune` on a block-FP8 DeepSeek-V3-style folder writes an FP8 export whose retained bytes are
+    the source's and whose logits in JAX are those of the same plan applied to the float32 twin."""
+    src, hf = hf_models("deepseek_v3", "grouped_yarn")
+    qdir, fdir = tmp_path / "q", tmp_path / "f"
+    _quantize(src, "fp8", qdir, fdir)
+    np.save(tmp_path / "ids.npy", np.random.default_rng(2).integers(0, hf.config.vocab_size, (4, 16)).astype(np.int32))
+    for name in ("q", "f"):
+        assert main(["prune", str(tmp_path / name), "--calib", str(tmp_path / "ids.npy"), "--ratio", "0.25",
+                     "--out", str(tmp_path / f"{name}-out"), "--plan-out", str(tmp_path / f"{name}-plan.json"),
+                     "--quiet"]) == 0
+    plan = json.loads((tmp_path / "q-plan.json").read_text())
+    assert plan["layers"] == json.loads((tmp_path / "f-plan.json").read_text())["layers"]
+    _check_lossless(qdir, tmp_path / "q-out", plan, None, drop=False)
+    ids = _ids(hf)
+    assert_close_logits(mone_jax.load_hf(tmp_path / "q-out", progress=False)(ids),
+                        mone_jax.load_hf(tmp_path / "f-out", progress=False)(ids), atol=1e-5)
