@@ -80,7 +80,7 @@ def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
 
 
 def _packed(parts: Parts, args: dict) -> np.ndarray:
-    q = unpack_int32(parts["packed"], args["bits"], args["shape"][-1]).astype(np.float32)
+    q = unpack_int32(parts["packed"], args["bits"], args["cols"]).astype(np.float32)
     return q * expand_scales(parts["scale"].reshape(*q.shape[:-2], *args["grid"][-2:]), args["block"], q.shape)
 
 
@@ -192,6 +192,7 @@ def _tensor(scheme: Scheme, q: dict, logical: str, parts: dict[str, str], stored
         if packed != (*shape[:-1], math.ceil(shape[-1] * args["bits"] / 32)):
             raise UserError(f"'{parts['packed']}' has shape {list(packed)}, which does not pack weight_shape "
                             f"{list(shape)} at {args['bits']} bits: the checkpoint is corrupt")
+        args = {**args, "cols": shape[-1]}
     else:
         shape = stored.shape(parts["weight"])
     return _checked(QuantTensor(scheme, parts, shape, {**args, "block": _ct_block(args, shape, logical)}), stored)
