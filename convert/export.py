@@ -208,8 +208,9 @@ def _check_quantized(src: Path, cfg: dict, fam: Family, reader: CheckpointReader
     if not cfg.get("quantization_config"):
         return
     if f.name == "modepd":
-        raise UserError(f"'{src}' is quantized: --format modepd is refused, because the reference reads such a "
-                        "folder with its own model classes, which do not dequantize; use substitution or drop")
+        raise UserError(f"'{src}' is quantized: --format modepd is refused, because the reference loads modepd "
+                        "folders with its own model classes, not known to read quantized weights; use substitution "
+                        "or drop")
     for layer in layers:
         if f.mode == "drop" and any(reader.quantized(k) for k in fam.router_rows(layer)):
             raise UserError(f"the router of layer {layer} is quantized: --format drop cannot remove its rows "
