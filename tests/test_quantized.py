@@ -2,7 +2,7 @@
 
 Each case quantizes a tiny random model of the shared table with the independent NumPy quantizer of
 tests/reference.py (INT4 packed by compressed-tensors' own ``pack_to_int32``) and writes beside it the
-NumPy-dequantized float32 folder (INT4 unpacked by compressed-tensors' own ``unpack_from_int32``). Checks:
+dequantized float32 folder (FP8 blocks by the NumPy reference, compressed-tensors by its own decompressors). Checks:
 the reader's weights equal the reference's; JAX logits of the quantized folder equal transformers' on the
 float32 folder; substitution and drop exports hold every retained stored tensor byte for byte, nothing of a
 pruned expert, novices unquantized (and so declared), and load in JAX with the logits of the same export made
@@ -42,11 +42,14 @@ _CT_WEIGHTS = {
     "ct-int4": ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP}),
     "ct-fp8-channel": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}),
     "ct-fp8-tensor": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"}),
+    "ct-fp8-block": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "block",
+                                         "block_structure": list(BLOCK)}),
 }
 # every projection of attention, dense MLPs and experts (shared ones too); routers (".gate.") stay float32
 _QUANTIZED = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\.(?!gate\.).+\.weight$")
 CASES = [("fp8", "deepseek_v3", "grouped_yarn"), ("fp8-pow2", "minimax_m2", "a"), ("fp8", "qwen3_moe", "a"),
-         ("ct-int4", "qwen3_moe", "a"), ("ct-fp8-channel", "qwen3_moe", "a"), ("ct-fp8-tensor", "minimax_m2", "a")]
+         ("ct-int4", "qwen3_moe", "a"), ("ct-fp8-channel", "qwen3_moe", "a"), ("ct-fp8-tensor", "minimax_m2", "a"),
+         ("ct-fp8-block", "qwen3_moe", "a")]
 FAST = [("deepseek_v3", "substitution")]  # the fast tier: block FP8 in DeepSeek-V3's layout, substitution
 
 
@@ -61,10 +64,22 @@ def _torch(a: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def _ct_decompressed(scheme: str, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """A compressed-tensors module's float32 weight by compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    fmt, weights = _CT_WEIGHTS[scheme]
+    args = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights, symmetric=True))
+    compressor = PackedQuantizationCompressor if fmt == "pack-quantized" else FloatQuantizationCompressor
+    return compressor.decompress({k: _torch(v) for k, v in parts.items()}, args)["weight"].numpy()
+
+
 def _quantize(src: Path, scheme: str, qdir: Path, fdir: Path, block=BLOCK) -> dict[str, np.ndarray]:
-    """Write ``src`` quantized by ``scheme`` to ``qdir`` and its dequantized float32 twin to ``fdir``; return the
-    twin's tensors."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    """Write ``src`` quantized by ``scheme`` to ``qdir`` and its dequantized float32 twin to ``fdir`` (FP8 blocks
+    by the NumPy reference, compressed-tensors by its own decompressors); return the twin's tensors."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     stored, floats = {}, {}
     for k, w in load_file(str(src / "model.safetensors")).items():
@@ -76,16 +91,17 @@ def _quantize(src: Path, scheme: str, qdir: Path, fdir: Path, block=BLOCK) -> di
             stored[k], stored[k + "_scale_inv"], floats[k] = q, s, blockwise_dequantize(q, s, block)
         elif scheme == "ct-int4":
             q, s = blockwise_quantize(w, (1, GROUP), "int4")
-            packed = pack_to_int32(torch.from_numpy(q), 4)
+            parts = {"weight_packed": pack_to_int32(torch.from_numpy(q), 4).numpy(), "weight_scale": s,
+                     "weight_shape": np.array(w.shape, np.int64)}
             del stored[k]
-            stored[k + "_packed"], stored[k + "_scale"] = packed.numpy(), s
-            stored[k + "_shape"] = np.array(w.shape, np.int64)
-            floats[k] = blockwise_dequantize(unpack_from_int32(packed, 4, torch.Size(w.shape)).numpy(), s, (1, GROUP))
+            stored.update({k.removesuffix("weight") + n: v for n, v in parts.items()})
+            floats[k] = _ct_decompressed(scheme, parts)
         else:
-            blk = (1, w.shape[1]) if scheme == "ct-fp8-channel" else w.shape
+            blk = {"ct-fp8-channel": (1, w.shape[1]), "ct-fp8-tensor": w.shape, "ct-fp8-block": BLOCK}[scheme]
             q, s = blockwise_quantize(w, blk, "fp8")
-            stored[k], stored[k + "_scale"], floats[k] = q, s.reshape(-1, 1) if blk[0] == 1 else s.reshape(1), \
-                blockwise_dequantize(q, s, blk)
+            s = s.reshape(1) if scheme == "ct-fp8-tensor" else s  # channel scales are [R, 1] already
+            stored[k], stored[k + "_scale"] = q, s
+            floats[k] = _ct_decompressed(scheme, {"weight": q, "weight_scale": s})
     for folder, tensors in ((qdir, stored), (fdir, floats)):
         folder.mkdir()
         shutil.copy(src / "config.json", folder / "config.json")
