@@ -256,18 +256,20 @@ def test_quantized_refusals(hf_models, tmp_path):
 @pytest.mark.slow
 def test_cli_prunes_a_quantized_checkpoint(hf_models, tmp_path):
     """`mone-jax prune` on a block-FP8 DeepSeek-V3-style folder writes an FP8 export whose retained bytes are
-    the source's and whose logits in JAX are those of the same plan applied to the float32 twin."""
+    the source's and whose logits in JAX are those of the same plan applied to the float32 twin; with
+    --sequential it writes the same tensors."""
     src, hf = hf_models("deepseek_v3", "grouped_yarn")
     qdir, fdir = tmp_path / "q", tmp_path / "f"
     _quantize(src, "fp8", qdir, fdir)
     np.save(tmp_path / "ids.npy", np.random.default_rng(2).integers(0, hf.config.vocab_size, (4, 16)).astype(np.int32))
-    for name in ("q", "f"):
-        assert main(["prune", str(tmp_path / name), "--calib", str(tmp_path / "ids.npy"), "--ratio", "0.25",
+    for name, folder, extra in (("q", qdir, []), ("f", fdir, []), ("s", qdir, ["--sequential"])):
+        assert main(["prune", str(folder), "--calib", str(tmp_path / "ids.npy"), "--ratio", "0.25", *extra,
                      "--out", str(tmp_path / f"{name}-out"), "--plan-out", str(tmp_path / f"{name}-plan.json"),
                      "--quiet"]) == 0
     plan = json.loads((tmp_path / "q-plan.json").read_text())
     assert plan["layers"] == json.loads((tmp_path / "f-plan.json").read_text())["layers"]
     _check_lossless(qdir, tmp_path / "q-out", plan, None, drop=False)
+    assert _raw(tmp_path / "s-out") == _raw(tmp_path / "q-out")  # the layer-at-a-time run reads it alike
     ids = _ids(hf)
     assert_close_logits(mone_jax.load_hf(tmp_path / "q-out", progress=False)(ids),
                         mone_jax.load_hf(tmp_path / "f-out", progress=False)(ids), atol=1e-5)
