@@ -51,10 +51,10 @@ def export_pruned(
     f = export_format(fmt)
     src, out = Path(src_dir), Path(out_dir)
     cfg, fam = _source_config(src, dtype, max_shard_bytes)
+    check_quantized_export(src, fmt, dtype)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
         layers = _checked_plan(plan, cfg, fam, reader, f).layers
-        _check_quantized(src, cfg, fam, reader, layers, f)
         if f.mode != "drop":
             _check_novices(layers, novices, cfg)
         out_dtype = _OUT_DTYPES[dtype] if dtype else None
@@ -170,10 +170,7 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
     if (pruned := recognise(cfg)) is not None:
         raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}, {pruned.name} format): "
                         "export from the original model")
-    fam = family(model_type)
-    if dtype is not None and cfg.get("quantization_config"):
-        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")
-    return cfg, fam
+    return cfg, family(model_type)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -202,19 +199,26 @@ def _checked_plan(plan: Plan | dict, cfg: dict, fam: Family, reader: CheckpointR
     return plan
 
 
-def _check_quantized(src: Path, cfg: dict, fam: Family, reader: CheckpointReader, layers: dict[int, LayerPlan],
-                     f: ExportFormat) -> None:
-    """UserError for the exports of a quantized source that cannot stay lossless and valid."""
+def check_quantized_export(src_dir: str | Path, fmt: str, dtype: str | None = None) -> None:
+    """UserError, before any work, for an export of a quantized checkpoint that could not stay lossless and
+    valid: a changed dtype, ``modepd``, ``drop`` with a quantized router."""
+    src = Path(src_dir)
+    cfg = read_config(src)
     if not cfg.get("quantization_config"):
         return
+    if dtype is not None:
+        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave the output dtype unset")
+    f, fam = export_format(fmt), family(str(cfg.get("model_type", "")))
     if f.name == "modepd":
         raise UserError(f"'{src}' is quantized: --format modepd is refused, because the reference loads modepd "
                         "folders with its own model classes, not known to read quantized weights; use substitution "
                         "or drop")
-    for layer in layers:
-        if f.mode == "drop" and any(reader.quantized(k) for k in fam.router_rows(layer)):
-            raise UserError(f"the router of layer {layer} is quantized: --format drop cannot remove its rows "
-                            "losslessly; use substitution")
+    if f.mode == "drop":
+        with CheckpointReader(src) as reader:
+            if router := next((k for layer in _moe_layers(reader, fam) for k in fam.router_rows(layer)
+                               if reader.quantized(k)), None):
+                raise UserError(f"'{router}' is quantized: --format drop cannot remove its rows losslessly; "
+                                "use substitution")
 
 
 def _check_novices(layers: dict[int, LayerPlan], novices: dict, cfg: dict) -> None:

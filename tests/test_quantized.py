@@ -228,7 +228,7 @@ def test_exports_load_in_transformers(scheme, family, variant, hf_models, tmp_pa
         assert_close_logits(ours, ref, atol=1e-5)
 
 
-def test_quantized_refusals(hf_models, tmp_path):
+def test_quantized_refusals(hf_models, tmp_path, capsys):
     """modepd exports, a float8 weight without its scales, a scale grid that does not fit the block size and a
     quantized module the config excludes are refused in one line."""
     src, hf = hf_models("deepseek_v3", "grouped_yarn")
@@ -237,6 +237,11 @@ def test_quantized_refusals(hf_models, tmp_path):
     plan, novices = _plan(hf, drop=False)
     with pytest.raises(UserError, match="--format modepd is refused"):
         export_pruned(qdir, tmp_path / "o", plan, novices, fmt="modepd")
+    np.save(tmp_path / "ids.npy", np.zeros((2, 8), np.int32))
+    assert main(["prune", str(qdir), "--calib", str(tmp_path / "ids.npy"), "--ratio", "0.25", "--format", "modepd",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: '" in err and "--format modepd is refused" in err and "calibrate:" not in err  # refused up front
     assert not (tmp_path / "o").exists()
     for qc, match in ((dict(_FP8, weight_block_size=[8, 12]), "needs .* does not match its quantization_config"),
                       (dict(_FP8, weight_block_size=list(BLOCK), modules_to_not_convert=["o_proj"]),

@@ -17,6 +17,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.phases import phase
 from mone_jax.base.stats import Stats, check_semantics
 from mone_jax.base.tokens import token_ids
+from mone_jax.convert.export import check_quantized_export
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
@@ -271,6 +272,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     for path in (args.stats_out, args.plan_out):
         file_out(path)
     cfg = checked_config(model)
+    check_quantized_export(model, fmt.name, args.out_dtype)
     _check_out(Path(out), model, args)
     stats = plan = None
     keep = 0
