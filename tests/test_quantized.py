@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_close_logits, rewrite_config, tiered, torch, torch_logits
+from conftest import assert_close_logits, build_hf, rewrite_config, tiered, torch, torch_logits
 from reference import blockwise_dequantize, blockwise_quantize
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
@@ -150,21 +150,28 @@ def _plan(hf, drop: bool, seed: int = 3) -> tuple[dict, dict]:
 
 def _check_lossless(src: Path, out: Path, plan: dict, novices: dict | None, drop: bool) -> None:
     """``out`` holds exactly: every source tensor not of a pruned expert, bytes unchanged (retained experts
-    renumbered 0..K-1; in drop mode the routers' rows of the kept experts), plus (substitution) one float32
-    novice per pruned expert, ``novices`` when given; its quantization_config lists the novices unquantized."""
+    renumbered 0..K-1, fused [E, ...] stacks cut to the kept rows; in drop mode the routers' rows of the kept
+    experts), plus (substitution) one float32 novice per pruned expert, ``novices`` when given; its
+    quantization_config lists the novices unquantized."""
     s, o = _raw(src), _raw(out)
     want = {}
+
+    def rows(shape: tuple, data: bytes, kept: list[int]) -> tuple:  # a tensor's rows, cut out of its bytes
+        n = len(data) // shape[0]
+        return (len(kept), *shape[1:]), b"".join(data[r * n:(r + 1) * n] for r in kept)
+
     for name, (dt, shape, data) in s.items():
-        m = re.fullmatch(r"(model\.layers\.(\d+)\.\w+)\.(experts\.(\d+)|gate|e_score_correction_bias)(\..+)?", name)
+        m = re.fullmatch(r"(model\.layers\.(\d+)\.\w+)\.(experts\.(\d+)|experts|gate|router|"
+                         r"e_score_correction_bias)(\..+|_\w+)?", name)
         lp = plan["layers"].get(m[2]) if m else None
         if lp is None:
             want[name] = (dt, shape, data)
         elif m[4] is not None:
             if int(m[4]) in lp["kept"]:
                 want[f"{m[1]}.experts.{lp['kept'].index(int(m[4]))}{m[5]}"] = (dt, shape, data)
-        elif drop and (m[3] == "e_score_correction_bias" or m[5] in (".weight", ".e_score_correction_bias")):
-            rows = np.frombuffer(data, np.float32).reshape(shape)[lp["kept"]]
-            want[name] = (dt, rows.shape, rows.tobytes())
+        elif m[3] == "experts" or (drop and (m[3] == "e_score_correction_bias" or m[5] in (
+                ".weight", ".bias", ".e_score_correction_bias"))):
+            want[name] = (dt, *rows(shape, data, lp["kept"]))
         else:
             want[name] = (dt, shape, data)
     modules = []
@@ -278,3 +285,36 @@ def test_cli_prunes_a_quantized_checkpoint(hf_models, tmp_path):
     ids = _ids(hf)
     assert_close_logits(mone_jax.load_hf(tmp_path / "q-out", progress=False)(ids),
                         mone_jax.load_hf(tmp_path / "f-out", progress=False)(ids), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gpt_oss_mxfp4_exports_are_lossless(tmp_path):
+    """GPT-OSS MXFP4 expert stacks (blocks and scales cut to the kept rows, bytes unchanged) in substitution and
+    drop exports, which load in JAX with the logits of the same exports of the float32 twin (dequantized by
+    transformers' own MXFP4 decoder)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf = build_hf("gpt_oss", "a", intermediate_size=32)  # MXFP4 packs 32 input values per block
+    hf.save_pretrained(tmp_path / "src")
+    stored = load_file(str(tmp_path / "src" / "model.safetensors"))
+    floats, rng = dict(stored), np.random.default_rng(0)
+    for key in [k for k in stored if re.search(r"experts\.(gate_up|down)_proj$", k)]:
+        E, n_in, n_out = stored.pop(key).shape
+        blocks = rng.integers(0, 256, (E, n_out, n_in // 32, 16), dtype=np.uint8)
+        scales = rng.integers(121, 126, (E, n_out, n_in // 32), dtype=np.uint8)
+        stored[f"{key}_blocks"], stored[f"{key}_scales"] = blocks, scales
+        floats[key] = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                 dtype=torch.float32).numpy()
+    for name, tensors in (("q", stored), ("f", floats)):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "src" / "config.json", tmp_path / name / "config.json")
+        save_file({k: _torch(v) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    rewrite_config(tmp_path / "q", quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]})
+    ids = _ids(hf)
+    for fmt in ("substitution", "drop"):
+        plan, novices = _plan(hf, drop=fmt == "drop")
+        for name in ("q", "f"):
+            export_pruned(tmp_path / name, tmp_path / f"{name}-{fmt}", plan, novices, fmt=fmt)
+        _check_lossless(tmp_path / "q", tmp_path / f"q-{fmt}", plan, novices, drop=fmt == "drop")
+        assert_close_logits(mone_jax.load_hf(tmp_path / f"q-{fmt}", progress=False)(ids),
+                            mone_jax.load_hf(tmp_path / f"f-{fmt}", progress=False)(ids), atol=1e-5)
