@@ -145,29 +145,23 @@ def find_quantized(raw: dict, stored: StoredInfo) -> dict[str, QuantTensor]:
     """{logical name: QuantTensor} of a checkpoint (config.json ``raw``, tensors ``stored``); UserError where the
     tensors and the config disagree (a float8 weight without its scale, a quantized module the config excludes)."""
     method = quant_method(raw)
-    keys = set(stored.keys())
-    if method is None:
-        found: dict[str, QuantTensor] = {}
-    else:
-        q = raw["quantization_config"]
-        found = {}
-        for scheme in (s for s in SCHEMES.values() if s.method == method):
-            for key in sorted(keys):
-                if (m := re.fullmatch(scheme.marker, key)) and key != m[1]:
-                    logical = m[1]
-                    if logical in found or (scheme.name == "ct-float" and logical not in keys):
-                        continue
-                    parts = {role: logical + suffix for role, suffix in scheme.parts.items()}
-                    if lost := [p for p in parts.values() if p not in keys]:
-                        raise UserError(f"quantized tensor '{logical}' lacks '{lost[0]}' beside '{key}': the "
-                                        "checkpoint is incomplete; re-download it")
-                    found[logical] = _tensor(scheme, q, logical, parts, stored)
+    keys = sorted(stored.keys())
+    found: dict[str, QuantTensor] = {}
+    for scheme in (s for s in SCHEMES.values() if s.method == method):
+        marker, present = re.compile(scheme.marker), set(keys)
+        for key in keys:
+            if (m := marker.fullmatch(key)) is None or m[1] in found or (scheme.name == "ct-float" and m[1] not in present):
+                continue
+            parts = {role: m[1] + suffix for role, suffix in scheme.parts.items()}
+            if lost := [p for p in parts.values() if p not in present]:
+                raise UserError(f"quantized tensor '{m[1]}' lacks '{lost[0]}' beside '{key}': the "
+                                "checkpoint is incomplete; re-download it")
+            found[m[1]] = _tensor(scheme, raw["quantization_config"], m[1], parts, stored)
     used = {p for t in found.values() for p in t.parts.values()}
-    for key in sorted(keys - used):
-        if np.dtype(stored.dtype(key)).itemsize == 1 and np.dtype(stored.dtype(key)).kind == "V":
-            raise UserError(f"tensor '{key}' is stored in {np.dtype(stored.dtype(key)).name} without the scales "
-                            f"of a quantization scheme mone-jax reads ({SUPPORTED}): the checkpoint's "
-                            "quantization_config does not describe it")
+    for key in keys:
+        if key not in used and (dt := np.dtype(stored.dtype(key))).itemsize == 1 and dt.kind == "V":
+            raise UserError(f"tensor '{key}' is stored in {dt.name} without the scales of a quantization scheme "
+                            f"mone-jax reads ({SUPPORTED}): the checkpoint's quantization_config does not describe it")
     return found
 
 
@@ -210,7 +204,7 @@ def _checked(t: QuantTensor, stored: StoredInfo) -> QuantTensor:
 
 
 def _excluded_but_quantized(excluded: list, module: str, logical: str) -> None:
-    if any(_matches(str(p), module) for p in excluded):
+    if excluded and any(_matches(str(p), module) for p in excluded):
         raise UserError(f"'{logical}' is quantized but quantization_config excludes module '{module}': "
                         "the checkpoint does not match its config")
 

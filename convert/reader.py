@@ -73,6 +73,9 @@ def _warn_custom_code(folder: Path, code: tuple[str, ...]) -> None:
                   "as data and never runs code from a model folder", stacklevel=3)
 
 
+_FOUND: dict[tuple, dict[str, QuantTensor]] = {}  # the last few checkpoints' quantized tensors
+
+
 class CheckpointReader:
     """Reads tensors on demand from ``model.safetensors`` or its sharded form.
 
@@ -126,7 +129,18 @@ class CheckpointReader:
         raw = _raw_config(self.folder) if (self.folder / "config.json").is_file() else {}
         self._disk = tensor_names(raw, list(self._where))  # shown name -> name on disk
         self.stored = StoredTensors(self)
-        self._quant = find_quantized(raw, self.stored)  # logical name -> its stored parts (:mod:`.quant`)
+        self._quant = self._find_quantized(raw)  # logical name -> its stored parts (:mod:`.quant`)
+
+    def _find_quantized(self, raw: dict) -> dict[str, QuantTensor]:
+        """:func:`~.quant.find_quantized`, kept for the same config and unchanged files (a model's loader
+        reopens the reader for every layer)."""
+        sig = (json.dumps(raw, sort_keys=True, default=str),
+               tuple((str(h.path.resolve()), h.stamp) for _, h in sorted(self._handles.items())))
+        if sig not in _FOUND:
+            if len(_FOUND) >= 4:
+                _FOUND.pop(next(iter(_FOUND)))
+            _FOUND[sig] = find_quantized(raw, self.stored)
+        return _FOUND[sig]
 
     def close(self) -> None:
         self._handles.clear()
@@ -236,7 +250,8 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
+        stat = path.stat()
+        size, self.stamp = stat.st_size, (stat.st_size, stat.st_mtime_ns)
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
