@@ -97,7 +97,7 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in [
-    Scheme("fp8-block", "fp8", None, r"(.+\.weight)_scale_inv", {"weight": "", "scale": "_scale_inv"}, _scaled,
+    Scheme("fp8-block", "fp8", None, r"(.+)_scale_inv", {"weight": "", "scale": "_scale_inv"}, _scaled,
            "modules_to_not_convert"),
     Scheme("ct-float", "compressed-tensors", "float-quantized", r"(.+\.weight)_scale",
            {"weight": "", "scale": "_scale"}, _scaled, "ignore"),
@@ -150,8 +150,9 @@ def find_quantized(raw: dict, stored: StoredInfo) -> dict[str, QuantTensor]:
     for scheme in (s for s in SCHEMES.values() if s.method == method):
         marker, present = re.compile(scheme.marker), set(keys)
         for key in keys:
-            if (m := marker.fullmatch(key)) is None or m[1] in found or (scheme.name == "ct-float" and m[1] not in present):
-                continue
+            if (m := marker.fullmatch(key)) is None or m[1] in found or ("" in scheme.parts.values()
+                                                                         and m[1] not in present):
+                continue  # a scale beside no tensor of its stem marks nothing
             parts = {role: m[1] + suffix for role, suffix in scheme.parts.items()}
             if lost := [p for p in parts.values() if p not in present]:
                 raise UserError(f"quantized tensor '{m[1]}' lacks '{lost[0]}' beside '{key}': the "

@@ -193,9 +193,17 @@ class CheckpointReader:
         rows = None if isinstance(index, (slice, tuple)) else np.asarray(index)
         if len(q.shape) < 3 or rows is None or rows.ndim > 1 or rows.dtype.kind not in "iu":
             return self.get(key)[index]
-        parts = {r: self.stored.get_slice(p, rows) if len(self.stored.shape(p)) >= len(q.shape) else self.stored.get(p)
-                 for r, p in q.parts.items()}
-        return self.stored.finite(key, q.dequantize(parts))
+        whole = {r: self.stored.get(p) for r, p in q.parts.items() if len(self.stored.shape(p)) < len(q.shape)}
+
+        def row(i: int) -> np.ndarray:  # one row's parts read and dequantized: temporaries of one row only
+            return q.dequantize({r: whole[r] if r in whole else self.stored.get_slice(p, i) for r, p in q.parts.items()})
+
+        if rows.ndim == 0:
+            return self.stored.finite(key, row(int(rows)))
+        out = np.empty((len(rows), *q.shape[1:]), np.float32)
+        for j, i in enumerate(rows):
+            out[j] = row(int(i))
+        return self.stored.finite(key, out)
 
 
 class StoredTensors:

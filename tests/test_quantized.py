@@ -318,3 +318,19 @@ def test_gpt_oss_mxfp4_exports_are_lossless(tmp_path):
         _check_lossless(tmp_path / "q", tmp_path / f"q-{fmt}", plan, novices, drop=fmt == "drop")
         assert_close_logits(mone_jax.load_hf(tmp_path / f"q-{fmt}", progress=False)(ids),
                             mone_jax.load_hf(tmp_path / f"f-{fmt}", progress=False)(ids), atol=1e-5)
+
+
+def test_fused_fp8_stack_rows(tmp_path):
+    """A fused [E, R, C] FP8 stack with [E, ceil(R/b0), ceil(C/b1)] scales (transformers' in-memory expert layout)
+    reads expert rows (one, or several in any order) as the NumPy reference dequantizes them."""
+    rng = np.random.default_rng(0)
+    key = "model.layers.0.mlp.experts.down_proj"
+    q, s = zip(*(blockwise_quantize(rng.normal(size=(24, 20)).astype(np.float32), BLOCK, "fp8") for _ in range(3)))
+    save_file({key: _torch(np.stack(q)), key + "_scale_inv": _torch(np.stack(s))}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": dict(_FP8, weight_block_size=list(BLOCK))}))
+    with CheckpointReader(tmp_path) as r:
+        ref = [blockwise_dequantize(q[e], s[e], BLOCK) for e in range(3)]
+        assert r.shape(key) == (3, 24, 20) and r.dtype(key) == np.float32
+        np.testing.assert_array_equal(r.get_slice(key, np.array([2, 0])), np.stack([ref[2], ref[0]]))
+        np.testing.assert_array_equal(r.get_slice(key, 1), ref[1])
+        np.testing.assert_array_equal(r.get(key), np.stack(ref))
