@@ -36,7 +36,7 @@ from mone_jax.convert.reader import CheckpointReader
 
 BLOCK = (16, 12)  # FP8 blocks: partial last blocks on rows of 24 / 12, columns of 32 / 16 / 48 / 80
 WHOLE = (4, 4)  # divides every dimension of the tiny models: transformers' dequantization is right
-GROUP = 8  # INT4 group size
+GROUP = 4  # INT4 group size (divides every input dimension: compressed-tensors needs that)
 _FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
 _CT_WEIGHTS = {
     "ct-int4": ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP}),
@@ -236,8 +236,9 @@ def test_exports_load_in_transformers(scheme, family, variant, hf_models, tmp_pa
 
 
 def test_quantized_refusals(hf_models, tmp_path, capsys):
-    """modepd exports, a float8 weight without its scales, a scale grid that does not fit the block size and a
-    quantized module the config excludes are refused in one line."""
+    """modepd exports (up front in the CLI), a float8 weight without its scales, a scale grid that does not fit
+    the block size, a quantized module the config excludes or no config group targets, asymmetric and unknown
+    compressed-tensors strategies are refused in one line."""
     src, hf = hf_models("deepseek_v3", "grouped_yarn")
     qdir = tmp_path / "q"
     _quantize(src, "fp8", qdir, tmp_path / "f")
@@ -263,6 +264,17 @@ def test_quantized_refusals(hf_models, tmp_path, capsys):
     with pytest.raises(UserError, match=r"'model.layers.1.mlp.experts.3.up_proj.weight' is stored in float8_e4m3fn "
                                         "without the scales"):
         mone_jax.load_hf(qdir, progress=False)
+    ct = tmp_path / "ct"
+    _quantize(src, "ct-int4", ct, tmp_path / "ct-f")
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    for change, match in (({"targets": ["re:.*self_attn.*"]}, "no config_groups entry of quantization_config targets "
+                                                               "'model.layers.0.mlp.down_proj'"),
+                          ({"weights": {**group["weights"], "symmetric": False}}, "asymmetric compressed-tensors"),
+                          ({"weights": {**group["weights"], "strategy": "tensor_group"}}, "strategy 'tensor_group'")):
+        rewrite_config(ct, quantization_config={**qc, "config_groups": {"group_0": {**group, **change}}})
+        with pytest.raises(UserError, match=match):
+            CheckpointReader(ct)
 
 
 @pytest.mark.slow
