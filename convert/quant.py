@@ -116,7 +116,9 @@ def quant_method(raw: dict) -> str | None:
     q = raw.get("quantization_config")
     if not q:
         return None
-    method = q.get("quant_method") if isinstance(q, dict) else q
+    if not isinstance(q, dict):
+        raise UserError(f"config.json has a malformed quantization_config ({q!r}): repair or re-download it")
+    method = q.get("quant_method")
     if method not in METHODS:
         raise UserError(f"quantized checkpoints ({method}) are not supported: mone-jax reads {SUPPORTED}; "
                         "use such a release or the unquantized one")
@@ -174,9 +176,10 @@ def _tensor(scheme: Scheme, q: dict, logical: str, parts: dict[str, str], stored
     if scheme.name == "fp8-block":
         _excluded_but_quantized(q.get("modules_to_not_convert") or [], module, logical)
         shape = stored.shape(parts["weight"])
-        size = q.get("weight_block_size")
-        block = tuple(size) if size else shape[-2:]
-        return _checked(QuantTensor(scheme, parts, shape, {"block": tuple(int(b) for b in block)}), stored)
+        block = q.get("weight_block_size") or shape[-2:]
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise UserError(f"quantization_config weight_block_size {block!r} is not two positive integers: repair it")
+        return _checked(QuantTensor(scheme, parts, shape, {"block": tuple(block)}), stored)
     args = _ct_weights(q, module, logical, scheme)
     if scheme.name == "ct-pack":
         shape = tuple(int(d) for d in stored.get(parts["shape"]).reshape(-1))
@@ -232,7 +235,7 @@ def _ct_weights(q: dict, module: str, logical: str, scheme: Scheme) -> dict:
         raise UserError(f"'{logical}' is stored {scheme.fmt} but quantization_config says format '{fmt}': "
                         "the checkpoint does not match its config")
     w = groups[0]["weights"]
-    if not w.get("symmetric", True) or w.get("zero_point") is not None:
+    if not w.get("symmetric", True):
         raise UserError(f"'{logical}': asymmetric compressed-tensors weights (zero points) are not supported")
     return {"type": w.get("type", "int"), "bits": int(w.get("num_bits", 8)), "strategy": w.get("strategy"),
             "group_size": w.get("group_size"), "block_structure": w.get("block_structure")}
