@@ -346,3 +346,22 @@ def test_fused_fp8_stack_rows(tmp_path):
         np.testing.assert_array_equal(r.get_slice(key, np.array([2, 0])), np.stack([ref[2], ref[0]]))
         np.testing.assert_array_equal(r.get_slice(key, 1), ref[1])
         np.testing.assert_array_equal(r.get(key), np.stack(ref))
+
+
+def test_fast_decoders_match_their_references():
+    """The table decoding of one-byte floats equals ml_dtypes' cast for every byte (both tables: even and odd
+    rows); the INT unpacking equals compressed-tensors' own unpack_from_int32 at widths that divide 32 and
+    at widths whose values straddle words."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    from mone_jax.convert.quant import to_float32, unpack_int32
+
+    every = np.arange(256, dtype=np.uint8)
+    for dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float8_e8m0fnu):
+        for a in (every.reshape(16, 16).view(dt), every[:255].reshape(15, 17).view(dt)):
+            np.testing.assert_array_equal(to_float32(a), a.astype(np.float32))
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4, 5, 8):
+        q = torch.from_numpy(rng.integers(-(1 << bits - 1), 1 << bits - 1, (6, 37)).astype(np.int8))
+        ref = unpack_from_int32(pack_to_int32(q, bits), bits, q.shape).numpy()
+        np.testing.assert_array_equal(unpack_int32(pack_to_int32(q, bits).numpy(), bits, 37), ref, err_msg=str(bits))
