@@ -20,7 +20,8 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import ExportFormat, export_format, recognise
-from mone_jax.convert.reader import CheckpointReader, read_config
+from mone_jax.convert.quant import exclude_key
+from mone_jax.convert.reader import CheckpointReader, StoredTensors, read_config
 from mone_jax.convert.writer import Tensor, write_export
 from mone_jax.pruning.planning import LayerPlan, Plan
 
@@ -50,6 +51,7 @@ def export_pruned(
     f = export_format(fmt)
     src, out = Path(src_dir), Path(out_dir)
     cfg, fam = _source_config(src, dtype, max_shard_bytes)
+    check_quantized_export(src, fmt, dtype)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
         layers = _checked_plan(plan, cfg, fam, reader, f).layers
@@ -57,13 +59,14 @@ def export_pruned(
             _check_novices(layers, novices, cfg)
         out_dtype = _OUT_DTYPES[dtype] if dtype else None
         model_dtype = _OUT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
-        tensors, counts = _plan_tensors(reader, fam, layers, novices, f, out_dtype, model_dtype)
+        tensors, counts = _plan_tensors(reader.stored, fam, layers, novices, f, out_dtype, model_dtype)
         kept = len(next(iter(layers.values())).kept)
         config = _out_config(cfg, fam, {i: lp.novices for i, lp in layers.items()}, f, dtype,
                              _moe_layers(reader, fam), kept)
-        before = sum(int(np.prod(reader.shape(k), dtype=np.int64)) for k in reader.keys())
+        stored = reader.stored
+        before = sum(int(np.prod(stored.shape(k), dtype=np.int64)) for k in stored.keys())
         bytes_before = sum(
-            int(np.prod(reader.shape(k), dtype=np.int64)) * reader.dtype(k).itemsize for k in reader.keys()
+            int(np.prod(stored.shape(k), dtype=np.int64)) * stored.dtype(k).itemsize for k in stored.keys()
         )
         files = write_export(out, src, tensors, config, f, max_shard_bytes, extra_files)
     return {"format": fmt, "out_dir": str(out), "layers": len(layers), "params_before": before,
@@ -114,6 +117,9 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
             (sc.model_type, sc.hidden_size, sc.num_layers, sc.vocab_size, sc.moe_layers):
         raise UserError(f"the model ({mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}) is not a "
                         f"model of '{src}': pass the checkpoint it was loaded from")
+    if cfg.get("quantization_config"):
+        raise UserError(f"'{src}' is quantized and the model holds its weights dequantized: export with "
+                        "export_from_stats or `mone-jax prune`, which copy the quantized bytes of the source")
     _check_out_dir(src, out, overwrite)
     blocks = model.moe_blocks()
     kept = {i: [int(e) for e in np.asarray(b.kept_ids[...])] for i, b in blocks.items()}
@@ -164,10 +170,7 @@ def _source_config(src: Path, dtype: str | None, max_shard_bytes: int) -> tuple[
     if (pruned := recognise(cfg)) is not None:
         raise UserError(f"'{src}' is already a pruned checkpoint ({model_type}, {pruned.name} format): "
                         "export from the original model")
-    fam = family(model_type)
-    if dtype is not None and cfg.get("quantization_config"):
-        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave dtype unset")
-    return cfg, fam
+    return cfg, family(model_type)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -196,6 +199,28 @@ def _checked_plan(plan: Plan | dict, cfg: dict, fam: Family, reader: CheckpointR
     return plan
 
 
+def check_quantized_export(src_dir: str | Path, fmt: str, dtype: str | None = None) -> None:
+    """UserError, before any work, for an export of a quantized checkpoint that could not stay lossless and
+    valid: a changed dtype, ``modepd``, ``drop`` with a quantized router."""
+    src = Path(src_dir)
+    cfg = read_config(src)
+    if not cfg.get("quantization_config"):
+        return
+    if dtype is not None:
+        raise UserError(f"'{src}' is quantized: its dtype cannot be changed on export; leave the output dtype unset")
+    f, fam = export_format(fmt), family(str(cfg.get("model_type", "")))
+    if f.name == "modepd":
+        raise UserError(f"'{src}' is quantized: --format modepd is refused, because the reference loads modepd "
+                        "folders with its own model classes, not known to read quantized weights; use substitution "
+                        "or drop")
+    if f.mode == "drop":
+        with CheckpointReader(src) as reader:
+            if router := next((k for layer in _moe_layers(reader, fam) for k in fam.router_rows(layer)
+                               if reader.quantized(k)), None):
+                raise UserError(f"'{router}' is quantized: --format drop cannot remove its rows losslessly; "
+                                "use substitution")
+
+
 def _check_novices(layers: dict[int, LayerPlan], novices: dict, cfg: dict) -> None:
     hidden = cfg.get("hidden_size")
     for layer, lp in layers.items():
@@ -214,7 +239,7 @@ def _check_novices(layers: dict[int, LayerPlan], novices: dict, cfg: dict) -> No
 
 
 def _plan_tensors(
-    reader: CheckpointReader,
+    reader: StoredTensors,
     fam: Family,
     layers: dict[int, LayerPlan],
     novices: dict,
@@ -224,7 +249,8 @@ def _plan_tensors(
 ) -> tuple[list[Tensor], dict]:
     """Output tensors in natural key order, plus parameter counts removed / added.
 
-    Novices are stored in ``out_dtype``, else the config's model dtype, else the router's dtype."""
+    Every source tensor is read as stored (a quantized one's parts byte for byte). Novices are stored in
+    ``out_dtype``, else the config's model dtype, else the router's dtype."""
     counts = {"expert_params_removed": 0, "router_params_removed": 0, "novice_params_added": 0}
     per_expert = {
         layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.(\d+)\.(.+)") for layer in layers
@@ -283,11 +309,11 @@ def _plan_tensors(
     return tensors, counts
 
 
-def _reader_get(reader: CheckpointReader, key: str) -> Callable[[], np.ndarray]:
+def _reader_get(reader: StoredTensors, key: str) -> Callable[[], np.ndarray]:
     return lambda: reader.get(key)
 
 
-def _reader_rows(reader: CheckpointReader, key: str, rows: list[int]) -> Callable[[], np.ndarray]:
+def _reader_rows(reader: StoredTensors, key: str, rows: list[int]) -> Callable[[], np.ndarray]:
     return lambda: reader.get_slice(key, np.asarray(rows))
 
 
@@ -306,12 +332,17 @@ def _moe_layers(reader: CheckpointReader, fam: Family) -> list[int]:
 
 def _out_config(cfg: dict, fam: Family, novices: dict[int, list[int]], f: ExportFormat, dtype: str | None,
                 moe_layers: list[int], kept: int) -> dict:
-    """config.json of the export: the source's (never its auto_map), the dtype, the format's own fields."""
+    """config.json of the export: the source's (never its auto_map), the dtype, the format's own fields; a
+    quantized source's novice modules listed as unquantized in its ``quantization_config``."""
     out = {k: v for k, v in cfg.items() if k != "auto_map"}
     if dtype:
         out["dtype"] = dtype
         if "torch_dtype" in out:
             out["torch_dtype"] = dtype
+    if (key := exclude_key(cfg)) and f.novice_key is not None and any(novices.values()):
+        q = out["quantization_config"]
+        modules = [f.novice_key(fam, layer, e).rsplit(".", 1)[0] for layer, nov in novices.items() for e in nov]
+        out["quantization_config"] = {**q, key: [*(q.get(key) or []), *modules]}
     return f.write_config(out, fam, novices, moe_layers, kept)
 
 

@@ -42,7 +42,6 @@ class Family:
     score_bias_2d: bool = False  # ERNIE-4.5 stores the score-correction bias as [1, E]
     fused_on_disk: bool = False  # GPT-OSS: experts.gate_up_proj [E, d, 2f] interleaved, biases
     dense_mlp_module: str = "mlp"  # module of dense (non-MoE) layers
-    dequantized: tuple[str, ...] = ()  # quant_method values whose experts the loader dequantizes (GPT-OSS mxfp4)
     attn_names: Mapping[str, str] = field(default_factory=dict)  # attention module name -> checkpoint name
     prepare: Callable[[dict], dict] | None = None  # config.json dict -> the keys the parse reads (HunYuan)
 
@@ -372,7 +371,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                            linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
                            linear_num_value_heads=32)) for mt in ("qwen3_next", "qwen3_5_moe_text")),
     Family("gpt_oss", _gpt_oss, "num_local_experts", router="router", router_bias=True, fused_on_disk=True,
-           dequantized=("mxfp4",),
            defaults=dict(attention_bias=True, sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0,
                          rope_theta=150000.0)),
 ]}

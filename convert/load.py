@@ -26,6 +26,7 @@ from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
+from mone_jax.convert.quant import quant_method
 from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.model.causal_lm import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.model.deltanet import DepthwiseConv
@@ -134,25 +135,10 @@ def _fused_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> np.n
     return f.r.get_slice(key, np.asarray(_stored_rows(f, key, kept, num_experts)))
 
 
-_FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-
-
-def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """MXFP4 -> float32: ``blocks`` [..., R, G, 16] uint8 (two e2m1 values per byte, low nibble first),
-    ``scales`` [..., R, G] uint8 (power-of-two exponents, bias 127) -> [..., G * 32, R] (transposed, as
-    GPT-OSS bf16 checkpoints store the weight)."""
-    vals = np.stack([_FP4_E2M1[blocks & 0x0F], _FP4_E2M1[blocks >> 4]], axis=-1)
-    vals = np.ldexp(vals.reshape(*blocks.shape[:-1], -1), scales.astype(np.int32)[..., None] - 127)
-    return vals.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
-
-
 def _gpt_oss_weight(f: _Filler, key: str, kept: list[int], num_experts: int, dtype) -> np.ndarray:
-    """Retained experts' [K, in, out] GPT-OSS weight ``key``: plain, or MXFP4 ``key_blocks`` / ``key_scales``."""
-    if f"{key}_blocks" not in f.r:
-        return _fused_rows(f, key, kept, num_experts)
-    rows = _stored_rows(f, f"{key}_blocks", kept, num_experts)
-    return np.stack([mxfp4_dequantize(f.r.get_slice(f"{key}_blocks", r), f.r.get_slice(f"{key}_scales", r))
-                     .astype(dtype) for r in rows])
+    """Retained experts' [K, in, out] GPT-OSS weight ``key`` (MXFP4 dequantized by the reader), one expert at
+    a time in ``dtype``."""
+    return np.stack([f.r.get_slice(key, r).astype(dtype) for r in _stored_rows(f, key, kept, num_experts)])
 
 
 def _deinterleave(a: np.ndarray) -> np.ndarray:
@@ -163,8 +149,8 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
                    num_experts: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``, as
-    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
-    to ``dtype``, others in their stored dtype. Biases are not part of them."""
+    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; quantized experts
+    dequantized to ``dtype``, others in their stored dtype. Biases are not part of them."""
     f, pre = _Filler(reader), f"{fam.moe_prefix(layer)}.experts"
     if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
         return (_deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, num_experts, dtype)),
@@ -172,9 +158,12 @@ def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list
     if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
         return tuple(_fused_rows(f, f"{pre}.{n}", kept, num_experts).transpose(0, 2, 1)
                      for n in ("gate_up_proj", "down_proj"))
-    gu = np.stack([np.concatenate([reader.get(fam.expert_key(layer, e, 0)).T,
-                                   reader.get(fam.expert_key(layer, e, 1)).T], 1) for e in disk])
-    return gu, np.stack([reader.get(fam.expert_key(layer, e, 2)).T for e in disk])
+    def w(e: int, which: int) -> np.ndarray:  # a quantized expert is dequantized, and cast, one at a time
+        key = fam.expert_key(layer, e, which)
+        return reader.get(key).astype(dtype) if reader.quantized(key) else reader.get(key)
+
+    gu = np.stack([np.concatenate([w(e, 0).T, w(e, 1).T], 1) for e in disk])
+    return gu, np.stack([w(e, 2).T for e in disk])
 
 
 def _experts(f: _Filler, fam: Family, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
@@ -229,12 +218,8 @@ def _fill_layer(f: _Filler, fam: Family, layer: DecoderLayer, i: int, layout: Pr
 
 
 def check_quantization(raw: dict, cfg: ModelConfig) -> None:
-    """UserError for quantized checkpoints other than GPT-OSS's MXFP4 experts (dequantized on load)."""
-    q = raw.get("quantization_config")
-    if q and not (isinstance(q, dict) and q.get("quant_method") in family(cfg.model_type).dequantized):
-        method = q.get("quant_method") if isinstance(q, dict) else q
-        raise UserError(f"quantized checkpoints ({method}) are not supported, except GPT-OSS MXFP4 experts: "
-                        "use the unquantized (bf16) release of the model")
+    """UserError for a quantization method no scheme of :mod:`.quant` reads (the reader dequantizes the rest)."""
+    quant_method(raw)
 
 
 def kept_counts(folder: str | Path) -> dict[int, int]:

@@ -13,12 +13,13 @@ import numpy as np
 
 from mone_jax.base.errors import UserError
 from mone_jax.convert.multimodal import tensor_names, text_config
+from mone_jax.convert.quant import QuantTensor, find_quantized
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
@@ -72,11 +73,16 @@ def _warn_custom_code(folder: Path, code: tuple[str, ...]) -> None:
                   "as data and never runs code from a model folder", stacklevel=3)
 
 
+_FOUND: dict[tuple, dict[str, QuantTensor]] = {}  # the last few checkpoints' quantized tensors
+
+
 class CheckpointReader:
     """Reads tensors on demand from ``model.safetensors`` or its sharded form.
 
     Files are memory-mapped by safetensors; a tensor is materialised only when asked for. Of a multimodal
-    checkpoint only the text model's tensors are shown, under a causal LM's names (:mod:`.multimodal`).
+    checkpoint only the text model's tensors are shown, under a causal LM's names (:mod:`.multimodal`). A
+    quantized tensor (:mod:`.quant`) is shown under its logical name, dequantized to float32 when read;
+    ``stored`` reads the tensors as the files hold them.
     """
 
     def __init__(self, folder: str | Path):
@@ -122,6 +128,19 @@ class CheckpointReader:
                             "repair or re-download the checkpoint")
         raw = _raw_config(self.folder) if (self.folder / "config.json").is_file() else {}
         self._disk = tensor_names(raw, list(self._where))  # shown name -> name on disk
+        self.stored = StoredTensors(self)
+        self._quant = self._find_quantized(raw)  # logical name -> its stored parts (:mod:`.quant`)
+
+    def _find_quantized(self, raw: dict) -> dict[str, QuantTensor]:
+        """:func:`~.quant.find_quantized`, kept for the same config and unchanged files (a model's loader
+        reopens the reader for every layer)."""
+        sig = (json.dumps(raw, sort_keys=True, default=str),
+               tuple((str(h.path.resolve()), h.stamp) for _, h in sorted(self._handles.items())))
+        if sig not in _FOUND:
+            if len(_FOUND) >= 4:
+                _FOUND.pop(next(iter(_FOUND)))
+            _FOUND[sig] = find_quantized(raw, self.stored)
+        return _FOUND[sig]
 
     def close(self) -> None:
         self._handles.clear()
@@ -133,20 +152,81 @@ class CheckpointReader:
         self.close()
 
     def keys(self) -> Iterator[str]:
+        """Names of the stored tensors (a quantized tensor's parts, not its logical name)."""
         return iter(self._disk)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._disk
+        return key in self._disk or key in self._quant
+
+    def quantized(self, key: str) -> QuantTensor | None:
+        """The quantized tensor of logical name ``key`` (None: stored as it is)."""
+        return self._quant.get(key)
 
     def file_of(self, key: str) -> str:
-        return self._where[self._disk[key]]
+        q = self._quant.get(key)
+        return self.stored.file_of(next(iter(q.parts.values())) if q else key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        q = self._quant.get(key)
+        return q.shape if q else self.stored.shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(np.float32) if key in self._quant else self.stored.dtype(key)
+
+    def get(self, key: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Tensor ``key`` as a NumPy array (bf16 as ml_dtypes.bfloat16), copied out of the file; a quantized
+        tensor dequantized to float32."""
+        if expect_shape is not None and self.shape(key) != tuple(expect_shape):
+            raise UserError(
+                f"tensor '{key}' has shape {list(self.shape(key))} but config.json implies {list(expect_shape)}: "
+                "the weights do not belong to this config"
+            )
+        if (q := self._quant.get(key)) is None:
+            return self.stored.get(key)
+        return self.stored.finite(key, q.dequantize({r: self.stored.get(p) for r, p in q.parts.items()}))
+
+    def get_slice(self, key: str, index) -> np.ndarray:
+        """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack); of a
+        quantized stack (3 or more axes) indexed by expert rows, only those rows are read and dequantized."""
+        if (q := self._quant.get(key)) is None:
+            return self.stored.get_slice(key, index)
+        rows = None if isinstance(index, (slice, tuple)) else np.asarray(index)
+        if len(q.shape) < 3 or rows is None or rows.ndim > 1 or rows.dtype.kind not in "iu":
+            return self.get(key)[index]
+        whole = {r: self.stored.get(p) for r, p in q.parts.items() if len(self.stored.shape(p)) < len(q.shape)}
+
+        def row(i: int) -> np.ndarray:  # one row's parts read and dequantized: temporaries of one row only
+            return q.dequantize({r: whole[r] if r in whole else self.stored.get_slice(p, i) for r, p in q.parts.items()})
+
+        if rows.ndim == 0:
+            return self.stored.finite(key, row(int(rows)))
+        out = np.empty((len(rows), *q.shape[1:]), np.float32)
+        for j, i in enumerate(rows):
+            out[j] = row(int(i))
+        return self.stored.finite(key, out)
+
+
+class StoredTensors:
+    """The tensors as stored in the files of a :class:`CheckpointReader` (quantized parts not dequantized)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.r = reader
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.r._disk)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.r._disk
+
+    def file_of(self, key: str) -> str:
+        return self.r._where[self.r._disk[key]]
 
     def _entry(self, key: str) -> tuple:
-        if key not in self._disk:
-            raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}': "
+        if key not in self.r._disk:
+            raise UserError(f"tensor '{key}' is missing from the checkpoint in '{self.r.folder}': "
                             "the checkpoint is incomplete or not of this model; re-download it")
-        disk = self._disk[key]
-        return self._handles[self._where[disk]], disk
+        disk = self.r._disk[key]
+        return self.r._handles[self.r._where[disk]], disk
 
     def shape(self, key: str) -> tuple[int, ...]:
         h, disk = self._entry(key)
@@ -156,26 +236,19 @@ class CheckpointReader:
         h, disk = self._entry(key)
         return np.dtype(h.entries[disk][0])
 
-    def get(self, key: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Tensor ``key`` as a NumPy array (bf16 as ml_dtypes.bfloat16), copied out of the file."""
-        if expect_shape is not None and self.shape(key) != tuple(expect_shape):
-            raise UserError(
-                f"tensor '{key}' has shape {list(self.shape(key))} but config.json implies {list(expect_shape)}: "
-                "the weights do not belong to this config"
-            )
+    def get(self, key: str) -> np.ndarray:
         h, disk = self._entry(key)
-        return self._finite(key, np.array(h.view(disk)))
+        return self.finite(key, np.array(h.view(disk)))
 
     def get_slice(self, key: str, index) -> np.ndarray:
-        """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack)."""
         h, disk = self._entry(key)
-        return self._finite(key, np.array(h.view(disk)[index]))
+        return self.finite(key, np.array(h.view(disk)[index]))
 
-    def _finite(self, key: str, arr: np.ndarray) -> np.ndarray:
+    def finite(self, key: str, arr: np.ndarray) -> np.ndarray:
         """``arr``, after checking that a floating tensor holds no NaN / Inf (a float32 sum, exact recheck
         only when the sum is not finite)."""
         if arr.dtype.kind in "fV" and not np.isfinite(arr.sum(dtype=np.float32)) and not np.isfinite(arr).all():
-            raise UserError(f"tensor '{key}' in '{self.folder}' contains NaN or Inf values: the checkpoint is "
+            raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
                             "corrupt; re-download it")
         return arr
 
@@ -185,7 +258,8 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
+        stat = path.stat()
+        size, self.stamp = stat.st_size, (stat.st_size, stat.st_mtime_ns)
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")

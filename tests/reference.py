@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -175,3 +176,38 @@ def reference_stats(hf_model, batches: list[tuple[np.ndarray, np.ndarray | None]
                         [np.array([r[1] for r in g], np.float64) for g in got],
                         [np.array([r[2] for r in g], np.int64) for g in got], tokens)
     return out, tokens
+
+
+# ------------------------------------------------------------------------------------ quantized weights
+
+
+def blockwise_quantize(w: np.ndarray, block: tuple[int, int], kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization of a [R, C] float weight, block by block (the last block of a dimension
+    partial): ``kind`` "fp8" (float8_e4m3fn, float32 scales), "fp8-pow2" (power-of-two float8_e8m0fnu scales)
+    or "int4" (int8 values in [-8, 7]). Returns (values, scales [ceil(R/b0), ceil(C/b1)])."""
+    (R, C), (b0, b1) = w.shape, block
+    gr, gc = -(-R // b0), -(-C // b1)
+    q = np.zeros((R, C), np.int8 if kind == "int4" else ml_dtypes.float8_e4m3fn)
+    scales = np.zeros((gr, gc), np.float32)
+    for i in range(gr):
+        for j in range(gc):
+            blk = np.asarray(w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1], np.float32)
+            amax = max(float(np.abs(blk).max()), 1e-6)
+            s = amax / (7.0 if kind == "int4" else 448.0)
+            if kind == "fp8-pow2":
+                s = 2.0 ** np.ceil(np.log2(s))
+            scales[i, j] = s
+            scaled = blk / np.float32(s)
+            q[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (
+                np.clip(np.round(scaled), -8, 7) if kind == "int4" else scaled).astype(q.dtype)
+    return q, (scales.astype(ml_dtypes.float8_e8m0fnu) if kind == "fp8-pow2" else scales)
+
+
+def blockwise_dequantize(q: np.ndarray, scales: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """float32 q[i, j] * scales[i // b0, j // b1], one block at a time (the last blocks partial)."""
+    out = np.asarray(q).astype(np.float32)
+    b0, b1 = block
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            out[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] *= np.float32(scales[i, j])
+    return out

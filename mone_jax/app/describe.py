@@ -21,10 +21,10 @@ def summarize(folder: str | Path) -> dict:
     fam = family(cfg.model_type)
     total = routed = bytes_ = 0
     with CheckpointReader(folder) as r:
-        for k in r.keys():
-            n = int(np.prod(r.shape(k), dtype=np.int64))
+        for k in r.stored.keys():  # as stored: a quantized tensor's parts (its scales count as parameters)
+            n = int(np.prod(r.stored.shape(k), dtype=np.int64))
             total += n
-            bytes_ += n * r.dtype(k).itemsize
+            bytes_ += n * r.stored.dtype(k).itemsize
             if ".experts." in k and k.startswith("model.layers.") and f".{fam.moe_module}.experts." in k:
                 routed += n
     n_moe = len(cfg.moe_layer_ids)

@@ -17,6 +17,7 @@ from mone_jax.base.errors import Problems, UserError
 from mone_jax.base.phases import phase
 from mone_jax.base.stats import Stats, check_semantics
 from mone_jax.base.tokens import token_ids
+from mone_jax.convert.export import check_quantized_export
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
@@ -248,6 +249,9 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         if out is not None:
             _check_out(Path(out), model, args)
     fmt = _prune_option_problems(args, problems, calib, ratio, out)
+    if cfg is not None and fmt is not None:
+        with problems.check():
+            check_quantized_export(model, fmt.name, args.out_dtype)
     problems.raise_any()
     semantics = check_semantics(getattr(args, "semantics", "exact"))
     stats = plan = None
