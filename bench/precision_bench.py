@@ -84,8 +84,8 @@ def routing(model, ids: np.ndarray, batch: int) -> dict[int, np.ndarray]:
     def step(state, ids):
         m = nnx.merge(graphdef, state)
         _, sown = capture_sown(m.hidden_states, ids, name="router_logits")
-        return {p[1]: route(v, m.config, None if blocks[p[1]].score_bias is None else m.layers[p[1]].mlp.score_bias[...])[0]
-                for p, v in sown.items()}
+        biases = {p[1]: m.layers[p[1]].mlp.score_bias for p in sown}
+        return {p[1]: route(v, m.config, None if biases[p[1]] is None else biases[p[1]][...])[0] for p, v in sown.items()}
 
     outs = [jax.device_get(step(state, ids[i:i + batch])) for i in range(0, len(ids), batch)]
     for blk in blocks.values():
