@@ -58,7 +58,7 @@ from mone_jax.model.causal_lm import capture_sown, route  # noqa: E402
 from mone_jax.pruning.scoring import REGISTRY  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "bf16-router-f32")
-RATIOS = (0.25, 0.5)
+RATIOS = "0.25,0.5"  # fractions pruned (--ratios)
 STATS_METRICS = [m for m, v in REGISTRY.items() if not v.needs_weights and m != "random"]
 
 
@@ -139,7 +139,7 @@ def pooled_ppl(model, valid: dict[str, np.ndarray]) -> dict:
     return {"all": math.exp(nll), **{k: r["perplexity"] for k, r in res.items()}}
 
 
-def measure(folder, ids: np.ndarray, dtypes, valid: dict | None) -> dict:
+def measure(folder, ids: np.ndarray, dtypes, ratios: list[float], valid: dict | None) -> dict:
     """Every comparison of one model and calibration sample (module docstring)."""
     cfg = parse_config(read_config(folder))
     batch = min(len(ids), default_batch_size(cfg, ids.shape[1]))
@@ -158,13 +158,13 @@ def measure(folder, ids: np.ndarray, dtypes, valid: dict | None) -> dict:
         if dt != "float32":
             row["flips"] = [flips(r["routes"][i], ref["routes"][i]) for i in out["layers"]]
             row["stats"] = rel_errors(r["stats"], ref["stats"])
-            row["kept_diff"] = {f"{q:g}": kept_diff(r["stats"], ref["stats"], q) for q in RATIOS}
+            row["kept_diff"] = {f"{q:g}": kept_diff(r["stats"], ref["stats"], q) for q in ratios}
             row["other_metrics_diff"] = {f"{q:g}": {m: d for m in STATS_METRICS if m != "mone"
                                                     if (d := kept_diff(r["stats"], ref["stats"], q, m))}
-                                         for q in RATIOS}
+                                         for q in ratios}
         if valid is not None:
             row["ppl"] = {}
-            for q in RATIOS:
+            for q in ratios:
                 plan = mone_jax.plan(r["stats"], ratio=q)
                 row["ppl"][f"{q:g}"] = {"f32 eval": pooled_ppl(mone_jax.prune(ref["model"], r["stats"], plan), valid)}
                 if dt != "float32":
@@ -227,19 +227,27 @@ pruned float32 model made from that dtype's statistics and plan, then of the pru
 """
 
 
+def ratio_keys(res: dict) -> list[str]:
+    """The pruned fractions of a run, as its JSON keys them ("0.25", "0.5")."""
+    return [f"{float(q):g}" for q in res["args"].get("ratios", RATIOS).split(",")]
+
+
 def markdown(res: dict) -> str:
     """The report: one table of every model x seed x dtype, then the verdicts that hold in every seed."""
-    head = ("| model | seed | dtype | routed pairs changed, per MoE layer | forward vs calibration, pairs per layer | experts: count differs; compared | "
-            "mean rel. err. median / max: equal counts; all | var rel. err. median / max: equal counts; all | kept experts differing 25% / 50% (mone) | "
-            "other metrics differing | pruned ppl 25% / 50% (f32 eval; own dtype) |")
+    qs = ratio_keys(res)
+    pct = " / ".join(f"{float(q):.0%}" for q in qs)
+    head = (f"| model | seed | dtype | routed pairs changed, per MoE layer | forward vs calibration, pairs per layer | experts: count differs; compared | "
+            "mean rel. err. median / max: equal counts; all | var rel. err. median / max: equal counts; all | "
+            f"kept experts differing {pct} (mone) | "
+            f"other metrics differing | pruned ppl {pct} (f32 eval; own dtype) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, seeds in res["models"].items():
         for seed, m in seeds.items():
             for dt, r in m["dtypes"].items():
                 if dt == "float32":
                     ppl = r.get("ppl")
-                    extra = ("" if ppl is None else f"{ppl['0.25']['f32 eval']['all']:.2f} / "
-                             f"{ppl['0.5']['f32 eval']['all']:.2f} (unpruned {ppl['unpruned']['all']:.2f})")
+                    extra = ("" if ppl is None else " / ".join(f"{ppl[q]['f32 eval']['all']:.2f}" for q in qs)
+                             + f" (unpruned {ppl['unpruned']['all']:.2f})")
                     lines.append(f"| {name} | {seed} | float32 | ({m['tokens']:,} tokens) | {gap(r)} | | | | | | {extra} |")
                     continue
                 s = r["stats"]
@@ -247,11 +255,11 @@ def markdown(res: dict) -> str:
                                   for q, d in r["other_metrics_diff"].items() if d) or "none"
                 ppl = r.get("ppl")
                 extra = "" if ppl is None else " / ".join(
-                    f"{ppl[q]['f32 eval']['all']:.2f}; {ppl[q]['own dtype']['all']:.2f}" for q in ("0.25", "0.5"))
+                    f"{ppl[q]['f32 eval']['all']:.2f}; {ppl[q]['own dtype']['all']:.2f}" for q in qs)
                 lines.append(f"| {name} | {seed} | {dt} | {' / '.join(f'{f:.2%}' for f in r['flips'])} | {gap(r)} | "
                              f"{s['count_differs']}; {s['equal_counts']} of {s['experts']} | {errors(s, 'mean')} | "
-                             f"{errors(s, 'var')} | {r['kept_diff']['0.25']} / "
-                             f"{r['kept_diff']['0.5']} | {other} | {extra} |")
+                             f"{errors(s, 'var')} | {' / '.join(str(r['kept_diff'][q]) for q in qs)} | "
+                             f"{other} | {extra} |")
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts(res)) + "\n"
 
 
@@ -261,7 +269,7 @@ def verdicts(res: dict) -> list[str]:
     dts = sorted({dt for s in res["models"].values() for m in s.values() for dt in m["dtypes"]} - {"float32"},
                  key=DTYPES.index)
     for dt in dts:
-        for q in ("0.25", "0.5"):
+        for q in ratio_keys(res):
             same, differ = [], []
             for name, seeds in res["models"].items():
                 d = [m["dtypes"][dt]["kept_diff"][q] for m in seeds.values()]
@@ -283,6 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--family-samples", type=int, default=32)
     ap.add_argument("--family-seq-len", type=int, default=64)
     ap.add_argument("--seeds", default="0,1", help="calibration samples")
+    ap.add_argument("--ratios", default=RATIOS, help="fractions of each layer's experts pruned")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="float32 always runs (the reference)")
     ap.add_argument("--md", default=str(REPO / "docs" / "precision.md"))
     ap.add_argument("--json", default=str(REPO / "docs" / "precision.json"))
@@ -291,6 +300,7 @@ def main(argv=None) -> int:
     if args.render:
         return report(json.loads(Path(args.render).read_text()), args.md)
     seeds = [int(s) for s in args.seeds.split(",")]
+    ratios = [float(q) for q in args.ratios.split(",")]
     dtypes = ["float32", *[d for d in args.dtypes.split(",") if d != "float32"]]
     if bad := [d for d in dtypes if d not in DTYPES]:
         ap.error(f"unknown dtype {bad[0]}: use {', '.join(DTYPES)}")
@@ -304,7 +314,7 @@ def main(argv=None) -> int:
             res["models"]["demo"] = {}
             for seed in seeds:
                 ids, valid = demo_data(args, tmp, seed)
-                res["models"]["demo"][seed] = measure(args.model, ids, dtypes, valid)
+                res["models"]["demo"][seed] = measure(args.model, ids, dtypes, ratios, valid)
                 print(f"demo seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.families != "none":
             from conftest import PER_FAMILY
@@ -316,7 +326,7 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (args.family_samples,
                                                                                    args.family_seq_len), np.int32)
-                    res["models"][name][seed] = measure(folder, ids, dtypes, None)
+                    res["models"][name][seed] = measure(folder, ids, dtypes, ratios, None)
                 print(f"{name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.json).write_text(json.dumps(res, indent=1))

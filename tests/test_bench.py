@@ -31,6 +31,7 @@ BENCHES = {  # name -> (script, arguments, what stdout must say)
                                                    "--calib-samples", "4", "--seq-len", "32", "--valid-samples", "2",
                                                    "--families", "olmoe:a", "--family-samples", "4",
                                                    "--family-seq-len", "16", "--seeds", "0", "--dtypes", "bfloat16",
+                                                   "--ratios", "0.5",
                                                    "--md", "out.md", "--json", "out.json"], "same kept experts as float32"),
 }
 
