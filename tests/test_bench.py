@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"  # the demo's text (absent from an end user's checkout)
 TINY = ["--hidden", "64", "--head-dim", "16", "--experts", "8", "--top-k", "2", "--moe-inter", "32", "--layers", "2",
         "--vocab", "256", "--seq-len", "32", "--batch", "2", "--tokens", "128", "--reps", "1", "--warmup", "1",
         "--matmul-n", "64"]
@@ -26,6 +27,12 @@ BENCHES = {  # name -> (script, arguments, what stdout must say)
                                            "--batch-size", "1"], "statistics identical: True"),
     "self-calibration": ("self_calib_bench.py", ["--baseline", "HEAD", "--num-samples", "2", "--seq-len", "16",
                                                  "--reps", "1"], "same per-expert token counts"),
+    "bfloat16 vs float32": ("precision_bench.py", [*([] if (CORPUS / "train.txt").is_file() else ["--no-demo"]),
+                                                   "--calib-samples", "4", "--seq-len", "32", "--valid-samples", "2",
+                                                   "--families", "olmoe:a", "--family-samples", "4",
+                                                   "--family-seq-len", "16", "--seeds", "0", "--dtypes", "bfloat16",
+                                                   "--ratios", "0.5",
+                                                   "--md", "out.md", "--json", "out.json"], "same kept experts as float32"),
 }
 
 
