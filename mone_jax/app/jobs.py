@@ -64,7 +64,8 @@ class CalibJob:
     scale: ScaleOptions
     progress: bool
     semantics: str = "exact"  # stats.SEMANTICS, recorded in the statistics
-    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks, tokens and documents
+    data: dict | None = None  # one text source: the tokens per document its blocks hold (data.token_blocks)
     batch_given: bool = False  # batch_size from --batch-size (else chosen here: auto_batch_size)
 
 
@@ -156,7 +157,8 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         return replace(job, batches=_batches(job, ids), mix=tuple(record))
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
-    return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
+    ids, record = read_blocks(job, raw_npy=raw_npy)
+    return replace(job, batches=_batches(job, ids), data=record if "documents" in record else None)
 
 
 def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions) -> int:
@@ -182,6 +184,12 @@ def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOpti
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
     """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
     --seq-len is used as it is."""
+    return _batches(job, read_blocks(job, sampler, raw_npy=raw_npy)[0])
+
+
+def read_blocks(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, dict]:
+    """Calibration token blocks (:func:`read_batches`) and what they hold (:func:`~mone_jax.app.data.token_blocks`;
+    empty for a raw .npy)."""
     cfg = job.config
     if raw_npy:
         path = Path(job.calib)
@@ -191,12 +199,11 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
             ids = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise UserError(f"'{job.calib}' is not a plain .npy array ({e})") from None
-    else:
-        from mone_jax.app.data import load_token_blocks  # tokenizers and datasets: only when needed
+        return ids, {}
+    from mone_jax.app.data import token_blocks  # tokenizers and datasets: only when needed
 
-        ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
-                                seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
-    return _batches(job, ids)
+    return token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
+                        seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
 
 
 def _batches(job: CalibJob, ids: np.ndarray) -> tuple[np.ndarray | dict, ...]:

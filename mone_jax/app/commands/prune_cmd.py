@@ -47,7 +47,9 @@ def run(args) -> None:
     kept = plan_summary(plan, job.config.num_experts, job.ratio)
     c = job.calib
     calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
-                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
+                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {}),
+                                      **{k: c.data[k] for k in ("documents", "largest_document_tokens")
+                                         if c.data and k in c.data}})
     extra = folder_files(source=job.model, out=str(job.out), plan=plan, stats=stats, fmt=job.format, kept=kept,
                          calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
