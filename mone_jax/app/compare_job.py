@@ -15,7 +15,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.phases import phase
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
-from mone_jax.pruning.planning import check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import GREEDY, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 _NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
@@ -179,10 +179,19 @@ def selection_summary(selection: dict) -> dict:
             "validation_nll": {m: c["nll"] for m, c in selection["candidates"].items()}}
 
 
-def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None):
-    """``prune --metric auto``: (statistics, chosen plan). The model is loaded once; the validation blocks are
-    ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before calibrating on the rest
-    (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`)."""
+def describe_search(search: dict) -> str:
+    """One line on a ``--scope greedy`` search: evaluations, time, per-layer counts, validation loss."""
+    counts = "/".join(str(n) for n in search["kept_per_layer"].values())
+    return (f"greedy search: {search['evaluations']} evaluations in {search['seconds']:.0f} s; kept {counts} per MoE "
+            f"layer; validation loss {search['validation_nll_start']:.4f} -> {search['validation_nll']:.4f}")
+
+
+def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None,
+                     candidates: str | None = None):
+    """``prune --metric auto`` and / or ``--scope greedy``: (statistics, chosen plan). The model is loaded once;
+    the validation blocks are ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before
+    calibrating on the rest (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`). With both, the
+    metric is chosen at scope layer, then orders the greedy search's ``candidates``."""
     from mone_jax.convert.load import load_hf
 
     progress = job.calib.progress if job.calib is not None else True
@@ -216,11 +225,21 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
 
         stats = run_calibration(cal, model=model, mesh=mesh)
     n_group = job.config.n_group if job.format.mode == "drop" else 1
-    plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
-                  n_group=n_group, weight_scores=weight_scores(job.model, None, progress), batch_size=batch_size,
-                  progress=progress)
-    plan.selection["held_out"] = ({"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids}
-                                  if valid is None else {"valid": valid})
+    held_out = {"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids} if valid is None else {"valid": valid}
+    greedy = job.scope == GREEDY
+    scores = weight_scores(job.model, None if job.metric == "auto" else [job.metric], progress)
+    plan = None
+    if job.metric == "auto":
+        plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope="layer" if greedy else job.scope,
+                      seed=job.seed, n_group=n_group, weight_scores=scores, batch_size=batch_size, progress=progress)
+        plan.selection["held_out"] = held_out
+    if greedy:
+        from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
+
+        plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
+                           candidates=parse_candidates(candidates), seed=job.seed, weight_scores=scores,
+                           batch_size=batch_size, progress=progress, selection=plan.selection if plan else None)
+        plan.search["held_out"] = held_out
     return stats, plan
 
 

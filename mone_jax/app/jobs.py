@@ -20,7 +20,7 @@ from mone_jax.base.tokens import token_ids
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.pruning.planning import SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import GREEDY, SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -255,8 +255,10 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     if args.metric == "auto" and semantics != "exact":
         raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
                         "--semantics reference, or drop --semantics")
-    if args.scope not in SCOPES:
-        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    if args.scope not in (*SCOPES, GREEDY):
+        raise UserError(f"unknown scope '{args.scope}': use one of {', '.join((*SCOPES, GREEDY))}")
+    if args.scope == GREEDY:
+        _check_greedy(args, semantics)
     fmt = export_format(args.format)
     if args.plan and (args.keep is not None or ratio is not None):
         raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
@@ -295,6 +297,21 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
                     args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
                     semantics)
+
+
+def _check_greedy(args: argparse.Namespace, semantics: str) -> None:
+    """Refuse what ``--scope greedy`` cannot do, before any work."""
+    from mone_jax.evaluate.greedy import parse_candidates
+
+    parse_candidates(args.candidates)
+    if args.plan:
+        raise UserError("--plan fixes the kept experts: drop --scope greedy")
+    if semantics != "exact":
+        raise UserError("--scope greedy judges its candidates under exact semantics: drop --semantics")
+    if export_format(args.format).mode == "drop":
+        raise UserError("--scope greedy judges experts replaced by their novices, which a drop export does not hold "
+                        "(it removes the experts' router columns and renormalises the routing): use --format "
+                        "substitution or modepd, or --scope layer for drop")
 
 
 def _weights_drop(args: argparse.Namespace) -> bool:

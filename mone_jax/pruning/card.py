@@ -51,6 +51,9 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
                                     "validation_nll": {m: round(c["nll"], 6)
                                                        for m, c in plan.selection["candidates"].items()}}
+    if plan.search:  # --scope greedy: how the experts were searched
+        meta["greedy_search"] = {k: plan.search[k] for k in ("candidates", "evaluations", "validation_nll_start",
+                                                              "validation_nll")}
     front = "\n".join(["---", "library_name: transformers", "tags: [mone-jax, mixture-of-experts, expert-pruning]",
                        "mone_jax:", *(f"  {k}: {json.dumps(v)}" for k, v in meta.items()), "---"])
     novices = {i: list(lp.novices) for i, lp in plan.layers.items()}
@@ -62,6 +65,11 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         losses = ", ".join(f"`{m}` {v:.4f}" for m, v in sel["validation_nll"].items())
         chosen = (f"\n\nThe metric was chosen by `--metric auto`: `{sel['chosen']}` gave the lowest validation loss "
                   f"(mean token NLL: {losses}).")
+    if s := plan.search:
+        chosen += (f"\n\nThe novices were searched greedily (`--scope greedy`, {s['candidates']} candidates per layer "
+                   f"and step by `{plan.metric}`): each step replaced the expert whose novice raised the validation "
+                   f"loss least; {s['evaluations']} evaluations, mean token NLL {s['validation_nll_start']:.4f} -> "
+                   f"{s['validation_nll']:.4f}.")
     body = f"""
 # Pruned with mone-jax {version}
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mone_jax.base.stats import Stats
 
 SCOPES = ("layer", "model")
+GREEDY = "greedy"  # the scope of a plan searched on validation loss (mone_jax.evaluate.greedy), prune only
 MODES = ("substitute", "drop")
 # the word users see is the export format's: novices "substitution" (the old mode name "substitute" still works)
 MODE_NAMES = {"substitution": "substitute", "substitute": "substitute", "drop": "drop"}
@@ -46,6 +47,7 @@ class Plan:
     semantics: str = "exact"  # stats.SEMANTICS: how scores, thresholds and novices were / are made
     selection: dict | None = None  # --metric auto: every candidate's validation loss and the chosen one
     precision: str | None = None  # the matmul precision of the statistics scored (their meta), when recorded
+    search: dict | None = None  # --scope greedy: evaluations spent, per-layer counts, each step's loss
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -73,8 +75,9 @@ class Plan:
         if semantics not in ("exact", "reference"):
             raise UserError(f"the plan's semantics '{semantics}' is unknown (exact, reference): {_REMAKE}")
         precision = d.get("precision") if isinstance(d.get("precision"), str) else None
+        search = d.get("search") if isinstance(d.get("search"), dict) else None
         return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
-                   semantics, selection, precision)
+                   semantics, selection, precision, search)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -89,6 +92,8 @@ class Plan:
         if self.precision is not None:
             head["precision"] = self.precision
         out = {**head, "layers": layers}
+        if self.search is not None:
+            out["search"] = self.search
         return out if self.selection is None else {**out, "selection": self.selection}
 
     @classmethod

@@ -25,13 +25,17 @@ def run(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
-    if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
-        from mone_jax.app.compare_job import describe_selection, select_for_prune
+    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None:  # calibrates on what validation leaves
+        from mone_jax.app.compare_job import describe_search, describe_selection, select_for_prune
 
-        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
+        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)" if job.metric == "auto"
+              else f"searching the experts greedily on validation loss ({job.metric} candidates)")
         stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8,
-                                       mesh)
-        phase("plan", describe_selection(plan.selection))
+                                       mesh, candidates=args.candidates)
+        if plan.selection:
+            phase("plan", describe_selection(plan.selection))
+        if plan.search:
+            phase("plan", describe_search(plan.search))
     else:
         stats = job.stats if job.calib is None else run_calibration(job.calib, mesh=mesh)
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
@@ -65,6 +69,8 @@ def run(args) -> None:
         from mone_jax.app.compare_job import selection_summary
 
         summary["metric_selection"] = selection_summary(plan.selection)
+    if plan.search:
+        summary["search"] = {k: v for k, v in plan.search.items() if k != "steps"}
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
     if args.quiet:  # errors only on stderr
         return
