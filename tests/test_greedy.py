@@ -65,7 +65,7 @@ def test_every_step_is_the_best_single_replacement(tiny):
 def test_floor_candidates_and_equal_counts(tiny):
     _, model, stats, valid, _ = tiny
     evals = {"v": valid}
-    free = greedy_plan(model, stats, evals, metric="frequency", keep=3, candidates=2, progress=False)
+    free = greedy_plan(model, stats, evals, metric="frequency", keep=3, candidates=2, lazy=True, progress=False)
     kept = [len(lp.kept) for lp in free.layers.values()]
     assert sum(kept) == 6 and min(kept) >= 2  # (8 - 3) x 2 novices in all, top-k = 2 kept in each layer
     scores = {i: np.asarray(lp.scores) for i, lp in free.layers.items()}
@@ -75,6 +75,8 @@ def test_floor_candidates_and_equal_counts(tiny):
         left = [x for x in np.argsort(scores[i], kind="stable") if x not in novices[i]]
         assert e in left[:2]
         novices[i].add(e)
+    # lazy: after the first step (4 candidates measured) far fewer than the pool per step
+    assert free.search["evaluations"] < 1 + 4 + sum(s["candidates"] for s in free.search["steps"][1:])
     equal = greedy_plan(model, stats, evals, metric="frequency", keep=5, candidates=2, equal_counts=True,
                         progress=False)
     assert [len(lp.kept) for lp in equal.layers.values()] == [5, 5]

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
         p.add_argument("--candidates", default="4", help="--scope greedy: the experts tried per layer and step, "
                                                          "the lowest-scored by --metric, or 'all' (default 4)")
+        p.add_argument("--search", default="lazy", choices=["lazy", "exhaustive"],
+                       help="--scope greedy: 'lazy' measures again only the candidate whose earlier rise in loss "
+                            "is least (CELF), 'exhaustive' every candidate at every step")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
     p.add_argument("model", help="Hugging Face model folder, original or pruned")

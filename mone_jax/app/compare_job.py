@@ -187,11 +187,11 @@ def describe_search(search: dict) -> str:
 
 
 def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None,
-                     candidates: str | None = None):
+                     candidates: str | None = None, lazy: bool = True):
     """``prune --metric auto`` and / or ``--scope greedy``: (statistics, chosen plan). The model is loaded once;
     the validation blocks are ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before
     calibrating on the rest (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`). With both, the
-    metric is chosen at scope layer, then orders the greedy search's ``candidates``."""
+    metric is chosen at scope layer, then orders the greedy search's ``candidates`` (``lazy``: CELF)."""
     from mone_jax.convert.load import load_hf
 
     progress = job.calib.progress if job.calib is not None else True
@@ -237,7 +237,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
 
         plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
-                           candidates=parse_candidates(candidates), seed=job.seed, weight_scores=scores,
+                           candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed, weight_scores=scores,
                            batch_size=batch_size, progress=progress, selection=plan.selection if plan else None)
         plan.search["held_out"] = held_out
     return stats, plan

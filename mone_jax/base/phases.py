@@ -38,6 +38,17 @@ def configured(on: bool) -> Iterator[None]:
         _on, _start = before
 
 
+@contextmanager
+def silenced() -> Iterator[None]:
+    """No phase lines for the length of a block (steps repeated many times under one progress bar)."""
+    global _on
+    before, _on = _on, False
+    try:
+        yield
+    finally:
+        _on = before
+
+
 def enabled() -> bool:
     return _on
 

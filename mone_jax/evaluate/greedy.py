@@ -7,6 +7,12 @@ novices (None: every one), in layers that keep more than ``top_k`` experts (a dr
 not reached the same count as the others). Greedy selection on a held-out fitness follows EvoESAP / GRAPE
 (choose what to prune by measured loss, not by a proxy score).
 
+``lazy`` (the default of the command line) evaluates as CELF does (Leskovec et al., KDD 2007): a candidate's
+rise in loss measured at an earlier step stands as a lower bound of its rise now (a replacement hurts no
+less once others are replaced), so only the candidate with the least bound is measured again, and it is
+chosen when its fresh rise is still the least. Each step then costs a few evaluations instead of one per
+candidate; where the bound fails, the choice may differ from the exhaustive search's.
+
 Every candidate is evaluated on the unpruned model made searchable (``MoEBlock.set_novice_mask``): the
 masked experts act as their novice vectors while every array keeps its shape, so the whole search runs one
 compiled loss program (:mod:`mone_jax.evaluate.perplexity`), like ``compare``.
@@ -23,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mone_jax.base.errors import UserError
+from mone_jax.base.phases import silenced
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import WeightScores, evaluate, plan_of, pooled
 from mone_jax.model.causal_lm import MoEForCausalLM
@@ -75,13 +82,13 @@ def parse_candidates(text: str | int | None) -> int | None:
 
 def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], *, metric: str,
                 keep: int | None = None, ratio: float | None = None, candidates: int | None = None,
-                equal_counts: bool = False, seed: int = 0, semantics: str = "exact",
+                equal_counts: bool = False, lazy: bool = False, seed: int = 0, semantics: str = "exact",
                 weight_scores: WeightScores | None = None, batch_size: int = 8, progress: bool = True,
                 selection: dict | None = None) -> Plan:
     """The greedy plan (module docstring): ``(E - keep) x layers`` novices in all, each layer keeping at least
     ``top_k`` experts (``equal_counts``: exactly ``keep`` each, for drop). Candidates are ordered by the
-    scores of ``metric``. The plan's ``search`` records the evaluations spent, the seconds, the per-layer
-    counts and each step's choice and validation loss."""
+    scores of ``metric``; ``lazy``: CELF evaluation (module docstring). The plan's ``search`` records the
+    evaluations spent, the seconds, the per-layer counts and each step's choice and validation loss."""
     cfg = model.config
     E, top_k = cfg.num_experts, cfg.top_k
     n = resolve_keep(E, keep, ratio)
@@ -91,34 +98,40 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
     budget = (E - n) * len(scores)
     t0 = time.perf_counter()
     evaluations, steps = 0, []
-    with searchable(model, stats, semantics) as masks:
+    with searchable(model, stats, semantics) as masks, silenced():
         apply_masks(model, masks)
-        start = validation_nll(model, evals, batch_size)
+        start = current = validation_nll(model, evals, batch_size)
         evaluations += 1
+        rise: dict[tuple[int, int], tuple[float, int]] = {}  # candidate -> (rise in loss, step measured at)
         bar = tqdm(total=budget, desc="greedy search", unit="novice", disable=not progress)
-        for _ in range(budget):
+        for step in range(budget):
             pool = [(i, e) for i in scores for e in _lowest(scores[i], masks[i], candidates)
                     if E - masks[i].sum() > floor]
-            best = None
-            for i, e in pool:
-                masks[i][e] = True
-                apply_masks(model, masks)
-                loss = validation_nll(model, evals, batch_size)
-                masks[i][e] = False
-                evaluations += 1
-                if best is None or loss < best[0]:
-                    best = (loss, i, e)
-            loss, i, e = best
+            while True:
+                stale = [c for c in pool if c not in rise or rise[c][1] < step and not lazy]
+                if not stale and lazy:  # the least bound, measured again unless measured this step
+                    least = min(pool, key=lambda c: (rise[c][0], c))
+                    stale = [] if rise[least][1] == step else [least]
+                if not stale:
+                    break
+                for i, e in stale:
+                    masks[i][e] = True
+                    apply_masks(model, masks)
+                    rise[i, e] = (validation_nll(model, evals, batch_size) - current, step)
+                    masks[i][e] = False
+                    evaluations += 1
+            i, e = min(pool, key=lambda c: (rise[c][0], c))
             masks[i][e] = True
-            steps.append({"layer": i, "expert": e, "nll": loss, "candidates": len(pool)})
-            bar.set_postfix_str(f"layer {i} expert {e}: nll {loss:.4f}", refresh=False)
+            current += rise.pop((i, e))[0]
+            steps.append({"layer": i, "expert": e, "nll": current, "candidates": len(pool)})
+            bar.set_postfix_str(f"layer {i} expert {e}: nll {current:.4f}", refresh=False)
             bar.update()
         bar.close()
         final = {i: m.copy() for i, m in masks.items()}
     layers = {i: LayerPlan(tuple(int(e) for e in np.flatnonzero(~final[i])), tuple(int(e) for e in np.flatnonzero(final[i])),
                            tuple(float(x) for x in scores[i])) for i in sorted(scores)}
     search = {"scope": GREEDY, "metric": metric, "candidates": "all" if candidates is None else candidates,
-              "equal_counts": equal_counts, "evaluations": evaluations, "seconds": time.perf_counter() - t0,
+              "lazy": lazy, "equal_counts": equal_counts, "evaluations": evaluations, "seconds": time.perf_counter() - t0,
               "validation_nll_start": start, "validation_nll": steps[-1]["nll"] if steps else start,
               "kept_per_layer": {str(i): len(lp.kept) for i, lp in layers.items()}, "steps": steps,
               "validation": {k: {"blocks": int(v.shape[0]), "seq_len": int(v.shape[1])} for k, v in evals.items()}}

@@ -31,7 +31,7 @@ def run(args) -> None:
         phase("plan", "choosing the metric with the lowest validation loss (--metric auto)" if job.metric == "auto"
               else f"searching the experts greedily on validation loss ({job.metric} candidates)")
         stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8,
-                                       mesh, candidates=args.candidates)
+                                       mesh, candidates=args.candidates, lazy=args.search == "lazy")
         if plan.selection:
             phase("plan", describe_selection(plan.selection))
         if plan.search:
