@@ -94,7 +94,7 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | No
     dt = resolve_dtype(dtype)
     novices = {i: {} if mode == "drop" else
                {e: v.astype(dt).astype(np.float32) for e, v in
-                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
+                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics, plan.fit_method))}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
                          extra_files=extra_files)

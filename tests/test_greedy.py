@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import torch, transformers
 
 from mone_jax.app.cli import main
 from mone_jax.base.errors import UserError
+from mone_jax.base.stats import Stats
 from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.load import load_hf
 from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
@@ -88,20 +90,42 @@ def test_floor_candidates_and_equal_counts(tiny):
 
 
 @pytest.mark.slow
-def test_prune_scope_greedy_export_matches_its_search(tiny):
-    folder, _, _, valid, tmp = tiny
-    out, plan_out = tmp / "out", tmp / "plan.json"
+def test_prune_scope_greedy_fit_weighted_export_matches_its_search(tiny):
+    folder, model, _, valid, tmp = tiny
+    out, plan_out, stats_out = tmp / "out", tmp / "plan.json", tmp / "stats.safetensors"
     assert main(["prune", str(folder), "--calib", str(tmp / "calib.npy"), "--metric", "mone", "--scope", "greedy",
                  "--candidates", "2", "--valid", str(tmp / "valid.npy"), "--valid-samples", "3", "--ratio", "0.5",
-                 "--out", str(out), "--plan-out", str(plan_out), "--quiet"]) == 0
+                 "--fit", "weighted", "--out", str(out), "--plan-out", str(plan_out), "--stats-out", str(stats_out),
+                 "--quiet"]) == 0
     plan = json.loads(plan_out.read_text())
     assert plan["scope"] == "greedy" and sum(len(lp["kept"]) for lp in plan["layers"].values()) == 8
     assert json.loads((out / "mone_plan.json").read_text()) == plan
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    want = math.log(hf_perplexity(hf, valid, np.ones_like(valid)))
+    want = math.log(hf_perplexity(hf, valid, np.ones_like(valid)))  # the export, in transformers
     assert math.isclose(plan["search"]["validation_nll"], want, rel_tol=1e-4)
+    assert math.isclose(plan["fit"]["validation_nll_after"], want, rel_tol=1e-4)
+    # the novices exported are sum g^2 y / sum g^2 of the statistics, not their plain means; "before" is the means'
+    stats, p = Stats.load(stats_out), Plan.from_dict(plan)
+    for i, lp in p.layers.items():
+        s = stats.layers[i]
+        weighted = s.wsq_out_sum[list(lp.novices)] / s.wsq_sum[list(lp.novices)][:, None]
+        np.testing.assert_allclose(s.novice_means(lp.novices, fit="weighted"), weighted, rtol=1e-6)
+        assert not np.allclose(weighted, s.mean[list(lp.novices)], rtol=1e-3)
+    before = perplexity(prune(model, stats, replace(p, fit=None)), valid)["nll"]
+    assert math.isclose(plan["fit"]["validation_nll_before"], before, rel_tol=1e-5)
     card = (out / "README.md").read_text()
-    assert "greedy" in card and str(plan["search"]["evaluations"]) in card
-    assert main(["prune", str(folder), "--calib", str(tmp / "calib.npy"), "--scope", "greedy", "--format", "drop",
-                 "--valid", str(tmp / "valid.npy"), "--ratio", "0.5", "--out", str(tmp / "d"), "--quiet"]) == 2
+    assert "greedy" in card and str(plan["search"]["evaluations"]) in card and "--fit weighted" in card
+
+
+
+def test_refusals(tiny, capsys):
+    folder, _, _, _, tmp = tiny
+    base = ["prune", str(folder), "--calib", str(tmp / "calib.npy"), "--valid", str(tmp / "valid.npy"), "--ratio",
+            "0.5", "--out", str(tmp / "d"), "--quiet"]
+    for extra, match in ((["--scope", "greedy", "--format", "drop"], "greedy judges experts replaced"),
+                         (["--scope", "greedy", "--candidates", "0"], "--candidates takes"),
+                         (["--scope", "greedy", "--semantics", "reference"], "exact semantics"),
+                         (["--fit", "weighted", "--format", "drop"], "fits novices")):
+        assert main([*base, *extra]) == 2
+        assert match in capsys.readouterr().err
     assert not (tmp / "d").exists()

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; ``args.run(args)`` runs the parsed one."""
     from mone_jax import __version__
     from mone_jax.convert.formats import FORMATS
-    from mone_jax.pruning.planning import GREEDY, SCOPES
+    from mone_jax.pruning.planning import FITS, GREEDY, SCOPES
     from mone_jax.pruning.scoring import METRICS
 
     ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--fit", default=None, choices=FITS,
+                   help="fit the novices: 'weighted', the routing-weighted mean sum g^2 y / sum g^2 (default: none, "
+                        "the plain mean)")
     semantics_arg(p)
     auto_args(p)
     p.set_defaults(run=prune_cmd.run)

@@ -12,7 +12,7 @@ import numpy as np
 
 from mone_jax.app.jobs import CalibJob, calib_job, checked_config, read_batches
 from mone_jax.base.errors import UserError
-from mone_jax.base.phases import phase
+from mone_jax.base.phases import phase, silenced
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
 from mone_jax.pruning.planning import GREEDY, check_drop_keep, resolve_keep
@@ -238,9 +238,24 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
 
         plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
                            candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed, weight_scores=scores,
-                           batch_size=batch_size, progress=progress, selection=plan.selection if plan else None)
+                           batch_size=batch_size, progress=progress, selection=plan.selection if plan else None,
+                           fit=job.fit)
         plan.search["held_out"] = held_out
+    if job.fit:
+        plan = fitted(model, stats, plan, job.fit, evals, batch_size)
     return stats, plan
+
+
+def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], batch_size: int):
+    """``plan`` with its novices fitted by ``fit``, recording the validation loss before (plain means) and after."""
+    from mone_jax.evaluate.compare import evaluate, pooled
+    from mone_jax.pruning.transform import prune
+
+    loss = {}
+    for name, how in (("validation_nll_before", None), ("validation_nll_after", {"method": fit})):
+        with silenced():
+            loss[name] = pooled(evaluate(prune(model, stats, replace(plan, fit=how)), evals, batch_size))["nll"]
+    return replace(plan, fit={"method": fit, **loss})
 
 
 def select_for_plan(args: argparse.Namespace):

@@ -91,6 +91,7 @@ class PruneJob:
     overwrite: bool
     ratio: float | None = None  # the requested pruned fraction, when given as one
     semantics: str = "exact"  # of the plan made here (stats.SEMANTICS)
+    fit: str | None = None  # --fit: how the novices are fitted (planning.FITS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -259,6 +260,12 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         raise UserError(f"unknown scope '{args.scope}': use one of {', '.join((*SCOPES, GREEDY))}")
     if args.scope == GREEDY:
         _check_greedy(args, semantics)
+    fit = getattr(args, "fit", None)
+    if fit and (fmt := export_format(args.format)).mode == "drop":
+        raise UserError(f"--fit {fit} fits novices, which a {fmt.name} export does not hold: drop --fit or use "
+                        "--format substitution or modepd")
+    if fit and semantics != "exact":
+        raise UserError(f"--fit {fit} fits exact statistics: drop --semantics")
     fmt = export_format(args.format)
     if args.plan and (args.keep is not None or ratio is not None):
         raise UserError("--plan fixes the kept experts: drop --keep / --ratio")
@@ -286,6 +293,9 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     if args.stats:
         stats = Stats.load(args.stats)
         stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+        if fit and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
+            raise UserError(f"--fit {fit} needs the statistics {', '.join(sorted(lack))}, which '{args.stats}' "
+                            "lacks (written by an older version): recalibrate")
     if args.plan:
         plan = Plan.load(args.plan).validate(cfg, fmt.mode)
     else:
@@ -296,7 +306,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
                     args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
-                    semantics)
+                    semantics, fit)
 
 
 def _check_greedy(args: argparse.Namespace, semantics: str) -> None:

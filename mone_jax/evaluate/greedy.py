@@ -37,7 +37,8 @@ from mone_jax.pruning.planning import GREEDY, LayerPlan, Plan, resolve_keep
 
 
 @contextmanager
-def searchable(model: MoEForCausalLM, stats: Stats, semantics: str = "exact") -> Iterator[dict[int, np.ndarray]]:
+def searchable(model: MoEForCausalLM, stats: Stats, semantics: str = "exact",
+               fit: str | None = None) -> Iterator[dict[int, np.ndarray]]:
     """The unpruned ``model`` made searchable for the duration (its MoE blocks' novice tables from ``stats``):
     yields {MoE layer: bool mask [E]}; :func:`apply_masks` sends changed masks to the model."""
     blocks = model.moe_blocks()
@@ -48,7 +49,7 @@ def searchable(model: MoEForCausalLM, stats: Stats, semantics: str = "exact") ->
     masks = {i: np.zeros(E, bool) for i in blocks}
     try:
         for i, b in blocks.items():  # novices rounded through the model's dtype, as prune_params stores them
-            table = stats.layers[i].novice_means(np.arange(E), semantics).astype(np.dtype(dtype))
+            table = stats.layers[i].novice_means(np.arange(E), semantics, fit).astype(np.dtype(dtype))
             b.set_novice_mask(jnp.asarray(table, jnp.float32), masks[i])
         yield masks
     finally:
@@ -84,10 +85,11 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
                 keep: int | None = None, ratio: float | None = None, candidates: int | None = None,
                 equal_counts: bool = False, lazy: bool = False, seed: int = 0, semantics: str = "exact",
                 weight_scores: WeightScores | None = None, batch_size: int = 8, progress: bool = True,
-                selection: dict | None = None) -> Plan:
+                selection: dict | None = None, fit: str | None = None) -> Plan:
     """The greedy plan (module docstring): ``(E - keep) x layers`` novices in all, each layer keeping at least
     ``top_k`` experts (``equal_counts``: exactly ``keep`` each, for drop). Candidates are ordered by the
-    scores of ``metric``; ``lazy``: CELF evaluation (module docstring). The plan's ``search`` records the
+    scores of ``metric``; ``lazy``: CELF evaluation (module docstring); ``fit``: the novices judged
+    (:meth:`~mone_jax.base.stats.LayerStats.novice_means`). The plan's ``search`` records the
     evaluations spent, the seconds, the per-layer counts and each step's choice and validation loss."""
     cfg = model.config
     E, top_k = cfg.num_experts, cfg.top_k
@@ -98,7 +100,7 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
     budget = (E - n) * len(scores)
     t0 = time.perf_counter()
     evaluations, steps = 0, []
-    with searchable(model, stats, semantics) as masks, silenced():
+    with searchable(model, stats, semantics, fit) as masks, silenced():
         apply_masks(model, masks)
         start = current = validation_nll(model, evals, batch_size)
         evaluations += 1
@@ -135,7 +137,8 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
               "validation_nll_start": start, "validation_nll": steps[-1]["nll"] if steps else start,
               "kept_per_layer": {str(i): len(lp.kept) for i, lp in layers.items()}, "steps": steps,
               "validation": {k: {"blocks": int(v.shape[0]), "seq_len": int(v.shape[1])} for k, v in evals.items()}}
-    return Plan(metric, GREEDY, n, layers, semantics, selection, scored.precision, search=search)
+    return Plan(metric, GREEDY, n, layers, semantics, selection, scored.precision, search=search,
+                fit=None if fit is None else {"method": fit})
 
 
 def _lowest(score: np.ndarray, mask: np.ndarray, count: int | None) -> list[int]:

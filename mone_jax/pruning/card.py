@@ -51,6 +51,8 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
                                     "validation_nll": {m: round(c["nll"], 6)
                                                        for m, c in plan.selection["candidates"].items()}}
+    if plan.fit:  # --fit: how the novices were fitted, and the validation loss before / after where measured
+        meta["fit"] = plan.fit
     if plan.search:  # --scope greedy: how the experts were searched
         meta["greedy_search"] = {k: plan.search[k] for k in ("candidates", "evaluations", "validation_nll_start",
                                                               "validation_nll")}
@@ -70,6 +72,10 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
                    f"and step by `{plan.metric}`): each step replaced the expert whose novice raised the validation "
                    f"loss least; {s['evaluations']} evaluations, mean token NLL {s['validation_nll_start']:.4f} -> "
                    f"{s['validation_nll']:.4f}.")
+    if f := plan.fit:
+        chosen += (f"\n\nThe novices were fitted (`--fit {f['method']}`)" + (
+            f": validation mean token NLL {f['validation_nll_before']:.4f} with plain means, "
+            f"{f['validation_nll_after']:.4f} fitted." if "validation_nll_after" in f else "."))
     body = f"""
 # Pruned with mone-jax {version}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from mone_jax.base.phases import phase
 
@@ -42,6 +43,8 @@ def run(args) -> None:
         plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
                                     seed=job.seed, n_group=n_group, semantics=job.semantics,
                                     progress=not args.quiet)
+        if job.fit:  # no validation data here: the fit alone is recorded
+            plan = replace(plan, fit={"method": job.fit})
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -71,6 +74,8 @@ def run(args) -> None:
         summary["metric_selection"] = selection_summary(plan.selection)
     if plan.search:
         summary["search"] = {k: v for k, v in plan.search.items() if k != "steps"}
+    if plan.fit:
+        summary["fit"] = plan.fit
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
     if args.quiet:  # errors only on stderr
         return
