@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--fit", default=None, choices=FITS,
-                   help="fit the novices: 'weighted', the routing-weighted mean sum g^2 y / sum g^2 (default: none, "
-                        "the plain mean)")
+                   help="fit the novices: 'weighted', the routing-weighted mean sum g^2 y / sum g^2; 'kd', "
+                        "distillation of novices, MoE routers and MoE-input norms to the original model on the "
+                        "calibration tokens, stopped early on the validation data (default: none, plain means)")
     semantics_arg(p)
     auto_args(p)
     p.set_defaults(run=prune_cmd.run)

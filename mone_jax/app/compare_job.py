@@ -188,7 +188,8 @@ def describe_search(search: dict) -> str:
 
 def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None,
                      candidates: str | None = None, lazy: bool = True):
-    """``prune --metric auto`` and / or ``--scope greedy``: (statistics, chosen plan). The model is loaded once;
+    """``prune --metric auto``, ``--scope greedy`` and / or ``--fit kd``: (statistics, chosen plan, the distilled
+    pruned model or None). The model is loaded once;
     the validation blocks are ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before
     calibrating on the rest (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`). With both, the
     metric is chosen at scope layer, then orders the greedy search's ``candidates`` (``lazy``: CELF)."""
@@ -199,6 +200,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if valid is not None:
         seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
+    if job.calib is None and job.fit == "kd":
+        raise UserError("--fit kd trains on calibration tokens, which reused statistics lack: give --calib")
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
             raise UserError("--metric auto with --stats needs validation data disjoint from the calibration: give "
@@ -241,21 +244,52 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
                            batch_size=batch_size, progress=progress, selection=plan.selection if plan else None,
                            fit=job.fit)
         plan.search["held_out"] = held_out
-    if job.fit:
+    if plan is None:  # --fit kd alone: the plan of the metric
+        from mone_jax.convert.criteria import plan_for
+
+        plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                    seed=job.seed, semantics=job.semantics, progress=progress)
+    student = None
+    if job.fit == "kd":
+        train = np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
+            np.asarray(b["attention_mask"]).all(1)] for b in cal.batches])
+        plan, student = distilled(model, stats, plan, train, evals, batch_size, job.seed, progress)
+    elif job.fit:
         plan = fitted(model, stats, plan, job.fit, evals, batch_size)
-    return stats, plan
+    return stats, plan, student
+
+
+def _valid_nll(model, evals: dict[str, np.ndarray], batch_size: int) -> float:
+    from mone_jax.evaluate.compare import evaluate, pooled
+
+    with silenced():
+        return pooled(evaluate(model, evals, batch_size))["nll"]
 
 
 def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], batch_size: int):
     """``plan`` with its novices fitted by ``fit``, recording the validation loss before (plain means) and after."""
-    from mone_jax.evaluate.compare import evaluate, pooled
     from mone_jax.pruning.transform import prune
 
-    loss = {}
-    for name, how in (("validation_nll_before", None), ("validation_nll_after", {"method": fit})):
-        with silenced():
-            loss[name] = pooled(evaluate(prune(model, stats, replace(plan, fit=how)), evals, batch_size))["nll"]
+    loss = {name: _valid_nll(prune(model, stats, replace(plan, fit=how)), evals, batch_size)
+            for name, how in (("validation_nll_before", None), ("validation_nll_after", {"method": fit}))}
     return replace(plan, fit={"method": fit, **loss})
+
+
+def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.ndarray], batch_size: int, seed: int,
+              progress: bool):
+    """(``plan`` recording the fit, the pruned model distilled from ``model``): :func:`~mone_jax.evaluate.distill.
+    distill` on the calibration blocks ``train``, stopping early on the validation blocks."""
+    from mone_jax.evaluate.distill import distill
+    from mone_jax.pruning.transform import prune
+
+    student = prune(model, stats, plan)
+    before = _valid_nll(student, evals, batch_size)
+    phase("fit", f"distilling novices, routers and MoE-input norms on {len(train)} calibration blocks (--fit kd)")
+    with silenced():
+        record = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
+                         seed=seed, progress=progress)
+    record.update(validation_nll_before=before, validation_nll_after=_valid_nll(student, evals, batch_size))
+    return replace(plan, fit=record), student
 
 
 def select_for_plan(args: argparse.Namespace):

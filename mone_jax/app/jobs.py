@@ -293,7 +293,7 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
     if args.stats:
         stats = Stats.load(args.stats)
         stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
-        if fit and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
+        if fit == "weighted" and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
             raise UserError(f"--fit {fit} needs the statistics {', '.join(sorted(lack))}, which '{args.stats}' "
                             "lacks (written by an older version): recalibrate")
     if args.plan:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SCOPES = ("layer", "model")
 GREEDY = "greedy"  # the scope of a plan searched on validation loss (mone_jax.evaluate.greedy), prune only
-FITS = ("weighted",)  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means)
+FITS = ("weighted", "kd")  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means); distillation
 MODES = ("substitute", "drop")
 # the word users see is the export format's: novices "substitution" (the old mode name "substitute" still works)
 MODE_NAMES = {"substitution": "substitute", "substitute": "substitute", "drop": "drop"}
@@ -53,8 +53,9 @@ class Plan:
 
     @property
     def fit_method(self) -> str | None:
-        """How the novices are fitted (``weighted``), None for the plain means."""
-        return None if self.fit is None else self.fit.get("method")
+        """How the statistics give the novices: ``weighted``, or None for the plain means (also the start of a
+        ``kd`` fit, whose tensors only its export holds)."""
+        return "weighted" if self.fit is not None and self.fit.get("method") == "weighted" else None
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:

@@ -26,17 +26,23 @@ def run(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
-    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None:  # calibrates on what validation leaves
+    student = None  # --fit kd: the distilled pruned model, exported as it is
+    if (job.metric == "auto" or job.scope == "greedy" or job.fit == "kd") and job.plan is None:  # uses validation
         from mone_jax.app.compare_job import describe_search, describe_selection, select_for_prune
 
-        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)" if job.metric == "auto"
-              else f"searching the experts greedily on validation loss ({job.metric} candidates)")
-        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8,
-                                       mesh, candidates=args.candidates, lazy=args.search == "lazy")
+        if job.metric == "auto" or job.scope == "greedy":
+            phase("plan", "choosing the metric with the lowest validation loss (--metric auto)"
+                  if job.metric == "auto" else f"searching the experts greedily on validation loss ({job.metric})")
+        stats, plan, student = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples,
+                                                args.batch_size or 8, mesh, candidates=args.candidates,
+                                                lazy=args.search == "lazy")
         if plan.selection:
             phase("plan", describe_selection(plan.selection))
         if plan.search:
             phase("plan", describe_search(plan.search))
+        if plan.fit and "validation_nll_after" in plan.fit:
+            phase("fit", f"--fit {plan.fit['method']}: validation loss {plan.fit['validation_nll_before']:.4f} -> "
+                         f"{plan.fit['validation_nll_after']:.4f}")
     else:
         stats = job.stats if job.calib is None else run_calibration(job.calib, mesh=mesh)
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
@@ -61,8 +67,14 @@ def run(args) -> None:
                          calibration=calibration, version=__version__)
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
-    summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
-                                out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    if student is None:
+        summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
+                                    out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    else:  # the fitted routers, norms and novices: the arrays the distilled model holds
+        from mone_jax.convert.export import export_model
+
+        summary = export_model(student, job.model, job.out, fmt=job.format.name, dtype=job.out_dtype,
+                               overwrite=job.overwrite, extra_files=extra)
     if c is not None:
         finish(c)
     if c is not None:  # what the tool chose by itself
