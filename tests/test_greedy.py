@@ -129,3 +129,5 @@ def test_refusals(tiny, capsys):
         assert main([*base, *extra]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp / "d").exists()
+    assert main(["plan", "--stats", "s", "--scope", "greedy", "--ratio", "0.5", "--plan-out", str(tmp / "p")]) == 2
+    assert "use `mone-jax prune --scope greedy`" in capsys.readouterr().err
