@@ -27,7 +27,7 @@ def run(args) -> None:
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
     student = None  # --fit kd: the distilled pruned model, exported as it is
-    if (job.metric == "auto" or job.scope == "greedy" or job.fit == "kd") and job.plan is None:  # uses validation
+    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None or job.fit == "kd":  # uses validation
         from mone_jax.app.compare_job import describe_search, describe_selection, select_for_prune
 
         if job.metric == "auto" or job.scope == "greedy":
