@@ -97,16 +97,18 @@ def export_from_stats(folder: str | Path, out_dir: str | Path, stats: Stats | No
     dt = resolve_dtype(dtype)
     novices = {i: {} if mode == "drop" else
                {e: v.astype(dt).astype(np.float32) for e, v in
-                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics))}
+                zip(lp.novices, stats.layers[i].novice_means(lp.novices, plan.semantics, plan.fit_method))}
                for i, lp in plan.layers.items()}
     return export_pruned(folder, out_dir, plan, novices, fmt=fmt, dtype=out_dtype, overwrite=overwrite,
                          extra_files=extra_files)
 
 
 def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str = "substitution",
-                 dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> dict:
+                 dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                 extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the arrays ``model`` (a :class:`~mone_jax.model.causal_lm.MoEForCausalLM`, pruned or not) holds, in
-    format ``fmt``; ``source_dir`` (the original checkpoint) gives config.json and the tokenizer files."""
+    format ``fmt``; ``source_dir`` (the original checkpoint) gives config.json and the tokenizer files;
+    ``extra_files`` as for :func:`export_pruned`."""
     from mone_jax.convert.state_dict import hf_state_dict  # imports flax
 
     f = export_format(fmt)
@@ -140,7 +142,7 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
     tensors.sort(key=lambda t: _natural_key(t.name))
     config = _out_config(cfg, fam, {i: sorted(ids) for i, (ids, _) in novices.items()}, f, dtype,
                          sorted(blocks), mc.num_experts)
-    files = write_export(out, src, tensors, config, f, max_shard_bytes)
+    files = write_export(out, src, tensors, config, f, max_shard_bytes, extra_files)
     return {"format": fmt, "out_dir": str(out), "layers": len(blocks),
             "params_after": sum(t.numel for t in tensors), "bytes_after": sum(t.nbytes for t in tensors),
             "files": files}

@@ -115,6 +115,8 @@ FIELDS_F64: dict[str, Callable[[Routed], np.ndarray]] = {
     "m2": lambda r: r.per_expert(lambda y, w, c: ((y - y.mean(0)) ** 2).sum(0)),
     "reap_sum": lambda r: r.per_expert(lambda y, w, c: (w * _norm(y)).sum()),
     "norm_sum": lambda r: r.per_expert(lambda y, w, c: _norm(y).sum()),
+    "wsq_sum": lambda r: r.per_expert(lambda y, w, c: (w**2).sum()),
+    "wsq_out_sum": lambda r: r.per_expert(lambda y, w, c: (w[:, None] ** 2 * y).sum(0)),
     "ref_count": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[0]),
     "ref_mean": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[1]),
     "ref_var": lambda r: r.per_expert(lambda y, w, c: _reference_calls(y, c)[2]),

@@ -326,3 +326,30 @@ def _hub(tmp_path: Path) -> Path:
 def _npy(tmp_path: Path, ids: np.ndarray) -> str:
     np.save(tmp_path / "ids.npy", ids, allow_pickle=True)
     return str(tmp_path / "ids.npy")
+
+
+def test_calibration_samples_text_not_documents(tmp_path: Path, tok: Tokenizer, tok_dir: Path) -> None:
+    """One huge document (no blank line in it) beside 1,000 small ones, a seventh of it all read: blocks fall in
+    the huge one in proportion to its tokens (reading by document, they fall in it all or never), and the record
+    counts the tokens each document gave."""
+    rng = random.Random(3)
+    huge = "\n".join(" ".join(rng.choices(WORDS, k=10)) for _ in range(600))
+    small = [" ".join(rng.choices(WORDS, k=2)) + "." for _ in range(1000)]  # a few tokens each
+    docs = small[:500] + [huge] + small[500:]
+    path = _write_txt(tmp_path / "lopsided.txt", docs)
+    sizes = [len(ids) + 1 for ids in _ids(tok, docs)]  # each document with its EOS
+    share = sizes[500] / sum(sizes)
+    assert 0.35 < share < 0.65 and max(sizes[:500] + sizes[501:]) <= 8
+    eos = tok.token_to_id(EOS)
+    inside = []
+    for seed in range(8):
+        blocks, record = data.token_blocks(str(path), tokenizer_dir=tok_dir, num_samples=40, seq_len=32, seed=seed)
+        runs = [len(run) for block in blocks.tolist() for run in np.split(block, np.flatnonzero(np.equal(block, eos)))]
+        inside.append(sum(n for n in runs if n > 8) / blocks.size)  # small documents give runs of a few tokens
+        counts = dict(map(tuple, record["tokens_per_document"]))
+        assert record["documents"] == len(counts) and record["largest_document_tokens"] == counts[500]
+        assert sum(counts.values()) == blocks.size - int((blocks == eos).sum())  # every token but EOS
+        assert abs(counts[500] / blocks.size - inside[-1]) < 0.05
+    print(inside, share)
+    assert 0.05 < min(inside) and max(inside) < 0.95
+    assert abs(np.mean(inside) - share) < 0.12

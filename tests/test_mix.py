@@ -11,7 +11,7 @@ import pytest
 
 import mone_jax
 from mone_jax.app.cli import main
-from mone_jax.app.data import load_token_blocks
+from mone_jax.app.data import token_blocks
 from mone_jax.app.mix import META_KEY, MixSource, allocate, parse_mix
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
@@ -79,13 +79,12 @@ def test_balanced_mix_counts_add_up_to_its_sources(sources, tmp_path):
                  str(seq), "--batch-size", "3", "--seed", "7", "--stats-out", str(tmp_path / "mix.safetensors"),
                  "--quiet"]) == 0  # 4 + 4 blocks in batches of 3: the last batch is padded, no block is lost
     mix = Stats.load(tmp_path / "mix.safetensors")
+    held = [token_blocks(str(src), tokenizer_dir=demo, num_samples=4, seq_len=seq, seed=7) for src in (python, bible)]
     assert json.loads(mix.meta[META_KEY]) == [
-        {"source": str(python), "share": 0.5, "blocks": 4, "tokens": 4 * seq},
-        {"source": str(bible), "share": 0.5, "blocks": 4, "tokens": 4 * seq}]
+        {"source": str(src), "share": 0.5, "blocks": 4, "tokens": 4 * seq, "documents": h["documents"],
+         "largest_document_tokens": h["largest_document_tokens"]} for src, (_, h) in zip((python, bible), held)]
     model = mone_jax.load_hf(demo, progress=False)
-    alone = [mone_jax.calibrate(model, _in_threes(load_token_blocks(str(src), tokenizer_dir=demo, num_samples=4,
-                                                                    seq_len=seq, seed=7)), progress=False)
-             for src in (python, bible)]
+    alone = [mone_jax.calibrate(model, _in_threes(ids), progress=False) for ids, _ in held]
     merged = alone[0].merge(alone[1])
     assert mix.tokens == merged.tokens == n * seq
     for i, s in mix.layers.items():

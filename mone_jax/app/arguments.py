@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; ``args.run(args)`` runs the parsed one."""
     from mone_jax import __version__
     from mone_jax.convert.formats import FORMATS
-    from mone_jax.pruning.planning import SCOPES
+    from mone_jax.pruning.planning import FITS, GREEDY, SCOPES
     from mone_jax.pruning.scoring import METRICS
 
     ap = _Parser(prog="mone-jax", description="MoNE expert pruning for MoE language models (JAX).")
@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--ratio", type=float, help="fraction of experts pruned, in [0, 1)")
         p.add_argument("--metric", default="mone", help=one_of((*METRICS, "auto"), "expert score")
                        + " ('auto': the lowest validation loss)")
-        p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies") +
-                       " ('layer': exactly N in every MoE layer; 'model': N x layers overall, at least one per layer)")
+        p.add_argument("--scope", default="layer", help=one_of((*SCOPES, GREEDY), "where the keep count applies") +
+                       " ('layer': exactly N in every MoE layer; 'model': N x layers overall, at least one per layer;"
+                       " 'greedy', prune only: N x layers overall, each novice the one that raises the validation "
+                       "loss least, at least top-k kept per layer)")
 
     def auto_args(p):
         p.add_argument("--valid", default=None, help="--metric auto: validation data disjoint from the calibration "
@@ -140,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--valid-fraction", type=float, default=0.1,
                        help="--metric auto without --valid: share of the calibration blocks held out (default 0.1)")
         p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
+        p.add_argument("--candidates", default="4", help="--scope greedy: the experts tried per layer and step, "
+                                                         "the lowest-scored by --metric, or 'all' (default 4)")
+        p.add_argument("--search", default="lazy", choices=["lazy", "exhaustive"],
+                       help="--scope greedy: 'lazy' measures again only the candidate whose earlier rise in loss "
+                            "is least (CELF), 'exhaustive' every candidate at every step")
 
     p = sub.add_parser("inspect", help="family, layers, experts and parameter counts of a checkpoint")
     p.add_argument("model", help="Hugging Face model folder, original or pruned, or a hub id ORG/NAME[@REVISION]")
@@ -196,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--fit", default=None, choices=FITS,
+                   help="fit the novices: 'weighted', the routing-weighted mean sum g^2 y / sum g^2; 'kd', "
+                        "distillation of novices, MoE routers and MoE-input norms to the original model on the "
+                        "calibration tokens, stopped early on the validation data (default: none, plain means)")
     semantics_arg(p)
     auto_args(p)
     p.set_defaults(run=prune_cmd.run)

@@ -12,10 +12,10 @@ import numpy as np
 
 from mone_jax.app.jobs import CalibJob, calib_job, checked_config, read_batches
 from mone_jax.base.errors import UserError
-from mone_jax.base.phases import phase
+from mone_jax.base.phases import phase, silenced
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
-from mone_jax.pruning.planning import check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import GREEDY, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 _NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
@@ -181,10 +181,20 @@ def selection_summary(selection: dict) -> dict:
             "validation_nll": {m: c["nll"] for m, c in selection["candidates"].items()}}
 
 
-def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None):
-    """``prune --metric auto``: (statistics, chosen plan). The model is loaded once; the validation blocks are
-    ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before calibrating on the rest
-    (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`)."""
+def describe_search(search: dict) -> str:
+    """One line on a ``--scope greedy`` search: evaluations, time, per-layer counts, validation loss."""
+    counts = "/".join(str(n) for n in search["kept_per_layer"].values())
+    return (f"greedy search: {search['evaluations']} evaluations in {search['seconds']:.0f} s; kept {counts} per MoE "
+            f"layer; validation loss {search['validation_nll_start']:.4f} -> {search['validation_nll']:.4f}")
+
+
+def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int, batch_size: int, mesh=None,
+                     candidates: str | None = None, lazy: bool = True):
+    """``prune --metric auto``, ``--scope greedy`` and / or ``--fit kd``: (statistics, chosen plan, the distilled
+    pruned model or None). The model is loaded once;
+    the validation blocks are ``--valid`` or carved from the calibration blocks (``--valid-fraction``) before
+    calibrating on the rest (on ``mesh``, default :func:`~mone_jax.app.pipeline.model_mesh`). With both, the
+    metric is chosen at scope layer, then orders the greedy search's ``candidates`` (``lazy``: CELF)."""
     from mone_jax.convert.load import load_hf
 
     progress = job.calib.progress if job.calib is not None else True
@@ -192,6 +202,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if valid is not None:
         seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
+    if job.calib is None and job.fit == "kd":
+        raise UserError("--fit kd trains on calibration tokens, which reused statistics lack: give --calib")
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
             raise UserError("--metric auto with --stats needs validation data disjoint from the calibration: give "
@@ -218,12 +230,68 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
 
         stats = run_calibration(cal, model=model, mesh=mesh)
     n_group = job.config.n_group if job.format.mode == "drop" else 1
-    plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=job.scope, seed=job.seed,
-                  n_group=n_group, weight_scores=weight_scores(job.model, None, progress), batch_size=batch_size,
-                  progress=progress)
-    plan.selection["held_out"] = ({"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids}
-                                  if valid is None else {"valid": valid})
-    return stats, plan
+    held_out = {"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids} if valid is None else {"valid": valid}
+    greedy = job.scope == GREEDY
+    scores = weight_scores(job.model, None if job.metric == "auto" else [job.metric], progress)
+    plan = None
+    if job.metric == "auto":
+        plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope="layer" if greedy else job.scope,
+                      seed=job.seed, n_group=n_group, weight_scores=scores, batch_size=batch_size, progress=progress)
+        plan.selection["held_out"] = held_out
+    if greedy:
+        from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
+
+        plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
+                           candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed, weight_scores=scores,
+                           batch_size=batch_size, progress=progress, selection=plan.selection if plan else None,
+                           fit=job.fit)
+        plan.search["held_out"] = held_out
+    if plan is None:  # --fit kd alone: the plan of the metric
+        from mone_jax.convert.criteria import plan_for
+
+        plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
+                                    seed=job.seed, semantics=job.semantics, progress=progress)
+    student = None
+    if job.fit == "kd":
+        train = np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
+            np.asarray(b["attention_mask"]).all(1)] for b in cal.batches])
+        plan, student = distilled(model, stats, plan, train, evals, batch_size, job.seed, progress)
+    elif job.fit:
+        plan = fitted(model, stats, plan, job.fit, evals, batch_size)
+    return stats, plan, student
+
+
+def _valid_nll(model, evals: dict[str, np.ndarray], batch_size: int) -> float:
+    from mone_jax.evaluate.compare import evaluate, pooled
+
+    with silenced():
+        return pooled(evaluate(model, evals, batch_size))["nll"]
+
+
+def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], batch_size: int):
+    """``plan`` with its novices fitted by ``fit``, recording the validation loss before (plain means) and after."""
+    from mone_jax.pruning.transform import prune
+
+    loss = {name: _valid_nll(prune(model, stats, replace(plan, fit=how)), evals, batch_size)
+            for name, how in (("validation_nll_before", None), ("validation_nll_after", {"method": fit}))}
+    return replace(plan, fit={"method": fit, **loss})
+
+
+def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.ndarray], batch_size: int, seed: int,
+              progress: bool):
+    """(``plan`` recording the fit, the pruned model distilled from ``model``): :func:`~mone_jax.evaluate.distill.
+    distill` on the calibration blocks ``train``, stopping early on the validation blocks."""
+    from mone_jax.evaluate.distill import distill
+    from mone_jax.pruning.transform import prune
+
+    student = prune(model, stats, plan)
+    before = _valid_nll(student, evals, batch_size)
+    phase("fit", f"distilling novices, routers and MoE-input norms on {len(train)} calibration blocks (--fit kd)")
+    with silenced():
+        record = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
+                         seed=seed, progress=progress)
+    record.update(validation_nll_before=before, validation_nll_after=_valid_nll(student, evals, batch_size))
+    return replace(plan, fit=record), student
 
 
 def select_for_plan(args: argparse.Namespace):

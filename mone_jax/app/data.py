@@ -4,10 +4,13 @@ token files, or the model's own samples.
 Text is tokenized with the model folder's tokenizer (no special tokens per document), documents
 are joined with the EOS token, and blocks are windows of that stream. Like the MoNE reference
 (zxgx/mode-pd `build_dataset`: stream a corpus, tokenize, concatenate, cut 4096-token blocks),
-only as much text is tokenized as the blocks need. For calibration (the default) the documents
-are read in a seeded random order and the windows sit at seeded random non-overlapping offsets;
-``contiguous=True`` gives consecutive blocks from the start of the data in its own order, for
-perplexity.
+only as much text is tokenized as the blocks need. For calibration (the default) the text is read
+in a seeded random order of pieces, a long document being cut (at line or word breaks) into pieces
+of about one block, so that every token has the same chance to be drawn whatever the document sizes
+(a file of one huge and many small documents is sampled by text, not by document), and the windows
+sit at seeded random non-overlapping offsets; ``contiguous=True`` gives consecutive blocks from the
+start of the data in its own order, whole documents, for perplexity. :func:`token_blocks` also says
+how many tokens of each document the blocks hold.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ _HUB_SHUFFLE_BUFFER = 10_000  # documents held by the streaming shuffle of a hub
 _BATCH_CHARS = 1 << 18  # most characters handed to the tokenizer per call
 _CHARS_PER_TOKEN = 8  # generous bound, so a batch rarely holds much more text than the blocks need
 _PROGRESS_MIN_TOKENS = 1 << 20  # show a progress bar from this many tokens on
+META_KEY = "calibration_data"  # statistics file metadata: token_blocks' record of one text source, as JSON
+_PIECE_MIN_TOKENS = 256  # calibration cuts documents into pieces of ~max(seq_len, this) tokens...
+_PIECE_CHARS_PER_TOKEN = 4  # ...counted as this many characters each
 
 
 def load_token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num_samples: int = 128,
@@ -54,16 +60,28 @@ def load_token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num
     seq_len, seed)`` draws them from the model). The same arguments give the same blocks.
     When the data holds fewer than ``num_samples`` blocks, all it holds are returned with a warning.
     """
+    return token_blocks(spec, tokenizer_dir=tokenizer_dir, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                        text_field=text_field, vocab_size=vocab_size, sampler=sampler, contiguous=contiguous)[0]
+
+
+def token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num_samples: int = 128,
+                 seq_len: int = 2048, seed: int = 0, text_field: str = "text", vocab_size: int | None = None,
+                 sampler: Callable[[int, int, int], np.ndarray] | None = None,
+                 contiguous: bool = False) -> tuple[np.ndarray, dict]:
+    """:func:`load_token_blocks` and the record of what the blocks hold: ``tokens``, and for text
+    ``documents`` (how many documents have tokens in the blocks), ``largest_document_tokens`` and
+    ``tokens_per_document`` ([[document index in reading order of the data, tokens], ...], the most first)."""
     if num_samples < 1 or seq_len < 1:
         raise UserError(f"--num-samples ({num_samples}) and --seq-len ({seq_len}) must be positive")
     if vocab_size is not None and vocab_size < 1:
         raise UserError(f"vocab_size ({vocab_size}) must be positive")
     rng = None if contiguous else np.random.default_rng(seed)
+    record: dict = {}
     if spec == "self":
         blocks = _sampled_blocks(sampler, num_samples, seq_len, seed)
     elif spec.startswith("hf:"):
         docs = _hub_documents(spec, text_field, None if contiguous else seed)
-        blocks = _text_blocks(docs, spec, tokenizer_dir, num_samples, seq_len, rng)
+        blocks, record = _text_blocks(docs, spec, tokenizer_dir, num_samples, seq_len, rng)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -71,9 +89,11 @@ def load_token_blocks(spec: str, *, tokenizer_dir: str | Path | None = None, num
         if path.is_file() and path.name.endswith(".npy"):
             blocks = _npy_blocks(path, num_samples, seq_len, rng)
         else:
-            docs = _local_documents(path, text_field, rng)
-            blocks = _text_blocks(docs, spec, tokenizer_dir, num_samples, seq_len, rng)
-    return token_ids(blocks, vocab_size, spec)
+            piece = None if rng is None else _PIECE_CHARS_PER_TOKEN * max(seq_len, _PIECE_MIN_TOKENS)
+            docs = _local_documents(path, text_field, rng, piece)
+            blocks, record = _text_blocks(docs, spec, tokenizer_dir, num_samples, seq_len, rng)
+    blocks = token_ids(blocks, vocab_size, spec)
+    return blocks, {"tokens": int(blocks.size), **record}
 
 
 def _sampled_blocks(sampler: Callable[[int, int, int], np.ndarray] | None, num_samples: int,
@@ -108,8 +128,9 @@ def _npy_blocks(path: Path, num_samples: int, seq_len: int, rng: np.random.Gener
     return np.asarray(ids[:_block_count(ids.shape[0], num_samples, str(path)), :seq_len])
 
 
-def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[object]:
-    """Documents of a streamed hub dataset ``hf:NAME[:CONFIG][:SPLIT]``, shuffled when ``seed`` is given."""
+def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[tuple[int, object]]:
+    """(index, document) of a streamed hub dataset ``hf:NAME[:CONFIG][:SPLIT]``, shuffled (with a streaming
+    buffer, by document) when ``seed`` is given."""
     import datasets
 
     parts = spec[3:].split(":")
@@ -125,11 +146,11 @@ def _hub_documents(spec: str, text_field: str, seed: int | None) -> Iterator[obj
         raise UserError(f"cannot load hub dataset {spec!r}: {_first_line(e)}") from e
     if seed is not None:
         ds = ds.shuffle(seed=seed, buffer_size=_HUB_SHUFFLE_BUFFER)
-    for example in ds:
+    for i, example in enumerate(ds):
         if text_field not in example:
             raise UserError(f"{spec} has no field {text_field!r} (fields: {', '.join(example)}); "
                             "choose it with text_field (--text-field on the command line)")
-        yield example[text_field]
+        yield i, example[text_field]
 
 
 def _check_hub_reachable(spec: str) -> None:
@@ -146,8 +167,10 @@ def _check_hub_reachable(spec: str) -> None:
                         f"({e.strerror or e}); check the network, or download the data and give its files") from None
 
 
-def _local_documents(path: Path, text_field: str, rng: np.random.Generator | None) -> Iterator[object]:
-    """Documents of a local file or folder, in a ``rng`` permutation or, without one, in file order."""
+def _local_documents(path: Path, text_field: str, rng: np.random.Generator | None,
+                     piece: int | None = None) -> Iterator[tuple[int, object]]:
+    """(index, document) of a local file or folder in file order or, with ``rng``, (index, piece) in a ``rng``
+    permutation of the pieces of at most about ``piece`` characters the documents are cut into."""
     import datasets
 
     if path.is_file():
@@ -183,10 +206,34 @@ def _local_documents(path: Path, text_field: str, rng: np.random.Generator | Non
         part = part.select_columns([field])
         parts.append(part if field == "text" else part.rename_column(field, "text"))
     ds = datasets.concatenate_datasets(parts)
-    order = np.arange(len(ds)) if rng is None else rng.permutation(len(ds))
-    step = 1024
-    for start in range(0, len(order), step):
-        yield from ds[order[start:start + step].tolist()]["text"]
+    if rng is None or piece is None:
+        order = np.arange(len(ds)) if rng is None else rng.permutation(len(ds))
+        for start in range(0, len(order), 1024):
+            rows = order[start:start + 1024].tolist()
+            yield from zip(rows, ds[rows]["text"])
+        return
+    counts = np.array([-(-len(t) // piece) if isinstance(t, str) else 1 for t in ds["text"]], dtype=np.int64)
+    counts = np.maximum(counts, 1)
+    ends = np.cumsum(counts)
+    for unit in rng.permutation(int(ends[-1])).tolist():
+        row = int(np.searchsorted(ends, unit, side="right"))
+        text = ds[row]["text"]
+        yield row, text if counts[row] == 1 else _piece(text, int(unit - ends[row] + counts[row]), int(counts[row]))
+
+
+def _piece(text: str, k: int, n: int) -> str:
+    """Piece ``k`` of ``n`` of ``text``: equal shares, each cut moved back to the last line break (else space)
+    in the half share before it."""
+    def cut(j: int) -> int:
+        if j in (0, n):
+            return 0 if j == 0 else len(text)
+        target = j * len(text) // n
+        floor = target - len(text) // (2 * n)
+        at = text.rfind("\n", floor, target)
+        at = text.rfind(" ", floor, target) if at < 0 else at
+        return target if at < 0 else at + 1
+
+    return text[cut(k):cut(k + 1)]
 
 
 def _builder(path: Path) -> str | None:
@@ -195,13 +242,20 @@ def _builder(path: Path) -> str | None:
     return next((b for suffix, b in _BUILDERS.items() if name.endswith(suffix)), None)
 
 
-def _text_blocks(docs: Iterable[object], source: str, tokenizer_dir: str | Path | None, num_samples: int,
-                 seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Tokenize documents until the blocks (plus a quarter for random offsets) are covered; cut them."""
+def _text_blocks(docs: Iterable[tuple[int, object]], source: str, tokenizer_dir: str | Path | None,
+                 num_samples: int, seq_len: int, rng: np.random.Generator | None) -> tuple[np.ndarray, dict]:
+    """Tokenize documents until the blocks (plus a quarter for random offsets) are covered; cut them. Also the
+    tokens per document they hold (:func:`token_blocks`)."""
     tokenizer = load_tokenizer(tokenizer_dir, source)
     need = num_samples * seq_len + (0 if rng is None else num_samples * seq_len // 4)
-    stream = _token_stream(docs, tokenizer, need, source)
-    return _windows(stream, num_samples, seq_len, rng, source)
+    stream, origin = _token_stream(docs, tokenizer, need, source)
+    starts = _window_starts(len(stream), num_samples, seq_len, rng, source)
+    used = origin[starts[:, None] + np.arange(seq_len)]
+    doc, tokens = np.unique(used[used >= 0], return_counts=True)
+    top = np.argsort(-tokens, kind="stable")
+    return (np.asarray(stream[starts[:, None] + np.arange(seq_len)]),
+            {"documents": int(doc.size), "largest_document_tokens": int(tokens.max(initial=0)),
+             "tokens_per_document": [[int(doc[i]), int(tokens[i])] for i in top]})
 
 
 def load_tokenizer(tokenizer_dir: str | Path | None, source: str = "the text"):
@@ -239,11 +293,14 @@ def _tokenizer_class(folder: Path) -> str | None:
     return cls if isinstance(cls, str) else None
 
 
-def _token_stream(docs: Iterable[object], tokenizer, need: int, source: str) -> np.ndarray:
-    """EOS-joined token ids of the leading documents, stopping once ``need`` tokens are collected."""
+def _token_stream(docs: Iterable[tuple[int, object]], tokenizer, need: int, source: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """EOS-joined token ids of the leading documents, stopping once ``need`` tokens are collected, and the
+    index of the document each comes from (-1 for the EOS between documents)."""
     eos = tokenizer.eos_token_id
     texts = _texts(docs, source)
     pieces: list[list[int]] = []
+    owners: list[int] = []
     total = 0
     with tqdm(total=need, unit="tok", desc="tokenizing", leave=False,
               disable=need < _PROGRESS_MIN_TOKENS) as bar:
@@ -251,10 +308,12 @@ def _token_stream(docs: Iterable[object], tokenizer, need: int, source: str) -> 
             batch = _take_chars(texts, min(_BATCH_CHARS, _CHARS_PER_TOKEN * (need - total)))
             if not batch:
                 break
-            for ids in _encode(tokenizer, batch):
+            for (owner, _), ids in zip(batch, _encode(tokenizer, [text for _, text in batch])):
                 if pieces:
                     pieces.append([eos])
+                    owners.append(-1)
                 pieces.append(ids)
+                owners.append(owner)
                 added = len(ids) + (len(pieces) > 1)
                 bar.update(min(added, need - total))
                 total += added
@@ -262,27 +321,28 @@ def _token_stream(docs: Iterable[object], tokenizer, need: int, source: str) -> 
                     break
     if total == 0:
         raise UserError(f"{source} holds no text")
-    return np.fromiter((t for piece in pieces for t in piece), dtype=np.int64, count=total)
+    origin = np.repeat(np.array(owners, dtype=np.int64), [len(p) for p in pieces])[:total]
+    return np.fromiter((t for piece in pieces for t in piece), dtype=np.int64, count=total), origin
 
 
-def _texts(docs: Iterable[object], source: str) -> Iterator[str]:
-    """The documents stripped, skipping empty ones; refuse values that are not text."""
-    for doc in docs:
+def _texts(docs: Iterable[tuple[int, object]], source: str) -> Iterator[tuple[int, str]]:
+    """The (index, document)s stripped, skipping empty ones; refuse values that are not text."""
+    for i, doc in docs:
         if doc is None:
             continue
         if not isinstance(doc, str):
             raise UserError(f"{source} has a {type(doc).__name__} where text was expected; choose the text field")
         if doc := doc.strip():
-            yield doc
+            yield i, doc
 
 
-def _take_chars(texts: Iterator[str], budget: int) -> list[str]:
-    """The next texts, up to the first that brings their length to ``budget`` characters."""
-    batch: list[str] = []
+def _take_chars(texts: Iterator[tuple[int, str]], budget: int) -> list[tuple[int, str]]:
+    """The next (index, text)s, up to the first that brings their length to ``budget`` characters."""
+    batch: list[tuple[int, str]] = []
     size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
+    for item in texts:
+        batch.append(item)
+        size += len(item[1])
         if size >= budget:
             break
     return batch
@@ -295,16 +355,23 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _windows(stream: np.ndarray, num_samples: int, seq_len: int, rng: np.random.Generator | None,
              source: str) -> np.ndarray:
-    """Non-overlapping windows of a 1-D stream: consecutive from the start without ``rng``, else at
-    uniformly random offsets (sorted points in the slack, spread by one block each)."""
-    if len(stream) < seq_len:
-        raise UserError(f"{source} holds {len(stream)} tokens, fewer than one block of {seq_len}; "
+    """Non-overlapping windows of a 1-D stream (:func:`_window_starts`)."""
+    starts = _window_starts(len(stream), num_samples, seq_len, rng, source)
+    return np.asarray(stream[starts[:, None] + np.arange(seq_len)])
+
+
+def _window_starts(length: int, num_samples: int, seq_len: int, rng: np.random.Generator | None,
+                   source: str) -> np.ndarray:
+    """Starts of non-overlapping windows of a stream of ``length``: consecutive from the start without ``rng``,
+    else at uniformly random offsets (sorted points in the slack, spread by one block each)."""
+    if length < seq_len:
+        raise UserError(f"{source} holds {length} tokens, fewer than one block of {seq_len}; "
                         "give more data or lower --seq-len")
-    count = _block_count(len(stream) // seq_len, num_samples, source)
+    count = _block_count(length // seq_len, num_samples, source)
     starts = np.arange(count) * seq_len
     if rng is not None:
-        starts += np.sort(rng.integers(0, len(stream) - count * seq_len + 1, size=count))
-    return np.asarray(stream[starts[:, None] + np.arange(seq_len)])
+        starts += np.sort(rng.integers(0, length - count * seq_len + 1, size=count))
+    return starts
 
 
 def _block_count(available: int, num_samples: int, source: str) -> int:

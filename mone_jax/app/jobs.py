@@ -21,7 +21,7 @@ from mone_jax.convert.export import check_quantized_export
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.pruning.planning import SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import GREEDY, SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -65,7 +65,8 @@ class CalibJob:
     scale: ScaleOptions
     progress: bool
     semantics: str = "exact"  # stats.SEMANTICS, recorded in the statistics
-    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks and tokens
+    mix: tuple[dict, ...] = ()  # a calibration mix: per source its source, share, blocks, tokens and documents
+    data: dict | None = None  # one text source: the tokens per document its blocks hold (data.token_blocks)
     batch_given: bool = False  # batch_size from --batch-size (else chosen here: auto_batch_size)
 
 
@@ -91,6 +92,7 @@ class PruneJob:
     overwrite: bool
     ratio: float | None = None  # the requested pruned fraction, when given as one
     semantics: str = "exact"  # of the plan made here (stats.SEMANTICS)
+    fit: str | None = None  # --fit: how the novices are fitted (planning.FITS)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -157,7 +159,8 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
         return replace(job, batches=_batches(job, ids), mix=tuple(record))
     phase("data", f"reading {job.calib}" + ("" if raw_npy or calib.endswith(".npy") else
                                             f" into {job.num_samples} blocks of {job.seq_len} tokens"))
-    return CalibJob(**{**vars(job), "batches": read_batches(job, raw_npy=raw_npy)})
+    ids, record = read_blocks(job, raw_npy=raw_npy)
+    return replace(job, batches=_batches(job, ids), data=record if "documents" in record else None)
 
 
 def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions) -> int:
@@ -183,6 +186,12 @@ def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOpti
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:
     """Calibration token blocks cut into batches of ``batch_size``; a ``.npy`` given without --num-samples /
     --seq-len is used as it is."""
+    return _batches(job, read_blocks(job, sampler, raw_npy=raw_npy)[0])
+
+
+def read_blocks(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray, dict]:
+    """Calibration token blocks (:func:`read_batches`) and what they hold (:func:`~mone_jax.app.data.token_blocks`;
+    empty for a raw .npy)."""
     cfg = job.config
     if raw_npy:
         path = Path(job.calib)
@@ -192,12 +201,11 @@ def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple
             ids = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise UserError(f"'{job.calib}' is not a plain .npy array ({e})") from None
-    else:
-        from mone_jax.app.data import load_token_blocks  # tokenizers and datasets: only when needed
+        return ids, {}
+    from mone_jax.app.data import token_blocks  # tokenizers and datasets: only when needed
 
-        ids = load_token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
-                                seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
-    return _batches(job, ids)
+    return token_blocks(job.calib, tokenizer_dir=job.model, num_samples=job.num_samples, seq_len=job.seq_len,
+                        seed=job.seed, text_field=job.text_field, vocab_size=cfg.vocab_size, sampler=sampler)
 
 
 def _batches(job: CalibJob, ids: np.ndarray) -> tuple[np.ndarray | dict, ...]:
@@ -254,11 +262,15 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             check_quantized_export(model, fmt.name, args.out_dtype)
     problems.raise_any()
     semantics = check_semantics(getattr(args, "semantics", "exact"))
+    fit = getattr(args, "fit", None)
     stats = plan = None
     keep = 0
     if args.stats:
         stats = Stats.load(args.stats)
         stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
+        if fit == "weighted" and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
+            raise UserError(f"--fit {fit} needs the statistics {', '.join(sorted(lack))}, which '{args.stats}' "
+                            "lacks (written by an older version): recalibrate")
     if args.plan:
         plan = Plan.load(args.plan).validate(cfg, fmt.mode)
     else:
@@ -269,7 +281,22 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
         args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
     return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
                     args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
-                    semantics)
+                    semantics, fit)
+
+
+def _check_greedy(args: argparse.Namespace, semantics: str) -> None:
+    """Refuse what ``--scope greedy`` cannot do, before any work."""
+    from mone_jax.evaluate.greedy import parse_candidates
+
+    parse_candidates(args.candidates)
+    if args.plan:
+        raise UserError("--plan fixes the kept experts: drop --scope greedy")
+    if semantics != "exact":
+        raise UserError("--scope greedy judges its candidates under exact semantics: drop --semantics")
+    if export_format(args.format).mode == "drop":
+        raise UserError("--scope greedy judges experts replaced by their novices, which a drop export does not hold "
+                        "(it removes the experts' router columns and renormalises the routing): use --format "
+                        "substitution or modepd, or --scope layer for drop")
 
 
 def _prune_option_problems(args: argparse.Namespace, problems: Problems, calib: str | None, ratio: float | None,
@@ -287,8 +314,17 @@ def _prune_option_problems(args: argparse.Namespace, problems: Problems, calib: 
         if args.metric == "auto" and semantics != "exact":
             raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
                             "--semantics reference, or drop --semantics")
-    if args.scope not in SCOPES:
-        problems.add(f"unknown scope '{args.scope}': use one of {', '.join(SCOPES)}")
+    if args.scope not in (*SCOPES, GREEDY):
+        problems.add(f"unknown scope '{args.scope}': use one of {', '.join((*SCOPES, GREEDY))}")
+    elif args.scope == GREEDY:
+        with problems.check():
+            _check_greedy(args, check_semantics(getattr(args, "semantics", "exact")))
+    fit = getattr(args, "fit", None)
+    if fit and fmt is not None and fmt.mode == "drop":
+        problems.add(f"--fit {fit} fits novices, which a {fmt.name} export does not hold: drop --fit or use "
+                     "--format substitution or modepd")
+    if fit and getattr(args, "semantics", "exact") != "exact":
+        problems.add(f"--fit {fit} fits exact statistics: drop --semantics")
     if args.plan and (args.keep is not None or ratio is not None):
         problems.add("--plan fixes the kept experts: drop --keep / --ratio")
     if args.keep is None and ratio is None and not args.plan:

@@ -108,14 +108,16 @@ def allocate(mix: tuple[MixSource, ...], num_samples: int) -> list[int]:
 def mix_blocks(mix: tuple[MixSource, ...], *, tokenizer_dir, num_samples: int, seq_len: int, seed: int,
                text_field: str, vocab_size: int | None) -> tuple[np.ndarray, list[dict]]:
     """Token blocks [N, seq_len] of every source in turn, and the record of the mix: per source its
-    ``source``, ``share``, ``blocks`` and ``tokens``."""
-    from mone_jax.app.data import load_token_blocks
+    ``source``, ``share``, ``blocks`` and ``tokens``, and for text ``documents`` and ``largest_document_tokens``
+    (:func:`~mone_jax.app.data.token_blocks`)."""
+    from mone_jax.app.data import token_blocks
 
     parts, record = [], []
     for m, n in zip(mix, allocate(mix, num_samples)):
-        ids = load_token_blocks(m.source, tokenizer_dir=tokenizer_dir, num_samples=n, seq_len=seq_len, seed=seed,
-                                text_field=m.text_field or text_field, vocab_size=vocab_size)
+        ids, held = token_blocks(m.source, tokenizer_dir=tokenizer_dir, num_samples=n, seq_len=seq_len, seed=seed,
+                                 text_field=m.text_field or text_field, vocab_size=vocab_size)
         parts.append(ids)
         record.append({"source": m.source, "share": round(m.share, 6), "blocks": int(ids.shape[0]),
-                       "tokens": int(ids.size)})
+                       "tokens": int(ids.size),
+                       **{k: held[k] for k in ("documents", "largest_document_tokens") if k in held}})
     return np.concatenate(parts), record

@@ -49,6 +49,7 @@ def run_calibration(job, model=None, mesh=None):
     """Statistics of a :class:`~mone_jax.app.jobs.CalibJob`: the model loaded layer by layer onto the mesh
     (``mesh``, default :func:`model_mesh`), or streamed with --sequential; an already loaded ``model`` is used
     as it is."""
+    from mone_jax.app.data import META_KEY as DATA_KEY
     from mone_jax.app.hub import origin
     from mone_jax.app.jobs import read_batches
     from mone_jax.app.mix import META_KEY as MIX_KEY
@@ -89,6 +90,8 @@ def run_calibration(job, model=None, mesh=None):
             stats.meta.update(source_model=hub["repo"], source_revision=hub["revision"])
         if job.mix:  # the statistics record the calibration mix (mone_jax.app.mix)
             stats.meta[MIX_KEY] = json.dumps(list(job.mix))
+        if job.data:  # and the tokens per document of one text source (mone_jax.app.data.token_blocks)
+            stats.meta[DATA_KEY] = json.dumps(job.data)
         return stats
     finally:
         if ckpt is not None:

@@ -55,6 +55,17 @@ def process_start() -> float:
     return time.monotonic() - age if 0 <= age < time.monotonic() - _imported + 3600 else _imported
 
 
+@contextmanager
+def silenced() -> Iterator[None]:
+    """No phase lines for the length of a block (steps repeated many times under one progress bar)."""
+    global _on
+    before, _on = _on, False
+    try:
+        yield
+    finally:
+        _on = before
+
+
 def enabled() -> bool:
     return _on
 

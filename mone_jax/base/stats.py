@@ -66,6 +66,10 @@ FIELDS = (
           row=lambda y, w: w * ((y * y).sum(-1)) ** 0.5),
     Field("norm_sum", "sum", "output_norm_sum", optional=True,  # MAN: ||raw output||_2
           row=lambda y, w: ((y * y).sum(-1)) ** 0.5),
+    # --fit weighted: the novice minimising the routing-weighted squared error, sum g^2 y / sum g^2
+    Field("wsq_sum", "sum", "routing_weight_sq_sum", optional=True, row=lambda y, w: w * w),
+    Field("wsq_out_sum", "sum", "weighted_output_sum", per_dim=True, optional=True,
+          row=lambda y, w: (w * w)[:, None] * y),
     # --semantics reference (docs/formats.md): the zxgx/mode-pd recurrence, one batch = one call
     Field("ref_count", "ref_count", "reference_count", optional=True),  # tokens it counts
     Field("ref_mean", "ref_mean", "reference_mean", per_dim=True, optional=True),  # its running mean
@@ -127,10 +131,15 @@ class LayerStats(namedtuple("_LayerStats", NAMES)):
         fields treat ``other`` (a batch fresh from the device) as one call of :func:`reference_call`."""
         return LayerStats(*chan_merge(self, other))._replace(**reference_call(self, other))
 
-    def novice_means(self, ids, semantics: str = "exact") -> np.ndarray:
+    def novice_means(self, ids, semantics: str = "exact", fit: str | None = None) -> np.ndarray:
         """float32 [len(ids), d]: each expert's mean raw output (zeros if it never ran); under ``reference``
-        semantics the reference's running mean rounded to bfloat16, as its checkpoints store novices."""
+        semantics the reference's running mean rounded to bfloat16, as its checkpoints store novices;
+        ``fit="weighted"``: the routing-weighted mean ``sum g^2 y / sum g^2``, the constant that minimises the
+        squared error ``sum (g y - g c)^2`` of the expert's weighted contribution."""
         ids = np.asarray(ids, np.int64)
+        if fit == "weighted":
+            wsq = self.wsq_sum[ids][:, None]
+            return np.where(wsq > 0, self.wsq_out_sum[ids] / np.where(wsq > 0, wsq, 1.0), 0.0).astype(np.float32)
         if semantics == "reference":
             return self.ref_mean[ids].astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
         return self.mean[ids].astype(np.float32)

@@ -149,14 +149,16 @@ def select(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], *,
     names = list(METRICS if metrics is None else metrics)
     steps = Steps("auto", len(names), "candidate metrics", bar=progress)
     for m in names:
+        t0 = time.perf_counter()
         plans[m] = plan_of(stats, m, weight_scores, keep=keep, scope=scope, seed=seed, n_group=n_group)
-        losses[m] = pooled(evaluate(prune(model, stats, plans[m], mode=mode), evals, batch_size))
+        losses[m] = {**pooled(evaluate(prune(model, stats, plans[m], mode=mode), evals, batch_size)),
+                     "seconds": time.perf_counter() - t0}
         steps.step(f"{m}, NLL {losses[m]['nll']:.4f}")
     steps.close()
     best = min(losses, key=lambda m: losses[m]["nll"])
     record = {"chosen": best, "mode": mode, "seed": seed, "criterion": "validation mean token NLL",
               "validation": {k: {"blocks": int(v.shape[0]), "seq_len": int(v.shape[1])} for k, v in evals.items()},
-              "candidates": {m: {"nll": r["nll"], "perplexity": r["perplexity"], "tokens": r["tokens"]}
-                             for m, r in losses.items()}}
+              "candidates": {m: {"nll": r["nll"], "perplexity": r["perplexity"], "tokens": r["tokens"],
+                                 "seconds": r["seconds"]} for m, r in losses.items()}}
     p = plans[best]
     return Plan(best, p.scope, p.keep, p.layers, selection=record)

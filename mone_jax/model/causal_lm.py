@@ -193,6 +193,21 @@ class MoEBlock(nnx.Module):
         self.shared = MLP(d, fs, dtype, rngs) if fs else None
         self.shared_gate = normal_param(rngs, (d, 1), dtype) if fs and cfg.shared_expert_gate else None
         self.sow_router = False
+        self.novice_mask = nnx.data(None)  # searchable (set_novice_mask): Buffer [E] bool, the experts as novices
+        self.novice_table = nnx.data(None)  # and Buffer [E, d] float32, every expert's novice vector
+
+    def set_novice_mask(self, table: jax.Array, mask: jax.Array) -> None:
+        """Make an unpruned block searchable: the experts of ``mask`` [E] bool act as their novice vectors
+        ``table`` [E, d], as a substitution plan would make them, while every expert keeps its weights, so
+        that any subset gives arrays of the same shapes (one compiled program for a whole search)."""
+        if self.num_kept != self.cfg.num_experts:
+            raise ValueError("only an unpruned block can be searched")
+        self.novice_table = Buffer(jnp.asarray(table, jnp.float32))
+        self.novice_mask = Buffer(jnp.asarray(mask, bool))
+
+    def clear_novice_mask(self) -> None:
+        """Back to an ordinary block (:meth:`set_novice_mask` undone)."""
+        self.novice_mask = self.novice_table = None
 
     def experts(self) -> Experts:
         if self.gate_up_bias is None:
@@ -225,15 +240,21 @@ class MoEBlock(nnx.Module):
         # original ids -> compact rows of kept experts; novices go to the skip id (the row count)
         if E > K:
             slot = jnp.full((E,), rows, jnp.int32).at[self.kept_ids[:K]].set(jnp.arange(K, dtype=jnp.int32))
+        elif self.novice_mask is not None:  # searchable: masked experts go to the skip id, their novices below
+            slot = jnp.where(self.novice_mask[...], rows, jnp.arange(E, dtype=jnp.int32))
         mesh = jax.sharding.get_abstract_mesh()
         parallel = EXPERT in mesh.manual_axes  # inside the calibration steps' shard_map
         fn = partial(expert_parallel_dispatch, mesh=mesh) if parallel else dispatch
-        y, stats = fn(xt, slot[ids] if E > K else ids, w, self.experts(), impl=impl, block=block,
+        mapped = E > K or self.novice_mask is not None
+        y, stats = fn(xt, slot[ids] if mapped else ids, w, self.experts(), impl=impl, block=block,
                       stats_mask=None if stats_mask is None else stats_mask.reshape(-1), glu=self.glu())
         if stats is not None:  # local expert rows under shard_map; else padding rows dropped here
             self.sow(nnx.Intermediate, "stats", stats if parallel else LayerStats(*(a[:K] for a in stats)))
-        if E > K:  # novices: weights scattered to [T, E] times the novice vectors (zero rows for kept experts)
-            table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
+        if E > K or self.novice_mask is not None:  # novices: weights scattered to [T, E] times the novice vectors
+            if E > K:  # (zero rows for kept experts)
+                table = jnp.zeros((E, d), jnp.float32).at[self.novice_ids[...]].set(self.novice_values[...])
+            else:
+                table = jnp.where(self.novice_mask[...][:, None], self.novice_table[...], 0.0)
             dense_w = jnp.zeros((B * T, E), jnp.float32).at[jnp.arange(B * T)[:, None], ids].add(w)
             y = y + jnp.dot(dense_w, table).astype(y.dtype)
         if self.shared is not None:

@@ -188,7 +188,7 @@ def _moments(y, m, w, total: Callable, per_row: Callable = lambda a: a) -> Layer
     values = {"count": n, "mean": mean, "m2": total(jnp.square(dev) * m[:, None])}
     def value(f):
         if f.kind == "sum":
-            return total(m * f.row(y, w))
+            return total((m[:, None] if f.per_dim else m) * f.row(y, w))
         if f.kind in values:
             return values[f.kind]
         return jnp.zeros_like(mean if f.per_dim else n)  # host-only (reference) fields

@@ -54,6 +54,11 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
                                     "validation_nll": {m: round(c["nll"], 6)
                                                        for m, c in plan.selection["candidates"].items()}}
+    if plan.fit:  # --fit: how the novices were fitted, and the validation loss before / after where measured
+        meta["fit"] = plan.fit
+    if plan.search:  # --scope greedy: how the experts were searched
+        meta["greedy_search"] = {k: plan.search[k] for k in ("candidates", "evaluations", "validation_nll_start",
+                                                              "validation_nll")}
     front = "\n".join(["---", "library_name: transformers", "tags: [mone-jax, mixture-of-experts, expert-pruning]",
                        "mone_jax:", *(f"  {k}: {json.dumps(v)}" for k, v in meta.items()), "---"])
     novices = {i: list(lp.novices) for i, lp in plan.layers.items()}
@@ -65,6 +70,15 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         losses = ", ".join(f"`{m}` {v:.4f}" for m, v in sel["validation_nll"].items())
         chosen = (f"\n\nThe metric was chosen by `--metric auto`: `{sel['chosen']}` gave the lowest validation loss "
                   f"(mean token NLL: {losses}).")
+    if s := plan.search:
+        chosen += (f"\n\nThe novices were searched greedily (`--scope greedy`, {s['candidates']} candidates per layer "
+                   f"and step by `{plan.metric}`): each step replaced the expert whose novice raised the validation "
+                   f"loss least; {s['evaluations']} evaluations, mean token NLL {s['validation_nll_start']:.4f} -> "
+                   f"{s['validation_nll']:.4f}.")
+    if f := plan.fit:
+        chosen += (f"\n\nThe novices were fitted (`--fit {f['method']}`)" + (
+            f": validation mean token NLL {f['validation_nll_before']:.4f} with plain means, "
+            f"{f['validation_nll_after']:.4f} fitted." if "validation_nll_after" in f else "."))
     body = f"""
 # Pruned with mone-jax {version}
 

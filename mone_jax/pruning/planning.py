@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from mone_jax.base.stats import Stats
 
 SCOPES = ("layer", "model")
+GREEDY = "greedy"  # the scope of a plan searched on validation loss (mone_jax.evaluate.greedy), prune only
+FITS = ("weighted", "kd")  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means); distillation
 MODES = ("substitute", "drop")
 # the word users see is the export format's: novices "substitution" (the old mode name "substitute" still works)
 MODE_NAMES = {"substitution": "substitute", "substitute": "substitute", "drop": "drop"}
@@ -46,6 +48,14 @@ class Plan:
     semantics: str = "exact"  # stats.SEMANTICS: how scores, thresholds and novices were / are made
     selection: dict | None = None  # --metric auto: every candidate's validation loss and the chosen one
     precision: str | None = None  # the matmul precision of the statistics scored (their meta), when recorded
+    search: dict | None = None  # --scope greedy: evaluations spent, per-layer counts, each step's loss
+    fit: dict | None = None  # --fit: {"method": "weighted", ...validation loss before / after where measured}
+
+    @property
+    def fit_method(self) -> str | None:
+        """How the statistics give the novices: ``weighted``, or None for the plain means (also the start of a
+        ``kd`` fit, whose tensors only its export holds)."""
+        return "weighted" if self.fit is not None and self.fit.get("method") == "weighted" else None
 
     @classmethod
     def from_dict(cls, d: dict | Plan) -> Plan:
@@ -73,8 +83,12 @@ class Plan:
         if semantics not in ("exact", "reference"):
             raise UserError(f"the plan's semantics '{semantics}' is unknown (exact, reference): {_REMAKE}")
         precision = d.get("precision") if isinstance(d.get("precision"), str) else None
+        search = d.get("search") if isinstance(d.get("search"), dict) else None
+        fit = d.get("fit")
+        if fit is not None and (not isinstance(fit, dict) or fit.get("method") not in FITS):
+            raise UserError(f"the plan's fit {fit!r} is unknown (a fit method: {', '.join(FITS)}): {_REMAKE}")
         return cls(d.get("metric"), d.get("scope"), keep if isinstance(keep, int) else None, dict(sorted(out.items())),
-                   semantics, selection, precision)
+                   semantics, selection, precision, search, fit)
 
     def to_dict(self) -> dict:
         """The JSON layout of docs/formats.md (layer keys as strings)."""
@@ -89,6 +103,10 @@ class Plan:
         if self.precision is not None:
             head["precision"] = self.precision
         out = {**head, "layers": layers}
+        if self.search is not None:
+            out["search"] = self.search
+        if self.fit is not None:  # plans without a fit keep their layout
+            out["fit"] = self.fit
         return out if self.selection is None else {**out, "selection": self.selection}
 
     @classmethod

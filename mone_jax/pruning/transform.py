@@ -32,7 +32,7 @@ def prune_params(params: dict, stats: Stats, plan: Plan, *, mode: str = "substit
         new["kept_ids"] = kept
         new["novice_ids"] = nov
         dtype = blk["gate_up"].dtype
-        new["novice_values"] = stats.layers[i].novice_means(nov, plan.semantics).astype(dtype)
+        new["novice_values"] = stats.layers[i].novice_means(nov, plan.semantics, plan.fit_method).astype(dtype)
         if mode == "drop":
             new["router"] = blk["router"][:, kept]
             for name in ("router_bias", "score_bias"):  # per-expert router entries

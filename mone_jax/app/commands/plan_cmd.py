@@ -16,6 +16,9 @@ def run(args) -> None:
     from mone_jax.pruning.scoring import metric
 
     known_metric(args.metric)
+    if args.scope == "greedy":
+        raise UserError("--scope greedy searches on the model with its calibration and validation data: use "
+                        "`mone-jax prune --scope greedy` (its --plan-out writes the plan)")
     opts = dict(keep=args.keep, ratio=args.ratio, scope=args.scope, seed=args.seed, semantics=args.semantics)
     if args.metric == "auto" and args.semantics != "exact":
         raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "

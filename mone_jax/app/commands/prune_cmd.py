@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from mone_jax.base.phases import phase
 
@@ -27,19 +28,31 @@ def run(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
-    if job.metric == "auto" and job.plan is None:  # calibrates on what the validation split leaves
-        from mone_jax.app.compare_job import describe_selection, select_for_prune
+    student = None  # --fit kd: the distilled pruned model, exported as it is
+    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None or job.fit == "kd":  # uses validation
+        from mone_jax.app.compare_job import describe_search, describe_selection, select_for_prune
 
-        phase("plan", "choosing the metric with the lowest validation loss (--metric auto)")
-        stats, plan = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples, args.batch_size or 8,
-                                       mesh)
-        phase("plan", describe_selection(plan.selection))
+        if job.metric == "auto" or job.scope == "greedy":
+            phase("plan", "choosing the metric with the lowest validation loss (--metric auto)"
+                  if job.metric == "auto" else f"searching the experts greedily on validation loss ({job.metric})")
+        stats, plan, student = select_for_prune(job, args.valid, args.valid_fraction, args.valid_samples,
+                                                args.batch_size or 8, mesh, candidates=args.candidates,
+                                                lazy=args.search == "lazy")
+        if plan.selection:
+            phase("plan", describe_selection(plan.selection))
+        if plan.search:
+            phase("plan", describe_search(plan.search))
+        if plan.fit and "validation_nll_after" in plan.fit:
+            phase("fit", f"--fit {plan.fit['method']}: validation loss {plan.fit['validation_nll_before']:.4f} -> "
+                         f"{plan.fit['validation_nll_after']:.4f}")
     else:
         stats = job.stats if job.calib is None else run_calibration(job.calib, mesh=mesh)
         phase("plan", f"scoring experts ({job.metric}, scope {job.scope})" if job.plan is None else "the given plan")
         plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
                                     seed=job.seed, n_group=n_group, semantics=job.semantics,
                                     progress=args.progress)
+        if job.fit:  # no validation data here: the fit alone is recorded
+            plan = replace(plan, fit={"method": job.fit})
     if not is_writer():
         return
     if job.stats_out:  # before the export: a failed export does not lose the calibration
@@ -49,15 +62,23 @@ def run(args) -> None:
     kept = plan_summary(plan, job.config.num_experts, job.ratio)
     c = job.calib
     calibration = ({"data": "none (weights-only metric)"} if stats is None else {"data": "reused statistics"}
-                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {})})
+                   if c is None else {"data": c.calib, "seed": c.seed, **({"mix": list(c.mix)} if c.mix else {}),
+                                      **{k: c.data[k] for k in ("documents", "largest_document_tokens")
+                                         if c.data and k in c.data}})
     hub = origin(job.model)  # a hub model: its id and commit, not the cache folder
     extra = folder_files(source=hub["repo"] if hub else job.model, out=str(job.out), plan=plan, stats=stats,
                          fmt=job.format, kept=kept, calibration=calibration, version=__version__,
                          source_revision=hub and hub["revision"])
     # streamed from the source checkpoint shard by shard: the pruned model is never assembled in memory
     phase("export", f"writing the {job.format.name} checkpoint to '{job.out}'")
-    summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
-                                out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    if student is None:
+        summary = export_from_stats(job.model, job.out, stats, plan, fmt=job.format.name, dtype=job.dtype,
+                                    out_dtype=job.out_dtype, overwrite=job.overwrite, extra_files=extra)
+    else:  # the fitted routers, norms and novices: the arrays the distilled model holds
+        from mone_jax.convert.export import export_model
+
+        summary = export_model(student, job.model, job.out, fmt=job.format.name, dtype=job.out_dtype,
+                               overwrite=job.overwrite, extra_files=extra)
     if c is not None:
         finish(c)
     if c is not None:  # what the tool chose by itself
@@ -69,6 +90,10 @@ def run(args) -> None:
         from mone_jax.app.compare_job import selection_summary
 
         summary["metric_selection"] = selection_summary(plan.selection)
+    if plan.search:
+        summary["search"] = {k: v for k, v in plan.search.items() if k != "steps"}
+    if plan.fit:
+        summary["fit"] = plan.fit
     print(json.dumps({**summary, "plan": kept}, indent=1))  # stdout: JSON only, for scripts
     if args.quiet:  # errors only on stderr
         return
