@@ -11,6 +11,7 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 from __future__ import annotations
 
 import functools
+import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,8 @@ class _Filler:
         spec = tuple((src.swap, jnp.dtype(var.get_value().dtype)) for var, src in self.pending)
         values, finite = _convert(raws, spec, tuple(shardings))
         del raws
-        if not all(np.asarray(finite)):
-            key = self.pending[list(np.asarray(finite)).index(False)][1].key
+        if not all(finite):
+            key = self.pending[finite.index(False)][1].key
             raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
                             "corrupt; re-download it")
         for (var, _), value in zip(self.pending, values):
@@ -152,17 +153,41 @@ class _Filler:
 def _whole(reader: CheckpointReader, key: str) -> Callable[[tuple], np.ndarray]:
     """``tensor[index]``, the tensor read once however many devices ask for it (replicated tensors)."""
     got: list[np.ndarray] = []
-
     shape = reader.shape(key)
 
     def read(idx: tuple) -> np.ndarray:
         if all(s.indices(n) == (0, n, 1) for s, n in zip(idx, shape)):
             if not got:
-                got.append(reader.get(key))
+                got.append(_read(reader, key))
             return got[0]
         return reader.get_slice(key, idx)
 
     return read
+
+
+def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An empty array in its own anonymous mapping (page-aligned, so JAX adopts it on CPU without a copy;
+    transparent huge pages where the kernel offers them: far fewer page faults while it is filled)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n < 1 << 21:
+        raw = np.empty(n + 64, np.uint8)
+        start = -raw.ctypes.data % 64
+        return raw[start:start + n].view(dtype).reshape(shape)
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype).reshape(shape)
+
+
+def _read(reader: CheckpointReader, key: str) -> np.ndarray:
+    """Tensor ``key`` in aligned memory, copied once from the file where stored as plain floats."""
+    dtype = reader.dtype(key)
+    if dtype.kind not in "fV":
+        return reader.get(key)
+    out = _aligned(reader.shape(key), dtype)
+    reader.get_into(key, out)
+    return out
 
 
 def _sharding(mesh: Mesh | None, expert: bool) -> jax.sharding.Sharding:
@@ -197,24 +222,42 @@ def _lazy_array(src: _Source, sharding: jax.sharding.Sharding, multiple: int) ->
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
-def _convert_jit(raws, spec, shardings):
-    outs, finite = [], []
-    for x, (swap, dtype) in zip(raws, spec):
-        ok = jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-        y = jnp.swapaxes(x, -1, -2) if swap else x
-        outs.append(jax.lax.with_sharding_constraint(y.astype(dtype), shardings[len(outs)]))
-        finite.append(ok)
-    return outs, jnp.stack(finite)
+def _sum(x):
+    """A float32 sum: NaN / Inf anywhere show in it (an overflow too: then the exact check decides)."""
+    return jnp.sum(x, dtype=jnp.float32) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32(0)
 
 
-def _convert(raws, spec, shardings):
-    """Each raw array in its declared dtype and layout, and whether each was finite: one compiled step."""
+@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
+def _convert_jit(changed, kept, spec, shardings):
+    outs = [jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding)
+            for x, (swap, dtype), sharding in zip(changed, spec, shardings)]
+    return outs, jnp.stack([_sum(x) for x in (*changed, *kept)])
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
+def _convert(raws, spec, shardings) -> tuple[list[jax.Array], list[bool]]:
+    """Each raw array in its declared dtype and layout (one already so is kept as it is: no copy), and whether
+    each was finite: one compiled step (a float32 sum per array; the exact check only where a sum is not
+    finite)."""
     import warnings
 
+    keep = [not swap and x.dtype == dtype for x, (swap, dtype) in zip(raws, spec)]
+    order = [i for i, k in enumerate(keep) if not k] + [i for i, k in enumerate(keep) if k]
+    n = keep.count(False)
     with warnings.catch_warnings():  # donated buffers that XLA cannot reuse (a cast, a transpose) are fine
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        return _convert_jit(list(raws), spec, shardings)
+        changed, sums = _convert_jit([raws[i] for i in order[:n]], [raws[i] for i in order[n:]],
+                                     tuple(spec[i] for i in order[:n]), tuple(shardings[i] for i in order[:n]))
+    outs: list = [None] * len(raws)
+    for i, y in zip(order, [*changed, *(raws[i] for i in order[n:])]):
+        outs[i] = y
+    ok = np.empty(len(raws), bool)
+    ok[order] = np.isfinite(np.asarray(sums))
+    return outs, [bool(k) or bool(_all_finite(y)) for k, y in zip(ok, outs)]
 
 
 def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
@@ -234,9 +277,8 @@ def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
     g, u, d = (f"{p}.{n}.weight" for n in names)
-    rows = f.r.shape(g)[0]
-    f.add(m.gate_up, _Source(g, (rows + f.r.shape(u)[0], f.r.shape(g)[1]),
-                             lambda idx: np.concatenate([f.r.get(g), f.r.get(u)])[idx], swap=True))
+    f.add(m.gate_up, _Source(g, (f.r.shape(g)[0] + f.r.shape(u)[0], *f.r.shape(g)[1:]),
+                             lambda idx: _stack(f.r, [[g, u]])[0][idx], swap=True))
     f.t(m.down, d)
 
 
@@ -287,22 +329,25 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
-def _stack_into(parts) -> np.ndarray:
-    """np.stack of the arrays ``parts`` yields, each copied once into the result (allocated at the first)."""
-    out = None
-    for i, (n, a) in enumerate(parts):
-        if out is None:
-            out = np.empty((n, *a.shape), a.dtype)
-        out[i] = a
+def _stack(reader: CheckpointReader, groups: list[list[str]]) -> np.ndarray:
+    """[len(groups), rows, ...]: per group, its tensors' rows one after the other (gate rows, then up rows),
+    each copied once from the file into aligned memory."""
+    shapes = [reader.shape(k) for k in groups[0]]
+    rows = np.cumsum([0] + [s[0] for s in shapes])
+    first = reader.dtype(groups[0][0])
+    out = _aligned((len(groups), int(rows[-1]), *shapes[0][1:]), first if first.kind in "fV" else np.float32)
+    for i, keys in enumerate(groups):
+        for j, key in enumerate(keys):
+            reader.get_into(key, out[i, rows[j]:rows[j + 1]])
     return out
 
 
 def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
                    num_experts: int, which: int, dtype=np.float32) -> _Source:
     """The routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``: gate_up
-    (``which`` 0) or down (1), read expert by expert for the rows asked. Hub and transformers layouts are
-    read as stored ([K, 2f, d] gate rows then up rows, [K, d, f]) and swapped on device; GPT-OSS (maybe MXFP4,
-    dequantized to ``dtype``) is read in the model's layout."""
+    (``which`` 0) or down (1), read expert by expert for the rows asked. The model holds them as the hub and
+    transformers layouts store them ([K, 2f, d] gate rows then up rows, [K, d, f]): a copy, no transpose.
+    GPT-OSS's [K, d, 2f] (interleaved; maybe MXFP4, dequantized to ``dtype``) is swapped on device."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     K = len(kept)
     if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
@@ -313,39 +358,29 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
             w = _gpt_oss_weight(reader, key, kept[idx[0]], num_experts, dtype)
             return (_deinterleave(w) if which == 0 else w)[(slice(None), *idx[1:])]
 
-        return _Source(key, (K, *one.shape), read)
+        return _Source(key, (K, *one.shape), read, swap=True)
     if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
         key = f"{pre}.{('gate_up_proj', 'down_proj')[which]}"
         rows = _stored_rows(reader, key, kept, num_experts)
         return _Source(key, (K, *reader.shape(key)[1:]),
-                       lambda idx: _get_rows(reader, key, rows[idx[0]])[(slice(None), *idx[1:])], swap=True)
-    if which == 0:
-        g0, u0 = (reader.shape(fam.expert_key(layer, disk[0], j)) for j in (0, 1))
-        shape = (K, g0[0] + u0[0], g0[1])
-
-        def read(idx):
-            ids = disk[idx[0]]
-            parts = ((len(ids), np.concatenate([reader.get(fam.expert_key(layer, e, 0)),
-                                                reader.get(fam.expert_key(layer, e, 1))])) for e in ids)
-            return _stack_into(parts)[(slice(None), *idx[1:])]
-
-        return _Source(fam.expert_key(layer, disk[0], 0), shape, read, swap=True)
-    key = fam.expert_key(layer, disk[0], 2)
-    return _Source(key, (K, *reader.shape(key)),
-                   lambda idx: _stack_into((len(disk[idx[0]]), reader.get(fam.expert_key(layer, e, 2)))
-                                           for e in disk[idx[0]])[(slice(None), *idx[1:])], swap=True)
+                       lambda idx: _get_rows(reader, key, rows[idx[0]])[(slice(None), *idx[1:])])
+    parts = (0, 1) if which == 0 else (2,)
+    shapes = [reader.shape(fam.expert_key(layer, disk[0], j)) for j in parts]
+    return _Source(fam.expert_key(layer, disk[0], parts[0]), (K, sum(s[0] for s in shapes), *shapes[0][1:]),
+                   lambda idx: _stack(reader, [[fam.expert_key(layer, e, j) for j in parts]
+                                               for e in disk[idx[0]]])[(slice(None), *idx[1:])])
 
 
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
                    num_experts: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``, as
-    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
+    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer`` as
+    [in, out] matrices: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
     to ``dtype``, others in their stored dtype. Biases are not part of them."""
     out = []
     for which in (0, 1):
         src = _expert_source(reader, fam, layer, kept, disk, num_experts, which, dtype)
         a = src.read(tuple(slice(None) for _ in src.shape))
-        out.append(a.swapaxes(-1, -2) if src.swap else a)
+        out.append(a if src.swap else a.swapaxes(-1, -2))  # the source gives [K, in, out] where it swaps
     return out[0], out[1]
 
 
