@@ -256,14 +256,19 @@ def main() -> None:
     print(f"plain read (warm) {read:.2f} GB/s, plain write {write:.2f} GB/s")
     print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | export GB | note |")
     print("|---|---|---|---|---|---|---|---|---|")
+    failed = []
     for mode in args.modes.split(","):
         out = root / f"out-{mode}"
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
         print(row(mode, r, ckpt, ids.size), flush=True)
+        if r["rc"] != 0 and not r["refusal"]:
+            failed.append(mode)
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep_checkpoint:
         shutil.rmtree(root, ignore_errors=True)
+    if failed:  # killed or crashed (a refusal with advice is a result)
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
         raise UserError(f"the model ({mc.model_type}, {mc.num_layers} layers, hidden {mc.hidden_size}) is not a "
                         f"model of '{src}': pass the checkpoint it was loaded from")
     _check_out_dir(src, out, overwrite)
+    import jax
+    from flax import nnx
+
+    if not all(a.is_fully_addressable for a in jax.tree.leaves(nnx.state(model)) if isinstance(a, jax.Array)):
+        raise UserError("the model is spread over several processes, and an export from it would gather it on one: "
+                        "export from the source checkpoint instead (export_from_stats / export_pruned stream it "
+                        "file by file, as `mone-jax prune` does)")
     blocks = model.moe_blocks()
     kept = {i: [int(e) for e in np.asarray(b.kept_ids[...])] for i, b in blocks.items()}
     novices = {i: (np.asarray(b.novice_ids[...]).tolist(), np.asarray(b.novice_values[...], np.float32))

@@ -21,9 +21,9 @@ TINY = ["--hidden", "64", "--head-dim", "16", "--experts", "8", "--top-k", "2", 
 BENCHES = {  # name -> (script, arguments, what stdout must say)
     "calibration": ("calib_bench.py", [*TINY, "--family", "qwen3_moe", "--impls", "scan", "--dtypes", "float32",
                                        "--prune-ratios", "0.5", "--json", "out.json"], "ours / PyTorch"),
-    "memory at scale": ("scale_bench.py", ["--dir", "scale", "--layers", "2", "--hidden", "64", "--experts", "4",
-                                           "--top-k", "2", "--expert-ffn", "32", "--vocab", "256", "--tokens", "256",
-                                           "--batch-size", "1"], "statistics identical: True"),
+    "memory at scale": ("scale_bench.py", ["--shape", "custom", "--dir", "scale", "--layers", "2", "--hidden", "64",
+                                           "--experts", "4", "--top-k", "2", "--expert-ffn", "32", "--vocab", "256",
+                                           "--tokens", "128", "--seq-len", "32", "--modes", "bf16,seq"], "| seq | "),
     "self-calibration": ("self_calib_bench.py", ["--baseline", "HEAD", "--num-samples", "2", "--seq-len", "16",
                                                  "--reps", "1"], "same per-expert token counts"),
 }
