@@ -52,6 +52,7 @@ def export_pruned(
     cfg, fam = _source_config(src, dtype, max_shard_bytes)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
+        reader.check_finite = False  # bytes copied as stored (a model's weights are checked where it is loaded)
         layers = _checked_plan(plan, cfg, fam, reader, f).layers
         if f.mode != "drop":
             _check_novices(layers, novices, cfg)
@@ -239,6 +240,7 @@ def _plan_tensors(
     fused = {layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.([^.]+)") for layer in layers}
     router_rows = {key for layer in layers for key in fam.router_rows(layer)}
     tensors = []
+    buf = _Buffer()
 
     def cast(dt: np.dtype) -> np.dtype:
         return out_dtype if out_dtype is not None and dt in _FLOATS else dt
@@ -252,7 +254,7 @@ def _plan_tensors(
         m = re.match(r"model\.layers\.(\d+)\.", key)
         layer = int(m[1]) if m and int(m[1]) in layers else None
         if layer is None:
-            add(key, shape, dt, _reader_get(reader, key))
+            add(key, shape, dt, _reader_get(reader, key, buf))
             continue
         lp = layers[layer]
         if pe := per_expert[layer].fullmatch(key):
@@ -261,7 +263,7 @@ def _plan_tensors(
                 counts["expert_params_removed"] += numel
             else:
                 name = f"{fam.moe_prefix(layer)}.experts.{f.disk_index(lp.kept, e)}.{pe[2]}"
-                add(name, shape, dt, _reader_get(reader, key))
+                add(name, shape, dt, _reader_get(reader, key, buf))
         elif fused[layer].fullmatch(key) or (f.mode == "drop" and key in router_rows):
             # the expert axis: first, but last in ERNIE-4.5's [1, E] score-correction bias
             last = fam.score_bias_2d and key == fam.score_bias_key(layer)
@@ -274,9 +276,9 @@ def _plan_tensors(
             elif lp.novices:
                 add(key, (len(lp.kept), *shape[1:]), dt, _reader_rows(reader, key, lp.kept))
             else:
-                add(key, shape, dt, _reader_get(reader, key))
+                add(key, shape, dt, _reader_get(reader, key, buf))
         else:
-            add(key, shape, dt, _reader_get(reader, key))
+            add(key, shape, dt, _reader_get(reader, key, buf))
 
     if f.novice_key is not None:
         for layer, lp in layers.items():
@@ -290,8 +292,29 @@ def _plan_tensors(
     return tensors, counts
 
 
-def _reader_get(reader: CheckpointReader, key: str) -> Callable[[], np.ndarray]:
-    return lambda: reader.get(key)
+class _Buffer:
+    """One reusable host buffer: each source tensor is read into it with one pread and written out before the
+    next is read (no allocation, page faults or mapped pages per tensor)."""
+
+    def __init__(self):
+        self.raw = np.empty(0, np.uint8)
+
+    def read(self, reader: CheckpointReader, key: str) -> np.ndarray:
+        dtype, shape = reader.dtype(key), reader.shape(key)
+        if dtype not in _FLOATS:  # anything else as the reader gives it
+            return reader.get(key)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self.raw.size < n:
+            self.raw = np.empty(n, np.uint8)
+        out = self.raw[:n].view(dtype).reshape(shape)
+        reader.get_into(key, out)
+        return out
+
+
+def _reader_get(reader: CheckpointReader, key: str, buf: _Buffer | None = None) -> Callable[[], np.ndarray]:
+    if buf is None:
+        return lambda: reader.get(key)
+    return lambda: buf.read(reader, key)
 
 
 def _reader_rows(reader: CheckpointReader, key: str, rows: list[int]) -> Callable[[], np.ndarray]:

@@ -86,6 +86,7 @@ class _Source:
     shape: tuple[int, ...]
     read: Callable[[tuple], np.ndarray]
     swap: bool = False
+    parts: tuple[str, ...] = ()  # every checkpoint tensor it is made of (default: ``key``)
 
     def model_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.swap else self.shape
@@ -142,7 +143,11 @@ class _Filler:
         values, finite = _convert(raws, spec, tuple(shardings))
         del raws
         if not all(finite):
-            key = self.pending[finite.index(False)][1].key
+            src = self.pending[finite.index(False)][1]
+            self.r.check_finite = True  # the reader names the tensor that holds them
+            for key in src.parts or (src.key,):
+                self.r.get(key) if key in self.r else None
+            key = src.key
             raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
                             "corrupt; re-download it")
         for (var, _), value in zip(self.pending, values):
@@ -278,7 +283,7 @@ def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
     g, u, d = (f"{p}.{n}.weight" for n in names)
     f.add(m.gate_up, _Source(g, (f.r.shape(g)[0] + f.r.shape(u)[0], *f.r.shape(g)[1:]),
-                             lambda idx: _stack(f.r, [[g, u]])[0][idx], swap=True))
+                             lambda idx: _stack(f.r, [[g, u]])[0][idx], swap=True, parts=(g, u)))
     f.t(m.down, d)
 
 
@@ -315,11 +320,16 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return vals.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
 
 
-def _gpt_oss_weight(reader: CheckpointReader, key: str, kept: list[int], num_experts: int, dtype) -> np.ndarray:
-    """Retained experts' [K, in, out] GPT-OSS weight ``key``: plain, or MXFP4 ``key_blocks`` / ``key_scales``."""
+def _gpt_oss_rows(reader: CheckpointReader, key: str, kept: list[int], num_experts: int) -> list[int]:
+    """Stored rows of the retained experts ``kept`` of GPT-OSS weight ``key`` (plain or MXFP4)."""
+    return _stored_rows(reader, key if f"{key}_blocks" not in reader else f"{key}_blocks", kept, num_experts)
+
+
+def _gpt_oss_weight(reader: CheckpointReader, key: str, rows: list[int], dtype) -> np.ndarray:
+    """Stored rows ``rows`` of GPT-OSS weight ``key`` as [n, in, out]: plain, or MXFP4 ``key_blocks`` /
+    ``key_scales`` dequantized to ``dtype``."""
     if f"{key}_blocks" not in reader:
-        return _fused_rows(reader, key, kept, num_experts)
-    rows = _stored_rows(reader, f"{key}_blocks", kept, num_experts)
+        return _get_rows(reader, key, rows)
     return np.stack([mxfp4_dequantize(reader.get_slice(f"{key}_blocks", r), reader.get_slice(f"{key}_scales", r))
                      .astype(dtype) for r in rows])
 
@@ -352,10 +362,11 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
     K = len(kept)
     if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
         key = f"{pre}.{('gate_up_proj', 'down_proj')[which]}"
-        one = _gpt_oss_weight(reader, key, kept[:1], num_experts, dtype)[0]
+        rows = _gpt_oss_rows(reader, key, kept, num_experts)
+        one = _gpt_oss_weight(reader, key, rows[:1], dtype)[0]
 
         def read(idx):
-            w = _gpt_oss_weight(reader, key, kept[idx[0]], num_experts, dtype)
+            w = _gpt_oss_weight(reader, key, rows[idx[0]], dtype)
             return (_deinterleave(w) if which == 0 else w)[(slice(None), *idx[1:])]
 
         return _Source(key, (K, *one.shape), read, swap=True)
@@ -368,7 +379,8 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
     shapes = [reader.shape(fam.expert_key(layer, disk[0], j)) for j in parts]
     return _Source(fam.expert_key(layer, disk[0], parts[0]), (K, sum(s[0] for s in shapes), *shapes[0][1:]),
                    lambda idx: _stack(reader, [[fam.expert_key(layer, e, j) for j in parts]
-                                               for e in disk[idx[0]]])[(slice(None), *idx[1:])])
+                                               for e in disk[idx[0]]])[(slice(None), *idx[1:])],
+                   parts=tuple(fam.expert_key(layer, e, j) for e in disk for j in parts))
 
 
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
