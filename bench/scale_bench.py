@@ -59,8 +59,27 @@ def config(s: dict) -> dict:
             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True}
 
 
+FP8_BLOCK = 128
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}  # DeepSeek-V3's release
+
+
+def fp8(tensors: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
+    """Block-FP8 as DeepSeek-V3 ships it: every projection weight of a decoder layer (not norms, routers,
+    embeddings or head) in float8_e4m3fn with a float32 ``_scale_inv`` per 128 x 128 block (partial at the
+    edges, e.g. kv_a_proj_with_mqa's 576 rows)."""
+    out = []
+    for name, shape, fill in tensors:
+        if name.endswith("_proj.weight") and fill == "normal":
+            out += [(name, shape, "fp8"), (f"{name}_scale_inv", tuple(-(-n // FP8_BLOCK) for n in shape), "scale")]
+        else:
+            out.append((name, shape, fill))
+    return out
+
+
 def layer_tensors(s: dict, i: int) -> list[tuple[str, tuple, str]]:
-    """(name, shape, fill) of decoder layer ``i``; fill: normal (bf16), ones (bf16), zeros (float32)."""
+    """(name, shape, fill) of decoder layer ``i``; fill: normal (bf16), ones (bf16), zeros (float32); with
+    ``s["fp8"]`` the projections in block FP8 (:func:`fp8`)."""
     d, f, E, H, p = s["hidden"], s["expert_ffn"], s["experts"], s["heads"], f"model.layers.{i}"
     out = [(f"{p}.input_layernorm.weight", (d,), "ones"), (f"{p}.post_attention_layernorm.weight", (d,), "ones")]
     if s["family"] == "olmoe":
@@ -86,14 +105,14 @@ def layer_tensors(s: dict, i: int) -> list[tuple[str, tuple, str]]:
             x = f"{p}.mlp.experts.{e}"
             out += [(f"{x}.gate_proj.weight", (f, d), "normal"), (f"{x}.up_proj.weight", (f, d), "normal"),
                     (f"{x}.down_proj.weight", (d, f), "normal")]
-    return out
+    return fp8(out) if s.get("fp8") else out
 
 
 class Pool:
     """Random N(0, 0.02^2) bf16 values streamed into files from a fixed pool (fast, never a whole tensor)."""
 
-    def __init__(self, n: int = 1 << 24):
-        self.vals = (np.random.default_rng(0).standard_normal(n, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    def __init__(self, n: int = 1 << 24, dtype=ml_dtypes.bfloat16, std: float = 0.02):
+        self.vals = (np.random.default_rng(0).standard_normal(n, np.float32) * std).astype(dtype)
         self.raw = self.vals.view(np.uint8)
         self.off = 0
 
@@ -107,20 +126,26 @@ class Pool:
 
 def write_shard(path: Path, tensors: list[tuple[str, tuple, str]], pool: Pool) -> dict[str, str]:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
+    stored = {"zeros": ("F32", 4), "scale": ("F32", 4), "fp8": ("F8_E4M3", 1)}
     for name, shape, fill in tensors:
-        n = int(np.prod(shape)) * (4 if fill == "zeros" else 2)
-        header[name] = {"dtype": "F32" if fill == "zeros" else "BF16", "shape": list(shape),
-                        "data_offsets": [offset, offset + n]}
+        dtype, size = stored.get(fill, ("BF16", 2))
+        n = int(np.prod(shape)) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     one = np.ones(1, ml_dtypes.bfloat16).tobytes()
+    scale = np.full(1, 0.02 / 2, np.float32).tobytes()  # e4m3 values of N(0, 2^2) times this: N(0, 0.02^2)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for _, shape, fill in tensors:
             n = int(np.prod(shape))
             if fill == "normal":
                 pool.write(f, 2 * n)
+            elif fill == "fp8":
+                pool.fp8.write(f, n)
+            elif fill == "scale":
+                f.write(scale * n)
             else:
                 f.write(one * n if fill == "ones" else bytes(4 * n))
     return {name: path.name for name, _, _ in tensors}
@@ -130,6 +155,7 @@ def write_checkpoint(folder: Path, s: dict) -> int:
     """The random checkpoint, one shard per layer plus one for the embeddings and head; its weight bytes."""
     folder.mkdir(parents=True)
     pool, weight_map = Pool(), {}
+    pool.fp8 = Pool(dtype=ml_dtypes.float8_e4m3fn, std=2.0)
     d, V = s["hidden"], s["vocab"]
     weight_map |= write_shard(folder / "model-embed.safetensors", [
         ("model.embed_tokens.weight", (V, d), "normal"), ("model.norm.weight", (d,), "ones"),
@@ -139,7 +165,8 @@ def write_checkpoint(folder: Path, s: dict) -> int:
     total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config(s), indent=1))
+    cfg = config(s) | ({"quantization_config": FP8_CONFIG} if s.get("fp8") else {})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return total
 
 
@@ -233,6 +260,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens (sequences of --seq-len)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--fp8", action="store_true", help="block-FP8 projections, as DeepSeek-V3 ships (needs a "
+                    "reader of FP8 checkpoints)")
     ap.add_argument("--modes", default="f32,bf16,seq", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--keep-checkpoint", action="store_true", help="reuse / keep the generated checkpoint")
     args = ap.parse_args()
@@ -240,6 +269,7 @@ def main() -> None:
                                                 experts=32, top_k=args.top_k, expert_ffn=args.expert_ffn))
     shape.update({k: v for k, v in (("layers", args.layers), ("experts", args.experts), ("heads", args.heads)) if v})
     shape.setdefault("heads", max(1, shape["hidden"] // 64))
+    shape["fp8"] = args.fp8
     root = Path(args.dir)
     model = root / "model"
     t = time.perf_counter()
