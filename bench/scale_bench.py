@@ -3,6 +3,7 @@
     python bench/scale_bench.py --shape olmoe-1b-7b                      # 13.8 GB bf16, hub per-expert layout
     python bench/scale_bench.py --shape deepseek-v3-slice --experts 64   # hidden 7168, MLA, 1 dense + 2 MoE
     python bench/scale_bench.py --shape custom --layers 2 --hidden 64 ... # any OLMoE-layout size
+    python bench/scale_bench.py --shape olmoe-1b-7b --layers 2 --modes "" --two-processes
 
 Writes a random checkpoint with the shape's real config into ``--dir`` (under /tmp, never the repository),
 one safetensors shard per layer, each tensor streamed from a small pool of random bf16 values (the whole
@@ -231,6 +232,50 @@ def run_prune(argv: list[str]) -> dict:
             "refusal": refusal, "stderr": err[-3000:]}
 
 
+def two_processes(model: Path, ids: Path) -> str:
+    """Peak anonymous / file-backed GiB of ``calibrate --dtype bfloat16`` in one process, and in each of two
+    ``jax.distributed`` processes on 127.0.0.1 (one CPU device each, experts split over them)."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+
+    def run(extra: list[list[str]]) -> list[str]:
+        procs = [subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(model), "--calib",
+                                   str(ids), "--dtype", "bfloat16", "--batch-size", "4", "--quiet", *a], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in extra]
+        peaks = [{"RssAnon": 0, "RssFile": 0} for _ in procs]
+
+        def sample():
+            while any(p.poll() is None for p in procs):
+                for p, peak in zip(procs, peaks):
+                    try:
+                        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                            k, _, v = line.partition(":")
+                            if k in peak:
+                                peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+                    except (OSError, ValueError):
+                        pass
+                time.sleep(0.05)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        outs = [p.communicate()[0] for p in procs]
+        th.join()
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"calibrate failed: {outs}")
+        return [f"{pk['RssAnon'] / GIB:.2f} / {pk['RssFile'] / GIB:.2f}" for pk in peaks]
+
+    stats = ids.parent / "stats"
+    one = run([["--stats-out", f"{stats}-1.safetensors"]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = run([["--stats-out", f"{stats}-2.safetensors", "--mesh", "data=1,expert=2", "--coordinator",
+                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)] for i in range(2)])
+    return f"peak anon / file GiB: one process {one[0]}; each of two processes {', '.join(two)}"
+
+
 def row(mode: str, r: dict, ckpt_bytes: int, tokens: int) -> str:
     gib = f"{r['anon'] / GIB:.2f} | {r['file'] / GIB:.2f}"
     if r["rc"] != 0:
@@ -263,6 +308,8 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections, as DeepSeek-V3 ships (needs a "
                     "reader of FP8 checkpoints)")
     ap.add_argument("--modes", default="f32,bf16,seq", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--two-processes", action="store_true", help="also calibrate (bf16) in one process and in "
+                    "two jax.distributed processes splitting the experts, and compare their peak memory")
     ap.add_argument("--keep-checkpoint", action="store_true", help="reuse / keep the generated checkpoint")
     args = ap.parse_args()
     shape = dict(SHAPES.get(args.shape) or dict(family="olmoe", vocab=args.vocab, hidden=args.hidden, layers=2,
@@ -287,7 +334,9 @@ def main() -> None:
     print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | export GB | note |")
     print("|---|---|---|---|---|---|---|---|---|")
     failed = []
-    for mode in args.modes.split(","):
+    if args.two_processes:
+        print(two_processes(model, root / "ids.npy"), flush=True)
+    for mode in filter(None, args.modes.split(",")):
         out = root / f"out-{mode}"
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
