@@ -1,14 +1,20 @@
-"""Peak memory of full-model vs --sequential calibration on a random checkpoint larger than 4 GB.
+"""`mone-jax prune` end to end on random checkpoints of real models' dimensions.
 
-    python bench/scale_bench.py                        # /tmp/mone_scale_bench, ~4.6 GB, 20 layers
-    python bench/scale_bench.py --layers 16 --tokens 2048 --keep-checkpoint
+    python bench/scale_bench.py --shape olmoe-1b-7b                      # 13.8 GB bf16, hub per-expert layout
+    python bench/scale_bench.py --shape deepseek-v3-slice --experts 64   # hidden 7168, MLA, 1 dense + 2 MoE
+    python bench/scale_bench.py --shape custom --layers 2 --hidden 64 ... # any OLMoE-layout size
+    python bench/scale_bench.py --shape olmoe-1b-7b --layers 2 --modes "" --two-processes
 
-Writes a random OLMoE-layout float32 checkpoint (one safetensors shard per layer, never the
-whole model in memory) and random calibration token ids, then runs ``mone-jax calibrate`` twice
-under ``/usr/bin/time -v`` (full model, then ``--sequential``) on one CPU device, and reports
-each run's peak RSS and wall time, the bound the issue sets for the sequential run (25% of the
-checkpoint bytes plus the hidden-state buffer), and whether the two statistics files are
-identical. The checkpoint lives in /tmp, never in the repository.
+Writes a random checkpoint with the shape's real config into ``--dir`` (under /tmp, never the repository),
+one safetensors shard per layer, each tensor streamed from a small pool of random bf16 values (the whole
+model is never in memory), and random calibration token ids. Then, in one run, it measures a warm plain
+read of the checkpoint files and a plain write of as many bytes (the rates the loader and the exporter
+are held to), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
+(``f32``: the float32 default, ``bf16``: ``--dtype bfloat16``, ``seq``: ``--sequential``, ``seq-bf16``) as
+a child process, sampling its resident memory (anonymous and file-backed, from /proc) every 50 ms. For
+each mode it reports the wall time, the load rate (checkpoint bytes / load phase, the phase lines' clock),
+calibration tokens/s, the export rate, peak anonymous and file-backed memory, and the export's size;
+a refused run (memory preflight) shows its one-line refusal instead.
 """
 
 from __future__ import annotations
@@ -20,131 +26,328 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
+
+GB, GIB = 1e9, 2**30
+SHAPES = {  # real dimensions (config.json of the hub releases), experts / layers overridable
+    "olmoe-1b-7b": dict(family="olmoe", vocab=50304, hidden=2048, layers=16, experts=64, top_k=8, expert_ffn=1024,
+                        heads=16),
+    "deepseek-v3-slice": dict(family="deepseek_v3", vocab=129280, hidden=7168, layers=3, experts=64, top_k=8,
+                              expert_ffn=2048, dense_ffn=18432, heads=128),
+}
+MODES = {"f32": [], "bf16": ["--dtype", "bfloat16"], "seq": ["--sequential"],
+         "seq-bf16": ["--sequential", "--dtype", "bfloat16"]}
 
 
-def config(args) -> dict:
-    return {
-        "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": args.vocab,
-        "hidden_size": args.hidden, "intermediate_size": args.expert_ffn, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64,
-        "num_experts": args.experts, "num_experts_per_tok": args.top_k, "norm_topk_prob": False,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "clip_qkv": None, "torch_dtype": "float32", "dtype": "float32",
-    }
+def config(s: dict) -> dict:
+    common = {"vocab_size": s["vocab"], "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+              "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"], "num_experts_per_tok": s["top_k"],
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "dtype": "bfloat16"}
+    if s["family"] == "olmoe":
+        return {**common, "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "num_experts": s["experts"],
+                "intermediate_size": s["expert_ffn"], "norm_topk_prob": False, "clip_qkv": None}
+    return {**common, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+            "n_routed_experts": s["experts"], "moe_intermediate_size": s["expert_ffn"],
+            "intermediate_size": s["dense_ffn"], "first_k_dense_replace": 1, "n_shared_experts": 1,
+            "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "q_lora_rank": 1536, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True}
 
 
-def write_checkpoint(folder: Path, args) -> int:
-    """Random weights, one shard per layer (plus one for embeddings / head); returns the weight bytes."""
-    rng = np.random.default_rng(0)
-    d, f, E, V = args.hidden, args.expert_ffn, args.experts, args.vocab
+FP8_BLOCK = 128
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}  # DeepSeek-V3's release
 
-    def normal(*shape, std=0.02):
-        a = rng.standard_normal(shape, dtype=np.float32)
-        a *= std
-        return a
 
+def fp8(tensors: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
+    """Block-FP8 as DeepSeek-V3 ships it: every projection weight of a decoder layer (not norms, routers,
+    embeddings or head) in float8_e4m3fn with a float32 ``_scale_inv`` per 128 x 128 block (partial at the
+    edges, e.g. kv_a_proj_with_mqa's 576 rows)."""
+    out = []
+    for name, shape, fill in tensors:
+        if name.endswith("_proj.weight") and fill == "normal":
+            out += [(name, shape, "fp8"), (f"{name}_scale_inv", tuple(-(-n // FP8_BLOCK) for n in shape), "scale")]
+        else:
+            out.append((name, shape, fill))
+    return out
+
+
+def layer_tensors(s: dict, i: int) -> list[tuple[str, tuple, str]]:
+    """(name, shape, fill) of decoder layer ``i``; fill: normal (bf16), ones (bf16), zeros (float32); with
+    ``s["fp8"]`` the projections in block FP8 (:func:`fp8`)."""
+    d, f, E, H, p = s["hidden"], s["expert_ffn"], s["experts"], s["heads"], f"model.layers.{i}"
+    out = [(f"{p}.input_layernorm.weight", (d,), "ones"), (f"{p}.post_attention_layernorm.weight", (d,), "ones")]
+    if s["family"] == "olmoe":
+        out += [(f"{p}.self_attn.{n}_proj.weight", (d, d), "normal") for n in "qkvo"]
+        out += [(f"{p}.self_attn.q_norm.weight", (d,), "ones"), (f"{p}.self_attn.k_norm.weight", (d,), "ones")]
+        moe, router = True, [(f"{p}.mlp.gate.weight", (E, d), "normal")]
+    else:
+        a = f"{p}.self_attn"
+        out += [(f"{a}.q_a_proj.weight", (1536, d), "normal"), (f"{a}.q_a_layernorm.weight", (1536,), "ones"),
+                (f"{a}.q_b_proj.weight", (H * 192, 1536), "normal"),
+                (f"{a}.kv_a_proj_with_mqa.weight", (512 + 64, d), "normal"),
+                (f"{a}.kv_a_layernorm.weight", (512,), "ones"), (f"{a}.kv_b_proj.weight", (H * 256, 512), "normal"),
+                (f"{a}.o_proj.weight", (d, H * 128), "normal")]
+        moe = i >= 1
+        router = [(f"{p}.mlp.gate.weight", (E, d), "normal"), (f"{p}.mlp.gate.e_score_correction_bias", (E,), "zeros")]
+        shared = f"{p}.mlp.shared_experts" if moe else f"{p}.mlp"
+        fs = f if moe else s["dense_ffn"]
+        out += [(f"{shared}.gate_proj.weight", (fs, d), "normal"), (f"{shared}.up_proj.weight", (fs, d), "normal"),
+                (f"{shared}.down_proj.weight", (d, fs), "normal")]
+    if moe:
+        out += router
+        for e in range(E):
+            x = f"{p}.mlp.experts.{e}"
+            out += [(f"{x}.gate_proj.weight", (f, d), "normal"), (f"{x}.up_proj.weight", (f, d), "normal"),
+                    (f"{x}.down_proj.weight", (d, f), "normal")]
+    return fp8(out) if s.get("fp8") else out
+
+
+class Pool:
+    """Random N(0, 0.02^2) bf16 values streamed into files from a fixed pool (fast, never a whole tensor)."""
+
+    def __init__(self, n: int = 1 << 24, dtype=ml_dtypes.bfloat16, std: float = 0.02):
+        self.vals = (np.random.default_rng(0).standard_normal(n, np.float32) * std).astype(dtype)
+        self.raw = self.vals.view(np.uint8)
+        self.off = 0
+
+    def write(self, f, nbytes: int) -> None:
+        while nbytes:
+            self.off = (self.off + 4099 * 2) % (self.raw.size // 2)  # a new start for every chunk
+            m = min(nbytes, self.raw.size - self.off)
+            f.write(memoryview(self.raw[self.off:self.off + m]))
+            nbytes -= m
+
+
+def write_shard(path: Path, tensors: list[tuple[str, tuple, str]], pool: Pool) -> dict[str, str]:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    stored = {"zeros": ("F32", 4), "scale": ("F32", 4), "fp8": ("F8_E4M3", 1)}
+    for name, shape, fill in tensors:
+        dtype, size = stored.get(fill, ("BF16", 2))
+        n = int(np.prod(shape)) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    one = np.ones(1, ml_dtypes.bfloat16).tobytes()
+    scale = np.full(1, 0.02 / 2, np.float32).tobytes()  # e4m3 values of N(0, 2^2) times this: N(0, 0.02^2)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for _, shape, fill in tensors:
+            n = int(np.prod(shape))
+            if fill == "normal":
+                pool.write(f, 2 * n)
+            elif fill == "fp8":
+                pool.fp8.write(f, n)
+            elif fill == "scale":
+                f.write(scale * n)
+            else:
+                f.write(one * n if fill == "ones" else bytes(4 * n))
+    return {name: path.name for name, _, _ in tensors}
+
+
+def write_checkpoint(folder: Path, s: dict) -> int:
+    """The random checkpoint, one shard per layer plus one for the embeddings and head; its weight bytes."""
     folder.mkdir(parents=True)
-    weight_map, total = {}, 0
-    shards = [("model-embed.safetensors", lambda: {
-        "model.embed_tokens.weight": normal(V, d), "model.norm.weight": np.ones(d, np.float32),
-        "lm_head.weight": normal(V, d)})]
-    for i in range(args.layers):
-        def layer(i=i):
-            p = f"model.layers.{i}"
-            t = {f"{p}.input_layernorm.weight": np.ones(d, np.float32),
-                 f"{p}.post_attention_layernorm.weight": np.ones(d, np.float32),
-                 f"{p}.self_attn.q_norm.weight": np.ones(d, np.float32),
-                 f"{p}.self_attn.k_norm.weight": np.ones(d, np.float32),
-                 f"{p}.mlp.gate.weight": normal(E, d, std=1.0)}
-            for n in ("q", "k", "v", "o"):
-                t[f"{p}.self_attn.{n}_proj.weight"] = normal(d, d)
-            for e in range(E):
-                t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = normal(f, d)
-                t[f"{p}.mlp.experts.{e}.up_proj.weight"] = normal(f, d)
-                t[f"{p}.mlp.experts.{e}.down_proj.weight"] = normal(d, f)
-            return t
-        shards.append((f"model-layer{i:03d}.safetensors", layer))
-    for name, make in shards:
-        tensors = make()
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        total += sum(a.nbytes for a in tensors.values())
-        weight_map.update({k: name for k in tensors})
-        del tensors
+    pool, weight_map = Pool(), {}
+    pool.fp8 = Pool(dtype=ml_dtypes.float8_e4m3fn, std=2.0)
+    d, V = s["hidden"], s["vocab"]
+    weight_map |= write_shard(folder / "model-embed.safetensors", [
+        ("model.embed_tokens.weight", (V, d), "normal"), ("model.norm.weight", (d,), "ones"),
+        ("lm_head.weight", (V, d), "normal")], pool)
+    for i in range(s["layers"]):
+        weight_map |= write_shard(folder / f"model-layer{i:03d}.safetensors", layer_tensors(s, i), pool)
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config(args), indent=1))
+    cfg = config(s) | ({"quantization_config": FP8_CONFIG} if s.get("fp8") else {})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return total
 
 
-def timed_run(argv: list[str]) -> dict:
+def plain_read(folder: Path) -> float:
+    """GB/s of reading every safetensors file of ``folder`` (the second of two passes: warm)."""
+    buf = bytearray(64 << 20)
+    files = sorted(folder.glob("*.safetensors"))
+    for timed in (False, True):
+        t, n = time.perf_counter(), 0
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                while k := f.readinto(buf):
+                    n += k
+        if timed:
+            return n / (time.perf_counter() - t) / GB
+    raise AssertionError
+
+
+def plain_write(path: Path, nbytes: int) -> float:
+    """GB/s of writing ``nbytes`` to a new file (buffered, no fsync: as the export writes)."""
+    buf = np.random.default_rng(1).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left:
+            left -= f.write(buf[:min(left, len(buf))])
+    rate = nbytes / (time.perf_counter() - t) / GB
+    path.unlink()
+    return rate
+
+
+def run_prune(argv: list[str]) -> dict:
+    """Run ``mone-jax prune`` as a child; wall, phase clock, peak anonymous / file-backed memory, exit and
+    output."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mone_jax.app.cli", *argv], env=env,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"mone-jax {' '.join(argv)} failed:\n{p.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)[1]) * 1024
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr)[1]
-    secs = sum(float(x) * 60**k for k, x in enumerate(reversed(wall.split(":"))))
-    return {"peak_rss": rss, "wall_s": secs}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "prune", *argv], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0}
+
+    def sample():
+        status = Path(f"/proc/{p.pid}/status")
+        while p.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    k, _, v = line.partition(":")
+                    if k in peak:
+                        peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = p.communicate()
+    th.join()
+    phases = {m[2]: float(m[1]) for m in re.finditer(r"mone-jax: \[([\d.]+)s\] (\w+):", err)}
+    refusal = next((ln for ln in err.splitlines() if ln.startswith("mone-jax: error:")), None)
+    return {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "anon": peak["RssAnon"], "file": peak["RssFile"],
+            "phases": phases, "summary": json.loads(out) if p.returncode == 0 and out.strip() else None,
+            "refusal": refusal, "stderr": err[-3000:]}
 
 
-def same_stats(a: Path, b: Path) -> tuple[bool, float]:
-    """(bitwise identical, max relative difference) of two statistics files."""
-    from safetensors.numpy import load_file
+def two_processes(model: Path, ids: Path) -> str:
+    """Peak anonymous / file-backed GiB of ``calibrate --dtype bfloat16`` in one process, and in each of two
+    ``jax.distributed`` processes on 127.0.0.1 (one CPU device each, experts split over them)."""
+    import socket
 
-    ta, tb = load_file(str(a)), load_file(str(b))
-    if ta.keys() != tb.keys():
-        return False, float("inf")
-    worst = max(float(np.abs(ta[k].astype(np.float64) - tb[k]).max() / max(np.abs(tb[k]).max(), 1e-30))
-                for k in ta)
-    return all(np.array_equal(ta[k], tb[k]) for k in ta), worst
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+
+    def run(extra: list[list[str]]) -> list[str]:
+        procs = [subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(model), "--calib",
+                                   str(ids), "--dtype", "bfloat16", "--batch-size", "4", "--quiet", *a], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in extra]
+        peaks = [{"RssAnon": 0, "RssFile": 0} for _ in procs]
+
+        def sample():
+            while any(p.poll() is None for p in procs):
+                for p, peak in zip(procs, peaks):
+                    try:
+                        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                            k, _, v = line.partition(":")
+                            if k in peak:
+                                peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+                    except (OSError, ValueError):
+                        pass
+                time.sleep(0.05)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        outs = [p.communicate()[0] for p in procs]
+        th.join()
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"calibrate failed: {outs}")
+        return [f"{pk['RssAnon'] / GIB:.2f} / {pk['RssFile'] / GIB:.2f}" for pk in peaks]
+
+    stats = ids.parent / "stats"
+    one = run([["--stats-out", f"{stats}-1.safetensors"]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = run([["--stats-out", f"{stats}-2.safetensors", "--mesh", "data=1,expert=2", "--coordinator",
+                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)] for i in range(2)])
+    return f"peak anon / file GiB: one process {one[0]}; each of two processes {', '.join(two)}"
+
+
+def row(mode: str, r: dict, ckpt_bytes: int, tokens: int) -> str:
+    gib = f"{r['anon'] / GIB:.2f} | {r['file'] / GIB:.2f}"
+    if r["rc"] != 0:
+        why = r["refusal"] or f"exit {r['rc']} (killed?)" + (" " + r["stderr"][-300:] if not r["refusal"] else "")
+        return f"| {mode} | {r['wall_s']:.0f} | - | - | - | {gib} | - | {why} |"
+    ph, s = r["phases"], r["summary"]
+    load = ckpt_bytes / (ph["compile"] - ph["load"]) / GB if "load" in ph and "compile" in ph else None
+    cal_start = ph.get("compile", ph.get("calibrate"))
+    calib = tokens / (ph["plan"] - cal_start) if cal_start is not None and "plan" in ph else None
+    export = s["bytes_after"] / (ph["done"] - ph["export"]) / GB if "export" in ph and "done" in ph else None
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return (f"| {mode} | {r['wall_s']:.0f} | {fmt(load, '.2f')} | {fmt(calib, '.0f')} | {fmt(export, '.2f')} | {gib} | "
+            f"{s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=[*SHAPES, "custom"], default="olmoe-1b-7b")
     ap.add_argument("--dir", default="/tmp/mone_scale_bench")
-    ap.add_argument("--layers", type=int, default=20)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--experts", type=int)
+    ap.add_argument("--hidden", type=int, default=1024, help="custom shape only (so are the next four)")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--expert-ffn", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (sequences of 256)")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens (sequences of --seq-len)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--fp8", action="store_true", help="block-FP8 projections, as DeepSeek-V3 ships (needs a "
+                    "reader of FP8 checkpoints)")
+    ap.add_argument("--modes", default="f32,bf16,seq", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--two-processes", action="store_true", help="also calibrate (bf16) in one process and in "
+                    "two jax.distributed processes splitting the experts, and compare their peak memory")
     ap.add_argument("--keep-checkpoint", action="store_true", help="reuse / keep the generated checkpoint")
     args = ap.parse_args()
+    shape = dict(SHAPES.get(args.shape) or dict(family="olmoe", vocab=args.vocab, hidden=args.hidden, layers=2,
+                                                experts=32, top_k=args.top_k, expert_ffn=args.expert_ffn))
+    shape.update({k: v for k, v in (("layers", args.layers), ("experts", args.experts), ("heads", args.heads)) if v})
+    shape.setdefault("heads", max(1, shape["hidden"] // 64))
+    shape["fp8"] = args.fp8
     root = Path(args.dir)
     model = root / "model"
+    t = time.perf_counter()
     if not (args.keep_checkpoint and (model / "config.json").is_file()):
         shutil.rmtree(root, ignore_errors=True)
-        write_checkpoint(model, args)
-    ckpt_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    seq_len = 256
-    ids = np.random.default_rng(1).integers(0, args.vocab, (max(1, args.tokens // seq_len), seq_len)).astype(np.int32)
-    np.save(root / "ids.npy", ids)
-    hidden_bytes = ids.size * args.hidden * 4
-    common = ["calibrate", str(model), "--calib", str(root / "ids.npy"), "--batch-size", str(args.batch_size), "--quiet"]
-    full = timed_run([*common, "--stats-out", str(root / "full.safetensors")])
-    seq = timed_run([*common, "--stats-out", str(root / "seq.safetensors"), "--sequential"])
-    identical, worst = same_stats(root / "full.safetensors", root / "seq.safetensors")
-    bound = 0.25 * ckpt_bytes + hidden_bytes
-    gib = 2**30
-    print(f"checkpoint: {ckpt_bytes / gib:.2f} GiB, {args.layers} layers (hidden {args.hidden}, {args.experts} experts "
-          f"top-{args.top_k}, expert ffn {args.expert_ffn}, vocab {args.vocab}), float32")
-    print(f"calibration: {ids.size} tokens; hidden-state buffer {hidden_bytes / gib:.3f} GiB")
-    print("| mode | peak RSS (GiB) | % of checkpoint | wall (s) |\n|---|---|---|---|")
-    for name, r in (("full model", full), ("--sequential", seq)):
-        print(f"| {name} | {r['peak_rss'] / gib:.2f} | {100 * r['peak_rss'] / ckpt_bytes:.0f}% | {r['wall_s']:.0f} |")
-    print(f"sequential bound 25% x checkpoint + buffer = {bound / gib:.2f} GiB: "
-          f"{'met' if seq['peak_rss'] <= bound else 'NOT met'}")
-    print(f"statistics identical: {identical} (max relative difference {worst:.2e})")
+        write_checkpoint(model, shape)
+    written = time.perf_counter() - t
+    ckpt = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    ids = np.random.default_rng(1).integers(0, shape["vocab"], (max(1, args.tokens // args.seq_len), args.seq_len))
+    np.save(root / "ids.npy", ids.astype(np.int32))
+    read, write = plain_read(model), plain_write(root / "plain-write.bin", ckpt)
+    print(f"{args.shape}: {shape}; checkpoint {ckpt / GB:.2f} GB ({written:.0f} s to write); "
+          f"calibration {ids.size} tokens; ratio {args.ratio}")
+    print(f"plain read (warm) {read:.2f} GB/s, plain write {write:.2f} GB/s")
+    print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | export GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = []
+    if args.two_processes:
+        print(two_processes(model, root / "ids.npy"), flush=True)
+    for mode in filter(None, args.modes.split(",")):
+        out = root / f"out-{mode}"
+        r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
+                       *MODES[mode]])
+        print(row(mode, r, ckpt, ids.size), flush=True)
+        if r["rc"] != 0 and not r["refusal"]:
+            failed.append(mode)
+        shutil.rmtree(out, ignore_errors=True)
     if not args.keep_checkpoint:
         shutil.rmtree(root, ignore_errors=True)
+    if failed:  # killed or crashed (a refusal with advice is a result)
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

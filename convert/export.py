@@ -54,6 +54,7 @@ def export_pruned(
     check_quantized_export(src, fmt, dtype)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
+        reader.check_finite = False  # bytes copied as stored (a model's weights are checked where it is loaded)
         layers = _checked_plan(plan, cfg, fam, reader, f).layers
         if f.mode != "drop":
             _check_novices(layers, novices, cfg)
@@ -123,6 +124,13 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
         raise UserError(f"'{src}' is quantized and the model holds its weights dequantized: export with "
                         "export_from_stats or `mone-jax prune`, which copy the quantized bytes of the source")
     _check_out_dir(src, out, overwrite)
+    import jax
+    from flax import nnx
+
+    if not all(a.is_fully_addressable for a in jax.tree.leaves(nnx.state(model)) if isinstance(a, jax.Array)):
+        raise UserError("the model is spread over several processes, and an export from it would gather it on one: "
+                        "export from the source checkpoint instead (export_from_stats / export_pruned stream it "
+                        "file by file, as `mone-jax prune` does)")
     blocks = model.moe_blocks()
     kept = {i: [int(e) for e in np.asarray(b.kept_ids[...])] for i, b in blocks.items()}
     novices = {i: (np.asarray(b.novice_ids[...]).tolist(), np.asarray(b.novice_values[...], np.float32))
@@ -260,6 +268,7 @@ def _plan_tensors(
     fused = {layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.([^.]+)") for layer in layers}
     router_rows = {key for layer in layers for key in fam.router_rows(layer)}
     tensors = []
+    buf = _Buffer()
 
     def cast(dt: np.dtype) -> np.dtype:
         return out_dtype if out_dtype is not None and dt in _FLOATS else dt
@@ -273,7 +282,7 @@ def _plan_tensors(
         m = re.match(r"model\.layers\.(\d+)\.", key)
         layer = int(m[1]) if m and int(m[1]) in layers else None
         if layer is None:
-            add(key, shape, dt, _reader_get(reader, key))
+            add(key, shape, dt, _reader_get(reader, key, buf))
             continue
         lp = layers[layer]
         if pe := per_expert[layer].fullmatch(key):
@@ -282,7 +291,7 @@ def _plan_tensors(
                 counts["expert_params_removed"] += numel
             else:
                 name = f"{fam.moe_prefix(layer)}.experts.{f.disk_index(lp.kept, e)}.{pe[2]}"
-                add(name, shape, dt, _reader_get(reader, key))
+                add(name, shape, dt, _reader_get(reader, key, buf))
         elif fused[layer].fullmatch(key) or (f.mode == "drop" and key in router_rows):
             # the expert axis: first, but last in ERNIE-4.5's [1, E] score-correction bias
             last = fam.score_bias_2d and key == fam.score_bias_key(layer)
@@ -295,9 +304,9 @@ def _plan_tensors(
             elif lp.novices:
                 add(key, (len(lp.kept), *shape[1:]), dt, _reader_rows(reader, key, lp.kept))
             else:
-                add(key, shape, dt, _reader_get(reader, key))
+                add(key, shape, dt, _reader_get(reader, key, buf))
         else:
-            add(key, shape, dt, _reader_get(reader, key))
+            add(key, shape, dt, _reader_get(reader, key, buf))
 
     if f.novice_key is not None:
         for layer, lp in layers.items():
@@ -311,8 +320,29 @@ def _plan_tensors(
     return tensors, counts
 
 
-def _reader_get(reader: StoredTensors, key: str) -> Callable[[], np.ndarray]:
-    return lambda: reader.get(key)
+class _Buffer:
+    """One reusable host buffer: each source tensor is read into it with one pread and written out before the
+    next is read (no allocation, page faults or mapped pages per tensor)."""
+
+    def __init__(self):
+        self.raw = np.empty(0, np.uint8)
+
+    def read(self, reader: StoredTensors, key: str) -> np.ndarray:
+        dtype, shape = reader.dtype(key), reader.shape(key)
+        if dtype not in _FLOATS:  # anything else as the reader gives it
+            return reader.get(key)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self.raw.size < n:
+            self.raw = np.empty(n, np.uint8)
+        out = self.raw[:n].view(dtype).reshape(shape)
+        reader.get_into(key, out)
+        return out
+
+
+def _reader_get(reader: StoredTensors, key: str, buf: _Buffer | None = None) -> Callable[[], np.ndarray]:
+    if buf is None:
+        return lambda: reader.get(key)
+    return lambda: buf.read(reader, key)
 
 
 def _reader_rows(reader: StoredTensors, key: str, rows: list[int]) -> Callable[[], np.ndarray]:

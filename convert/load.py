@@ -10,7 +10,9 @@ retained experts at compact indices, ``<moe>.expert_replacements.<e>.value``) an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import mmap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -31,7 +33,8 @@ from mone_jax.convert.reader import CheckpointReader, read_config
 from mone_jax.model.causal_lm import LAYER_NORMS, MLP, DecoderLayer, MoEBlock, MoEForCausalLM
 from mone_jax.model.deltanet import DepthwiseConv
 from mone_jax.model.layers import LayerNorm, Linear, RMSNorm
-from mone_jax.model.sharding import padded_state, param_specs, place
+from mone_jax.model.moe import EXPERT
+from mone_jax.model.sharding import is_expert
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -74,30 +77,193 @@ def pruned_layout(raw: dict, cfg: ModelConfig) -> PrunedLayout | None:
     return layout
 
 
-class _Filler:
-    """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) module."""
+@dataclass(frozen=True)
+class _Source:
+    """Where a Variable's value comes from: ``read(index)`` gives ``stored[index]`` (``index``: a tuple of
+    slices of ``shape``), a NumPy array read from the checkpoint on demand; ``swap``: the model holds it with
+    its last two axes swapped (a Linear weight [out, in] is a kernel [in, out])."""
 
-    def __init__(self, reader: CheckpointReader):
-        self.r = reader
+    key: str
+    shape: tuple[int, ...]
+    read: Callable[[tuple], np.ndarray]
+    swap: bool = False
+    parts: tuple[str, ...] = ()  # every checkpoint tensor it is made of (default: ``key``)
+
+    def model_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.swap else self.shape
+
+
+def _host(key: str, arr: np.ndarray, swap: bool = False) -> _Source:
+    return _Source(key, tuple(arr.shape), lambda idx: arr[idx], swap)
+
+
+class _Filler:
+    """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) module.
+
+    Tensors are read lazily: :meth:`commit` builds each array shard by shard
+    (``jax.make_array_from_callback``), each callback reading from the checkpoint only the rows its device
+    holds (a routed-expert stack is split over the mesh's ``expert`` axis, padded with zero rows to a
+    multiple of it; everything else is replicated), then converts every array of the module to its declared
+    dtype and layout in one compiled step, which also checks for NaN / Inf."""
+
+    def __init__(self, reader: CheckpointReader, mesh: Mesh | None = None):
+        self.r, self.mesh = reader, mesh
+        self.r.check_finite = False  # checked on device, in the same pass as the conversion
+        self.pending: list[tuple[nnx.Variable, _Source]] = []
+
+    def add(self, var: nnx.Variable, src: _Source) -> None:
+        want = var.get_value()
+        if src.model_shape() != tuple(want.shape):
+            raise UserError(
+                f"tensor '{src.key}' gives shape {list(src.model_shape())} but config.json implies "
+                f"{list(want.shape)}: the weights do not belong to this config"
+            )
+        self.pending.append((var, src))
 
     def set(self, var: nnx.Variable, arr: np.ndarray, key: str) -> None:
-        """``var`` := arr in var's declared dtype (float32 for routers kept in float32)."""
-        want = var.get_value()
-        if tuple(arr.shape) != tuple(want.shape):
-            raise UserError(
-                f"tensor '{key}' gives shape {list(arr.shape)} but config.json implies {list(want.shape)}: "
-                "the weights do not belong to this config"
-            )
-        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
-            arr = arr.astype(np.float32)
-        var.set_value(jnp.asarray(arr, want.dtype))
+        """``var`` := arr (a host array), in var's declared dtype (float32 for routers kept in float32)."""
+        self.add(var, _host(key, np.asarray(arr)))
 
     def t(self, var: nnx.Variable, key: str) -> None:
         """Linear weight [out, in] -> kernel [in, out]."""
-        self.set(var, self.r.get(key).T, key)
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), swap=True))
 
     def plain(self, var: nnx.Variable, key: str) -> None:
-        self.set(var, self.r.get(key), key)
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key)))
+
+    def commit(self) -> None:
+        """Build, convert and assign every pending Variable (see the class docstring)."""
+        if not self.pending:
+            return
+        raws, shardings = [], []
+        for var, src in self.pending:
+            sharding = _sharding(self.mesh, is_expert(var))
+            raws.append(_lazy_array(src, sharding, _rows(self.mesh) if is_expert(var) else 1))
+            shardings.append(sharding)
+        spec = tuple((src.swap, jnp.dtype(var.get_value().dtype)) for var, src in self.pending)
+        values, finite = _convert(raws, spec, tuple(shardings))
+        del raws
+        if not all(finite):
+            src = self.pending[finite.index(False)][1]
+            self.r.check_finite = True  # the reader names the tensor that holds them
+            for key in src.parts or (src.key,):
+                self.r.get(key) if key in self.r else None
+            key = src.key
+            raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
+                            "corrupt; re-download it")
+        for (var, _), value in zip(self.pending, values):
+            var.set_value(value)
+        self.pending.clear()
+
+
+def _whole(reader: CheckpointReader, key: str) -> Callable[[tuple], np.ndarray]:
+    """``tensor[index]``, the tensor read once however many devices ask for it (replicated tensors)."""
+    got: list[np.ndarray] = []
+    shape = reader.shape(key)
+
+    def read(idx: tuple) -> np.ndarray:
+        if all(s.indices(n) == (0, n, 1) for s, n in zip(idx, shape)):
+            if not got:
+                got.append(_read(reader, key))
+            return got[0]
+        return reader.get_slice(key, idx)
+
+    return read
+
+
+def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An empty array in its own anonymous mapping (page-aligned, so JAX adopts it on CPU without a copy;
+    transparent huge pages where the kernel offers them: far fewer page faults while it is filled)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n < 1 << 21:
+        raw = np.empty(n + 64, np.uint8)
+        start = -raw.ctypes.data % 64
+        return raw[start:start + n].view(dtype).reshape(shape)
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype).reshape(shape)
+
+
+def _read(reader: CheckpointReader, key: str) -> np.ndarray:
+    """Tensor ``key`` in aligned memory, copied once from the file where stored as plain floats."""
+    dtype = reader.dtype(key)
+    if dtype.kind not in "fV":
+        return reader.get(key)
+    out = _aligned(reader.shape(key), dtype)
+    reader.get_into(key, out)
+    return out
+
+
+def _sharding(mesh: Mesh | None, expert: bool) -> jax.sharding.Sharding:
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return NamedSharding(mesh, P(EXPERT) if expert else P())
+
+
+def _rows(mesh: Mesh | None) -> int:
+    """Expert stacks are padded to a multiple of this many rows (the mesh's expert axis)."""
+    return 1 if mesh is None else mesh.shape[EXPERT]
+
+
+def _lazy_array(src: _Source, sharding: jax.sharding.Sharding, multiple: int) -> jax.Array:
+    """``src`` as a global array (first axis zero-padded to a multiple of ``multiple``), each device's shard
+    read from the checkpoint by its own callback."""
+    n = src.shape[0] if src.shape else 0
+    shape = (-(-n // multiple) * multiple, *src.shape[1:]) if multiple > 1 else src.shape
+
+    def shard(idx: tuple) -> np.ndarray:
+        if shape == src.shape:
+            return np.asarray(src.read(idx))
+        lo, hi, _ = idx[0].indices(shape[0])
+        part = src.read((slice(lo, min(hi, n)), *idx[1:])) if lo < n else None
+        if hi <= n:
+            return np.asarray(part)
+        pad_shape = (hi - max(lo, n), *(len(range(*s.indices(d))) for s, d in zip(idx[1:], shape[1:])))
+        dtype = (part if part is not None else src.read((slice(0, 1), *idx[1:]))).dtype  # a shard of padding only
+        pad = np.zeros(pad_shape, dtype)
+        return pad if part is None else np.concatenate([part, pad])
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def _sum(x):
+    """A float32 sum: NaN / Inf anywhere show in it (an overflow too: then the exact check decides)."""
+    return jnp.sum(x, dtype=jnp.float32) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32(0)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
+def _convert_jit(changed, kept, spec, shardings):
+    outs = [jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding)
+            for x, (swap, dtype), sharding in zip(changed, spec, shardings)]
+    return outs, jnp.stack([_sum(x) for x in (*changed, *kept)])
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
+def _convert(raws, spec, shardings) -> tuple[list[jax.Array], list[bool]]:
+    """Each raw array in its declared dtype and layout (one already so is kept as it is: no copy), and whether
+    each was finite: one compiled step (a float32 sum per array; the exact check only where a sum is not
+    finite)."""
+    import warnings
+
+    keep = [not swap and x.dtype == dtype for x, (swap, dtype) in zip(raws, spec)]
+    order = [i for i, k in enumerate(keep) if not k] + [i for i, k in enumerate(keep) if k]
+    n = keep.count(False)
+    with warnings.catch_warnings():  # donated buffers that XLA cannot reuse (a cast, a transpose) are fine
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        changed, sums = _convert_jit([raws[i] for i in order[:n]], [raws[i] for i in order[n:]],
+                                     tuple(spec[i] for i in order[:n]), tuple(shardings[i] for i in order[:n]))
+    outs: list = [None] * len(raws)
+    for i, y in zip(order, [*changed, *(raws[i] for i in order[n:])]):
+        outs[i] = y
+    ok = np.empty(len(raws), bool)
+    ok[order] = np.isfinite(np.asarray(sums))
+    return outs, [bool(k) or bool(_all_finite(y)) for k, y in zip(ok, outs)]
 
 
 def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
@@ -116,14 +282,16 @@ def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -
 
 
 def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
-    g, u, d = (f.r.get(f"{p}.{n}.weight") for n in names)
-    f.set(m.gate_up, np.concatenate([g.T, u.T], axis=1), f"{p}.{names[0]}.weight")
-    f.set(m.down, d.T, f"{p}.{names[2]}.weight")
+    g, u, d = (f"{p}.{n}.weight" for n in names)
+    dt = np.dtype(m.gate_up.get_value().dtype)
+    f.add(m.gate_up, _Source(g, (f.r.shape(g)[0] + f.r.shape(u)[0], *f.r.shape(g)[1:]),
+                             lambda idx: _stack(f.r, [[g, u]], dt)[0][idx], swap=True, parts=(g, u)))
+    f.t(m.down, d)
 
 
-def _stored_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> list[int]:
+def _stored_rows(reader: CheckpointReader, key: str, kept: list[int], num_experts: int) -> list[int]:
     """Rows of the retained experts in a fused [E or K, ...] stack (pruned exports keep K rows)."""
-    n = f.r.shape(key)[0]
+    n = reader.shape(key)[0]
     if n == len(kept):
         return list(range(n))
     if n == num_experts:
@@ -131,14 +299,23 @@ def _stored_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> lis
     raise UserError(f"'{key}' has {n} expert rows, expected {num_experts} (all) or {len(kept)} (retained)")
 
 
-def _fused_rows(f: _Filler, key: str, kept: list[int], num_experts: int) -> np.ndarray:
-    return f.r.get_slice(key, np.asarray(_stored_rows(f, key, kept, num_experts)))
+def _get_rows(reader: CheckpointReader, key: str, rows: list[int]) -> np.ndarray:
+    """Rows ``rows`` of ``key``: one slice where they are consecutive, else gathered."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return reader.get_slice(key, slice(rows[0], rows[0] + len(rows)))
+    return reader.get_slice(key, np.asarray(rows, np.int64))
 
 
-def _gpt_oss_weight(f: _Filler, key: str, kept: list[int], num_experts: int, dtype) -> np.ndarray:
-    """Retained experts' [K, in, out] GPT-OSS weight ``key`` (MXFP4 dequantized by the reader), one expert at
-    a time in ``dtype``."""
-    return np.stack([f.r.get_slice(key, r).astype(dtype) for r in _stored_rows(f, key, kept, num_experts)])
+def _fused_rows(reader: CheckpointReader, key: str, kept: list[int], num_experts: int) -> np.ndarray:
+    return _get_rows(reader, key, _stored_rows(reader, key, kept, num_experts))
+
+
+def _gpt_oss_weight(reader: CheckpointReader, key: str, rows: list[int], dtype) -> np.ndarray:
+    """Stored rows ``rows`` of GPT-OSS weight ``key`` as [n, in, out]: plain, or MXFP4 (dequantized by the
+    reader one expert at a time, in ``dtype``)."""
+    if not reader.quantized(key):
+        return _get_rows(reader, key, rows)
+    return np.stack([reader.get_slice(key, r).astype(dtype) for r in rows])
 
 
 def _deinterleave(a: np.ndarray) -> np.ndarray:
@@ -146,38 +323,75 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
+def _stack(reader: CheckpointReader, groups: list[list[str]], dtype) -> np.ndarray:
+    """[len(groups), rows, ...]: per group, its tensors' rows one after the other (gate rows, then up rows),
+    each copied once from the file into aligned memory; quantized ones dequantized one tensor at a time into
+    ``dtype``."""
+    shapes = [reader.shape(k) for k in groups[0]]
+    rows = np.cumsum([0] + [s[0] for s in shapes])
+    first = dtype if reader.quantized(groups[0][0]) else reader.dtype(groups[0][0])
+    out = _aligned((len(groups), int(rows[-1]), *shapes[0][1:]), first if first.kind in "fV" else np.float32)
+    for i, keys in enumerate(groups):
+        for j, key in enumerate(keys):
+            reader.get_into(key, out[i, rows[j]:rows[j + 1]])
+    return out
+
+
+def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
+                   num_experts: int, which: int, dtype=np.float32) -> _Source:
+    """The routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``: gate_up
+    (``which`` 0) or down (1), read expert by expert for the rows asked. The model holds them as the hub and
+    transformers layouts store them ([K, 2f, d] gate rows then up rows, [K, d, f]): a copy, no transpose.
+    GPT-OSS's [K, d, 2f] (interleaved; maybe MXFP4, dequantized to ``dtype``) is swapped on device."""
+    pre = f"{fam.moe_prefix(layer)}.experts"
+    K = len(kept)
+    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
+        key = f"{pre}.{('gate_up_proj', 'down_proj')[which]}"
+        rows = _stored_rows(reader, key, kept, num_experts)
+        one = _gpt_oss_weight(reader, key, rows[:1], dtype)[0]
+
+        def read(idx):
+            w = _gpt_oss_weight(reader, key, rows[idx[0]], dtype)
+            return (_deinterleave(w) if which == 0 else w)[(slice(None), *idx[1:])]
+
+        return _Source(key, (K, *one.shape), read, swap=True)
+    if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+        key = f"{pre}.{('gate_up_proj', 'down_proj')[which]}"
+        rows = _stored_rows(reader, key, kept, num_experts)
+        return _Source(key, (K, *reader.shape(key)[1:]),
+                       lambda idx: _get_rows(reader, key, rows[idx[0]])[(slice(None), *idx[1:])])
+    parts = (0, 1) if which == 0 else (2,)
+    shapes = [reader.shape(fam.expert_key(layer, disk[0], j)) for j in parts]
+    return _Source(fam.expert_key(layer, disk[0], parts[0]), (K, sum(s[0] for s in shapes), *shapes[0][1:]),
+                   lambda idx: _stack(reader, [[fam.expert_key(layer, e, j) for j in parts]
+                                               for e in disk[idx[0]]], np.dtype(dtype))[(slice(None), *idx[1:])],
+                   parts=tuple(fam.expert_key(layer, e, j) for e in disk for j in parts))
+
+
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
                    num_experts: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer``, as
-    the model holds them: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; quantized experts
-    dequantized to ``dtype``, others in their stored dtype. Biases are not part of them."""
-    f, pre = _Filler(reader), f"{fam.moe_prefix(layer)}.experts"
-    if fam.fused_on_disk:  # GPT-OSS: gate_up [E, d, 2f] interleaved, down [E, f, d]; maybe MXFP4
-        return (_deinterleave(_gpt_oss_weight(f, f"{pre}.gate_up_proj", kept, num_experts, dtype)),
-                _gpt_oss_weight(f, f"{pre}.down_proj", kept, num_experts, dtype))
-    if f"{pre}.gate_up_proj" in reader:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
-        return tuple(_fused_rows(f, f"{pre}.{n}", kept, num_experts).transpose(0, 2, 1)
-                     for n in ("gate_up_proj", "down_proj"))
-    def w(e: int, which: int) -> np.ndarray:  # a quantized expert is dequantized, and cast, one at a time
-        key = fam.expert_key(layer, e, which)
-        return reader.get(key).astype(dtype) if reader.quantized(key) else reader.get(key)
-
-    gu = np.stack([np.concatenate([w(e, 0).T, w(e, 1).T], 1) for e in disk])
-    return gu, np.stack([w(e, 2).T for e in disk])
+    """Weights of the routed experts ``kept`` (original ids; ``disk``: their on-disk indices) of ``layer`` as
+    [in, out] matrices: gate_up [K, d, 2f] (gate half, then up half) and down [K, f, d]; MXFP4 dequantized
+    to ``dtype``, others in their stored dtype. Biases are not part of them."""
+    out = []
+    for which in (0, 1):
+        src = _expert_source(reader, fam, layer, kept, disk, num_experts, which, dtype)
+        a = src.read(tuple(slice(None) for _ in src.shape))
+        out.append(a if src.swap else a.swapaxes(-1, -2))  # the source gives [K, in, out] where it swaps
+    return out[0], out[1]
 
 
 def _experts(f: _Filler, fam: Family, blk: MoEBlock, layer: int, kept: list[int], disk: list[int]) -> None:
     """Retained experts ``kept`` (original ids) stored at on-disk indices ``disk`` into blk's [K, ...] stacks."""
     pre = f"{fam.moe_prefix(layer)}.experts"
     E = blk.cfg.num_experts
-    gu, dn = expert_weights(f.r, fam, layer, kept, disk, E, np.dtype(blk.gate_up.get_value().dtype))
-    fused = fam.fused_on_disk or f"{pre}.gate_up_proj" in f.r
-    f.set(blk.gate_up, gu, f"{pre}.gate_up_proj" if fused else fam.expert_key(layer, disk[0], 0))
-    f.set(blk.down, dn, f"{pre}.down_proj" if fused else fam.expert_key(layer, disk[0], 2))
+    dt = np.dtype(blk.gate_up.get_value().dtype)
+    f.add(blk.gate_up, _expert_source(f.r, fam, layer, kept, disk, E, 0, dt))
+    f.add(blk.down, _expert_source(f.r, fam, layer, kept, disk, E, 1, dt))
     if fam.fused_on_disk:  # GPT-OSS biases, gate/up interleaved like the weight
-        f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f, f"{pre}.gate_up_proj_bias", kept, E)),
+        f.set(blk.gate_up_bias, _deinterleave(_fused_rows(f.r, f"{pre}.gate_up_proj_bias", kept, E)),
               f"{pre}.gate_up_proj_bias")
-        f.set(blk.down_bias, _fused_rows(f, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
+        f.set(blk.down_bias, _fused_rows(f.r, f"{pre}.down_proj_bias", kept, E), f"{pre}.down_proj_bias")
 
 
 def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayout | None) -> None:
@@ -192,9 +406,9 @@ def _moe(f: _Filler, fam: Family, blk: MoEBlock, layer: int, layout: PrunedLayou
     kept = [e for e in range(E) if e not in novices]
     disk = list(range(len(kept))) if layout and layout.compact else kept
     _experts(f, fam, blk, layer, kept, disk)
-    blk.kept_ids.set_value(jnp.asarray(kept, jnp.int32))
+    f.set(blk.kept_ids, np.asarray(kept, np.int32), f"{pre} kept experts")
     nov = sorted(novices)
-    blk.novice_ids.set_value(jnp.asarray(nov, jnp.int32).reshape(len(nov)))
+    f.set(blk.novice_ids, np.asarray(nov, np.int32).reshape(len(nov)), f"{pre} novice experts")
     values = np.stack([f.r.get(novices[e], (d,)) for e in nov]) if nov else np.zeros((0, d), np.float32)
     f.set(blk.novice_values, values, novices[nov[0]] if nov else f"{pre} novices")
     if blk.shared is not None:
@@ -238,8 +452,11 @@ def refuse_pruned(folder: str | Path) -> None:
         raise UserError(f"'{folder}' is already pruned: calibrate the original model")
 
 
-def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype="float32") -> DecoderLayer:
-    """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so)."""
+def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype="float32", *,
+               mesh: Mesh | None = None) -> DecoderLayer:
+    """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so); with ``mesh``, placed
+    on it shard by shard (expert stacks split over its ``expert`` axis, padded with inert rows), else on
+    the first local device."""
     dt = resolve_dtype(dtype)
     raw = read_config(reader.folder)
     check_quantization(raw, cfg)
@@ -248,53 +465,46 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
     layout = pruned_layout(raw, cfg)
     kept = len(layout.kept(layer_index, cfg.num_experts)) if layout and layout.novices.get(layer_index) else None
     layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer_index, dt, nnx.Rngs(0), kept))
-    _fill_layer(_Filler(reader), family(cfg.model_type), layer, layer_index, layout)
+    f = _Filler(reader, mesh)
+    _fill_layer(f, family(cfg.model_type), layer, layer_index, layout)
+    f.commit()
     _check_filled(layer)
     return layer
 
 
-def load_embed_and_head(reader: CheckpointReader, cfg: ModelConfig, dtype="float32") -> dict[str, jax.Array | None]:
-    """``{"embed": [vocab, d], "norm": [d] (final norm weight), "lm_head": [d, vocab] or None when tied,
-    "norm_bias": [d] and "lm_head_bias": [vocab] or None where the family has none}``."""
-    dt = resolve_dtype(dtype)
-    check_quantization(read_config(reader.folder), cfg)
-    d, V = cfg.hidden_size, cfg.vocab_size
-    out = {"embed": reader.get("model.embed_tokens.weight", (V, d)), "norm": reader.get("model.norm.weight", (d,)),
-           "lm_head": None if cfg.tie_word_embeddings else reader.get("lm_head.weight", (V, d)).T,
-           "norm_bias": reader.get("model.norm.bias", (d,)) if cfg.layer_norm else None,
-           "lm_head_bias": reader.get("lm_head.bias", (V,)) if cfg.lm_head_bias else None}
-    return {k: None if v is None else jnp.asarray(v if v.dtype.kind in "fV" else v.astype(np.float32), dt)
-            for k, v in out.items()}
+def _fill_embed_and_head(f: _Filler, model: MoEForCausalLM) -> None:
+    cfg = model.config
+    f.plain(model.embed, "model.embed_tokens.weight")
+    f.plain(model.norm.weight, "model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        f.t(model.lm_head, "lm_head.weight")
+    if cfg.layer_norm:
+        f.plain(model.norm.bias, "model.norm.bias")
+    if cfg.lm_head_bias:
+        f.plain(model.lm_head_bias, "lm_head.bias")
 
 
 def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, progress: bool = True) -> MoEForCausalLM:
     """Load a Hugging Face MoE checkpoint folder (safetensors) as a Flax NNX model.
 
     A folder pruned in any export format loads as a pruned model (its novices and retained experts
-    in place), so it can be checked against its PyTorch logits. With ``mesh`` each layer is placed on
-    the mesh (experts split over its ``expert`` axis) before the next one is read, and the files are
-    reopened per layer, so no host or device holds more than one layer beyond its share of the model.
+    in place), so it can be checked against its PyTorch logits. With ``mesh`` every array is built shard by
+    shard on the mesh (experts split over its ``expert`` axis): a process reads from disk only the expert
+    rows its devices hold, plus the replicated tensors, and no device ever holds more than its share of an
+    expert stack. The files are reopened per layer, so no host holds more than one layer beyond its share.
     """
-    cfg = parse_config(read_config(folder))
+    raw = read_config(folder)
+    cfg = parse_config(raw)
+    check_quantization(raw, cfg)
     dt = resolve_dtype(dtype)
     model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept_counts(folder)))
-
-    def put(module: nnx.Module) -> None:
-        if mesh is not None:  # expert stacks padded to a multiple of the expert axis with inert rows
-            state = padded_state(nnx.state(module), mesh)
-            nnx.update(module, place(state, param_specs(state), mesh))
-
     with CheckpointReader(folder) as r:
-        head = load_embed_and_head(r, cfg, dt)
-    for var, key in ((model.embed, "embed"), (model.norm.weight, "norm"), (model.lm_head, "lm_head"),
-                     (getattr(model.norm, "bias", None), "norm_bias"), (model.lm_head_bias, "lm_head_bias")):
-        if var is not None:
-            var.set_value(head[key] if mesh is None else place(head[key], P(), mesh))
+        f = _Filler(r, mesh)
+        _fill_embed_and_head(f, model)
+        f.commit()
     for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
         with CheckpointReader(folder) as r:  # reopened per layer: the file pages read leave memory
-            layer = load_layer(r, cfg, i, dt)
-        put(layer)
-        model.layers[i] = layer
+            model.layers[i] = load_layer(r, cfg, i, dt, mesh=mesh)
     _check_filled(model)
     return model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ _DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_PLAIN = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)  # read as stored, nothing to decode
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
 
 
@@ -87,6 +89,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.check_finite = True  # False: the caller checks for NaN / Inf itself (the loader does, on device)
         self._handles: dict[str, object] = {}
         index = self.folder / INDEX
         if index.is_file():
@@ -185,6 +188,13 @@ class CheckpointReader:
             return self.stored.get(key)
         return self.stored.finite(key, q.dequantize({r: self.stored.get(p) for r, p in q.parts.items()}))
 
+    def get_into(self, key: str, out: np.ndarray) -> None:
+        """``out[...] = self.get(key)``, a plain float tensor read straight from the file into ``out``."""
+        if key in self._quant:
+            out[...] = self.get(key)
+        else:
+            self.stored.get_into(key, out)
+
     def get_slice(self, key: str, index) -> np.ndarray:
         """``tensor[index]`` read without loading the whole tensor (e.g. one expert of a fused stack); of a
         quantized stack (3 or more axes) indexed by expert rows, only those rows are read and dequantized."""
@@ -240,6 +250,19 @@ class StoredTensors:
         h, disk = self._entry(key)
         return self.finite(key, np.array(h.view(disk)))
 
+    def get_into(self, key: str, out: np.ndarray) -> None:
+        """``out[...] = self.get(key)``: a tensor stored as plain floats is copied straight from the file into
+        ``out`` (one pass, no intermediate array)."""
+        h, disk = self._entry(key)
+        if h.entries[disk][0] not in _PLAIN or h.entries[disk][1] != out.shape:
+            out[...] = self.get(key)
+            return
+        if out.dtype == h.entries[disk][0] and out.flags.c_contiguous:
+            h.read_into(disk, out)
+        else:
+            np.copyto(out, h.view(disk), casting="same_kind")
+        self.finite(key, out)
+
     def get_slice(self, key: str, index) -> np.ndarray:
         h, disk = self._entry(key)
         return self.finite(key, np.array(h.view(disk)[index]))
@@ -247,7 +270,8 @@ class StoredTensors:
     def finite(self, key: str, arr: np.ndarray) -> np.ndarray:
         """``arr``, after checking that a floating tensor holds no NaN / Inf (a float32 sum, exact recheck
         only when the sum is not finite)."""
-        if arr.dtype.kind in "fV" and not np.isfinite(arr.sum(dtype=np.float32)) and not np.isfinite(arr).all():
+        if self.r.check_finite and arr.dtype.kind in "fV" and not np.isfinite(arr.sum(dtype=np.float32)) \
+                and not np.isfinite(arr).all():
             raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
                             "corrupt; re-download it")
         return arr
@@ -285,6 +309,22 @@ class _SafetensorsFile:
                 raise UserError(f"'{path}' is truncated or corrupted (tensor '{key}' lies past its end): re-download it")
             self.entries[key] = (dtype, shape, 8 + n + start, end - start)
         self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Tensor ``key``'s bytes into the C-contiguous ``out`` with read(2), as a plain file read does (no
+        page faults on the mapping)."""
+        _, _, offset, nbytes = self.entries[key]
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    raise UserError(f"'{self.path}' ended early while reading '{key}': re-download it")
+                done += n
+        finally:
+            os.close(fd)
 
     def view(self, key: str) -> np.ndarray:
         dtype, shape, offset, nbytes = self.entries[key]

@@ -69,14 +69,14 @@ def _experts(fam: Family, blk: MoEBlock, layer: int) -> dict[str, np.ndarray]:
     gu, dn = _np(blk.gate_up), _np(blk.down)
     if fam.fused_on_disk:
         pre = f"{fam.moe_prefix(layer)}.experts"
-        return {f"{pre}.gate_up_proj": _interleave(gu), f"{pre}.gate_up_proj_bias": _interleave(_np(blk.gate_up_bias)),
-                f"{pre}.down_proj": dn, f"{pre}.down_proj_bias": _np(blk.down_bias)}
-    f = gu.shape[-1] // 2
+        return {f"{pre}.gate_up_proj": _interleave(_t(gu)), f"{pre}.gate_up_proj_bias": _interleave(_np(blk.gate_up_bias)),
+                f"{pre}.down_proj": _t(dn), f"{pre}.down_proj_bias": _np(blk.down_bias)}
+    f = gu.shape[1] // 2  # the model holds experts as stored: [K, 2f, d], [K, d, f]
     out = {}
     for j in range(gu.shape[0]):
-        out[fam.expert_key(layer, j, 0)] = _t(gu[j, :, :f])
-        out[fam.expert_key(layer, j, 1)] = _t(gu[j, :, f:])
-        out[fam.expert_key(layer, j, 2)] = _t(dn[j])
+        out[fam.expert_key(layer, j, 0)] = gu[j, :f]
+        out[fam.expert_key(layer, j, 1)] = gu[j, f:]
+        out[fam.expert_key(layer, j, 2)] = dn[j]
     return out
 
 

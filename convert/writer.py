@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,16 @@ class _HashingFile:
         self.size = 0
 
     def write(self, data) -> None:
-        self._f.write(data)
-        self.sha.update(data)
-        self.size += len(memoryview(data).cast("B"))
+        n = len(memoryview(data).cast("B"))
+        if n < 1 << 20:
+            self._f.write(data)
+            self.sha.update(data)
+        else:  # both release the GIL: hash while the bytes go to the file
+            hashing = threading.Thread(target=self.sha.update, args=(data,))
+            hashing.start()
+            self._f.write(data)
+            hashing.join()
+        self.size += n
 
     def __enter__(self) -> _HashingFile:
         return self

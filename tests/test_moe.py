@@ -13,8 +13,8 @@ from mone_jax.model.moe import IMPLS, Experts, dispatch
 def _setup(T=40, d=16, f=8, E=6, k=2, seed=0, ids=None):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(T, d)).astype(np.float32)
-    ex = Experts(jnp.asarray(rng.normal(size=(E, d, 2 * f)) * 0.3, jnp.float32),
-                 jnp.asarray(rng.normal(size=(E, f, d)) * 0.3, jnp.float32))
+    ex = Experts(jnp.asarray(rng.normal(size=(E, 2 * f, d)) * 0.3, jnp.float32),
+                 jnp.asarray(rng.normal(size=(E, d, f)) * 0.3, jnp.float32))
     if ids is None:
         ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
     w = rng.random(ids.shape).astype(np.float32)
@@ -24,7 +24,7 @@ def _setup(T=40, d=16, f=8, E=6, k=2, seed=0, ids=None):
 def _numpy_reference(x, ex, ids, w, mask):
     x, ids, w = np.asarray(x, np.float64), np.asarray(ids), np.asarray(w, np.float64)
     gu, dn = np.asarray(ex.gate_up, np.float64), np.asarray(ex.down, np.float64)
-    E, f = gu.shape[0], dn.shape[1]
+    E, f = gu.shape[0], dn.shape[2]
     y = np.zeros_like(x)
     outs: dict[int, list] = {e: [] for e in range(E)}
     for t in range(x.shape[0]):
@@ -32,8 +32,8 @@ def _numpy_reference(x, ex, ids, w, mask):
             e = ids[t, j]
             if e >= E:
                 continue
-            h = x[t] @ gu[e]
-            o = (h[:f] / (1 + np.exp(-h[:f])) * h[f:]) @ dn[e]
+            h = gu[e] @ x[t]  # [out, in] weights
+            o = dn[e] @ (h[:f] / (1 + np.exp(-h[:f])) * h[f:])
             y[t] += w[t, j] * o
             if mask[t]:
                 outs[e].append((o, w[t, j]))

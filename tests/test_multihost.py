@@ -1,12 +1,16 @@
-"""Two jax.distributed processes on 127.0.0.1 (gloo CPU collectives) give one process's statistics."""
+"""Two jax.distributed processes on 127.0.0.1 (gloo CPU collectives) give one process's statistics; each reads
+from the checkpoint only its own half of the routed experts, and no device holds a whole layer's experts."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,20 +27,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def expert_bytes(folder) -> dict[str, int]:
+    """Stored bytes of every routed-expert tensor, from the safetensors headers alone."""
+    out = {}
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        out |= {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                if re.search(r"\.mlp\.experts\.\d+\.", k)}
+    return out
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     ids = np.random.default_rng(7).integers(0, 96, (12, 16)).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (4, 2)
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (1, 8)
     port = free_port()
+    counter = str(Path(__file__).with_name("count_reads.py"))
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
-         "--batch-size", "6", "--stats-out", str(tmp_path / f"p{i}.safetensors"), "--mesh", "data=4,expert=2",
+        [sys.executable, counter, "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
+         "--batch-size", "6", "--stats-out", str(tmp_path / f"p{i}.safetensors"), "--mesh", "data=1,expert=8",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
          "--heartbeat-timeout", "10", "--quiet"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        env={**env, "COUNT_READS_OUT": str(tmp_path / f"reads{i}.json")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -47,6 +64,16 @@ def test_two_processes_match_one(hf_models, tmp_path):
     model = mone_jax.load_hf(folder, progress=False)
     ref = calibrate(model, [ids[:6], ids[6:]], progress=False)
     assert_stats_equal(Stats.load(tmp_path / "p0.safetensors"), ref)
+    # each process read its half of the expert bytes (its 4 devices hold experts 4p..4p+3 of 8), the two
+    # halves disjoint; and no device held a whole layer's expert stack once the model was loaded
+    stored = expert_bytes(folder)
+    assert len(stored) == 2 * 8 * 3  # hub layout: 2 layers x 8 experts x gate / up / down
+    runs = [json.loads((tmp_path / f"reads{i}.json").read_text()) for i in range(2)]
+    read = [{k: n for k, n in r["reads"] if k in stored} for r in runs]
+    assert [r["whole"] for r in runs] == [[], []]
+    assert all(sum(r.values()) == sum(stored.values()) // 2 for r in read)
+    assert not read[0].keys() & read[1].keys() and read[0].keys() | read[1].keys() == stored.keys()
+    assert all(read[i][k] == stored[k] for i in range(2) for k in read[i])
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def test_sequential_streams_layers(hf_models, tmp_path, monkeypatch):
     data = batches(model.config.vocab_size)
     loaded = []
     load_layer = seq.load_layer
-    monkeypatch.setattr(seq, "load_layer", lambda r, cfg, i, dt: loaded.append(i) or load_layer(r, cfg, i, dt))
+    monkeypatch.setattr(seq, "load_layer", lambda r, cfg, i, dt, **kw: loaded.append(i) or load_layer(r, cfg, i, dt, **kw))
     got = seq.calibrate_sequential(folder, data, progress=False, offload_dir=tmp_path)
     assert loaded == list(range(model.config.num_layers))
     assert_identical(got, calibrate(model, data, progress=False))

@@ -4,7 +4,6 @@ model's config.json before the first heavy step (model load, calibration, export
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,7 +139,15 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
             seq = np.load(calib, mmap_mode="r", allow_pickle=False).shape[-1]
         except (ValueError, OSError, IndexError):
             pass  # read_batches reports it
-    batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale))
+    samples = num_samples or args.num_samples or 128
+    if raw_npy and Path(calib).is_file():
+        try:
+            samples = int(np.prod(np.load(calib, mmap_mode="r", allow_pickle=False).shape[:-1]))
+        except (ValueError, OSError, IndexError):
+            pass  # read_batches reports it
+    batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale, args.dtype))
+    if not _multi_host(scale):  # before any weight is read; multi-host runs may not touch JAX yet
+        batch = memory_preflight(cfg, args.dtype, batch, seq, samples * seq, scale, args.batch_size is not None)
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128, seq, args.seed,
                    args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics,
                    batch_given=args.batch_size is not None)
@@ -163,24 +170,43 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
     return replace(job, batches=_batches(job, ids), data=record if "documents" in record else None)
 
 
-def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions) -> int:
+def _multi_host(scale: ScaleOptions) -> bool:
+    return scale.distributed or any(v is not None for v in (scale.coordinator, scale.num_processes, scale.process_id))
+
+
+def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOptions, dtype: str = "float32") -> int:
     """:func:`~mone_jax.calib.calibration.default_batch_size` for this machine: every device data-parallel, the memory of
-    one device (the host's available RAM on CPU) less the checkpoint's weights. Multi-host runs may not touch JAX
-    before ``jax.distributed`` starts: one device's share, memory unchecked."""
+    one device (the host's available RAM on CPU) less the weights it holds in the compute ``dtype`` (the whole
+    model, or one layer with --sequential; not the file size: float32 doubles a bf16 file). Multi-host runs may
+    not touch JAX before ``jax.distributed`` starts: one device's share, memory unchecked."""
+    from mone_jax.app.preflight import host_available, model_bytes
     from mone_jax.calib.calibration import default_batch_size
 
-    if scale.distributed or any(v is not None for v in (scale.coordinator, scale.num_processes, scale.process_id)):
+    if _multi_host(scale):
         return default_batch_size(cfg, seq_len)
     import jax
 
     devices = jax.devices()
-    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    rep, ex, layer = model_bytes(cfg, dtype)
+    weights = 2 * layer if scale.sequential else rep + ex
     stats = devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        memory = stats["bytes_limit"] - weights
+        memory = stats["bytes_limit"] - (2 * layer if scale.sequential else rep + ex / len(devices))
     else:
-        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / len(devices) - weights
+        memory = (host_available() - weights) / len(devices)
     return default_batch_size(cfg, seq_len, len(devices), max(memory, 1.0))
+
+
+def memory_preflight(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, scale: ScaleOptions,
+                     batch_given: bool) -> int:
+    """The batch size after :func:`~mone_jax.app.preflight.check` (a refusal when nothing fits)."""
+    import jax
+
+    from mone_jax.app.preflight import check
+
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    return check(cfg, dtype, batch, seq_len, tokens, sequential=scale.sequential, batch_given=batch_given,
+                 devices=jax.device_count(), device_bytes=limit)
 
 
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:

@@ -38,9 +38,7 @@ from mone_jax.model.sharding import (
     global_batch,
     local_rows,
     padded_rows,
-    padded_state,
     param_specs,
-    place,
     process_rows,
     single_device_mesh,
 )
@@ -133,11 +131,9 @@ def calibrate_sequential(folder: str | Path, batches: Iterable, *, dtype="float3
     for i in range(start_layer, cfg.num_layers):
         release_memory()
         with CheckpointReader(folder) as reader:  # reopened per layer: its pages leave memory with it
-            layer = load_layer(reader, cfg, i, dt)
+            layer = load_layer(reader, cfg, i, dt, mesh=mesh)  # placed shard by shard, expert stacks padded
         graphdef, state = nnx.split(layer)
-        state = padded_state(state, mesh)
         specs = param_specs(state)
-        state = place(state, specs, mesh)
         del layer
         leaves, treedef = jax.tree.flatten(specs)
         step = layer_step(graphdef, mesh, tuple(leaves), treedef, cfg.num_experts, impl, block, windows(cfg))

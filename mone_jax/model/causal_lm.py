@@ -182,8 +182,8 @@ class MoEBlock(nnx.Module):
         self.router_bias = nnx.Param(jnp.zeros((E,), dtype)) if cfg.router_bias else None
         self.score_bias = Buffer(jnp.zeros((E,), jnp.float32)) if cfg.score_bias else None
         self.num_kept = K
-        self.gate_up = normal_param(rngs, (K, d, 2 * f), dtype, kind=ExpertParam)
-        self.down = normal_param(rngs, (K, f, d), dtype, kind=ExpertParam)
+        self.gate_up = normal_param(rngs, (K, 2 * f, d), dtype, kind=ExpertParam)  # [out, in], as stored
+        self.down = normal_param(rngs, (K, d, f), dtype, kind=ExpertParam)
         self.gate_up_bias = ExpertParam(jnp.zeros((K, 2 * f), dtype)) if cfg.expert_bias else None
         self.down_bias = ExpertParam(jnp.zeros((K, d), dtype)) if cfg.expert_bias else None
         self.kept_ids = ExpertBuffer(jnp.arange(K, dtype=jnp.int32))

@@ -34,7 +34,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Experts(NamedTuple):
-    """A stack of SwiGLU experts: gate_up [E, d, 2f] (gate then up), down [E, f, d], optional biases."""
+    """A stack of SwiGLU experts stored as checkpoints store them (``[out, in]`` per expert, so loading is a
+    copy, never a transpose): gate_up [E, 2f, d] (gate rows then up rows), down [E, d, f], optional biases."""
 
     gate_up: jax.Array
     down: jax.Array
@@ -50,13 +51,18 @@ def default_impl() -> str:
     return "scan" if jax.default_backend() == "cpu" else "ragged"
 
 
+def _linear(x, w):
+    """``x @ w.T`` for a weight ``w`` [out, in] (the product reads ``w`` as stored: no transposed copy)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _expert_mlp(x, gate_up, down, glu, b_gu=None, b_d=None):
-    h = jnp.dot(x, gate_up, preferred_element_type=jnp.float32)
+    h = _linear(x, gate_up)
     if b_gu is not None:
         h = h + b_gu
     f = h.shape[-1] // 2
     a = glu(h[..., :f], h[..., f:]).astype(down.dtype)
-    y = jnp.dot(a, down, preferred_element_type=jnp.float32)
+    y = _linear(a, down)
     return y + b_d if b_d is not None else y
 
 
@@ -206,19 +212,26 @@ def _segment_stats(y, seg, valid, w, E) -> LayerStats:
     return stats._replace(count=total(valid.astype(jnp.int32)))
 
 
+def _ragged_linear(x, w, sizes):
+    """Rows of ``x`` grouped by expert (``sizes``) times their expert's ``w[e].T`` (``w`` [E, out, in])."""
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=jnp.float32)
+
+
 def _ragged(x, ids, w, tok, ex: Experts, valid, glu, block):
     E = ex.gate_up.shape[0]
     order = jnp.argsort(ids, stable=True)
     sid = ids[order]
     sizes = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)
     xs = x[tok[order]]
-    h = jax.lax.ragged_dot(xs, ex.gate_up, sizes, preferred_element_type=jnp.float32)
+    h = _ragged_linear(xs, ex.gate_up, sizes)
     e_c = jnp.minimum(sid, E - 1)
     if ex.gate_up_bias is not None:
         h = h + ex.gate_up_bias[e_c]
     f = h.shape[-1] // 2
     a = glu(h[:, :f], h[:, f:]).astype(ex.down.dtype)
-    y = jax.lax.ragged_dot(a, ex.down, sizes, preferred_element_type=jnp.float32)
+    y = _ragged_linear(a, ex.down, sizes)
     if ex.down_bias is not None:
         y = y + ex.down_bias[e_c]
     y = jnp.where((sid < E)[:, None], y, 0.0)

@@ -124,8 +124,10 @@ def param_bytes(module: nnx.Module) -> tuple[int, int]:
 def place(tree, specs, mesh: Mesh):
     """Global arrays of ``tree`` laid out by ``specs`` on ``mesh``.
 
-    Arrays already laid out so are kept. Otherwise, with one process, ``jax.device_put``; with
-    several, each process builds its own devices' shards from its (full) host copy.
+    Arrays already laid out so are kept (:func:`~mone_jax.convert.load.load_hf` builds a checkpoint's arrays
+    on the mesh shard by shard from lazy reads: they arrive here placed). Otherwise, with one process,
+    ``jax.device_put``; with several, each process builds its own devices' shards, each copied from the
+    slice of ``a`` it needs (never a whole host copy of a device array).
     """
 
     def put(a, spec):
@@ -134,8 +136,8 @@ def place(tree, specs, mesh: Mesh):
             return a
         if jax.process_count() == 1:
             return jax.device_put(a, sharding)
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        src = a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a)
+        return jax.make_array_from_callback(src.shape, sharding, lambda idx: np.asarray(src[idx]))
 
     return jax.tree.map(put, tree, specs)
 
