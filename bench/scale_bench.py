@@ -276,6 +276,24 @@ def two_processes(model: Path, ids: Path) -> str:
     return f"peak anon / file GiB: one process {one[0]}; each of two processes {', '.join(two)}"
 
 
+def stored_as_source(model: Path, out: Path) -> str:
+    """How many of the export's quantized tensors (float8 weights and their scales) hold the source's stored
+    bytes, under the source's name (retained experts mapped back to their original ids by the plan)."""
+    from mone_jax.convert.reader import CheckpointReader
+
+    plan = json.loads((out / "mone_plan.json").read_text())["layers"]
+    src, dst = CheckpointReader(model).stored, CheckpointReader(out).stored
+    same = total = 0
+    for key in dst.keys():
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)", key)
+        name = key if m is None else (f"model.layers.{m[1]}.mlp.experts."
+                                      f"{plan[m[1]]['kept'][int(m[2])]}.{m[3]}")
+        if dst.dtype(key).itemsize == 1 or key.endswith("_scale_inv"):
+            total += 1
+            same += name in src and src.get(name).tobytes() == dst.get(key).tobytes()
+    return f"{same}/{total} quantized tensors as stored"
+
+
 def row(mode: str, r: dict, ckpt_bytes: int, tokens: int) -> str:
     gib = f"{r['anon'] / GIB:.2f} | {r['file'] / GIB:.2f}"
     if r["rc"] != 0:
@@ -340,7 +358,10 @@ def main() -> None:
         out = root / f"out-{mode}"
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
-        print(row(mode, r, ckpt, ids.size), flush=True)
+        line = row(mode, r, ckpt, ids.size)
+        if args.fp8 and r["rc"] == 0:  # the lossless export rule, checked at real size
+            line = line[:-2] + f"; {stored_as_source(model, out)} |"
+        print(line, flush=True)
         if r["rc"] != 0 and not r["refusal"]:
             failed.append(mode)
         shutil.rmtree(out, ignore_errors=True)
