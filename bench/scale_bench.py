@@ -199,6 +199,28 @@ def plain_write(path: Path, nbytes: int) -> float:
     return rate
 
 
+def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[str, int]]]:
+    """A thread that samples each process's peak anonymous and file-backed resident bytes (/proc) every 50 ms
+    until all have exited, and the peaks it fills (``RssAnon``, ``RssFile``); join the thread to read them."""
+    peaks = [{"RssAnon": 0, "RssFile": 0} for _ in procs]
+
+    def sample():
+        while any(p.poll() is None for p in procs):
+            for p, peak in zip(procs, peaks):
+                try:
+                    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                        k, _, v = line.partition(":")
+                        if k in peak:
+                            peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    return th, peaks
+
+
 def run_prune(argv: list[str]) -> dict:
     """Run ``mone-jax prune`` as a child; wall, phase clock, peak anonymous / file-backed memory, exit and
     output."""
@@ -207,22 +229,7 @@ def run_prune(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "prune", *argv], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = {"RssAnon": 0, "RssFile": 0}
-
-    def sample():
-        status = Path(f"/proc/{p.pid}/status")
-        while p.poll() is None:
-            try:
-                for line in status.read_text().splitlines():
-                    k, _, v = line.partition(":")
-                    if k in peak:
-                        peak[k] = max(peak[k], int(v.split()[0]) * 1024)
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    th, (peak,) = watch([p])
     out, err = p.communicate()
     th.join()
     phases = {m[2]: float(m[1]) for m in re.finditer(r"mone-jax: \[([\d.]+)s\] (\w+):", err)}
@@ -244,22 +251,7 @@ def two_processes(model: Path, ids: Path) -> str:
         procs = [subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(model), "--calib",
                                    str(ids), "--dtype", "bfloat16", "--batch-size", "4", "--quiet", *a], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in extra]
-        peaks = [{"RssAnon": 0, "RssFile": 0} for _ in procs]
-
-        def sample():
-            while any(p.poll() is None for p in procs):
-                for p, peak in zip(procs, peaks):
-                    try:
-                        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                            k, _, v = line.partition(":")
-                            if k in peak:
-                                peak[k] = max(peak[k], int(v.split()[0]) * 1024)
-                    except (OSError, ValueError):
-                        pass
-                time.sleep(0.05)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
+        th, peaks = watch(procs)
         outs = [p.communicate()[0] for p in procs]
         th.join()
         if any(p.returncode for p in procs):
