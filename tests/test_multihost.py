@@ -27,6 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two(argv_of, env_of) -> list[subprocess.CompletedProcess]:
+    """Two jax.distributed processes on 127.0.0.1: process i runs the command line ``argv_of(i)`` in the
+    environment ``env_of(i)``, given its process id and the shared coordinator."""
+    port = free_port()
+    procs = [subprocess.Popen([*argv_of(i), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                               str(i), "--heartbeat-timeout", "10"], env=env_of(i),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+
+
 def expert_bytes(folder) -> dict[str, int]:
     """Stored bytes of every routed-expert tensor, from the safetensors headers alone."""
     out = {}
@@ -45,21 +60,12 @@ def test_two_processes_match_one(hf_models, tmp_path):
     np.save(tmp_path / "ids.npy", ids)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (1, 8)
-    port = free_port()
     counter = str(Path(__file__).with_name("count_reads.py"))
-    procs = [subprocess.Popen(
-        [sys.executable, counter, "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
-         "--batch-size", "6", "--stats-out", str(tmp_path / f"p{i}.safetensors"), "--mesh", "data=1,expert=8",
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         "--heartbeat-timeout", "10", "--quiet"],
-        env={**env, "COUNT_READS_OUT": str(tmp_path / f"reads{i}.json")},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = run_two(lambda i: [sys.executable, counter, "calibrate", str(folder), "--calib", str(tmp_path / "ids.npy"),
+                              "--batch-size", "6", "--stats-out", str(tmp_path / f"p{i}.safetensors"), "--mesh",
+                              "data=1,expert=8", "--quiet"],
+                   lambda i: {**env, "COUNT_READS_OUT": str(tmp_path / f"reads{i}.json")})
+    assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
     assert not (tmp_path / "p1.safetensors").exists()  # process 0 alone writes
     model = mone_jax.load_hf(folder, progress=False)
     ref = calibrate(model, [ids[:6], ids[6:]], progress=False)
@@ -90,19 +96,11 @@ def test_processes_that_resolved_a_hub_id_to_different_commits_stop(hf_models, t
         (repo / "refs" / "main").write_text(commit)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", HF_HUB_OFFLINE="1")
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "mone_jax.app.cli", "calibrate", "testorg/tiny", "--calib", str(tmp_path / "ids.npy"),
-         "--stats-out", str(tmp_path / "s.safetensors"), "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-         "2", "--process-id", str(i), "--heartbeat-timeout", "10", "--quiet"],
-        env={**env, "HF_HUB_CACHE": str(tmp_path / f"hub{i}")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
-    try:
-        errs = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], errs
+    runs = run_two(lambda i: [sys.executable, "-m", "mone_jax.app.cli", "calibrate", "testorg/tiny", "--calib",
+                              str(tmp_path / "ids.npy"), "--stats-out", str(tmp_path / "s.safetensors"), "--quiet"],
+                   lambda i: {**env, "HF_HUB_CACHE": str(tmp_path / f"hub{i}")})
+    errs = [r.stderr for r in runs]
+    assert [r.returncode for r in runs] == [2, 2], errs
     for err in errs:
         assert err.count("\n") == 1 and f"process 0: {commits[0]}, process 1: {commits[1]}" in err and "--revision" in err
     assert not (tmp_path / "s.safetensors").exists()
