@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,8 @@ class _Source:
     read: Callable[[tuple], np.ndarray]
     swap: bool = False
     parts: tuple[str, ...] = ()  # every checkpoint tensor it is made of (default: ``key``)
+    fill: Callable[[slice, np.ndarray], None] | None = None  # rows -> writes stored[rows] into an array (stacks)
+    dtype: np.dtype | None = None  # what ``read`` / ``fill`` give (needed with ``fill``)
 
     def model_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.swap else self.shape
@@ -101,15 +105,17 @@ class _Filler:
     """Assigns checkpoint tensors to the Variables of an abstract (eval_shape) module.
 
     Tensors are read lazily: :meth:`commit` builds each array shard by shard
-    (``jax.make_array_from_callback``), each callback reading from the checkpoint only the rows its device
-    holds (a routed-expert stack is split over the mesh's ``expert`` axis, padded with zero rows to a
-    multiple of it; everything else is replicated), then converts every array of the module to its declared
-    dtype and layout in one compiled step, which also checks for NaN / Inf."""
+    (``jax.make_array_from_callback``), each device's rows read from the checkpoint by a small pool of
+    threads (a routed-expert stack is split over the mesh's ``expert`` axis, padded with zero rows to a
+    multiple of it, and read in blocks of experts; everything else is replicated), then converts every array
+    of the module to its declared dtype and layout in one compiled step, which also sums each array for the
+    NaN / Inf check. That step runs while the next module is read; :meth:`check` waits for the sums."""
 
     def __init__(self, reader: CheckpointReader, mesh: Mesh | None = None):
         self.r, self.mesh = reader, mesh
         self.r.check_finite = False  # checked on device, in the same pass as the conversion
         self.pending: list[tuple[nnx.Variable, _Source]] = []
+        self.sums: list[tuple[tuple, list[jax.Array], list[_Source]]] = []  # committed, not yet checked
 
     def add(self, var: nnx.Variable, src: _Source) -> None:
         want = var.get_value()
@@ -132,28 +138,35 @@ class _Filler:
         self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key)))
 
     def commit(self) -> None:
-        """Build, convert and assign every pending Variable (see the class docstring)."""
+        """Build, convert and assign every pending Variable (see the class docstring); the NaN / Inf check
+        is left to :meth:`check`."""
         if not self.pending:
             return
-        raws, shardings = [], []
-        for var, src in self.pending:
-            sharding = _sharding(self.mesh, is_expert(var))
-            raws.append(_lazy_array(src, sharding, _rows(self.mesh) if is_expert(var) else 1))
-            shardings.append(sharding)
+        shardings = [_sharding(self.mesh, is_expert(var)) for var, _ in self.pending]
+        reads = [_prefetch(src, sharding, _rows(self.mesh) if is_expert(var) else 1)
+                 for (var, src), sharding in zip(self.pending, shardings)]  # all shards in flight at once
+        raws = [jax.make_array_from_callback(shape, sharding, fetch)
+                for (shape, fetch), sharding in zip(reads, shardings)]
+        del reads
         spec = tuple((src.swap, jnp.dtype(var.get_value().dtype)) for var, src in self.pending)
-        values, finite = _convert(raws, spec, tuple(shardings))
+        values, sums = _convert(raws, spec, tuple(shardings))
         del raws
-        if not all(finite):
-            src = self.pending[finite.index(False)][1]
-            self.r.check_finite = True  # the reader names the tensor that holds them
-            for key in src.parts or (src.key,):
-                self.r.get(key) if key in self.r else None
-            key = src.key
-            raise UserError(f"tensor '{key}' in '{self.r.folder}' contains NaN or Inf values: the checkpoint is "
-                            "corrupt; re-download it")
         for (var, _), value in zip(self.pending, values):
             var.set_value(value)
+        self.sums.append((sums, values, [src for _, src in self.pending]))
         self.pending.clear()
+
+    def check(self) -> None:
+        """UserError naming a tensor that holds NaN / Inf, of every module committed so far."""
+        for (sums, at), values, sources in self.sums:
+            for ok, value, src in zip(np.isfinite(np.asarray(sums)[at]), values, sources):
+                if not ok and not bool(_all_finite(value)):
+                    with CheckpointReader(self.r.folder) as r:  # the reader names the tensor that holds them
+                        for key in src.parts or (src.key,):
+                            r.get(key) if key in r else None
+                    raise UserError(f"tensor '{src.key}' in '{self.r.folder}' contains NaN or Inf values: the "
+                                    "checkpoint is corrupt; re-download it")
+        self.sums.clear()
 
 
 def _whole(reader: CheckpointReader, key: str) -> Callable[[tuple], np.ndarray]:
@@ -172,18 +185,16 @@ def _whole(reader: CheckpointReader, key: str) -> Callable[[tuple], np.ndarray]:
 
 
 def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An empty array in its own anonymous mapping (page-aligned, so JAX adopts it on CPU without a copy;
-    transparent huge pages where the kernel offers them: far fewer page faults while it is filled)."""
+    """A zeroed array in its own anonymous mapping (page-aligned, so JAX adopts it on CPU without a copy).
+    Not madvised for huge pages: on a machine whose memory is fragmented, their first touch waits for the
+    kernel to compact memory, which measured 1.5-2x slower than plain pages (bench/README.md)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if n < 1 << 21:
-        raw = np.empty(n + 64, np.uint8)
+        raw = np.zeros(n + 64, np.uint8)
         start = -raw.ctypes.data % 64
         return raw[start:start + n].view(dtype).reshape(shape)
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(buf, dtype).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype).reshape(shape)
 
 
 def _read(reader: CheckpointReader, key: str) -> np.ndarray:
@@ -207,25 +218,65 @@ def _rows(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[EXPERT]
 
 
-def _lazy_array(src: _Source, sharding: jax.sharding.Sharding, multiple: int) -> jax.Array:
-    """``src`` as a global array (first axis zero-padded to a multiple of ``multiple``), each device's shard
-    read from the checkpoint by its own callback."""
+READ_THREADS = min(4, os.cpu_count() or 1)  # preads release the GIL: reads overlap each other and the device
+BLOCK_BYTES = 64 << 20  # an expert stack is read in blocks of experts of about this size, one per thread task
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mone-read")
+
+
+def _prefetch(src: _Source, sharding: jax.sharding.Sharding, multiple: int
+              ) -> tuple[tuple[int, ...], Callable[[tuple], np.ndarray]]:
+    """The global shape of ``src`` (first axis zero-padded to a multiple of ``multiple``) and a callback
+    for ``jax.make_array_from_callback`` giving each device's shard; every shard this process holds is
+    submitted to the read pool at once (a shard several devices share is read once)."""
     n = src.shape[0] if src.shape else 0
     shape = (-(-n // multiple) * multiple, *src.shape[1:]) if multiple > 1 else src.shape
+    key = lambda idx: tuple(s.indices(d) for s, d in zip(idx, shape))  # noqa: E731
+    jobs: dict[tuple, Callable[[], np.ndarray]] = {}
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        if key(idx) not in jobs:
+            jobs[key(idx)] = _submit(src, shape, idx)
+    return shape, lambda idx: jobs[key(idx)]()
 
-    def shard(idx: tuple) -> np.ndarray:
-        if shape == src.shape:
-            return np.asarray(src.read(idx))
-        lo, hi, _ = idx[0].indices(shape[0])
-        part = src.read((slice(lo, min(hi, n)), *idx[1:])) if lo < n else None
-        if hi <= n:
-            return np.asarray(part)
-        pad_shape = (hi - max(lo, n), *(len(range(*s.indices(d))) for s, d in zip(idx[1:], shape[1:])))
-        dtype = (part if part is not None else src.read((slice(0, 1), *idx[1:]))).dtype  # a shard of padding only
-        pad = np.zeros(pad_shape, dtype)
-        return pad if part is None else np.concatenate([part, pad])
 
-    return jax.make_array_from_callback(shape, sharding, shard)
+def _submit(src: _Source, shape: tuple[int, ...], idx: tuple) -> Callable[[], np.ndarray]:
+    """Start reading shard ``idx`` of ``src`` (global ``shape``); the function returned waits for it. A stack
+    with ``fill`` is read in blocks of rows, one pool task each, into one aligned array."""
+    n = src.shape[0] if src.shape else 0
+    whole_rows = all(s.indices(d) == (0, d, 1) for s, d in zip(idx[1:], shape[1:]))
+    if src.fill is None or not whole_rows:
+        task = _pool().submit(_shard, src, shape, idx)
+        return task.result
+    lo, hi, _ = idx[0].indices(shape[0])
+    out = _aligned((hi - lo, *shape[1:]), src.dtype)  # zeroed: padding rows stay zero
+    step, end = max(1, BLOCK_BYTES // max(1, out[:1].nbytes)), min(hi, n)
+    tasks: list[Future] = [_pool().submit(src.fill, slice(a, min(a + step, end)), out[a - lo:min(a + step, end) - lo])
+                           for a in range(lo, end, step)]
+
+    def result() -> np.ndarray:
+        for t in tasks:
+            t.result()
+        return out
+
+    return result
+
+
+def _shard(src: _Source, shape: tuple[int, ...], idx: tuple) -> np.ndarray:
+    """Shard ``idx`` of ``src`` padded to the global ``shape`` (zero rows past the source's)."""
+    n = src.shape[0] if src.shape else 0
+    if shape == src.shape:
+        return np.asarray(src.read(idx))
+    lo, hi, _ = idx[0].indices(shape[0])
+    part = src.read((slice(lo, min(hi, n)), *idx[1:])) if lo < n else None
+    if hi <= n:
+        return np.asarray(part)
+    pad_shape = (hi - max(lo, n), *(len(range(*s.indices(d))) for s, d in zip(idx[1:], shape[1:])))
+    dtype = (part if part is not None else src.read((slice(0, 1), *idx[1:]))).dtype  # a shard of padding only
+    pad = np.zeros(pad_shape, dtype)
+    return pad if part is None else np.concatenate([part, pad])
 
 
 def _sum(x):
@@ -245,10 +296,10 @@ def _all_finite(x):
     return jnp.isfinite(x).all()
 
 
-def _convert(raws, spec, shardings) -> tuple[list[jax.Array], list[bool]]:
-    """Each raw array in its declared dtype and layout (one already so is kept as it is: no copy), and whether
-    each was finite: one compiled step (a float32 sum per array; the exact check only where a sum is not
-    finite)."""
+def _convert(raws, spec, shardings) -> tuple[list[jax.Array], tuple[jax.Array, np.ndarray]]:
+    """Each raw array in its declared dtype and layout (one already so is kept as it is: no copy), and a float32
+    sum of each (NaN / Inf show in it), as (sums, the index in them of each array): one compiled step,
+    dispatched without waiting for it."""
     import warnings
 
     keep = [not swap and x.dtype == dtype for x, (swap, dtype) in zip(raws, spec)]
@@ -261,9 +312,7 @@ def _convert(raws, spec, shardings) -> tuple[list[jax.Array], list[bool]]:
     outs: list = [None] * len(raws)
     for i, y in zip(order, [*changed, *(raws[i] for i in order[n:])]):
         outs[i] = y
-    ok = np.empty(len(raws), bool)
-    ok[order] = np.isfinite(np.asarray(sums))
-    return outs, [bool(k) or bool(_all_finite(y)) for k, y in zip(ok, outs)]
+    return outs, (sums, np.argsort(order))
 
 
 def _attention(f: _Filler, attn: nnx.Module, p: str, names: Mapping[str, str]) -> None:
@@ -323,17 +372,26 @@ def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
 
 
-def _stack(reader: CheckpointReader, groups: list[list[str]], dtype) -> np.ndarray:
-    """[len(groups), rows, ...]: per group, its tensors' rows one after the other (gate rows, then up rows),
-    each copied once from the file into aligned memory; quantized ones dequantized one tensor at a time into
-    ``dtype``."""
-    shapes = [reader.shape(k) for k in groups[0]]
-    rows = np.cumsum([0] + [s[0] for s in shapes])
-    first = dtype if reader.quantized(groups[0][0]) else reader.dtype(groups[0][0])
-    out = _aligned((len(groups), int(rows[-1]), *shapes[0][1:]), first if first.kind in "fV" else np.float32)
+def _stack_dtype(reader: CheckpointReader, key: str, dtype) -> np.dtype:
+    """The dtype :func:`_stack` gives for tensors like ``key``: the stored float dtype, ``dtype`` where quantized."""
+    first = np.dtype(dtype) if reader.quantized(key) else reader.dtype(key)
+    return first if first.kind in "fV" else np.dtype(np.float32)
+
+
+def _stack_into(reader: CheckpointReader, groups: list[list[str]], out: np.ndarray) -> None:
+    """``out`` [len(groups), rows, ...] := per group, its tensors' rows one after the other (gate rows, then up
+    rows), each copied once from the file; quantized ones dequantized one tensor at a time."""
+    rows = np.cumsum([0] + [reader.shape(k)[0] for k in groups[0]])
     for i, keys in enumerate(groups):
         for j, key in enumerate(keys):
             reader.get_into(key, out[i, rows[j]:rows[j + 1]])
+
+
+def _stack(reader: CheckpointReader, groups: list[list[str]], dtype) -> np.ndarray:
+    """:func:`_stack_into` a new aligned array (of :func:`_stack_dtype`)."""
+    shapes = [reader.shape(k) for k in groups[0]]
+    out = _aligned((len(groups), sum(s[0] for s in shapes), *shapes[0][1:]), _stack_dtype(reader, groups[0][0], dtype))
+    _stack_into(reader, groups, out)
     return out
 
 
@@ -362,10 +420,12 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
                        lambda idx: _get_rows(reader, key, rows[idx[0]])[(slice(None), *idx[1:])])
     parts = (0, 1) if which == 0 else (2,)
     shapes = [reader.shape(fam.expert_key(layer, disk[0], j)) for j in parts]
-    return _Source(fam.expert_key(layer, disk[0], parts[0]), (K, sum(s[0] for s in shapes), *shapes[0][1:]),
-                   lambda idx: _stack(reader, [[fam.expert_key(layer, e, j) for j in parts]
-                                               for e in disk[idx[0]]], np.dtype(dtype))[(slice(None), *idx[1:])],
-                   parts=tuple(fam.expert_key(layer, e, j) for e in disk for j in parts))
+    groups = [[fam.expert_key(layer, e, j) for j in parts] for e in disk]
+    return _Source(groups[0][0], (K, sum(s[0] for s in shapes), *shapes[0][1:]),
+                   lambda idx: _stack(reader, groups[idx[0]], dtype)[(slice(None), *idx[1:])],
+                   parts=tuple(k for g in groups for k in g),
+                   fill=lambda rows, out: _stack_into(reader, groups[rows], out),
+                   dtype=_stack_dtype(reader, groups[0][0], dtype))
 
 
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],
@@ -457,6 +517,14 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
     """Decoder layer ``layer_index`` read from ``reader`` (pruned if the config says so); with ``mesh``, placed
     on it shard by shard (expert stacks split over its ``expert`` axis, padded with inert rows), else on
     the first local device."""
+    layer, f = _load_layer(reader, cfg, layer_index, dtype, mesh)
+    f.check()
+    return layer
+
+
+def _load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dtype, mesh: Mesh | None
+                ) -> tuple[DecoderLayer, _Filler]:
+    """:func:`load_layer` with its NaN / Inf check left to the filler returned."""
     dt = resolve_dtype(dtype)
     raw = read_config(reader.folder)
     check_quantization(raw, cfg)
@@ -469,7 +537,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer_index: int, dty
     _fill_layer(f, family(cfg.model_type), layer, layer_index, layout)
     f.commit()
     _check_filled(layer)
-    return layer
+    return layer, f
 
 
 def _fill_embed_and_head(f: _Filler, model: MoEForCausalLM) -> None:
@@ -502,9 +570,13 @@ def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, pr
         f = _Filler(r, mesh)
         _fill_embed_and_head(f, model)
         f.commit()
+    fillers = [f]
     for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
         with CheckpointReader(folder) as r:  # reopened per layer: the file pages read leave memory
-            model.layers[i] = load_layer(r, cfg, i, dt, mesh=mesh)
+            model.layers[i], f = _load_layer(r, cfg, i, dt, mesh)
+        fillers.append(f)  # each layer's conversion and sums run on the device while the next one is read
+    for f in fillers:
+        f.check()
     _check_filled(model)
     return model
 
