@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
+from mone_jax.convert.dequant import Blocks, block_updater, dequantize, on_device
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.quant import quant_method
@@ -92,9 +93,55 @@ class _Source:
     parts: tuple[str, ...] = ()  # every checkpoint tensor it is made of (default: ``key``)
     fill: Callable[[slice, np.ndarray], None] | None = None  # rows -> writes stored[rows] into an array (stacks)
     dtype: np.dtype | None = None  # what ``read`` / ``fill`` give (needed with ``fill``)
+    quant: _Raw | None = None  # quantized: dequantized on the device from these stored parts
 
     def model_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.swap else self.shape
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """The stored parts of a quantized :class:`_Source` (float8 weights, their block scales, stacked alike along
+    the rows) and how they dequantize (:mod:`.dequant`)."""
+
+    weight: _Source
+    scale: _Source
+    spec: Blocks
+
+
+def _raw(reader: CheckpointReader, groups: list[list[str]], lead: bool) -> _Raw | None:
+    """The stored parts of the stack of quantized tensors ``groups`` (per group, its tensors' rows one after
+    the other; ``lead``: with a leading axis of groups), or None where they are not dequantized on the device
+    (not quantized, or of another scheme, or not 2-D tensors of one block size)."""
+    st, qs = reader.stored, [reader.quantized(k) for k in groups[0]]
+    if any(q is None or len(q.shape) != 2 or set(q.parts) != {"weight", "scale"} for q in qs):
+        return None
+    dts = {(st.dtype(q.parts["weight"]), st.dtype(q.parts["scale"])) for q in qs}
+    if len(dts) > 1 or not on_device(qs[0], *next(iter(dts))) or len({(q.args["block"], q.shape[-1], q.args["grid"][-1])
+                                                                       for q in qs}) > 1:
+        return None
+    rows = tuple((q.shape[0], q.args["grid"][0]) for q in qs)
+
+    def part(role: str, col: int, width: int, dtype: np.dtype) -> _Source:
+        at = np.cumsum([0] + [r[col] for r in rows])
+
+        def fill(sel: slice, out: np.ndarray) -> None:
+            for i, keys in enumerate(groups[sel]):
+                for j, key in enumerate(keys):
+                    st.read_raw(reader.quantized(key).parts[role], out[i, at[j]:at[j + 1]])
+
+        def read(idx: tuple) -> np.ndarray:
+            out = _aligned((len(groups), int(at[-1]), width), dtype)
+            fill(slice(None), out)
+            return out[idx] if lead else out[0][idx]
+
+        shape = (int(at[-1]), width)
+        return _Source(qs[0].parts[role], (len(groups), *shape) if lead else shape, read, fill=fill if lead else None,
+                       dtype=np.dtype(dtype))
+
+    w_dt, s_dt = next(iter(dts))
+    return _Raw(part("weight", 0, qs[0].shape[1], w_dt), part("scale", 1, qs[0].args["grid"][1], s_dt),
+                Blocks(rows, tuple(qs[0].args["block"])))
 
 
 def _host(key: str, arr: np.ndarray, swap: bool = False) -> _Source:
@@ -132,34 +179,41 @@ class _Filler:
 
     def t(self, var: nnx.Variable, key: str) -> None:
         """Linear weight [out, in] -> kernel [in, out]."""
-        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), swap=True))
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), swap=True, quant=_raw(self.r, [[key]], False)))
 
     def plain(self, var: nnx.Variable, key: str) -> None:
-        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key)))
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), quant=_raw(self.r, [[key]], False)))
 
     def commit(self) -> None:
         """Build, convert and assign every pending Variable (see the class docstring); the NaN / Inf check
         is left to :meth:`check`."""
-        if not self.pending:
-            return
-        shardings = [_sharding(self.mesh, is_expert(var)) for var, _ in self.pending]
-        reads = [_prefetch(src, sharding, _rows(self.mesh) if is_expert(var) else 1)
-                 for (var, src), sharding in zip(self.pending, shardings)]  # all shards in flight at once
-        raws = [jax.make_array_from_callback(shape, sharding, fetch)
-                for (shape, fetch), sharding in zip(reads, shardings)]
-        del reads
-        spec = tuple((src.swap, jnp.dtype(var.get_value().dtype)) for var, src in self.pending)
-        values, sums = _convert(raws, spec, tuple(shardings))
-        del raws
-        for (var, _), value in zip(self.pending, values):
+        stacks = [(var, src) for var, src in self.pending if src.quant and is_expert(var)]
+        self.pending = [(var, src) for var, src in self.pending if not (src.quant and is_expert(var))]
+        if self.pending:
+            shardings = [_sharding(self.mesh, is_expert(var)) for var, _ in self.pending]
+            reads = [[_prefetch(s, sharding, _rows(self.mesh) if is_expert(var) else 1)
+                      for s in ((src.quant.weight, src.quant.scale) if src.quant else (src,))]
+                     for (var, src), sharding in zip(self.pending, shardings)]  # all shards in flight at once
+            raws = [tuple(jax.make_array_from_callback(shape, sharding, fetch) for shape, fetch in parts)
+                    for parts, sharding in zip(reads, shardings)]
+            del reads
+            spec = tuple((src.swap, jnp.dtype(var.get_value().dtype), src.quant and src.quant.spec)
+                         for var, src in self.pending)
+            values, sums = _convert([r if len(r) > 1 else r[0] for r in raws], spec, tuple(shardings))
+            del raws
+            for (var, _), value in zip(self.pending, values):
+                var.set_value(value)
+            self.sums.append((sums, values, [src for _, src in self.pending]))
+        for var, src in stacks:
+            value, total = _dequantize_stack(src, self.mesh, jnp.dtype(var.get_value().dtype))
             var.set_value(value)
-        self.sums.append((sums, values, [src for _, src in self.pending]))
+            self.sums.append(((total, np.zeros(1, int)), [value], [src]))
         self.pending.clear()
 
     def check(self) -> None:
         """UserError naming a tensor that holds NaN / Inf, of every module committed so far."""
         for (sums, at), values, sources in self.sums:
-            for ok, value, src in zip(np.isfinite(np.asarray(sums)[at]), values, sources):
+            for ok, value, src in zip(np.isfinite(np.atleast_1d(np.asarray(sums))[at]), values, sources):
                 if not ok and not bool(_all_finite(value)):
                     with CheckpointReader(self.r.folder) as r:  # the reader names the tensor that holds them
                         for key in src.parts or (src.key,):
@@ -264,6 +318,56 @@ def _submit(src: _Source, shape: tuple[int, ...], idx: tuple) -> Callable[[], np
     return result
 
 
+def _dequantize_stack(src: _Source, mesh: Mesh | None, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """Quantized expert stack ``src`` in ``dtype`` (split over the mesh's ``expert`` axis, padded like any
+    stack) and its float32 sum: each device's rows dequantized a block of experts at a time into the output
+    (:func:`~.dequant.block_updater`), the next block read while the device works on this one."""
+    q, sharding, m = src.quant, _sharding(mesh, True), _rows(mesh)
+    n = src.shape[0]
+    per = -(-n // m)  # rows per expert shard
+    step = max(1, min(per, BLOCK_BYTES // max(1, q.weight.dtype.itemsize * int(np.prod(q.weight.shape[1:])))))
+    out = jax.jit(lambda: jnp.zeros((per * m, *src.shape[1:]), dtype), out_shardings=sharding)()
+    total = jax.device_put(jnp.float32(0), _sharding(mesh, False))
+    update = block_updater(mesh, q.spec, dtype)
+
+    def start(j: int) -> list[tuple]:
+        b = min(step, per - j)
+        return [_block(part, sharding, j, b, per) for part in (q.weight, q.scale)]
+
+    ahead = start(0)
+    for j in range(0, per, step):
+        now, ahead = ahead, (start(j + step) if j + step < per else None)
+        w, s = (jax.make_array_from_callback(shape, sharding, fetch) for shape, fetch in now)
+        out, total = update(out, total, w, s, j)
+        del w, s
+    return out, total
+
+
+def _block(src: _Source, sharding: jax.sharding.Sharding, j: int, b: int, per: int
+           ) -> tuple[tuple[int, ...], Callable[[tuple], np.ndarray]]:
+    """Block ``j..j+b`` of every expert shard's rows of stack ``src`` (``per`` rows a shard) as a global array
+    of ``b`` rows per shard: its shape and a callback giving each device's rows (zeros past the stack),
+    submitted to the read pool at once."""
+    shape = (b * (sharding.mesh.shape[EXPERT] if isinstance(sharding, NamedSharding) else 1), *src.shape[1:])
+    jobs: dict[int, tuple[Future | None, np.ndarray]] = {}
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        d = (idx[0].start or 0) // b
+        if d not in jobs:
+            lo = d * per + j
+            hi = min(lo + b, src.shape[0])
+            out = _aligned((b, *src.shape[1:]), src.dtype)
+            task = _pool().submit(src.fill, slice(lo, hi), out[:max(0, hi - lo)]) if hi > lo else None
+            jobs[d] = (task, out)
+
+    def fetch(idx: tuple) -> np.ndarray:
+        task, out = jobs[(idx[0].start or 0) // b]
+        if task is not None:
+            task.result()
+        return out
+
+    return shape, fetch
+
+
 def _shard(src: _Source, shape: tuple[int, ...], idx: tuple) -> np.ndarray:
     """Shard ``idx`` of ``src`` padded to the global ``shape`` (zero rows past the source's)."""
     n = src.shape[0] if src.shape else 0
@@ -286,9 +390,14 @@ def _sum(x):
 
 @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
 def _convert_jit(changed, kept, spec, shardings):
-    outs = [jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding)
-            for x, (swap, dtype), sharding in zip(changed, spec, shardings)]
-    return outs, jnp.stack([_sum(x) for x in (*changed, *kept)])
+    """``changed`` (arrays, or (weight, scale) stored parts where ``spec`` has blocks) in the layout and dtype of
+    ``spec``; the float32 sums of them (dequantized) and of ``kept``."""
+    outs, sums = [], []
+    for x, (swap, dtype, blocks), sharding in zip(changed, spec, shardings):
+        x = dequantize(*x, blocks) if blocks else x
+        sums.append(_sum(x))
+        outs.append(jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding))
+    return outs, jnp.stack([*sums, *(_sum(x) for x in kept)])
 
 
 @jax.jit
@@ -302,7 +411,7 @@ def _convert(raws, spec, shardings) -> tuple[list[jax.Array], tuple[jax.Array, n
     dispatched without waiting for it."""
     import warnings
 
-    keep = [not swap and x.dtype == dtype for x, (swap, dtype) in zip(raws, spec)]
+    keep = [not swap and not blocks and x.dtype == dtype for x, (swap, dtype, blocks) in zip(raws, spec)]
     order = [i for i, k in enumerate(keep) if not k] + [i for i, k in enumerate(keep) if k]
     n = keep.count(False)
     with warnings.catch_warnings():  # donated buffers that XLA cannot reuse (a cast, a transpose) are fine
@@ -334,7 +443,8 @@ def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")
     g, u, d = (f"{p}.{n}.weight" for n in names)
     dt = np.dtype(m.gate_up.get_value().dtype)
     f.add(m.gate_up, _Source(g, (f.r.shape(g)[0] + f.r.shape(u)[0], *f.r.shape(g)[1:]),
-                             lambda idx: _stack(f.r, [[g, u]], dt)[0][idx], swap=True, parts=(g, u)))
+                             lambda idx: _stack(f.r, [[g, u]], dt)[0][idx], swap=True, parts=(g, u),
+                             quant=_raw(f.r, [[g, u]], False)))
     f.t(m.down, d)
 
 
@@ -425,7 +535,7 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
                    lambda idx: _stack(reader, groups[idx[0]], dtype)[(slice(None), *idx[1:])],
                    parts=tuple(k for g in groups for k in g),
                    fill=lambda rows, out: _stack_into(reader, groups[rows], out),
-                   dtype=_stack_dtype(reader, groups[0][0], dtype))
+                   dtype=_stack_dtype(reader, groups[0][0], dtype), quant=_raw(reader, groups, True))
 
 
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],

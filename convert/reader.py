@@ -267,6 +267,15 @@ class StoredTensors:
         h, disk = self._entry(key)
         return self.finite(key, np.array(h.view(disk)[index]))
 
+    def read_raw(self, key: str, out: np.ndarray) -> None:
+        """``out`` := tensor ``key``'s bytes as stored (``out``: C-contiguous, of its dtype and element count, any
+        shape), with read(2); nothing decoded or checked."""
+        h, disk = self._entry(key)
+        dtype, shape = h.entries[disk][:2]
+        if out.dtype != dtype or out.size != int(np.prod(shape, dtype=np.int64)) or not out.flags.c_contiguous:
+            raise ValueError(f"cannot read '{key}' ({np.dtype(dtype).name} {list(shape)}) into {out.dtype} {out.shape}")
+        h.read_into(disk, out)
+
     def finite(self, key: str, arr: np.ndarray) -> np.ndarray:
         """``arr``, after checking that a floating tensor holds no NaN / Inf (a float32 sum, exact recheck
         only when the sum is not finite)."""
