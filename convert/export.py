@@ -54,7 +54,6 @@ def export_pruned(
     check_quantized_export(src, fmt, dtype)
     _check_out_dir(src, out, overwrite)
     with CheckpointReader(src) as reader:
-        reader.check_finite = False  # bytes copied as stored (a model's weights are checked where it is loaded)
         layers = _checked_plan(plan, cfg, fam, reader, f).layers
         if f.mode != "drop":
             _check_novices(layers, novices, cfg)

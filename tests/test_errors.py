@@ -169,6 +169,9 @@ def inputs(hf_models, tmp_path_factory) -> Inputs:
     uneven = make_plan(good, keep=4).to_dict()
     uneven["layers"]["1"] = {"kept": [0, 1, 2, 3, 4], "novices": [5, 6, 7]}
     save_plan(uneven, d / "plan_uneven.json")
+    keeps_poisoned = make_plan(good, keep=4).to_dict()  # keeps the expert the "nan" model poisons
+    keeps_poisoned["layers"]["0"] = {"kept": [0, 1, 2, 3], "novices": [4, 5, 6, 7]}
+    save_plan(keeps_poisoned, d / "plan_keeps_poisoned.json")
     bad = _stats(E)
     bad.layers[1].mean[2, 7] = np.nan
     bad.save(d / "stats_nan.safetensors")
@@ -207,6 +210,10 @@ CASES: dict[str, tuple[Callable[[Inputs, Path], list], str]] = {
                        "tensor 'model.layers.1.mlp.experts.3.down_proj.weight' is missing from the checkpoint"),
     "NaN in weights": (lambda i, o: _prune(i, o, model="nan"),
                        "up_proj.weight' in '{dir}/nan' contains NaN or Inf values"),
+    "NaN in weights, exported from --stats (no model load)": (
+        lambda i, o: _prune(i, o, "--stats", i.dir / "stats.safetensors", "--plan", i.dir / "plan_keeps_poisoned.json",
+                            model="nan", calib=None, keep=(), files=False),
+        "up_proj.weight' in '{dir}/nan' contains NaN or Inf values"),
     "Inf/NaN in calibration statistics": (lambda i, o: _prune(i, o, model="overflow"),
                                           "calibration statistics of layer 0 contain NaN/Inf"),
     "NaN in a statistics file": (lambda i, o: ["plan", i.dir / "stats_nan.safetensors", "--keep", "4",
