@@ -676,19 +676,31 @@ def load_hf(folder: str | Path, dtype="float32", *, mesh: Mesh | None = None, pr
     check_quantization(raw, cfg)
     dt = resolve_dtype(dtype)
     model = nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0), kept=kept_counts(folder)))
+    drop = _memory_short(folder, model)
     with CheckpointReader(folder) as r:
+        r.drop_read = drop
         f = _Filler(r, mesh)
         _fill_embed_and_head(f, model)
         f.commit()
     fillers = [f]
     for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress, leave=False):
         with CheckpointReader(folder) as r:  # reopened per layer: the file pages read leave memory
+            r.drop_read = drop
             model.layers[i], f = _load_layer(r, cfg, i, dt, mesh)
         fillers.append(f)  # each layer's conversion and sums run on the device while the next one is read
     for f in fillers:
         f.check()
     _check_filled(model)
     return model
+
+
+def _memory_short(folder: str | Path, model: nnx.Module) -> bool:
+    """Whether the model's weights and the checkpoint's files cannot both stay in this host's memory: then the
+    pages a load has read are dropped from the page cache (they are not needed again), so that the kernel
+    does not evict the pages still to be read instead (measured: 0.7 GB/s read cold against 3-6 warm here)."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    files = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    return weights + files > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_filled(module: nnx.Module) -> None:

@@ -90,6 +90,7 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.check_finite = True  # False: the caller checks for NaN / Inf itself (the loader does, on device)
+        self.drop_read = False  # True: pages read with pread leave the page cache (the loader, when memory is short)
         self._handles: dict[str, object] = {}
         index = self.folder / INDEX
         if index.is_file():
@@ -123,7 +124,7 @@ class CheckpointReader:
             path = self.folder / name
             if not path.is_file():
                 raise UserError(f"checkpoint shard '{path}' listed in the index is missing: re-download it")
-            self._handles[name] = _SafetensorsFile(path)
+            self._handles[name] = _SafetensorsFile(path, self)
         if self._where is None:
             self._where = {k: name for name, h in self._handles.items() for k in h.entries}
         elif lost := [k for k, name in self._where.items() if k not in self._handles[name].entries]:
@@ -318,8 +319,8 @@ def all_finite(arr: np.ndarray, chunk: int = 1 << 18) -> bool:
 class _SafetensorsFile:
     """A memory-mapped safetensors file: header parsed eagerly and checked, data read on demand."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, reader: CheckpointReader | None = None):
+        self.path, self.reader = path, reader
         stat = path.stat()
         size, self.stamp = stat.st_size, (stat.st_size, stat.st_mtime_ns)
         try:
@@ -361,6 +362,8 @@ class _SafetensorsFile:
                 if n <= 0:
                     raise UserError(f"'{self.path}' ended early while reading '{key}': re-download it")
                 done += n
+            if self.reader is not None and self.reader.drop_read:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
