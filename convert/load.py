@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
-from mone_jax.convert.dequant import Blocks, block_updater, dequantize, on_device
+from mone_jax.convert.dequant import Blocks, block_updater, on_device
 from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import read_novices
 from mone_jax.convert.quant import quant_method
@@ -109,10 +109,11 @@ class _Raw:
     spec: Blocks
 
 
-def _raw(reader: CheckpointReader, groups: list[list[str]], lead: bool) -> _Raw | None:
-    """The stored parts of the stack of quantized tensors ``groups`` (per group, its tensors' rows one after
-    the other; ``lead``: with a leading axis of groups), or None where they are not dequantized on the device
-    (not quantized, or of another scheme, or not 2-D tensors of one block size)."""
+def _raw(reader: CheckpointReader, groups: list[list[str]]) -> _Raw | None:
+    """The stored parts of the expert stack of quantized tensors ``groups`` (per group, its tensors' rows one
+    after the other), or None where they are not dequantized on the device (not quantized, or of another
+    scheme, or not 2-D tensors of one block size). Other quantized tensors are dequantized on the host: on
+    XLA:CPU their dequantize-and-transpose steps compiled for 5-9 s a layer, longer than they save."""
     st, qs = reader.stored, [reader.quantized(k) for k in groups[0]]
     if any(q is None or len(q.shape) != 2 or set(q.parts) != {"weight", "scale"} for q in qs):
         return None
@@ -133,11 +134,9 @@ def _raw(reader: CheckpointReader, groups: list[list[str]], lead: bool) -> _Raw 
         def read(idx: tuple) -> np.ndarray:
             out = _aligned((len(groups), int(at[-1]), width), dtype)
             fill(slice(None), out)
-            return out[idx] if lead else out[0][idx]
+            return out[idx]
 
-        shape = (int(at[-1]), width)
-        return _Source(qs[0].parts[role], (len(groups), *shape) if lead else shape, read, fill=fill if lead else None,
-                       dtype=np.dtype(dtype))
+        return _Source(qs[0].parts[role], (len(groups), int(at[-1]), width), read, fill=fill, dtype=np.dtype(dtype))
 
     w_dt, s_dt = next(iter(dts))
     return _Raw(part("weight", 0, qs[0].shape[1], w_dt), part("scale", 1, qs[0].args["grid"][1], s_dt),
@@ -179,27 +178,25 @@ class _Filler:
 
     def t(self, var: nnx.Variable, key: str) -> None:
         """Linear weight [out, in] -> kernel [in, out]."""
-        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), swap=True, quant=_raw(self.r, [[key]], False)))
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), swap=True))
 
     def plain(self, var: nnx.Variable, key: str) -> None:
-        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key), quant=_raw(self.r, [[key]], False)))
+        self.add(var, _Source(key, self.r.shape(key), _whole(self.r, key)))
 
     def commit(self) -> None:
         """Build, convert and assign every pending Variable (see the class docstring); the NaN / Inf check
         is left to :meth:`check`."""
-        stacks = [(var, src) for var, src in self.pending if src.quant and is_expert(var)]
-        self.pending = [(var, src) for var, src in self.pending if not (src.quant and is_expert(var))]
+        stacks = [(var, src) for var, src in self.pending if src.quant]
+        self.pending = [(var, src) for var, src in self.pending if not src.quant]
         if self.pending:
             shardings = [_sharding(self.mesh, is_expert(var)) for var, _ in self.pending]
-            reads = [[_prefetch(s, sharding, _rows(self.mesh) if is_expert(var) else 1)
-                      for s in ((src.quant.weight, src.quant.scale) if src.quant else (src,))]
+            reads = [_prefetch(src, sharding, _rows(self.mesh) if is_expert(var) else 1)
                      for (var, src), sharding in zip(self.pending, shardings)]  # all shards in flight at once
-            raws = [tuple(jax.make_array_from_callback(shape, sharding, fetch) for shape, fetch in parts)
-                    for parts, sharding in zip(reads, shardings)]
+            raws = [jax.make_array_from_callback(shape, sharding, fetch)
+                    for (shape, fetch), sharding in zip(reads, shardings)]
             del reads
-            spec = tuple((src.swap, jnp.dtype(var.get_value().dtype), src.quant and src.quant.spec)
-                         for var, src in self.pending)
-            values, sums = _convert([r if len(r) > 1 else r[0] for r in raws], spec, tuple(shardings))
+            spec = tuple((src.swap, jnp.dtype(var.get_value().dtype)) for var, src in self.pending)
+            values, sums = _convert(raws, spec, tuple(shardings))
             del raws
             for (var, _), value in zip(self.pending, values):
                 var.set_value(value)
@@ -390,14 +387,9 @@ def _sum(x):
 
 @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
 def _convert_jit(changed, kept, spec, shardings):
-    """``changed`` (arrays, or (weight, scale) stored parts where ``spec`` has blocks) in the layout and dtype of
-    ``spec``; the float32 sums of them (dequantized) and of ``kept``."""
-    outs, sums = [], []
-    for x, (swap, dtype, blocks), sharding in zip(changed, spec, shardings):
-        x = dequantize(*x, blocks) if blocks else x
-        sums.append(_sum(x))
-        outs.append(jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding))
-    return outs, jnp.stack([*sums, *(_sum(x) for x in kept)])
+    outs = [jax.lax.with_sharding_constraint((jnp.swapaxes(x, -1, -2) if swap else x).astype(dtype), sharding)
+            for x, (swap, dtype), sharding in zip(changed, spec, shardings)]
+    return outs, jnp.stack([_sum(x) for x in (*changed, *kept)])
 
 
 @jax.jit
@@ -411,7 +403,7 @@ def _convert(raws, spec, shardings) -> tuple[list[jax.Array], tuple[jax.Array, n
     dispatched without waiting for it."""
     import warnings
 
-    keep = [not swap and not blocks and x.dtype == dtype for x, (swap, dtype, blocks) in zip(raws, spec)]
+    keep = [not swap and x.dtype == dtype for x, (swap, dtype) in zip(raws, spec)]
     order = [i for i, k in enumerate(keep) if not k] + [i for i, k in enumerate(keep) if k]
     n = keep.count(False)
     with warnings.catch_warnings():  # donated buffers that XLA cannot reuse (a cast, a transpose) are fine
@@ -443,8 +435,7 @@ def _mlp(f: _Filler, m: MLP, p: str, names=("gate_proj", "up_proj", "down_proj")
     g, u, d = (f"{p}.{n}.weight" for n in names)
     dt = np.dtype(m.gate_up.get_value().dtype)
     f.add(m.gate_up, _Source(g, (f.r.shape(g)[0] + f.r.shape(u)[0], *f.r.shape(g)[1:]),
-                             lambda idx: _stack(f.r, [[g, u]], dt)[0][idx], swap=True, parts=(g, u),
-                             quant=_raw(f.r, [[g, u]], False)))
+                             lambda idx: _stack(f.r, [[g, u]], dt)[0][idx], swap=True, parts=(g, u)))
     f.t(m.down, d)
 
 
@@ -535,7 +526,7 @@ def _expert_source(reader: CheckpointReader, fam: Family, layer: int, kept: list
                    lambda idx: _stack(reader, groups[idx[0]], dtype)[(slice(None), *idx[1:])],
                    parts=tuple(k for g in groups for k in g),
                    fill=lambda rows, out: _stack_into(reader, groups[rows], out),
-                   dtype=_stack_dtype(reader, groups[0][0], dtype), quant=_raw(reader, groups, True))
+                   dtype=_stack_dtype(reader, groups[0][0], dtype), quant=_raw(reader, groups))
 
 
 def expert_weights(reader: CheckpointReader, fam: Family, layer: int, kept: list[int], disk: list[int],

@@ -286,7 +286,7 @@ class StoredTensors:
 
 
 @functools.cache
-def _nonfinite_bits(dtype: np.dtype) -> tuple[np.dtype, int, int]:
+def nonfinite_bits(dtype: np.dtype) -> tuple[np.dtype, int, int]:
     """(unsigned view, mask, least bits): a value of float ``dtype`` is NaN / Inf exactly where its bits with
     the sign cleared (``& mask``) are at least ``least`` (IEEE types and the float8 ones alike: their
     non-finite codes are the largest magnitudes)."""
@@ -305,7 +305,7 @@ def all_finite(arr: np.ndarray, chunk: int = 1 << 18) -> bool:
     a time (a mask and a max, vectorised, no float conversion)."""
     if arr.dtype.kind not in "fV" or arr.dtype.itemsize not in (1, 2, 4, 8) or not arr.size:
         return True
-    uint, mask, least = _nonfinite_bits(arr.dtype)
+    uint, mask, least = nonfinite_bits(arr.dtype)
     flat = np.ascontiguousarray(arr).reshape(-1).view(uint)
     tmp = np.empty(min(chunk, flat.size), uint)
     for i in range(0, flat.size, chunk):

@@ -384,3 +384,27 @@ def test_fast_decoders_match_their_references():
         q = torch.from_numpy(rng.integers(-(1 << bits - 1), 1 << bits - 1, (6, 37)).astype(np.int8))
         ref = unpack_from_int32(pack_to_int32(q, bits), bits, q.shape).numpy()
         np.testing.assert_array_equal(unpack_int32(pack_to_int32(q, bits).numpy(), bits, 37), ref, err_msg=str(bits))
+
+
+@pytest.mark.slow
+def test_nan_code_in_float8_expert_is_refused(hf_models, tmp_path):
+    """A NaN code planted in one float8 expert weight: the load (dequantizing on the device) and the export
+    (copying the stored bytes) each refuse, naming the tensor; the export leaves nothing in its output."""
+    src, hf = hf_models("deepseek_v3", "grouped_yarn")
+    _quantize(src, "fp8", tmp_path / "q", tmp_path / "f")
+    path, key = tmp_path / "q" / "model.safetensors", "model.layers.1.mlp.experts.3.down_proj.weight"
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8:8 + n])[key]
+    assert entry["dtype"] == "F8_E4M3"
+    data[8 + n + entry["data_offsets"][0] + 37] = 0x7F  # a float8_e4m3fn NaN
+    path.write_bytes(data)
+    with pytest.raises(UserError, match=rf"tensor '{re.escape(key)}' in .* contains NaN or Inf"):
+        mone_jax.load_hf(tmp_path / "q", progress=False)
+    plan, novices = _plan(hf, drop=False, seed=5)
+    E = len(plan["layers"]["1"]["scores"])  # keep the poisoned expert 3
+    plan["layers"]["1"] = {**plan["layers"]["1"], "kept": list(range(E // 2)), "novices": list(range(E // 2, E))}
+    novices[1] = {e: np.zeros(hf.config.hidden_size, np.float32) for e in range(E // 2, E)}
+    with pytest.raises(UserError, match=rf"tensor '{re.escape(key)}' in .* contains NaN or Inf"):
+        export_pruned(tmp_path / "q", tmp_path / "out", plan, novices)
+    assert not (tmp_path / "out").exists()
