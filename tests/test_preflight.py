@@ -12,7 +12,7 @@ import pytest
 from mone_jax.app import preflight
 from mone_jax.app.cli import main
 from mone_jax.convert.load import config_of
-from mone_jax.convert.reader import CheckpointReader
+from mone_jax.convert.reader import CheckpointReader, read_config
 
 
 def float32_bytes(folder) -> int:
@@ -28,8 +28,12 @@ def float32_bytes(folder) -> int:
 def test_float32_that_does_not_fit_is_refused_before_reading(hf_models, tmp_path, monkeypatch, capsys):
     folder, _ = hf_models("olmoe", "a")
     np.save(tmp_path / "ids.npy", np.zeros((2, 8), np.int32))
-    weights = float32_bytes(folder)
-    monkeypatch.setattr(preflight, "host_available", lambda: preflight.RUNTIME + int(0.8 * weights))
+    cfg = config_of(folder)
+    source = preflight.source_of(read_config(folder), cfg)
+    fit = [preflight.need(cfg, dtype, 1, 8, 16, sequential=seq, source=source).total
+           for dtype, seq in (("bfloat16", False), ("float32", True))]
+    assert max(fit) < preflight.need(cfg, "float32", 1, 8, 16, sequential=False, source=source).total
+    monkeypatch.setattr(preflight, "host_available", lambda: max(fit))
     reads = []
     for name in ("get", "get_slice", "get_into"):
         monkeypatch.setattr(CheckpointReader, name, lambda self, key, *a, **k: reads.append(key))
