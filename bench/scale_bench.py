@@ -297,7 +297,7 @@ def estimate(model: Path, mode: str, batch: int, seq_len: int, tokens: int) -> f
     cfg = parse_config(raw)
     dtype = "bfloat16" if "bfloat16" in MODES[mode] else "float32"
     return preflight.need(cfg, dtype, batch, seq_len, tokens, sequential="--sequential" in MODES[mode],
-                          source=preflight.source_of(raw, cfg)).total / GIB
+                          source=preflight.source_of(model, cfg)).total / GIB
 
 
 def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = None) -> str:

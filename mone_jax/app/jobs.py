@@ -187,7 +187,7 @@ def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOpti
     import jax
 
     devices = jax.devices()
-    f = footprint(cfg, dtype, source_of(read_config(model), cfg))
+    f = footprint(cfg, dtype, source_of(model, cfg))
     weights = f.layer + f.load_layer if scale.sequential else f.total + f.load_whole
     stats = devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
@@ -206,7 +206,7 @@ def memory_preflight(model: str, cfg: ModelConfig, dtype: str, batch: int, seq_l
 
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     return check(cfg, dtype, batch, seq_len, tokens, sequential=scale.sequential, batch_given=batch_given,
-                 devices=jax.device_count(), device_bytes=limit, source=source_of(read_config(model), cfg))
+                 devices=jax.device_count(), device_bytes=limit, source=source_of(model, cfg))
 
 
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:

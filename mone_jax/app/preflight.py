@@ -3,10 +3,12 @@ read, so that a run that cannot fit is refused in one line that says what would 
 
 The estimate follows what the loader holds (:mod:`mone_jax.convert.load`): the weights in the compute dtype
 (the whole model, or with ``--sequential`` its largest decoder layer: one layer is alive at a time), plus what
-loading one layer holds beside its converted weights (the raw copy of every array that is transposed or cast
-on load: non-expert matrices, read as stored, or as float32 where quantized; expert stacks only when cast or
-transposed), plus one calibration step's live activations at the batch size (the per-token estimate of
-:func:`~mone_jax.calib.calibration.default_batch_size`), plus the hidden states ``--sequential`` keeps
+loading one layer holds beside its converted weights (two raw copies, the host array and the one XLA
+converts, of every array that is transposed or cast on load: non-expert matrices, read as stored, or as
+float32 where quantized; expert stacks only when cast or transposed), plus one calibration step's live
+activations at the batch size (the per-token estimate of
+:func:`~mone_jax.calib.calibration.default_batch_size`; never more rows than the data has), plus the hidden
+states ``--sequential`` keeps
 between layers, plus :data:`RUNTIME` (Python, JAX, XLA and compiled code). bench/README.md compares it with
 measured peaks. On CPU every device lives in host memory; an accelerator's own memory is checked per device
 (the replicated parameters plus its share of the experts).
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
 
-RUNTIME = 1 << 30  # bytes: the interpreter, JAX / XLA and compiled steps (measured at ~0.4-0.8 GiB)
+RUNTIME = 1 << 29  # bytes: the interpreter, JAX / XLA, compiled steps (0.0-0.4 GiB beyond the rest, bench/README.md)
 DEVICE_FILL = 0.9  # the share of an accelerator's memory a run may plan to use
 GIB = 2**30
 
@@ -72,15 +74,22 @@ class Source:
     fused_experts: bool = False
 
 
-STORED = {"float32": 4, "bfloat16": 2, "float16": 2}
+def source_of(folder, cfg: ModelConfig) -> Source:
+    """The :class:`Source` of the checkpoint in ``folder``: its config.json and safetensors headers (the width
+    most of its plain float bytes are stored in); no weight is read."""
+    from collections import Counter
 
-
-def source_of(raw: dict, cfg: ModelConfig) -> Source:
-    """The :class:`Source` of a checkpoint, from its config.json ``raw`` (float32 where it names no dtype)."""
     from mone_jax.convert.families import family
+    from mone_jax.convert.reader import CheckpointReader, read_config
 
-    dtype = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("torch_dtype")
-    return Source(STORED.get(str(dtype), 4), "quantization_config" in raw, family(cfg.model_type).fused_on_disk)
+    widths: Counter[int] = Counter()
+    with CheckpointReader(folder) as r:
+        for key in r.stored.keys():
+            dt = r.stored.dtype(key)
+            if dt.kind in "fV" and dt.itemsize > 1:  # not float8 / packed parts
+                widths[dt.itemsize] += math.prod(r.stored.shape(key)) * dt.itemsize
+    itemsize = widths.most_common(1)[0][0] if widths else 4
+    return Source(itemsize, "quantization_config" in read_config(folder), family(cfg.model_type).fused_on_disk)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ def footprint(cfg: ModelConfig, dtype: str, source: Source = Source()) -> Footpr
             raw = 4 if source.quantized and a.ndim >= 2 and unit != "head" else source.itemsize
             swapped = a.ndim >= 2 and path[0] != "embed"
         if swapped or raw != jnp.dtype(a.dtype).itemsize:
-            sizes[2] += n * raw
+            sizes[2] += 2 * n * raw  # the host array, and the copy XLA converts (it cannot donate adopted memory)
     rep, ex = (sum(v[k] for v in held.values()) for k in (0, 1))
     layers = [v for u, v in held.items() if u != "head"] or [[0, 0, 0]]
     cum = peak = 0
@@ -159,6 +168,8 @@ def need(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, *,
     from mone_jax.convert.load import resolve_dtype
 
     f = sizes or footprint(cfg, dtype, source)
+    if tokens:  # a batch never holds more rows than the data has
+        batch = min(batch, -(-tokens // seq_len))
     if sequential:
         return Need(f.layer, f.load_layer, step_bytes(cfg, batch, seq_len),
                     tokens * cfg.hidden_size * resolve_dtype(dtype).itemsize)
