@@ -8,10 +8,9 @@ converts, of every array that is transposed or cast on load: non-expert matrices
 float32 where quantized; expert stacks only when cast or transposed), plus one calibration step's live
 activations at the batch size (the per-token estimate of
 :func:`~mone_jax.calib.calibration.default_batch_size`; never more rows than the data has), plus the hidden
-states ``--sequential`` keeps
-between layers, plus :data:`RUNTIME` (Python, JAX, XLA and compiled code). bench/README.md compares it with
-measured peaks. On CPU every device lives in host memory; an accelerator's own memory is checked per device
-(the replicated parameters plus its share of the experts).
+states ``--sequential`` keeps between layers, plus :data:`RUNTIME` (Python, JAX, XLA and compiled code).
+bench/README.md compares it with measured peaks. On CPU every device lives in host memory; an accelerator's
+own memory is checked per device (the replicated parameters plus its share of the experts).
 """
 
 from __future__ import annotations
