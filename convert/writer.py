@@ -90,8 +90,11 @@ def write_export_parts(out: Path, src: Path, tensors: list[Tensor], config: dict
         if process == 0 and not any(p["error"] for p in every):
             def write(tmp: Path) -> int:
                 files, weight_map = {}, {}
-                for p in every:
+                for i, p in enumerate(every):
                     for name, (record, names) in p["shards"].items():
+                        if not (Path(p["dir"]) / name).is_file():
+                            raise UserError(f"process 0 does not see process {i}'s shard {p['dir']}/{name}: the "
+                                            "output folder must be on a file system every process shares")
                         (Path(p["dir"]) / name).rename(tmp / name)
                         files[name] = record
                         weight_map |= dict.fromkeys(names, name)
