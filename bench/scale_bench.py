@@ -14,7 +14,8 @@ are held to), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT
 a child process, sampling its resident memory (anonymous and file-backed, from /proc) every 50 ms. For
 each mode it reports the wall time, the load rate (checkpoint bytes / load phase, the phase lines' clock),
 calibration tokens/s, the export rate, peak anonymous and file-backed memory, and the export's size;
-a refused run (memory preflight) shows its one-line refusal instead.
+a refused run (memory preflight) shows its one-line refusal instead, a finished one the peak the preflight
+estimated for it at the batch size it ran.
 """
 
 from __future__ import annotations
@@ -286,11 +287,24 @@ def stored_as_source(model: Path, out: Path) -> str:
     return f"{same}/{total} quantized tensors as stored"
 
 
-def row(mode: str, r: dict, ckpt_bytes: int, tokens: int) -> str:
+def estimate(model: Path, mode: str, batch: int, seq_len: int, tokens: int) -> float:
+    """GiB the memory preflight expects ``prune`` in ``mode`` to peak at (its anonymous memory)."""
+    from mone_jax.app import preflight
+    from mone_jax.convert.families import parse_config
+    from mone_jax.convert.reader import read_config
+
+    raw = read_config(model)
+    cfg = parse_config(raw)
+    dtype = "bfloat16" if "bfloat16" in MODES[mode] else "float32"
+    return preflight.need(cfg, dtype, batch, seq_len, tokens, sequential="--sequential" in MODES[mode],
+                          source=preflight.source_of(model, cfg)).total / GIB
+
+
+def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = None) -> str:
     gib = f"{r['anon'] / GIB:.2f} | {r['file'] / GIB:.2f}"
     if r["rc"] != 0:
         why = r["refusal"] or f"exit {r['rc']} (killed?)" + (" " + r["stderr"][-300:] if not r["refusal"] else "")
-        return f"| {mode} | {r['wall_s']:.0f} | - | - | - | {gib} | - | {why} |"
+        return f"| {mode} | {r['wall_s']:.0f} | - | - | - | {gib} | - | - | {why} |"
     ph, s = r["phases"], r["summary"]
     load = ckpt_bytes / (ph["compile"] - ph["load"]) / GB if "load" in ph and "compile" in ph else None
     cal_start = ph.get("compile", ph.get("calibrate"))
@@ -298,7 +312,7 @@ def row(mode: str, r: dict, ckpt_bytes: int, tokens: int) -> str:
     export = s["bytes_after"] / (ph["done"] - ph["export"]) / GB if "export" in ph and "done" in ph else None
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     return (f"| {mode} | {r['wall_s']:.0f} | {fmt(load, '.2f')} | {fmt(calib, '.0f')} | {fmt(export, '.2f')} | {gib} | "
-            f"{s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')} |")
+            f"{fmt(est, '.2f')} | {s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')} |")
 
 
 def main() -> None:
@@ -341,8 +355,9 @@ def main() -> None:
     print(f"{args.shape}: {shape}; checkpoint {ckpt / GB:.2f} GB ({written:.0f} s to write); "
           f"calibration {ids.size} tokens; ratio {args.ratio}")
     print(f"plain read (warm) {read:.2f} GB/s, plain write {write:.2f} GB/s")
-    print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | export GB | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | preflight GiB | "
+          "export GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     failed = []
     if args.two_processes:
         print(two_processes(model, root / "ids.npy"), flush=True)
@@ -350,7 +365,8 @@ def main() -> None:
         out = root / f"out-{mode}"
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
-        line = row(mode, r, ckpt, ids.size)
+        est = estimate(model, mode, r["summary"]["batch_size"], args.seq_len, ids.size) if r["rc"] == 0 else None
+        line = row(mode, r, ckpt, ids.size, est)
         if args.fp8 and r["rc"] == 0:  # the lossless export rule, checked at real size
             line = line[:-2] + f"; {stored_as_source(model, out)} |"
         print(line, flush=True)

@@ -22,7 +22,7 @@ from mone_jax.convert.families import Family, family, parse_config
 from mone_jax.convert.formats import ExportFormat, export_format, recognise
 from mone_jax.convert.quant import exclude_key
 from mone_jax.convert.reader import CheckpointReader, StoredTensors, read_config
-from mone_jax.convert.writer import Tensor, write_export
+from mone_jax.convert.writer import Tensor, write_export, write_export_parts
 from mone_jax.pruning.planning import LayerPlan, Plan
 
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
@@ -108,8 +108,12 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
                  extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the arrays ``model`` (a :class:`~mone_jax.model.causal_lm.MoEForCausalLM`, pruned or not) holds, in
     format ``fmt``; ``source_dir`` (the original checkpoint) gives config.json and the tokenizer files;
-    ``extra_files`` as for :func:`export_pruned`."""
-    from mone_jax.convert.state_dict import hf_state_dict  # imports flax
+    ``extra_files`` as for :func:`export_pruned`.
+
+    A model spread over several processes is written by all of them (each calls this; ``out_dir`` on a file
+    system they share): each process writes the expert rows its devices hold, process 0 the rest, the index and
+    the config (:func:`~mone_jax.convert.writer.write_export_parts`). Nothing is gathered on one process."""
+    from mone_jax.convert.state_dict import hf_state_dict, host  # imports flax
 
     f = export_format(fmt)
     src, out = Path(source_dir), Path(out_dir)
@@ -126,18 +130,19 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
     import jax
     from flax import nnx
 
-    if not all(a.is_fully_addressable for a in jax.tree.leaves(nnx.state(model)) if isinstance(a, jax.Array)):
-        raise UserError("the model is spread over several processes, and an export from it would gather it on one: "
-                        "export from the source checkpoint instead (export_from_stats / export_pruned stream it "
-                        "file by file, as `mone-jax prune` does)")
+    share = not all(a.is_fully_addressable for a in jax.tree.leaves(nnx.state(model)) if isinstance(a, jax.Array))
+    if share and fam.fused_on_disk:
+        raise UserError(f"{mc.model_type} stores each layer's experts as one tensor, which one process would have "
+                        "to gather: export from the source checkpoint instead (export_from_stats / export_pruned "
+                        "stream it file by file, as `mone-jax prune` does)")
     blocks = model.moe_blocks()
-    kept = {i: [int(e) for e in np.asarray(b.kept_ids[...])] for i, b in blocks.items()}
-    novices = {i: (np.asarray(b.novice_ids[...]).tolist(), np.asarray(b.novice_values[...], np.float32))
+    kept = {i: [int(e) for e in _ids(b.kept_ids.get_value())[:b.num_kept]] for i, b in blocks.items()}
+    novices = {i: (host(b.novice_ids[...]).tolist(), host(b.novice_values[...]).astype(np.float32))
                for i, b in blocks.items()}
     if f.mode == "drop" and any(ids for ids, _ in novices.values()):
         raise UserError(f"the model has novices, which format '{fmt}' cannot hold (it removes experts): "
                         "export it as substitution or modepd, or prune with mode='drop'")
-    state = hf_state_dict(model)
+    state = hf_state_dict(model, share)
     out_dtype = _OUT_DTYPES[dtype] if dtype else None
     names = {k: _renamed(k, fam, kept, f) for k in state}
     tensors = [Tensor(names[k], a.shape, out_dtype if out_dtype and a.dtype in _FLOATS else a.dtype,
@@ -149,10 +154,29 @@ def export_model(model, source_dir: str | Path, out_dir: str | Path, *, fmt: str
     tensors.sort(key=lambda t: _natural_key(t.name))
     config = _out_config(cfg, fam, {i: sorted(ids) for i, (ids, _) in novices.items()}, f, dtype,
                          sorted(blocks), mc.num_experts)
-    files = write_export(out, src, tensors, config, f, max_shard_bytes, extra_files)
-    return {"format": fmt, "out_dir": str(out), "layers": len(blocks),
-            "params_after": sum(t.numel for t in tensors), "bytes_after": sum(t.nbytes for t in tensors),
-            "files": files}
+    if share:
+        from mone_jax.model.sharding import gather_json
+
+        tensors = [t for t in tensors if t.name in state or jax.process_index() == 0]  # process 0: the novices too
+        files = write_export_parts(out, src, tensors, config, f, max_shard_bytes, extra_files, jax.process_index(),
+                                   gather_json)
+        params, size = np.sum(gather_json([sum(t.numel for t in tensors), sum(t.nbytes for t in tensors)]), axis=0)
+    else:
+        files = write_export(out, src, tensors, config, f, max_shard_bytes, extra_files)
+        params, size = sum(t.numel for t in tensors), sum(t.nbytes for t in tensors)
+    return {"format": fmt, "out_dir": str(out), "layers": len(blocks), "params_after": int(params),
+            "bytes_after": int(size), "files": files}
+
+
+def _ids(a) -> np.ndarray:
+    """An expert-split id buffer as one host array (a few integers, gathered from every process if split)."""
+    import jax
+
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
 
 
 def _renamed(key: str, fam: Family, kept: dict[int, list[int]], f: ExportFormat) -> str:

@@ -1,13 +1,15 @@
 """Writing an export folder: safetensors shards (one tensor in memory at a time), the index, config, copied
 tokenizer files and the modeling file, then ``mone_manifest.json`` (sha256 and size of every other file)
 last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
-folder against its manifest. What goes in is chosen by :mod:`.export`.
+folder against its manifest. What goes in is chosen by :mod:`.export`. :func:`write_export_parts` writes one
+folder from several processes, each writing the tensors it holds (the folder on a file system they share).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from mone_jax.base.errors import UserError
-from mone_jax.base.files import atomic_write_folder
+from mone_jax.base.files import atomic_write_folder, part_folder
 from mone_jax.convert.formats import MODELING, ExportFormat
 from mone_jax.convert.reader import INDEX, SINGLE
 
@@ -59,15 +61,53 @@ def write_export(out: Path, src: Path, tensors: list[Tensor], config: dict, f: E
     """Write the folder atomically (:func:`~mone_jax.base.files.atomic_write_folder`), the manifest last; the
     file count."""
     def write(tmp: Path) -> int:
-        files = _write_folder(tmp, src, tensors, config, f, max_shard_bytes)
-        for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in files or name == MANIFEST:
-                raise ValueError(f"extra file name '{name}' is not a free plain file name")
-            files[name] = _write_bytes(tmp / name, data)
-        _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
-        return len(files) + 1
+        shards = _write_shards(tmp, tensors, max_shard_bytes)
+        files = {name: record for name, (record, _) in shards.items()}
+        weight_map = {t: name for name, (_, names) in shards.items() for t in names} if len(shards) > 1 else None
+        return _finish(tmp, src, files, weight_map, sum(t.nbytes for t in tensors), config, f, extra_files)
 
     return atomic_write_folder(out, write)
+
+
+def write_export_parts(out: Path, src: Path, tensors: list[Tensor], config: dict, f: ExportFormat,
+                       max_shard_bytes: int, extra_files: dict[str, bytes] | None, process: int,
+                       gather: Callable[[dict], list[dict]]) -> int:
+    """:func:`write_export` from several processes: each writes the shards of ``tensors`` (its own) into its
+    part folder (a sibling of ``out``, named per process), then process 0 moves every part's shards into its
+    temporary folder, writes the index (of all parts), config, copied files and manifest, and moves the folder
+    into place. ``gather(obj)`` gives every process's JSON ``obj``, in process order, to every process (it is
+    also the barrier: every process returns once the folder is in place, or raises if any process failed)."""
+    part = part_folder(out)
+    shards = error = None
+    try:
+        part.mkdir(parents=True)
+        shards = _write_shards(part, tensors, max_shard_bytes, f"model-p{process:05d}")
+    except (OSError, UserError) as e:
+        error = str(e)
+    every = gather({"dir": str(part), "shards": shards, "bytes": sum(t.nbytes for t in tensors), "error": error})
+    count = 0
+    try:  # process 0 moves the other parts' files: each removes its part folder only after the last barrier
+        if process == 0 and not any(p["error"] for p in every):
+            def write(tmp: Path) -> int:
+                files, weight_map = {}, {}
+                for i, p in enumerate(every):
+                    for name, (record, names) in p["shards"].items():
+                        if not (Path(p["dir"]) / name).is_file():
+                            raise UserError(f"process 0 does not see process {i}'s shard {p['dir']}/{name}: the "
+                                            "output folder must be on a file system every process shares")
+                        (Path(p["dir"]) / name).rename(tmp / name)
+                        files[name] = record
+                        weight_map |= dict.fromkeys(names, name)
+                return _finish(tmp, src, files, weight_map, sum(p["bytes"] for p in every), config, f, extra_files)
+
+            count = atomic_write_folder(out, write)
+    except (OSError, UserError, ValueError) as e:
+        error = str(e)
+    done = gather({"error": error})
+    shutil.rmtree(part, ignore_errors=True)
+    if failed := [f"process {i}: {p['error']}" for i, p in enumerate(every + done) if p["error"]]:
+        raise UserError(f"the export to '{out}' failed ({'; '.join(dict.fromkeys(failed))}): nothing was written")
+    return count
 
 
 def verify_export(out_dir: str | Path) -> list[str]:
@@ -128,10 +168,10 @@ class _HashingFile:
         return {"sha256": self.sha.hexdigest(), "size": self.size}
 
 
-def _write_folder(
-    tmp: Path, src: Path, tensors: list[Tensor], config: dict, f: ExportFormat, max_shard_bytes: int
-) -> dict[str, dict]:
-    """Write weights, config, copied files and (unless drop) the modeling file; return their manifest entries."""
+def _write_shards(folder: Path, tensors: list[Tensor], max_shard_bytes: int,
+                  prefix: str = "model") -> dict[str, tuple[dict, list[str]]]:
+    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file named ``SINGLE`` when one shard
+    of the default ``prefix`` holds them all); {file: (manifest entry, tensor names)}."""
     shards: list[list[Tensor]] = [[]]
     size = 0
     for t in tensors:
@@ -140,25 +180,34 @@ def _write_folder(
             size = 0
         shards[-1].append(t)
         size += t.nbytes
-    files = {}
-    names = [SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    if shards == [[]] and prefix != "model":  # a process that holds nothing writes nothing
+        return {}
+    names = [SINGLE] if len(shards) == 1 and prefix == "model" else [
+        f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    for name, shard in zip(names, shards):
-        files[name] = _write_shard(tmp / name, shard)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
-        }
-        files[INDEX] = _write_json(tmp / INDEX, index)
+    return {name: (_write_shard(folder / name, shard), [t.name for t in shard]) for name, shard in zip(names, shards)}
+
+
+def _finish(tmp: Path, src: Path, files: dict[str, dict], weight_map: dict[str, str] | None, total: int, config: dict,
+            f: ExportFormat, extra_files: dict[str, bytes] | None) -> int:
+    """Beside the shards ``files`` (their manifest entries) in ``tmp``: the index (``weight_map``: tensor ->
+    file, None for one file), config, copied files, (unless drop) the modeling file, ``extra_files``, then the
+    manifest; the file count."""
+    files = dict(files)
+    if weight_map is not None:
+        files[INDEX] = _write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     files["config.json"] = _write_json(tmp / "config.json", config)
     for path in sorted(src.iterdir()):
         if path.is_file() and (path.name in _COPIED or path.suffix in _COPIED_SUFFIXES):
             files[path.name] = _copy_data_file(path, tmp / path.name)
     if f.ships_modeling:
         files[MODELING] = _write_bytes(tmp / MODELING, Path(__file__).with_name(MODELING).read_bytes())
-    return files
+    for name, data in (extra_files or {}).items():
+        if Path(name).name != name or name in files or name == MANIFEST:
+            raise ValueError(f"extra file name '{name}' is not a free plain file name")
+        files[name] = _write_bytes(tmp / name, data)
+    _write_json(tmp / MANIFEST, {"format_version": 1, "format": f.name, "files": files})
+    return len(files) + 1
 
 
 def _write_shard(path: Path, tensors: list[Tensor]) -> dict:

@@ -1,6 +1,8 @@
 """Runs ``mone-jax`` (argv) in this process, recording what it reads from checkpoints and, after the model
 loads, whether any device holds a whole layer's routed experts; writes both as JSON to $COUNT_READS_OUT.
-Used by tests/test_multihost.py (each process of a two-process run)."""
+Then, with $EXPORT_PRUNED (a pruned folder), $EXPORT_SOURCE (its source) and $EXPORT_OUT, loads the pruned
+folder over all processes' devices (experts split over them) and exports it with ``export_model`` from every
+process. Used by tests/test_multihost.py (each process of a two-process run)."""
 
 from __future__ import annotations
 
@@ -49,4 +51,10 @@ load_hf, load.load_hf = load.load_hf, checked_load
 code = main(sys.argv[1:])
 with open(os.environ["COUNT_READS_OUT"], "w") as f:
     json.dump({"reads": reads, "whole": whole}, f)
+if code == 0 and "EXPORT_PRUNED" in os.environ:
+    from mone_jax.convert.export import export_model
+    from mone_jax.model.sharding import make_mesh
+
+    model = load.load_hf(os.environ["EXPORT_PRUNED"], mesh=make_mesh((1, jax.device_count())), progress=False)
+    export_model(model, os.environ["EXPORT_SOURCE"], os.environ["EXPORT_OUT"])
 sys.exit(code)

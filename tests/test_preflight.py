@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import build_hf, save_hf, torch
 
 from mone_jax.app import preflight
 from mone_jax.app.cli import main
@@ -25,11 +26,16 @@ def float32_bytes(folder) -> int:
     return total
 
 
-def test_float32_that_does_not_fit_is_refused_before_reading(hf_models, tmp_path, monkeypatch, capsys):
-    folder, _ = hf_models("olmoe", "a")
+def test_float32_that_does_not_fit_is_refused_before_reading(tmp_path, monkeypatch, capsys):
+    folder = save_hf(build_hf("olmoe", "a").to(torch.bfloat16), tmp_path / "bf16")  # as most releases are stored
     np.save(tmp_path / "ids.npy", np.zeros((2, 8), np.int32))
-    weights = float32_bytes(folder)
-    monkeypatch.setattr(preflight, "host_available", lambda: preflight.RUNTIME + int(0.8 * weights))
+    cfg = config_of(folder)
+    source = preflight.source_of(folder, cfg)
+    assert source.itemsize == 2
+    fit = [preflight.need(cfg, dtype, 1, 8, 16, sequential=seq, source=source).total
+           for dtype, seq in (("bfloat16", False), ("float32", True))]
+    assert max(fit) < preflight.RUNTIME + float32_bytes(folder)  # less than the float32 weights alone
+    monkeypatch.setattr(preflight, "host_available", lambda: max(fit))
     reads = []
     for name in ("get", "get_slice", "get_into"):
         monkeypatch.setattr(CheckpointReader, name, lambda self, key, *a, **k: reads.append(key))

@@ -120,12 +120,10 @@ def same_revision(folder: str) -> None:
 
     if jax.process_count() == 1:
         return
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from mone_jax.model.sharding import gather_json
 
-    mine = np.frombuffer(bytes.fromhex(hub["revision"]), np.uint8)
-    every = np.asarray(multihost_utils.process_allgather(mine)).astype(np.uint8).reshape(-1, mine.size)
-    if not (every == every[0]).all():
-        seen = ", ".join(f"process {i}: {bytes(row).hex()}" for i, row in enumerate(every))
+    every = gather_json(hub["revision"])
+    if len(set(every)) > 1:
+        seen = ", ".join(f"process {i}: {commit}" for i, commit in enumerate(every))
         raise UserError(f"the processes resolved '{hub['repo']}' to different commits ({seen}): pin it on every "
                         "host with --revision COMMIT")

@@ -147,7 +147,7 @@ def calib_job(args: argparse.Namespace, model: str, cfg: ModelConfig, calib: str
             pass  # read_batches reports it
     batch = args.batch_size or (8 if semantics == "reference" else auto_batch_size(model, cfg, seq, scale, args.dtype))
     if not _multi_host(scale):  # before any weight is read; multi-host runs may not touch JAX yet
-        batch = memory_preflight(cfg, args.dtype, batch, seq, samples * seq, scale, args.batch_size is not None)
+        batch = memory_preflight(model, cfg, args.dtype, batch, seq, samples * seq, scale, args.batch_size is not None)
     job = CalibJob(model, cfg, args.dtype, calib, num_samples or args.num_samples or 128, seq, args.seed,
                    args.text_field, batch, None, scale, getattr(args, "progress", not args.quiet), semantics,
                    batch_given=args.batch_size is not None)
@@ -179,7 +179,7 @@ def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOpti
     one device (the host's available RAM on CPU) less the weights it holds in the compute ``dtype`` (the whole
     model, or one layer with --sequential; not the file size: float32 doubles a bf16 file). Multi-host runs may
     not touch JAX before ``jax.distributed`` starts: one device's share, memory unchecked."""
-    from mone_jax.app.preflight import host_available, model_bytes
+    from mone_jax.app.preflight import footprint, host_available, source_of
     from mone_jax.calib.calibration import default_batch_size
 
     if _multi_host(scale):
@@ -187,26 +187,26 @@ def auto_batch_size(model: str, cfg: ModelConfig, seq_len: int, scale: ScaleOpti
     import jax
 
     devices = jax.devices()
-    rep, ex, layer = model_bytes(cfg, dtype)
-    weights = 2 * layer if scale.sequential else rep + ex
+    f = footprint(cfg, dtype, source_of(model, cfg))
+    weights = f.layer + f.load_layer if scale.sequential else f.total + f.load_whole
     stats = devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        memory = stats["bytes_limit"] - (2 * layer if scale.sequential else rep + ex / len(devices))
+        memory = stats["bytes_limit"] - (weights if scale.sequential else f.replicated + f.experts / len(devices))
     else:
         memory = (host_available() - weights) / len(devices)
     return default_batch_size(cfg, seq_len, len(devices), max(memory, 1.0))
 
 
-def memory_preflight(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, scale: ScaleOptions,
-                     batch_given: bool) -> int:
+def memory_preflight(model: str, cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int,
+                     scale: ScaleOptions, batch_given: bool) -> int:
     """The batch size after :func:`~mone_jax.app.preflight.check` (a refusal when nothing fits)."""
     import jax
 
-    from mone_jax.app.preflight import check
+    from mone_jax.app.preflight import check, source_of
 
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     return check(cfg, dtype, batch, seq_len, tokens, sequential=scale.sequential, batch_given=batch_given,
-                 devices=jax.device_count(), device_bytes=limit)
+                 devices=jax.device_count(), device_bytes=limit, source=source_of(model, cfg))
 
 
 def read_batches(job: CalibJob, sampler=None, *, raw_npy: bool = False) -> tuple[np.ndarray | dict, ...]:

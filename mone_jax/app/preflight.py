@@ -1,12 +1,16 @@
 """Memory preflight: the peak memory a calibration run needs, weighed against the machine before any weight is
 read, so that a run that cannot fit is refused in one line that says what would fit (the kernel never kills it).
 
-The estimate: the weights in the compute dtype (the whole model, or with ``--sequential`` the largest layer
-twice: as read and as converted), plus one calibration step's live activations at the batch size (the
-per-token estimate of :func:`~mone_jax.calib.calibration.default_batch_size`), plus the hidden states
-``--sequential`` keeps between layers, plus :data:`RUNTIME` (Python, JAX, XLA and compiled code). On CPU
-every device lives in host memory; an accelerator's own memory is checked per device (the replicated
-parameters plus its share of the experts).
+The estimate follows what the loader holds (:mod:`mone_jax.convert.load`): the weights in the compute dtype
+(the whole model, or with ``--sequential`` its largest decoder layer: one layer is alive at a time), plus what
+loading one layer holds beside its converted weights (two raw copies, the host array and the one XLA
+converts, of every array that is transposed or cast on load: non-expert matrices, read as stored, or as
+float32 where quantized; expert stacks only when cast or transposed), plus one calibration step's live
+activations at the batch size (the per-token estimate of
+:func:`~mone_jax.calib.calibration.default_batch_size`; never more rows than the data has), plus the hidden
+states ``--sequential`` keeps between layers, plus :data:`RUNTIME` (Python, JAX, XLA and compiled code).
+bench/README.md compares it with measured peaks. On CPU every device lives in host memory; an accelerator's
+own memory is checked per device (the replicated parameters plus its share of the experts).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from mone_jax.base.config import ModelConfig
 from mone_jax.base.errors import UserError
 
-RUNTIME = 1 << 30  # bytes: the interpreter, JAX / XLA and compiled steps (measured at ~0.4-0.8 GiB)
+RUNTIME = 1 << 29  # bytes: the interpreter, JAX / XLA, compiled steps (0.0-0.4 GiB beyond the rest, bench/README.md)
 DEVICE_FILL = 0.9  # the share of an accelerator's memory a run may plan to use
 GIB = 2**30
 
@@ -29,15 +33,17 @@ class Need:
     """Peak bytes of a run, by part."""
 
     weights: int
+    load: int
     step: int
     hidden: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.step + self.hidden + RUNTIME
+        return self.weights + self.load + self.step + self.hidden + RUNTIME
 
     def describe(self) -> str:
-        parts = [f"weights {self.weights / GIB:.1f}", f"calibration step {self.step / GIB:.1f}"]
+        parts = [f"weights {self.weights / GIB:.1f}", f"loading {self.load / GIB:.1f}",
+                 f"calibration step {self.step / GIB:.1f}"]
         if self.hidden:
             parts.append(f"hidden states {self.hidden / GIB:.1f}")
         return f"{self.total / GIB:.1f} GiB ({' + '.join(parts)} + runtime {RUNTIME / GIB:.1f})"
@@ -55,21 +61,98 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def model_bytes(cfg: ModelConfig, dtype: str) -> tuple[int, int, int]:
-    """(replicated, expert-split, largest decoder layer) parameter bytes of the model in ``dtype``, from its
-    config alone (abstract arrays: nothing is allocated or read)."""
+@dataclass(frozen=True)
+class Source:
+    """How a checkpoint stores its weights, as far as loading them costs memory: bytes per plain value,
+    whether its decoder layers' projections are quantized (dequantized to float32 on the host, expert stacks
+    straight into the compute dtype; embeddings and head never are), and whether its expert stacks are
+    transposed on load (GPT-OSS)."""
+
+    itemsize: int = 4
+    quantized: bool = False
+    fused_experts: bool = False
+
+
+def source_of(folder, cfg: ModelConfig) -> Source:
+    """The :class:`Source` of the checkpoint in ``folder``: its config.json and safetensors headers (the width
+    most of its plain float bytes are stored in); no weight is read."""
+    from collections import Counter
+
+    from mone_jax.convert.families import family
+    from mone_jax.convert.reader import CheckpointReader, read_config
+
+    widths: Counter[int] = Counter()
+    with CheckpointReader(folder) as r:
+        for key in r.stored.keys():
+            dt = r.stored.dtype(key)
+            if dt.kind in "fV" and dt.itemsize > 1:  # not float8 / packed parts
+                widths[dt.itemsize] += math.prod(r.stored.shape(key)) * dt.itemsize
+    itemsize = widths.most_common(1)[0][0] if widths else 4
+    return Source(itemsize, "quantization_config" in read_config(folder), family(cfg.model_type).fused_on_disk)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter bytes of a model in a compute dtype, and the extra bytes its loading holds at its worst moment."""
+
+    replicated: int
+    experts: int
+    layer: int  # the largest decoder layer
+    load_whole: int  # whole model: beyond all its weights, while the layer that peaks is converted
+    load_layer: int  # one layer at a time (--sequential): beyond the largest layer
+
+    @property
+    def total(self) -> int:
+        return self.replicated + self.experts
+
+
+def footprint(cfg: ModelConfig, dtype: str, source: Source = Source()) -> Footprint:
+    """:class:`Footprint` of the model, from its config alone (abstract arrays: nothing is allocated or read).
+
+    Loading goes unit by unit (the embeddings and head, then each decoder layer); a unit's raw arrays and its
+    converted ones are alive together during its one conversion step. An array is converted when it is
+    transposed (every non-expert matrix but the embedding: checkpoints store ``[out, in]``, the model holds
+    ``[in, out]``; GPT-OSS's expert stacks) or when its stored dtype is not its compute dtype."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from mone_jax.convert.load import resolve_dtype
-    from mone_jax.model.causal_lm import DecoderLayer, MoEForCausalLM
-    from mone_jax.model.sharding import param_bytes
+    from mone_jax.model.causal_lm import MoEForCausalLM
+    from mone_jax.model.sharding import is_expert
 
     dt = resolve_dtype(dtype)
-    rep, ex = param_bytes(nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0))))
-    kinds = {cfg.moe_layers[i]: i for i in range(cfg.num_layers)}  # one dense and one MoE layer suffice
-    layer = max(sum(param_bytes(nnx.eval_shape(lambda i=i: DecoderLayer(cfg, i, dt, nnx.Rngs(0)))))
-                for i in kinds.values())
-    return rep, ex, layer
+    state = nnx.state(nnx.eval_shape(lambda: MoEForCausalLM(cfg, dt, rngs=nnx.Rngs(0))))
+    held: dict[object, list[int]] = {}  # unit -> [replicated, experts, raw copies]
+    for path, var in nnx.to_flat_state(state):
+        a, expert = var.get_value(), is_expert(var)
+        unit = path[1] if path[0] == "layers" else "head"
+        n = math.prod(a.shape)
+        sizes = held.setdefault(unit, [0, 0, 0])
+        sizes[expert] += n * jnp.dtype(a.dtype).itemsize
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            continue
+        if expert:
+            raw = dt.itemsize if source.quantized else source.itemsize
+            swapped = source.fused_experts
+        else:
+            raw = 4 if source.quantized and a.ndim >= 2 and unit != "head" else source.itemsize
+            swapped = a.ndim >= 2 and path[0] != "embed"
+        if swapped or raw != jnp.dtype(a.dtype).itemsize:
+            sizes[2] += 2 * n * raw  # the host array, and the copy XLA converts (it cannot donate adopted memory)
+    rep, ex = (sum(v[k] for v in held.values()) for k in (0, 1))
+    layers = [v for u, v in held.items() if u != "head"] or [[0, 0, 0]]
+    cum = peak = 0
+    for r, e, t in [held.get("head", [0, 0, 0]), *(held[i] for i in range(cfg.num_layers))]:
+        peak = max(peak, cum + r + e + t)
+        cum += r + e
+    largest = max(r + e for r, e, _ in layers)
+    return Footprint(rep, ex, largest, max(0, peak - cum), max(r + e + t for r, e, t in layers) - largest)
+
+
+def model_bytes(cfg: ModelConfig, dtype: str) -> tuple[int, int, int]:
+    """(replicated, expert-split, largest decoder layer) parameter bytes of the model in ``dtype``."""
+    f = footprint(cfg, dtype)
+    return f.replicated, f.experts, f.layer
 
 
 def step_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
@@ -79,23 +162,27 @@ def step_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
 
 
 def need(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, *, sequential: bool,
-         sizes: tuple[int, int, int] | None = None) -> Need:
+         source: Source = Source(), sizes: Footprint | None = None) -> Need:
     """Peak host bytes of a calibration run of ``tokens`` tokens (see the module docstring)."""
     from mone_jax.convert.load import resolve_dtype
 
-    rep, ex, layer = sizes or model_bytes(cfg, dtype)
+    f = sizes or footprint(cfg, dtype, source)
+    if tokens:  # a batch never holds more rows than the data has
+        batch = min(batch, -(-tokens // seq_len))
     if sequential:
-        return Need(2 * layer, step_bytes(cfg, batch, seq_len), tokens * cfg.hidden_size * resolve_dtype(dtype).itemsize)
-    return Need(rep + ex, step_bytes(cfg, batch, seq_len), 0)
+        return Need(f.layer, f.load_layer, step_bytes(cfg, batch, seq_len),
+                    tokens * cfg.hidden_size * resolve_dtype(dtype).itemsize)
+    return Need(f.total, f.load_whole, step_bytes(cfg, batch, seq_len), 0)
 
 
 def check(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, *, sequential: bool,
-          batch_given: bool, devices: int = 1, device_bytes: int | None = None) -> int:
+          batch_given: bool, devices: int = 1, device_bytes: int | None = None, source: Source = Source()) -> int:
     """The batch size a run can use: ``batch`` when the estimate fits, a smaller one (said in a warning) when
     only that fits and the batch was chosen here; else a UserError naming what would fit (``--dtype bfloat16``,
-    ``--sequential``, a smaller ``--batch-size``, a mesh of more devices)."""
+    ``--sequential``, a smaller ``--batch-size``, a mesh of more devices); ``source``: how the checkpoint stores
+    its weights (:func:`source_of`)."""
     available = host_available()
-    sizes = model_bytes(cfg, dtype)
+    sizes = footprint(cfg, dtype, source)
     here = need(cfg, dtype, batch, seq_len, tokens, sequential=sequential, sizes=sizes)
     per_row = step_bytes(cfg, 1, seq_len)
     if device_bytes:  # an accelerator: its memory holds the replicated weights, its experts and its rows
@@ -117,11 +204,12 @@ def check(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, *
         return rows
     options = []
     small = 1
-    if dtype == "float32" and (n := need(cfg, "bfloat16", small, seq_len, tokens, sequential=sequential)).total <= available:
+    if dtype == "float32" and (n := need(cfg, "bfloat16", small, seq_len, tokens, sequential=sequential,
+                                         source=source)).total <= available:
         options.append(f"--dtype bfloat16 ({n.total / GIB:.1f} GiB)")
     if not sequential:
         for dt in dict.fromkeys((dtype, "bfloat16")):
-            n = need(cfg, dt, small, seq_len, tokens, sequential=True)
+            n = need(cfg, dt, small, seq_len, tokens, sequential=True, source=source)
             if n.total <= available:
                 options.append(f"--sequential{'' if dt == dtype else ' --dtype bfloat16'} ({n.total / GIB:.1f} GiB)")
                 break
@@ -130,13 +218,14 @@ def check(cfg: ModelConfig, dtype: str, batch: int, seq_len: int, tokens: int, *
                     f"available: use {what}")
 
 
-def _device_fits(sizes, per_row: int, batch: int, devices: int, device_bytes: int, sequential: bool):
+def _device_fits(sizes: Footprint, per_row: int, batch: int, devices: int, device_bytes: int, sequential: bool):
     """True, or what would fit: the fewest devices over which the experts must be split."""
-    rep, ex, layer = sizes
+    rep, ex = sizes.replicated, sizes.experts
     room = DEVICE_FILL * device_bytes
     rows = math.ceil(batch / devices) * per_row
     if sequential:
-        return True if 2 * layer + rows + RUNTIME / 8 <= room else "use a smaller --batch-size or more devices"
+        fits = sizes.layer + sizes.load_layer + rows + RUNTIME / 8 <= room
+        return True if fits else "use a smaller --batch-size or more devices"
     for n in range(1, 1 << 16):
         if rep + ex / n + rows <= room:
             break

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
-_HOST = socket.gethostname()  # temporary siblings are named .<name>.<tmp|old>-<host>-<pid>
+_HOST = socket.gethostname()  # temporary siblings are named .<name>.<tmp|old|part>-<host>-<pid>
 
 
 def _sibling(path: Path, kind: str, suffix: str = "") -> Path:
@@ -33,6 +33,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def part_folder(path: str | Path) -> Path:
+    """A new hidden sibling folder of ``path`` for this process's part of a folder several processes write (what
+    killed writes from this host left behind is removed first); the caller removes it."""
+    path = Path(path)
+    _clean_stale(path)
+    part = _sibling(path, "part")
+    shutil.rmtree(part, ignore_errors=True)
+    return part
 
 
 def atomic_write_folder(path: str | Path, write: Callable[[Path], T]) -> T:
@@ -71,7 +81,7 @@ def _clean_stale(out: Path) -> None:
     """Remove what killed folder writes to ``out`` from this host left behind: temporary folders of dead
     processes, and the set-aside previous ``out`` (put back when the kill came before the new one was moved
     into place)."""
-    for kind in ("tmp", "old"):
+    for kind in ("tmp", "old", "part"):
         prefix = f".{out.name}.{kind}-{_HOST}-"
         for path in out.parent.glob(glob.escape(prefix) + "*"):
             pid = path.name[len(prefix):]

@@ -175,3 +175,17 @@ def local_rows(x: jax.Array, lo: int, hi: int) -> np.ndarray:
         a, b, _ = shard.index[0].indices(x.shape[0])
         out[a - lo:b - lo] = np.asarray(shard.data)
     return out
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-able ``obj``, in process order, on every process (a collective: all call it)."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([mine.size], np.int32))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:mine.size] = mine
+    every = np.asarray(multihost_utils.process_allgather(buf)).astype(np.uint8).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes)]
