@@ -1,24 +1,21 @@
-"""The shipped demo model: files, parity with transformers, self-sampling, `mone-jax prune` with no
-arguments in an empty folder, and the export loading the way lm-evaluation-harness loads models."""
+"""The shipped demo model: files, parity with transformers, self-sampling, its training script. (`mone-jax prune`
+with no arguments in an empty folder, and its export loading as lm-evaluation-harness loads models: the README
+quick start, tests/test_readme.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import assert_close_logits, torch, torch_logits, transformers
 
-from mone_jax.app.cli import main
 from mone_jax.app.data import load_token_blocks
 from mone_jax.convert.load import load_hf
 from mone_jax.demo import demo_model_dir
-from mone_jax.evaluate.perplexity import perplexity, predicted
+from mone_jax.evaluate.perplexity import perplexity
 from mone_jax.model.sampling import sampler_for
 
 DEMO = demo_model_dir()
@@ -36,18 +33,6 @@ def demo():
 @pytest.fixture(scope="module")
 def hf_demo():
     return transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def pruned_demo(tmp_path_factory) -> Path:
-    """`mone-jax prune` with no arguments, run in an empty folder as on a fresh install (one CPU device,
-    not the 8 the test session simulates)."""
-    cwd = tmp_path_factory.mktemp("empty")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "prune", "--quiet"], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return cwd / "mone-demo-out"
 
 
 def test_files_size_and_card():
@@ -96,44 +81,6 @@ def test_beats_unigram_on_validation_text(demo):
     _, which, counts = np.unique(blocks[:, 1:], return_inverse=True, return_counts=True)
     best_unigram = math.exp(-np.log(counts[which] / which.size).mean())
     assert ppl < best_unigram / 2
-
-
-@pytest.mark.slow
-def test_prune_without_arguments_then_verify(pruned_demo):
-    run = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "verify", str(pruned_demo)], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    cfg = json.loads((pruned_demo / "config.json").read_text())
-    targets = cfg["compression_config"]["transform_config"]["expert_substitution"]["targets"]
-    assert len(targets) == cfg["num_hidden_layers"]
-    assert all(len(t["replacements"]) == 4 for t in targets.values())  # 25% of 16 experts
-
-
-@pytest.mark.slow
-def test_pruned_export_for_lm_eval_and_cli_eval(pruned_demo, tmp_path):
-    """Load as lm-evaluation-harness's `hf` model does; our `eval` equals transformers' perplexity."""
-    config = transformers.AutoConfig.from_pretrained(pruned_demo, trust_remote_code=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(pruned_demo, trust_remote_code=True, dtype="auto").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(pruned_demo, trust_remote_code=True)
-    assert tok.eos_token_id == config.eos_token_id and tok.pad_token_id is not None
-    enc = tok(["In the beginning"], return_tensors="pt")
-    with torch.no_grad():
-        out = hf.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape == (1, enc["input_ids"].shape[1] + 6)
-    assert isinstance(tok.decode(out[0]), str)
-
-    text = tmp_path / "doc.txt"
-    text.write_text(TEXT)
-    result = tmp_path / "ppl.json"
-    assert main(["eval", str(pruned_demo), "--data", str(text), "--num-samples", "2", "--seq-len", "16",
-                 "--json", str(result), "--quiet"]) == 0
-    ours = json.loads(result.read_text())
-    ids = load_token_blocks(str(text), tokenizer_dir=pruned_demo, num_samples=2, seq_len=16, contiguous=True)
-    with torch.no_grad():
-        logp = torch.log_softmax(hf(torch.as_tensor(ids)).logits.double()[:, :-1], -1)
-    nll = -logp.gather(-1, torch.as_tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
-    assert ours["tokens"] == int(predicted(np.ones(ids.shape)).sum())
-    assert math.isclose(ours["perplexity"], math.exp(nll.mean()), rel_tol=1e-4)
 
 
 @pytest.mark.slow

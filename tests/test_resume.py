@@ -73,16 +73,22 @@ class DyingCheckpoint(CalibCheckpoint):
             raise Preempted
 
 
+@pytest.fixture(scope="module")
+def sequential_ref(hf_models):
+    """qwen2_moe b, 4 batches (3 layers): (folder, data, the uninterrupted layer-at-a-time statistics)."""
+    folder, _ = hf_models("qwen2_moe", "b")
+    data = batches(96, seed=4) * 2
+    return folder, data, calibrate_sequential(folder, data, progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("every,die_after", [(3, 1), (2, 3)])  # layer 0 mid-way; layer 1 mid-way
-def test_sequential_resumes_inside_a_layer(hf_models, tmp_path, every, die_after):
+def test_sequential_resumes_inside_a_layer(sequential_ref, tmp_path, every, die_after):
     """Checkpoints inside and at the end of layers; the alternating hidden-state files make both resumable."""
-    folder, hf = hf_models("qwen2_moe", "b")
-    data = batches(96, seed=4) * 2  # 4 batches, 3 layers
+    folder, data, ref = sequential_ref
     from mone_jax.convert.load import config_of
 
     ident = identity(config_of(folder), "sequential")
-    ref = calibrate_sequential(folder, data, progress=False)
     with pytest.raises(Preempted):
         calibrate_sequential(folder, data, progress=False, checkpoint=DyingCheckpoint(tmp_path, every, ident,
                                                                                       die_after=die_after))
