@@ -1,8 +1,9 @@
 """``--fit kd``: after a plan is applied, fit the pruned model's novice vectors, MoE routers (weight and bias)
 and MoE-input norm scales to the original model's next-token distribution.
 
-The loss is KL(teacher || student) per predicted position, averaged, on calibration blocks; the teacher's
-log-probabilities are computed per batch and never kept for the whole set. Adam (optax) fits only those
+The loss is KL(teacher || student) per predicted position, averaged over the real rows of calibration batches
+(padding rows, there to fill a mesh's devices, weigh nothing); the teacher's log-probabilities are computed inside
+each step for its batch and never kept for the whole set. Adam (optax) fits only those
 tensors (Router KD, arXiv 2603.02217, fits the routers alone after pruning); every ``eval_every`` steps the
 KL on the validation blocks is measured, and the fit stops once it has not improved for ``patience``
 measurements (or after ``max_steps``), returning the tensors of the best measurement.
