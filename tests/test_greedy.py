@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 from checks import hf_perplexity
 from conftest import torch, transformers
+from flax import nnx
 
 from mone_jax.app.cli import main
 from mone_jax.base.errors import UserError
 from mone_jax.base.stats import Stats
 from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.load import load_hf
+from mone_jax.evaluate.distill import distill, fitted_path
 from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
 from mone_jax.evaluate.perplexity import perplexity
+from mone_jax.model.sharding import make_mesh
 from mone_jax.pruning.planning import LayerPlan, Plan
 from mone_jax.pruning.transform import prune
 
@@ -131,3 +134,36 @@ def test_refusals(tiny, capsys):
     assert not (tmp / "d").exists()
     assert main(["plan", "--stats", "s", "--scope", "greedy", "--ratio", "0.5", "--plan-out", str(tmp / "p")]) == 2
     assert "use `mone-jax prune --scope greedy`" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_greedy_and_kd_on_a_2x4_mesh_equal_one_device(tiny):
+    """On 8 devices as a 2x4 (data, expert) mesh, rows split over all of them (3 validation rows and kd batches of
+    6 padded to 8 with masked rows): the greedy plan is one device's and every step's loss equals one device's
+    to float32 rounding. kd's fitted tensors equal one device's within 2e-5 while the fit moves them by up to
+    1e-3 a step: Adam divides each gradient by its own RMS, so a near-zero one rounded differently by the
+    devices' partial sums still moves its entry by a share of the learning rate."""
+    folder, model, stats, valid, tmp = tiny
+    mesh = make_mesh((2, 4))
+    kw = dict(metric="frequency", keep=6, candidates=2, lazy=True, progress=False)
+    one = greedy_plan(model, stats, {"v": valid}, **kw)
+    spread_model = load_hf(folder, progress=False)  # laid out on the mesh in place
+    got = greedy_plan(spread_model, stats, {"v": valid}, mesh=mesh, **kw)
+    assert got.layers == one.layers
+    np.testing.assert_allclose([s["nll"] for s in got.search["steps"]], [s["nll"] for s in one.search["steps"]],
+                               rtol=1e-6)
+    assert len(spread_model.layers[0].mlp.router[...].sharding.device_set) == 8
+    calib, fitted, kept = np.load(tmp / "calib.npy"), [], []
+    start = prune(model, stats, one)
+    for teacher, on in ((model, None), (spread_model, mesh)):
+        student = prune(teacher, stats, one)
+        kept.append(distill(teacher, student, calib, valid, lr=1e-3, batch_size=6, max_steps=3, eval_every=1,
+                            progress=False, mesh=on)["best_step"])
+        fitted.append({p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(student))
+                       if fitted_path(student, p)})
+    assert fitted[0].keys() == fitted[1].keys()
+    base = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(start))}
+    moved = max(np.abs(v - base[p]).max(initial=0) for p, v in fitted[0].items())
+    assert kept[0] == kept[1] > 0 and moved > 5e-4  # Adam: up to lr (1e-3) a step
+    for path, value in fitted[0].items():
+        np.testing.assert_allclose(fitted[1][path], value, rtol=0, atol=2e-5, err_msg=str(path))

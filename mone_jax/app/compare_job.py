@@ -244,7 +244,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
                            candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed, weight_scores=scores,
                            batch_size=batch_size, progress=progress, selection=plan.selection if plan else None,
-                           fit=job.fit)
+                           fit=job.fit, mesh=mesh)
         plan.search["held_out"] = held_out
     if plan is None:  # --fit kd alone: the plan of the metric
         from mone_jax.convert.criteria import plan_for
@@ -255,7 +255,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if job.fit == "kd":
         train = np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
             np.asarray(b["attention_mask"]).all(1)] for b in cal.batches])
-        plan, student = distilled(model, stats, plan, train, evals, batch_size, job.seed, progress)
+        plan, student = distilled(model, stats, plan, train, evals, batch_size, job.seed, progress, mesh=mesh)
     elif job.fit:
         plan = fitted(model, stats, plan, job.fit, evals, batch_size)
     return stats, plan, student
@@ -278,9 +278,10 @@ def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], ba
 
 
 def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.ndarray], batch_size: int, seed: int,
-              progress: bool):
+              progress: bool, mesh=None):
     """(``plan`` recording the fit, the pruned model distilled from ``model``): :func:`~mone_jax.evaluate.distill.
-    distill` on the calibration blocks ``train``, stopping early on the validation blocks."""
+    distill` on the calibration blocks ``train`` (rows split over ``mesh``), stopping early on the validation
+    blocks."""
     from mone_jax.evaluate.distill import distill
     from mone_jax.pruning.transform import prune
 
@@ -289,7 +290,7 @@ def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.
     phase("fit", f"distilling novices, routers and MoE-input norms on {len(train)} calibration blocks (--fit kd)")
     with silenced():
         record = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
-                         seed=seed, progress=progress)
+                         seed=seed, progress=progress, mesh=mesh)
     record.update(validation_nll_before=before, validation_nll_after=_valid_nll(student, evals, batch_size))
     return replace(plan, fit=record), student
 

@@ -1,8 +1,9 @@
 """``--fit kd``: after a plan is applied, fit the pruned model's novice vectors, MoE routers (weight and bias)
 and MoE-input norm scales to the original model's next-token distribution.
 
-The loss is KL(teacher || student) per predicted position, averaged, on calibration blocks; the teacher's
-log-probabilities are computed per batch and never kept for the whole set. Adam (optax) fits only those
+The loss is KL(teacher || student) per predicted position, averaged over the real rows of calibration batches
+(padding rows, there to fill a mesh's devices, weigh nothing); the teacher's log-probabilities are computed inside
+each step for its batch and never kept for the whole set. Adam (optax) fits only those
 tensors (Router KD, arXiv 2603.02217, fits the routers alone after pruning); every ``eval_every`` steps the
 KL on the validation blocks is measured, and the fit stops once it has not improved for ``patience``
 measurements (or after ``max_steps``), returning the tensors of the best measurement.
@@ -18,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mone_jax.base.errors import UserError
+from mone_jax.calib.calibration import shard_batch
 from mone_jax.model.causal_lm import MoEForCausalLM
+from mone_jax.model.sharding import padded_rows, spread
 
 FITTED = ("novice_values", "router", "router_bias")  # per MoE block; plus the norm before it (pre-norm layers)
 
@@ -41,47 +45,71 @@ def _logp(model: MoEForCausalLM, ids: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(model(ids)[:, :-1].astype(jnp.float32), -1)
 
 
-@partial(jax.jit, static_argnums=0)
-def _teacher(graphdef, state, ids):
-    return _logp(nnx.merge(graphdef, state), ids)
-
-
-def _kl(graphdef, train, rest, ids, teacher):
+def _kl_sum(graphdef, train, rest, t_graph, t_state, ids, real):
+    """KL(teacher || student) summed over the predicted positions of the real rows (``real`` [B]: 1, padding 0);
+    the teacher's log-probabilities are made here, for this batch only."""
+    teacher = jax.lax.stop_gradient(_logp(nnx.merge(t_graph, t_state), ids))
     student = _logp(nnx.merge(graphdef, train, rest), ids)
-    return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
+    return jnp.sum(jnp.sum(jnp.exp(teacher) * (teacher - student), -1) * real[:, None])
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _step(graphdef, tx, train, rest, opt, ids, teacher):
-    loss, grads = jax.value_and_grad(_kl, argnums=1)(graphdef, train, rest, ids, teacher)
+def _kl_mean(graphdef, train, rest, t_graph, t_state, ids, real):
+    return _kl_sum(graphdef, train, rest, t_graph, t_state, ids, real) / (jnp.sum(real) * (ids.shape[1] - 1))
+
+
+@partial(jax.jit, static_argnums=(0, 3, 5))
+def _step(graphdef, train, rest, t_graph, t_state, tx, opt, ids, real):
+    loss, grads = jax.value_and_grad(_kl_mean, argnums=1)(graphdef, train, rest, t_graph, t_state, ids, real)
     updates, opt = tx.update(grads, opt, train)
     return optax.apply_updates(train, updates), opt, loss
 
 
-_kl_jit = jax.jit(_kl, static_argnums=0)
+_kl_jit = jax.jit(_kl_sum, static_argnums=(0, 3))
+
+
+class _Rows:
+    """Batches of ``rows`` real token rows padded to ``padded`` (a multiple of the mesh's devices) with masked
+    rows, split over the mesh as calibration splits them (one device: as they are)."""
+
+    def __init__(self, rows: int, mesh: Mesh | None):
+        self.mesh, self.padded = mesh, rows if mesh is None else padded_rows(rows, mesh)
+
+    def __call__(self, ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        real = np.zeros(self.padded, np.float32)
+        real[:len(ids)] = 1.0
+        ids = np.concatenate([ids, np.zeros((self.padded - len(ids), ids.shape[1]), ids.dtype)]).astype(np.int32)
+        if self.mesh is None:
+            return jnp.asarray(ids), jnp.asarray(real)
+        return shard_batch(ids, self.mesh), shard_batch(real, self.mesh)
 
 
 def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndarray, valid_ids: np.ndarray, *,
-            lr: float = 1e-3, batch_size: int = 8, max_steps: int = 200, eval_every: int = 5, patience: int = 3,
-            seed: int = 0, progress: bool = True) -> dict:
+            lr: float = 3e-3, batch_size: int = 8, max_steps: int = 200, eval_every: int = 5, patience: int = 3,
+            seed: int = 0, progress: bool = True, mesh: Mesh | None = None) -> dict:
     """Fit ``student`` (a pruned model, updated in place) to ``teacher`` on token blocks ``train_ids`` [N, T],
-    stopping early on the KL over ``valid_ids`` (module docstring). Returns the record: steps run, the step
-    kept, the validation KL before and after, and the seconds."""
+    stopping early on the KL over ``valid_ids`` (module docstring). With a ``mesh``, every batch's rows are
+    split over its devices (padded with masked rows to a multiple of them), both models are laid out on it
+    (:func:`~mone_jax.model.sharding.spread`, in place) and jit partitions the steps, reducing the gradients. Returns
+    the record: steps run, the step kept, the validation KL before and after, and the seconds."""
     if student.config.num_layers != teacher.config.num_layers or student.config.vocab_size != teacher.config.vocab_size:
         raise UserError("the student is not a pruned copy of the teacher")
     t0 = time.perf_counter()
+    bs = max(1, min(batch_size, len(train_ids)))
+    rows = _Rows(bs, mesh)
+    if mesh is not None:
+        spread(teacher, mesh)
+        spread(student, mesh)
     t_graph, t_state = nnx.split(teacher)
     graphdef, train, rest = nnx.split(student, lambda path, _: fitted_path(student, path), ...)
     tx = optax.adam(lr)
     opt = tx.init(train)
-    bs = max(1, min(batch_size, len(train_ids)))
 
     def valid_kl(params) -> float:
         total = 0.0
         for i in range(0, len(valid_ids), bs):
-            ids = jnp.asarray(valid_ids[i:i + bs], jnp.int32)
-            total += float(_kl_jit(graphdef, params, rest, ids, _teacher(t_graph, t_state, ids))) * len(ids)
-        return total / len(valid_ids)
+            ids, real = rows(valid_ids[i:i + bs])
+            total += float(_kl_jit(graphdef, params, rest, t_graph, t_state, ids, real))
+        return total / (len(valid_ids) * (valid_ids.shape[1] - 1))
 
     rng = np.random.default_rng(seed)
     order = np.zeros(0, np.int64)
@@ -91,9 +119,9 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
     while step < max_steps and stale < patience:
         if len(order) < bs:
             order = np.concatenate([order, rng.permutation(len(train_ids))])
-        rows, order = order[:bs], order[bs:]
-        ids = jnp.asarray(train_ids[np.sort(rows)], jnp.int32)
-        train, opt, _ = _step(graphdef, tx, train, rest, opt, ids, _teacher(t_graph, t_state, ids))
+        picked, order = order[:bs], order[bs:]
+        ids, real = rows(train_ids[np.sort(picked)])
+        train, opt, _ = _step(graphdef, train, rest, t_graph, t_state, tx, opt, ids, real)
         step += 1
         bar.update()
         if step % eval_every == 0:

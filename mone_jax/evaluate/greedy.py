@@ -23,16 +23,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mone_jax.base.errors import UserError
 from mone_jax.base.phases import silenced
 from mone_jax.base.stats import Stats
-from mone_jax.evaluate.compare import WeightScores, evaluate, plan_of, pooled
+from mone_jax.evaluate.compare import WeightScores, plan_of, pooled
+from mone_jax.evaluate.perplexity import perplexity
 from mone_jax.model.causal_lm import MoEForCausalLM
+from mone_jax.model.sharding import spread
 from mone_jax.pruning.planning import GREEDY, LayerPlan, Plan, resolve_keep
 
 
@@ -63,9 +67,11 @@ def apply_masks(model: MoEForCausalLM, masks: dict[int, np.ndarray]) -> None:
         b.novice_mask[...] = jnp.asarray(masks[i])
 
 
-def validation_nll(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int) -> float:
-    """Token-weighted mean NLL of ``model`` over every source of ``evals``."""
-    return pooled(evaluate(model, evals, batch_size))["nll"]
+def validation_nll(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int,
+                   mesh: Mesh | None = None) -> float:
+    """Token-weighted mean NLL of ``model`` over every source of ``evals`` (rows split over ``mesh``)."""
+    return pooled({k: perplexity(model, ids, batch_size=batch_size, lines=False, mesh=mesh)
+                   for k, ids in evals.items()})["nll"]
 
 
 def parse_candidates(text: str | int | None) -> int | None:
@@ -85,12 +91,14 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
                 keep: int | None = None, ratio: float | None = None, candidates: int | None = None,
                 equal_counts: bool = False, lazy: bool = False, seed: int = 0, semantics: str = "exact",
                 weight_scores: WeightScores | None = None, batch_size: int = 8, progress: bool = True,
-                selection: dict | None = None, fit: str | None = None) -> Plan:
+                selection: dict | None = None, fit: str | None = None, mesh: Mesh | None = None) -> Plan:
     """The greedy plan (module docstring): ``(E - keep) x layers`` novices in all, each layer keeping at least
     ``top_k`` experts (``equal_counts``: exactly ``keep`` each, for drop). Candidates are ordered by the
     scores of ``metric``; ``lazy``: CELF evaluation (module docstring); ``fit``: the novices judged
     (:meth:`~mone_jax.base.stats.LayerStats.novice_means`). The plan's ``search`` records the
-    evaluations spent, the seconds, the per-layer counts and each step's choice and validation loss."""
+    evaluations spent, the seconds, the per-layer counts and each step's choice and validation loss. With a
+    ``mesh`` the model is laid out on it (:func:`~mone_jax.model.sharding.spread`, in place) and every
+    evaluation splits its rows over the devices."""
     cfg = model.config
     E, top_k = cfg.num_experts, cfg.top_k
     n = resolve_keep(E, keep, ratio)
@@ -102,7 +110,10 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
     evaluations, steps = 0, []
     with searchable(model, stats, semantics, fit) as masks, silenced():
         apply_masks(model, masks)
-        start = current = validation_nll(model, evals, batch_size)
+        if mesh is not None:
+            spread(model, mesh)
+        nll = partial(validation_nll, model, evals, batch_size, mesh)
+        start = current = nll()
         evaluations += 1
         rise: dict[tuple[int, int], tuple[float, int]] = {}  # candidate -> (rise in loss, step measured at)
         bar = tqdm(total=budget, desc="greedy search", unit="novice", disable=not progress)
@@ -119,7 +130,7 @@ def greedy_plan(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray
                 for i, e in stale:
                     masks[i][e] = True
                     apply_masks(model, masks)
-                    rise[i, e] = (validation_nll(model, evals, batch_size) - current, step)
+                    rise[i, e] = (nll() - current, step)
                     masks[i][e] = False
                     evaluations += 1
             i, e = min(pool, key=lambda c: (rise[c][0], c))

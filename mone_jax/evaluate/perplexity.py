@@ -13,12 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mone_jax.base.errors import UserError
 from mone_jax.base.phases import phase
 from mone_jax.base.tokens import token_ids
+from mone_jax.calib.calibration import shard_batch
 from mone_jax.model.causal_lm import MoEForCausalLM
+from mone_jax.model.sharding import padded_rows, place, unpadded_specs
 
 _LOGIT_ELEMENTS = 1 << 25  # float32 logits computed at once (128 MiB): positions are chunked to fit
 
@@ -74,12 +77,15 @@ def _new_program(graphdef, state, batch_shape: tuple[int, int], chunk: int) -> b
 
 
 def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None = None, *, batch_size: int = 8,
-               progress: bool = False, lines: bool = True) -> dict:
+               progress: bool = False, lines: bool = True, mesh: Mesh | None = None) -> dict:
     """``{"perplexity", "nll", "tokens"}`` of ``model`` on int token ids [N, T] (``mask``: 1 = real token).
 
     Rows are evaluated ``batch_size`` at a time (the last batch padded with masked rows, so one
-    shape compiles once); NLL sums are accumulated in float64 on the host. Phase lines: ``compile`` when
-    the step compiles, ``evaluate`` unless ``lines`` is false (a caller reporting its own progress).
+    shape compiles once); NLL sums are accumulated in float64 on the host. With a ``mesh``, a batch's rows
+    (``batch_size`` rounded up to the device count, padded as calibration pads them) are split over its
+    devices and the parameters laid out by :func:`~mone_jax.model.sharding.unpadded_specs`; jit partitions
+    the step. Phase lines: ``compile`` when the step compiles, ``evaluate`` unless ``lines`` is false (a caller
+    reporting its own progress).
     """
     ids = token_ids(ids, model.config.vocab_size, "the evaluation data")
     if ids.shape[1] < 2:
@@ -88,16 +94,20 @@ def perplexity(model: MoEForCausalLM, ids: np.ndarray, mask: np.ndarray | None =
     if mask.shape != ids.shape:
         raise UserError(f"attention mask shape {list(mask.shape)} differs from the ids' {list(ids.shape)}")
     bs = max(1, min(batch_size, ids.shape[0]))
+    bs = bs if mesh is None else padded_rows(bs, mesh)
     pad = -ids.shape[0] % bs
     ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]).astype(np.int32)
     mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
     chunk = max(1, min(bs * (ids.shape[1] - 1), _LOGIT_ELEMENTS // model.config.vocab_size))
     graphdef, state = nnx.split(model)
+    rows = jnp.asarray if mesh is None else partial(shard_batch, mesh=mesh)
+    if mesh is not None:
+        state = place(state, unpadded_specs(state, mesh), mesh)
     total, count, bar = 0.0, 0, None
     for i in range(0, ids.shape[0], bs):
         if bar is None and _new_program(graphdef, state, (bs, ids.shape[1]), chunk):
             phase("compile", "the evaluation step")
-        s, n = _nll_sum(graphdef, state, jnp.asarray(ids[i:i + bs]), jnp.asarray(mask[i:i + bs]), chunk)
+        s, n = _nll_sum(graphdef, state, rows(ids[i:i + bs]), rows(mask[i:i + bs]), chunk)
         if bar is None:  # started once compiled: its rate is the real one
             nb = ids.shape[0] // bs
             if lines:

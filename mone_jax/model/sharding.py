@@ -99,6 +99,21 @@ def param_specs(state: nnx.State):
     return _variables(lambda v: v.replace(P(EXPERT) if is_expert(v) else P()), state)
 
 
+def unpadded_specs(state: nnx.State, mesh: Mesh):
+    """PartitionSpecs that lay ``state`` out on ``mesh`` without padding it: expert-row variables split over
+    ``expert`` where that axis divides their rows, everything else replicated (for programs partitioned by
+    jit, which then split the batch rows and reduce over them)."""
+    X = mesh.shape[EXPERT]
+    return _variables(lambda v: v.replace(P(EXPERT) if is_expert(v) and v.get_value().shape[0] % X == 0 else P()),
+                      state)
+
+
+def spread(model: nnx.Module, mesh: Mesh) -> None:
+    """Lay ``model``'s arrays out on ``mesh`` in place (:func:`unpadded_specs`; arrays already so stay)."""
+    state = nnx.state(model)
+    nnx.update(model, place(state, unpadded_specs(state, mesh), mesh))
+
+
 def padded_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     """``state`` with every expert-row variable padded by zero rows to a multiple of the expert axis."""
     X = mesh.shape[EXPERT]
