@@ -46,7 +46,7 @@ SEEDED = ("random",)  # metrics evaluated over several seeds
 @dataclass(frozen=True)
 class Candidate:
     """One plan to judge: ``ratio`` of the experts pruned by ``metric`` (``seed`` for random), output ``mode``;
-    ``scope`` (None: the run's) and ``fit`` (None: plain means) where the run names them."""
+    ``scope`` (None: the run's) and ``fit`` (None: not named, ``none``: plain means) where the run names them."""
 
     metric: str
     ratio: float
@@ -80,14 +80,15 @@ def candidates(metrics: Sequence[str] | None, ratios: Sequence[float], modes: Se
     if "drop" in modes and (GREEDY in (scopes or ()) or set(fits or ()) - {NO_FIT}):
         raise UserError("--scopes greedy and --fits judge experts replaced by their novices, which drop removes: "
                         "use --modes substitution")
-    return [Candidate(m, r, mode, s, scope, None if fit == NO_FIT else fit) for mode in modes for r in ratios
+    return [Candidate(m, r, mode, s, scope, fit) for mode in modes for r in ratios
             for m in metrics for s in (seeds if m in SEEDED else seeds[:1]) for scope in (scopes or [None])
             for fit in (fits or [None])]
 
 
 def label(row: dict) -> str:
     """A compared plan's name: its metric, then its scope and fit where the run named them."""
-    return row["metric"] + (f" {row['scope']}" if "scope" in row else "") + (f" + {row['fit']}" if row.get("fit")
+    fit = row.get("fit")
+    return row["metric"] + (f" {row['scope']}" if "scope" in row else "") + (f" + {fit}" if fit not in (None, NO_FIT)
                                                                             else "")
 
 
@@ -163,7 +164,7 @@ def pruned_model(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarra
         record["fitted"] = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
                                 seed=c.seed, progress=progress)
         return student, replace(plan, fit=record["fitted"]), record
-    if c.fit:
+    if c.fit not in (None, NO_FIT):
         plan = replace(plan, fit={"method": c.fit})
         record["fitted"] = plan.fit
     return prune(model, stats, plan, mode=c.mode), plan, record
