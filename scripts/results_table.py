@@ -213,11 +213,18 @@ def verdicts(runs: dict[int, dict]) -> list[str]:
     seeds = sorted(runs)
     out = []
 
-    def claim(text: str, holds: list[bool]) -> None:
-        if holds:
-            out.append(f"- {text}: " + ("**holds on both seeds**." if all(holds) else
-                                        "holds on seed(s) " + ", ".join(str(s) for s, h in zip(seeds, holds) if h)
-                                        + " only." if any(holds) else "holds on neither seed."))
+    def claim(text: str, holds: dict[int, bool]) -> None:
+        """``holds``: {seed: whether the statement holds} for the seeds that ran it."""
+        if not holds:
+            return
+        missing = [s for s in seeds if s not in holds]
+        yes = [s for s, h in holds.items() if h]
+        verdict = ("**holds on both seeds**" if len(yes) == len(seeds) else
+                   "holds on neither seed" if not yes and not missing else
+                   f"holds on seed {', '.join(map(str, yes))}" if yes else
+                   f"does not hold on seed {', '.join(map(str, holds))}")
+        out.append(f"- {text}: {verdict}" + (f" (seed {', '.join(map(str, missing))} not run)" if missing else "")
+                   + ".")
 
     for r in RATIOS:
         t = {s: {n: equal_weight(v["nll"]) for n, v in rows(runs[s], r).items()} for s in seeds}
@@ -229,14 +236,14 @@ def verdicts(runs: dict[int, dict]) -> list[str]:
                    + ", ".join(f"seed {s} `{best[s]}` {fixed[s][best[s]]:.2f}" for s in seeds)
                    + (" (the same on both)." if len(set(best.values())) == 1 else " (not the same)."))
         have = [s for s in seeds if "greedy" in t[s]]
-        claim(f"{pct}: greedy beats plain `mone`", [t[s]["greedy"] < t[s]["mone"] for s in have])
+        claim(f"{pct}: greedy beats plain `mone`", {s: t[s]["greedy"] < t[s]["mone"] for s in have})
         claim(f"{pct}: greedy beats the best fixed metric (chosen on the held-out text itself)",
-              [t[s]["greedy"] < fixed[s][best[s]] for s in have])
-        claim(f"{pct}: greedy beats `--metric auto` at scope layer", [t[s]["greedy"] < t[s]["auto"] for s in have])
+              {s: t[s]["greedy"] < fixed[s][best[s]] for s in have})
+        claim(f"{pct}: greedy beats `--metric auto` at scope layer", {s: t[s]["greedy"] < t[s]["auto"] for s in have})
         have = [s for s in seeds if "greedy + kd" in t[s]]
-        claim(f"{pct}: `--fit kd` improves on greedy", [t[s]["greedy + kd"] < t[s]["greedy"] for s in have])
+        claim(f"{pct}: `--fit kd` improves on greedy", {s: t[s]["greedy + kd"] < t[s]["greedy"] for s in have})
         claim(f"{pct}: greedy + kd within the issue's target ({TARGET[r]:.0%} over the original)",
-              [t[s]["greedy + kd"] <= base[s] * (1 + TARGET[r]) for s in have])
+              {s: t[s]["greedy + kd"] <= base[s] * (1 + TARGET[r]) for s in have})
     return out
 
 
@@ -279,6 +286,7 @@ def plot(runs: dict[int, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     seeds = sorted(runs)
     names = list(dict.fromkeys(n for s in seeds for r in RATIOS for n in rows(runs[s], r)))
@@ -289,19 +297,24 @@ def plot(runs: dict[int, dict], path: Path) -> None:
     for i, n in enumerate(names):
         if n == "auto":
             continue  # one of the metrics' lines
-        xs, per = [0.0], [base]
+        xs, per, partial = [0.0], [base], False
         for r in RATIOS:
             vals = [equal_weight(rows(runs[s], r)[n]["nll"]) for s in seeds if n in rows(runs[s], r)]
-            if len(vals) == len(seeds):
+            if vals:
                 xs.append(r)
                 per.append(vals)
+                partial |= len(vals) < len(seeds)
         if len(xs) < 2:
             continue
         c = colors[i % len(colors)]
         ax.plot(xs, [np.mean(v) for v in per], color=c, linestyle=styles[i % len(styles)],
-                marker=markers[i % len(markers)], label=n, linewidth=2.5 if "greedy" in n else 1.2)
+                marker=markers[i % len(markers)], label=n + (" (not every seed)" if partial else ""),
+                linewidth=2.5 if "greedy" in n else 1.2)
         ax.fill_between(xs, [min(v) for v in per], [max(v) for v in per], color=c, alpha=0.15)
     ax.set_yscale("log")
+    ticks = [80, 90, 100, 120, 150, 200, 250]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set(xlabel="fraction of experts pruned (novices)", ylabel="held-out perplexity (log scale)",
            title=f"Demo model, balanced calibration: mean of seeds {', '.join(map(str, seeds))} (band: their range)")
     ax.grid(alpha=0.3)
