@@ -58,8 +58,10 @@ def split_corpus(corpus: Path, tmp: Path) -> dict[str, str]:
         parts[f"valid_{src}"], parts[f"test_{src}"] = halves(data)
     out = {}
     for name, data in parts.items():
-        (tmp / f"{name}.txt").write_bytes(data)
-        out[name] = str(tmp / f"{name}.txt")
+        path = tmp / f"{name}.txt"
+        if not path.is_file() or path.read_bytes() != data:  # kept runs in --work read them
+            path.write_bytes(data)
+        out[name] = str(path)
     return out
 
 
