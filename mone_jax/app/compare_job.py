@@ -220,7 +220,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if valid is not None:
         seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
-    if job.calib is None and job.fit == "kd":
+    if job.calib is None and "kd" in job.fits:
         raise UserError("--fit kd trains on calibration tokens, which reused statistics lack: give --calib")
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
