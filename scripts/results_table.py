@@ -36,6 +36,7 @@ from mone_jax.app.cli import main as cli  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
 from mone_jax.pruning.scoring import METRICS  # noqa: E402
 
+CORPUS = REPO.parent / "shared" / "corpus"
 GENESIS = b"In the beginning, God"
 SOURCES = ("python", "bible")
 RATIOS = (0.25, 0.5)
@@ -48,7 +49,7 @@ def halves(data: bytes) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
-def split_corpus(corpus: Path, tmp: Path) -> dict[str, str]:
+def split_corpus(tmp: Path, corpus: Path = CORPUS) -> dict[str, str]:
     """Temporary files: each source's part of train.txt (calibration) and the halves of its part of valid.txt
     (validation, test)."""
     train, valid = (corpus / "train.txt").read_bytes(), (corpus / "valid.txt").read_bytes()
@@ -404,7 +405,7 @@ python scripts/results_table.py
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(demo_model_dir()))
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--valid-samples", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="mone-results-"))
     work.mkdir(parents=True, exist_ok=True)
-    files = split_corpus(Path(args.corpus), work)
+    files = split_corpus(work, Path(args.corpus))
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.render_only:  # whatever the kept runs hold
         runs = {s: seed_runs(args, files, s, work, [r for r in RATIOS if (work / f"greedy-{pct(r)}-s{s}.result.json")
