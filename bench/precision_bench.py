@@ -5,8 +5,9 @@
     python bench/precision_bench.py --help
 
 Models: the shipped demo (calibration: the balanced mix ``python:0.5,bible:0.5`` of the corpus' train text,
-``--calib-samples`` x ``--seq-len`` tokens; held-out: the Python and Bible parts of valid.txt, as
-scripts/results_table.py cuts them) and every family's tiny random test config (tests/conftest.py
+``--calib-samples`` x ``--seq-len`` tokens; held-out: the second halves of the Python and Bible parts of
+valid.txt, as scripts/results_table.py cuts them; docs/precision.md was measured on the 120 kB head / tail
+of valid.txt, the cut of an earlier version) and every family's tiny random test config (tests/conftest.py
 ``PER_FAMILY``, built by its ``build_hf``; calibration: uniform random token ids). Per model and calibration
 seed, each compute dtype (``float32`` at ``highest``, ``bfloat16`` at ``default``, and ``bf16-router-f32``:
 bfloat16 with the router weights and logits in float32) is calibrated with :func:`mone_jax.calibrate` and
@@ -185,7 +186,7 @@ def demo_data(args, tmp: Path, seed: int) -> tuple[np.ndarray, dict[str, np.ndar
     mix = parse_mix(f"{files['train_python']}:0.5,{files['train_bible']}:0.5")
     ids, _ = mix_blocks(mix, tokenizer_dir=args.model, num_samples=args.calib_samples, seq_len=args.seq_len,
                         seed=seed, text_field="text", vocab_size=None)
-    valid = {k: mone_jax.load_token_blocks(files[k], tokenizer_dir=args.model, num_samples=args.valid_samples,
+    valid = {k: mone_jax.load_token_blocks(files[f"test_{k}"], tokenizer_dir=args.model, num_samples=args.valid_samples,
                                            seq_len=args.seq_len, contiguous=True) for k in ("python", "bible")}
     return ids, valid
 

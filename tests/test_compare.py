@@ -20,6 +20,7 @@ from mone_jax.calib.calibration import calibrate
 from mone_jax.convert.criteria import plan_for
 from mone_jax.convert.load import load_hf
 from mone_jax.evaluate.perplexity import _nll_sum, perplexity
+from mone_jax.pruning.planning import LayerPlan, Plan
 from mone_jax.pruning.scoring import METRICS
 from mone_jax.pruning.transform import prune
 
@@ -163,3 +164,75 @@ def test_bad_options(tiny, capsys):
     assert main(["prune", str(folder), "--stats", "s", "--plan", "p", "--metric", "auto", "--out", str(tmp / "q")]) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp / "z").exists()
+
+
+@pytest.mark.slow
+def test_compare_scopes_and_fits_each_row_equals_its_plan_evaluated_independently(tiny, tmp_path, capsys):
+    folder, _, files, _ = tiny
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert main(["compare", str(folder), "--calib", str(files["calib"]), "--valid", f"a={files['a']},b={files['b']}",
+                 "--metrics", "mone", "--ratios", "0.5", "--modes", "substitution", "--scopes", "layer,greedy",
+                 "--fits", "none,weighted", "--candidates", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    rows = {(p["scope"], p["fit"]): p for p in res["plans"]}
+    assert list(rows) == [("layer", "none"), ("layer", "weighted"), ("greedy", "none"), ("greedy", "weighted")]
+    assert rows["greedy", "none"]["search"] == rows["greedy", "weighted"]["search"]  # one search for both fits
+    assert rows["greedy", "none"]["search"]["candidates"] == 2 and all(p["seconds"] > 0 for p in rows.values())
+    assert "4 candidates, 1 greedy search" in capsys.readouterr().err
+    # independent: statistics, each row's kept experts pruned the ordinary way (its fit), evaluated per source
+    model = load_hf(folder, progress=False)
+    stats = calibrate(model, [np.load(files["calib"])], progress=False)
+    E = res["num_experts"]
+    for (_, fit), p in rows.items():
+        plan = Plan("mone", "model", None, {int(i): LayerPlan(tuple(k), tuple(e for e in range(E) if e not in k))
+                                             for i, k in p["kept"].items()}, fit=None if fit == "none" else {"method": fit})
+        pruned = prune(model, stats, plan)
+        for src in ("a", "b"):
+            assert math.isclose(perplexity(pruned, np.load(files[src]))["nll"], p["nll"][src], rel_tol=1e-5)
+    greedy_kept = [len(k) for k in rows["greedy", "none"]["kept"].values()]
+    assert sum(greedy_kept) == 8 and min(greedy_kept) >= 2  # 50% of 2 x 8 experts, top-2 kept per layer
+    table = (out / "compare.md").read_text()
+    assert all(f"| mone {name} |" in table for name in ("layer", "layer + weighted", "greedy", "greedy + weighted"))
+    assert "## Candidates" in table
+    base = ["compare", str(folder), "--calib", str(files["calib"]), "--valid", str(files["a"]), "--out", str(tmp_path / "z")]
+    for extra, match in ((["--scopes", "greedy"], "which drop removes"), (["--fits", "kd,x"], "unknown fit 'x'"),
+                         (["--scopes", "everywhere"], "unknown scope")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.slow
+def test_auto_over_scopes_and_fits_exports_the_candidate_with_the_lowest_validation_loss(tiny, tmp_path, capsys):
+    folder, _, files, _ = tiny
+    out, plan_out = tmp_path / "auto", tmp_path / "plan.json"
+    capsys.readouterr()
+    assert main(["prune", str(folder), "--calib", str(files["calib"]), "--metric", "auto", "--scope", "layer,greedy",
+                 "--fit", "none,weighted,kd", "--valid-fraction", "0.25", "--ratio", "0.5", "--out", str(out),
+                 "--plan-out", str(plan_out)]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(plan_out.read_text())
+    sel = plan["selection"]
+    n = len(METRICS) + 1 + 2 * 2  # every metric at scope layer, greedy, two fits on the best of each scope
+    assert f"{n} candidates: {len(METRICS)} metrics at scope layer, greedy (4 per layer, lazy), weighted on the " \
+           "best of each scope, kd on the best of each scope" in captured.err
+    tried = {t["candidate"]: t for t in sel["tried"]}
+    assert len(tried) == n and all(t["seconds"] > 0 for t in tried.values())
+    best = min(sel["tried"], key=lambda t: t["nll"])
+    assert sel["chosen_candidate"] == best["candidate"] and (plan["scope"], (plan.get("fit") or {}).get("method")) \
+        == (best["scope"], best["fit"])
+    assert json.loads(captured.out)["metric_selection"]["tried"] == sel["tried"]
+    assert best["candidate"] in (out / "README.md").read_text()  # the card names what won and what was tried
+    # independent: the export, in transformers, on the held-out blocks, scores the winner's recorded loss
+    ids = np.load(files["calib"])
+    held = ids[sel["held_out"]["blocks"]]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert math.isclose(math.log(hf_perplexity(hf, held, np.ones_like(held))), best["nll"], rel_tol=1e-4)
+    # the layer candidates are the metrics' plans, each scored like `--metric auto` alone scores them
+    for m, c in sel["candidates"].items():
+        assert math.isclose(tried[f"{m} layer"]["nll"], c["nll"], rel_tol=1e-9)
+    assert main(["prune", str(folder), "--calib", str(files["calib"]), "--metric", "mone", "--scope", "layer,greedy",
+                 "--ratio", "0.5", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "candidates of --metric auto" in capsys.readouterr().err

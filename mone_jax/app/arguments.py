@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--valid-fraction", type=float, default=0.1,
                        help="--metric auto without --valid: share of the calibration blocks held out (default 0.1)")
         p.add_argument("--valid-samples", type=int, default=64, help="validation blocks per source (default 64)")
+        greedy_args(p)
+
+    def greedy_args(p):
         p.add_argument("--candidates", default="4", help="--scope greedy: the experts tried per layer and step, "
                                                          "the lowest-scored by --metric, or 'all' (default 4)")
         p.add_argument("--search", default="lazy", choices=["lazy", "exhaustive"],
@@ -203,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="reuse a statistics file of this model instead of calibrating")
     p.add_argument("--plan", default=None, help="reuse a plan file of this model instead of --keep / --ratio")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--fit", default=None, choices=FITS,
-                   help="fit the novices: 'weighted', the routing-weighted mean sum g^2 y / sum g^2; 'kd', "
-                        "distillation of novices, MoE routers and MoE-input norms to the original model on the "
-                        "calibration tokens, stopped early on the validation data (default: none, plain means)")
+    p.add_argument("--fit", default=None,
+                   help=f"fit the novices ({', '.join(FITS)} or none): 'weighted', the routing-weighted mean sum g^2 y "
+                        "/ sum g^2; 'kd', distillation of novices, MoE routers and MoE-input norms to the original "
+                        "model on the calibration tokens, stopped early on the validation data (default: none, plain "
+                        "means); with --metric auto a comma-separated list, each a candidate (as a --scope list)")
     semantics_arg(p)
     auto_args(p)
     p.set_defaults(run=prune_cmd.run)
@@ -222,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="substitution,drop", help="substitution (novices) and/or drop")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the random metric (default 0,1,2)")
     p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies"))
+    p.add_argument("--scopes", default=None, help="comma-separated scopes, each a candidate (layer, model, greedy; "
+                                                  "default: --scope alone)")
+    p.add_argument("--fits", default=None, help="comma-separated fits, each a candidate (none, weighted, kd; "
+                                                "default: none alone)")
+    greedy_args(p)
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
     p.set_defaults(run=compare_cmd.run)
 

@@ -79,8 +79,8 @@ def block_len(job: CalibJob) -> int:
 
 
 def load_and_calibrate(job: CalibJob):
-    """(model, statistics, seconds to load, seconds to calibrate) of a calibration job: the model is loaded once
-    and kept for evaluation."""
+    """(model, statistics, seconds to load, seconds to calibrate, the calibration batches) of a calibration job: the
+    model is loaded once and kept for evaluation."""
     from mone_jax.app.pipeline import run_calibration
     from mone_jax.convert.load import load_hf, refuse_pruned
 
@@ -95,7 +95,7 @@ def load_and_calibrate(job: CalibJob):
 
         job = replace(job, batches=read_batches(job, sampler_for(model)))
     stats = run_calibration(job, model=model)
-    return model, stats, t1 - t0, time.perf_counter() - t1
+    return model, stats, t1 - t0, time.perf_counter() - t1, job.batches
 
 
 def weight_scores(folder: str, metrics, progress: bool = True) -> dict[str, dict[int, np.ndarray]]:
@@ -131,7 +131,12 @@ def run_compare(args: argparse.Namespace) -> dict:
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     ratios, seeds = _floats(args.ratios, "ratios"), _ints(args.seeds, "seeds")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    cands = candidates(metrics, ratios, modes, seeds)
+    scopes, fits = (None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+                    for v in (args.scopes, args.fits))
+    cands = candidates(metrics, ratios, modes, seeds, scopes, fits)
+    from mone_jax.evaluate.greedy import parse_candidates
+
+    greedy_candidates = parse_candidates(args.candidates)
     cfg = checked_config(args.model)
     for r in ratios:
         keep = resolve_keep(cfg.num_experts, None, r)
@@ -142,12 +147,13 @@ def run_compare(args: argparse.Namespace) -> dict:
     t_data = time.perf_counter()
     evals = read_sources(sources, args.model, cfg.vocab_size, args.valid_samples, block_len(job), args.text_field)
     data_s = time.perf_counter() - t_data
-    model, stats, load_s, calib_s = load_and_calibrate(job)
+    model, stats, load_s, calib_s, batches = load_and_calibrate(job)
     t_scores = time.perf_counter()
     scores = weight_scores(args.model, {c.metric for c in cands}, args.progress)
     calib_s += time.perf_counter() - t_scores  # the weights-only metrics' "calibration"
     result = compare(model, stats, evals, cands, scope=args.scope, batch_size=args.batch_size or 8,
-                     weight_scores=scores, progress=args.progress)
+                     weight_scores=scores, progress=args.progress, train=train_blocks(batches),
+                     greedy_candidates=greedy_candidates, lazy=args.search == "lazy")
     hub = origin(args.model)  # a hub model: its id and commit rather than the cache folder
     result.update(model=hub["repo"] if hub else args.model, **({"model_revision": hub["revision"]} if hub else {}),
                   calib=args.calib, calib_tokens=stats.tokens, valid=sources, seeds=seeds, candidates=len(cands))
@@ -158,27 +164,39 @@ def run_compare(args: argparse.Namespace) -> dict:
 
 
 def timing(result: dict, load_s: float, data_s: float, calib_s: float, total_s: float) -> dict:
-    """Where the wall time went, and wall / (calibration + one evaluation per plan + compilation)."""
+    """Where the wall time went, and wall / (calibration + one evaluation per plan + compilation + greedy searches
+    and fits)."""
     plans = result["plans"]
     compile_s = result["original_compile_seconds"] + sum(p["compile_seconds"] for p in plans)
-    forward = float(np.median([p["seconds"] - p["compile_seconds"] for p in plans]))
-    shapes = len({(p["mode"], p["keep"]) for p in plans})
-    expected = calib_s + forward * (len(plans) + 1) + compile_s
+    costly = [p for p in plans if "search" in p or "steps" in p.get("fitted", {})]  # counted as they ran
+    cheap = [p for p in plans if p not in costly]
+    forward = float(np.median([p["seconds"] - p["compile_seconds"] for p in cheap or plans]))
+    shapes = len({(p["mode"], *(len(k) for k in p["kept"].values())) for p in plans})
+    extra = sum(p["seconds"] for p in costly)
+    expected = (calib_s + forward * (len(cheap) + 1) + result["original_compile_seconds"]
+                + sum(p["compile_seconds"] for p in cheap) + extra)
     return {"load": load_s, "data": data_s, "calibration": calib_s, "compile": compile_s, "shapes": shapes,
             "compiles": result.get("compiles", shapes + 1), "forward_per_plan": forward, "total": total_s,
-            "expected": expected, "ratio": total_s / expected}
+            "expected": expected, "ratio": total_s / expected, **({"searches_and_fits": extra} if costly else {})}
 
 
 def describe_selection(selection: dict) -> str:
-    """One line on a ``--metric auto`` choice: the chosen metric and every candidate's validation loss."""
+    """One line on a ``--metric auto`` choice: the chosen metric (or candidate, over scopes and fits) and every
+    candidate's validation loss."""
+    if "tried" in selection:
+        losses = ", ".join(f"{t['candidate']} {t['nll']:.4f} ({t['seconds']:.0f} s)" for t in selection["tried"])
+        return f"chose '{selection['chosen_candidate']}' (lowest validation loss; mean token NLL: {losses})"
     losses = ", ".join(f"{m} {c['nll']:.4f}" for m, c in selection["candidates"].items())
     return f"chose metric '{selection['chosen']}' (lowest validation loss; mean token NLL: {losses})"
 
 
 def selection_summary(selection: dict) -> dict:
-    """The choice of ``--metric auto`` for the JSON that ``prune`` prints: chosen metric, each candidate's loss."""
+    """The choice of ``--metric auto`` for the JSON that ``prune`` prints: chosen metric, each candidate's loss
+    (over scopes and fits: every candidate tried, its loss and seconds)."""
+    tried = {"chosen_candidate": selection["chosen_candidate"], "tried": selection["tried"]} if "tried" in selection \
+        else {}
     return {"chosen": selection["chosen"], "criterion": selection["criterion"],
-            "validation_nll": {m: c["nll"] for m, c in selection["candidates"].items()}}
+            "validation_nll": {m: c["nll"] for m, c in selection["candidates"].items()}, **tried}
 
 
 def describe_search(search: dict) -> str:
@@ -202,7 +220,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if valid is not None:
         seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
-    if job.calib is None and job.fit == "kd":
+    if job.calib is None and "kd" in job.fits:
         raise UserError("--fit kd trains on calibration tokens, which reused statistics lack: give --calib")
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
@@ -233,6 +251,9 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     held_out = {"calib": job.calib.calib, "fraction": fraction, "blocks": held_ids} if valid is None else {"valid": valid}
     greedy = job.scope == GREEDY
     scores = weight_scores(job.model, None if job.metric == "auto" else [job.metric], progress)
+    if len(job.scopes) > 1 or len(job.fits) > 1:  # --metric auto over scopes x fits
+        return stats, *choose(model, stats, evals, job, scores, n_group, batch_size, progress, held_out,
+                              train_blocks(cal.batches) if "kd" in job.fits else None, candidates, lazy, mesh)
     plan = None
     if job.metric == "auto":
         plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope="layer" if greedy else job.scope,
@@ -253,12 +274,82 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
                                     seed=job.seed, semantics=job.semantics, progress=progress)
     student = None
     if job.fit == "kd":
-        train = np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
-            np.asarray(b["attention_mask"]).all(1)] for b in cal.batches])
-        plan, student = distilled(model, stats, plan, train, evals, batch_size, job.seed, progress, mesh=mesh)
+        plan, student = distilled(model, stats, plan, train_blocks(cal.batches), evals, batch_size, job.seed,
+                                  progress, mesh=mesh)
     elif job.fit:
         plan = fitted(model, stats, plan, job.fit, evals, batch_size)
     return stats, plan, student
+
+
+def _tried(metric: str, scope: str, fit: str | None, nll: float, seconds: float) -> dict:
+    return {"candidate": metric + f" {scope}" + (f" + {fit}" if fit else ""), "metric": metric, "scope": scope,
+            "fit": fit, "nll": nll, "seconds": seconds}
+
+
+def choose(model, stats: Stats, evals: dict[str, np.ndarray], job, scores, n_group: int, batch_size: int,
+           progress: bool, held_out: dict, train: np.ndarray | None, candidates: str | None, lazy: bool, mesh=None):
+    """``prune --metric auto`` over lists of scopes and fits: (plan, distilled model or None) of the candidate with
+    the lowest validation loss. Every metric is a candidate at each fixed scope; the greedy scope searches once,
+    ordered by the metric chosen at scope layer; each fit is tried on the best plan of each scope (a fit costs a
+    fit per plan, a greedy search one per metric: the count is said up front). The plan's ``selection`` records
+    every candidate's validation loss and seconds (``tried``) and the winner."""
+    from mone_jax.evaluate.compare import select
+    from mone_jax.pruning.transform import prune
+
+    fixed = [s for s in job.scopes if s != GREEDY]
+    fits = [f for f in job.fits if f]
+    plain = None in job.fits
+    n = len(METRICS) * len(fixed) * plain + (GREEDY in job.scopes) * plain + len(fits) * len(job.scopes)
+    what = [f"{len(METRICS)} metrics at scope {s}" for s in fixed] * plain
+    what += [f"greedy ({candidates or 'all'} per layer, {'lazy' if lazy else 'exhaustive'})"] * (
+        GREEDY in job.scopes and plain)
+    what += [f"{f} on the best of each scope" for f in fits]
+    phase("plan", f"{n} candidates: {', '.join(what)}")
+    best, tried = {}, []
+    for s in dict.fromkeys([*fixed, *(["layer"] if GREEDY in job.scopes else [])]):
+        best[s] = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope=s, seed=job.seed,
+                         n_group=n_group, weight_scores=scores, batch_size=batch_size, progress=progress)
+        if s in fixed and plain:
+            tried += [_tried(m, s, None, c["nll"], c["seconds"]) for m, c in best[s].selection["candidates"].items()]
+    if GREEDY in job.scopes:
+        from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
+
+        t0 = time.perf_counter()
+        layer = best["layer"]
+        best[GREEDY] = greedy_plan(model, stats, evals, metric=layer.metric, keep=job.keep,
+                                   candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed,
+                                   weight_scores=scores, batch_size=batch_size, progress=progress,
+                                   selection=layer.selection, mesh=mesh)
+        best[GREEDY].search["held_out"] = held_out
+        if plain:  # the pruned model judged like every other candidate
+            nll = _valid_nll(prune(model, stats, best[GREEDY]), evals, batch_size)
+            tried.append(_tried(layer.metric, GREEDY, None, nll, time.perf_counter() - t0))
+    plans, students = {}, {}
+    for s in job.scopes:
+        plans[s, None] = best[s]
+        for f in fits:
+            t0 = time.perf_counter()
+            if f == "kd":
+                plans[s, f], students[s, f] = distilled(model, stats, best[s], train, evals, batch_size, job.seed,
+                                                        progress, mesh=mesh)
+            else:
+                plans[s, f] = fitted(model, stats, best[s], f, evals, batch_size)
+            tried.append(_tried(best[s].metric, s, f, plans[s, f].fit["validation_nll_after"],
+                                time.perf_counter() - t0))
+            phase("plan", f"{tried[-1]['candidate']}: validation loss {tried[-1]['nll']:.4f}")
+    win = min((t for t in tried if (t["scope"], t["fit"]) in plans and t["metric"] == plans[t["scope"], t["fit"]].metric),
+              key=lambda t: t["nll"])
+    plan = plans[win["scope"], win["fit"]]
+    selection = {**(plan.selection or best["layer" if "layer" in best else win["scope"]].selection),
+                 "held_out": held_out, "scopes": list(job.scopes), "fits": [f or "none" for f in job.fits],
+                 "tried": tried, "chosen_candidate": win["candidate"]}
+    return replace(plan, selection=selection), students.get((win["scope"], win["fit"]))
+
+
+def train_blocks(batches) -> np.ndarray:
+    """The calibration blocks of ``batches`` as one [N, T] array (padding rows dropped): what ``kd`` fits on."""
+    return np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
+        np.asarray(b["attention_mask"]).all(1)] for b in batches])
 
 
 def _valid_nll(model, evals: dict[str, np.ndarray], batch_size: int) -> float:

@@ -20,7 +20,7 @@ from mone_jax.convert.export import check_quantized_export
 from mone_jax.convert.families import parse_config
 from mone_jax.convert.formats import ExportFormat, export_format
 from mone_jax.convert.reader import CheckpointReader, read_config
-from mone_jax.pruning.planning import GREEDY, SCOPES, Plan, check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import FITS, GREEDY, NO_FIT, SCOPES, Plan, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 CALIB_HELP = "give calibration data with --calib (token ids .npy, text files, hf:NAME, or self)"
@@ -92,6 +92,8 @@ class PruneJob:
     ratio: float | None = None  # the requested pruned fraction, when given as one
     semantics: str = "exact"  # of the plan made here (stats.SEMANTICS)
     fit: str | None = None  # --fit: how the novices are fitted (planning.FITS)
+    scopes: tuple[str, ...] = ()  # --metric auto over several --scope values (each a candidate)
+    fits: tuple[str | None, ...] = ()  # ... and several --fit values (None: plain means)
 
 
 def checked_config(folder: str) -> ModelConfig:
@@ -288,14 +290,15 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             check_quantized_export(model, fmt.name, args.out_dtype)
     problems.raise_any()
     semantics = check_semantics(getattr(args, "semantics", "exact"))
-    fit = getattr(args, "fit", None)
+    scopes, fits = names(args.scope), tuple(None if f == NO_FIT else f for f in names(getattr(args, "fit", None)))
+    fit = fits[0] if len(fits) == 1 else None
     stats = plan = None
     keep = 0
     if args.stats:
         stats = Stats.load(args.stats)
         stats.check_matches(cfg.model_type, cfg.num_experts, cfg.moe_layer_ids, cfg.hidden_size)
-        if fit == "weighted" and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
-            raise UserError(f"--fit {fit} needs the statistics {', '.join(sorted(lack))}, which '{args.stats}' "
+        if "weighted" in fits and (lack := {"wsq_sum", "wsq_out_sum"} & stats.missing):
+            raise UserError(f"--fit weighted needs the statistics {', '.join(sorted(lack))}, which '{args.stats}' "
                             "lacks (written by an older version): recalibrate")
     if args.plan:
         plan = Plan.load(args.plan).validate(cfg, fmt.mode)
@@ -305,9 +308,15 @@ def prune_job(args: argparse.Namespace) -> PruneJob:
             check_drop_keep(cfg, keep)
     calib_part = None if stats is not None or _weights_drop(args) else calib_job(
         args, model, cfg, calib, num_samples=num_samples, seq_len=seq_len)
-    return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric, args.scope, args.seed, fmt, Path(out),
-                    args.stats_out, args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio,
-                    semantics, fit)
+    return PruneJob(model, cfg, args.dtype, calib_part, stats, plan, keep, args.metric,
+                    scopes[0] if len(scopes) == 1 else ",".join(scopes), args.seed, fmt, Path(out), args.stats_out,
+                    args.plan_out, args.out_dtype, args.overwrite, None if args.plan else ratio, semantics, fit,
+                    tuple(scopes), fits or (None,))
+
+
+def names(text: str | None) -> list[str]:
+    """A comma-separated option's values (none for None)."""
+    return [] if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _check_greedy(args: argparse.Namespace, semantics: str) -> None:
@@ -340,12 +349,19 @@ def _prune_option_problems(args: argparse.Namespace, problems: Problems, calib: 
         if args.metric == "auto" and semantics != "exact":
             raise UserError("--metric auto judges its candidates under exact semantics: name a metric with "
                             "--semantics reference, or drop --semantics")
-    if args.scope not in (*SCOPES, GREEDY):
-        problems.add(f"unknown scope '{args.scope}': use one of {', '.join((*SCOPES, GREEDY))}")
-    elif args.scope == GREEDY:
+    scopes, fits = names(args.scope), names(getattr(args, "fit", None))
+    if (len(scopes) > 1 or len(fits) > 1) and args.metric != "auto":
+        problems.add("several scopes or fits are candidates of --metric auto: give one --scope and one --fit, or "
+                     "--metric auto")
+    if bad := [s for s in scopes if s not in (*SCOPES, GREEDY)] or not scopes:
+        problems.add(f"unknown scope '{(bad or [''])[0]}': use one of {', '.join((*SCOPES, GREEDY))} (several, "
+                     "comma-separated, with --metric auto)")
+    elif GREEDY in scopes:
         with problems.check():
             _check_greedy(args, check_semantics(getattr(args, "semantics", "exact")))
-    fit = getattr(args, "fit", None)
+    if bad := [f for f in fits if f not in (NO_FIT, *FITS)]:
+        problems.add(f"unknown fit '{bad[0]}': use one of {', '.join((NO_FIT, *FITS))}")
+    fit = ",".join(f for f in fits if f != NO_FIT)
     if fit and fmt is not None and fmt.mode == "drop":
         problems.add(f"--fit {fit} fits novices, which a {fmt.name} export does not hold: drop --fit or use "
                      "--format substitution or modepd")
@@ -355,7 +371,7 @@ def _prune_option_problems(args: argparse.Namespace, problems: Problems, calib: 
         problems.add("--plan fixes the kept experts: drop --keep / --ratio")
     if args.keep is None and ratio is None and not args.plan:
         problems.add("give the experts kept per layer with --keep N or the fraction pruned with --ratio R")
-    if fmt is not None and fmt.mode == "drop" and args.scope == "model" and not args.plan:
+    if fmt is not None and fmt.mode == "drop" and "model" in scopes and not args.plan:
         problems.add("--format drop needs the same number of experts in every layer, which --scope model does not "
                      "give: use --scope layer or --format substitution")
     if args.stats and calib:

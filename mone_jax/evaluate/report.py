@@ -9,16 +9,18 @@ from pathlib import Path
 import numpy as np
 
 from mone_jax.base.files import atomic_write, atomic_write_text
+from mone_jax.evaluate.compare import label
 
 FILES = {"table": "compare.md", "json": "compare.json", "plot": "compare.png"}
 LABEL = {"substitute": "substitution"}  # the word users see (the export format's)
 
 
 def cells(result: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """{metric: {"mode@ratio": {source: [perplexity per seed]}}} in the order the plans were run."""
+    """{row (metric, and scope / fit where named): {"mode@ratio": {source: [perplexity per seed]}}} in the order
+    the plans were run."""
     out: dict = {}
     for p in result["plans"]:
-        col = out.setdefault(p["metric"], {}).setdefault(f"{p['mode']}@{p['ratio']:g}", {})
+        col = out.setdefault(label(p), {}).setdefault(f"{p['mode']}@{p['ratio']:g}", {})
         for src, v in p["perplexity"].items():
             col.setdefault(src, []).append(v)
     return out
@@ -67,6 +69,8 @@ def markdown(result: dict) -> str:
         what = "the sources pooled (token-weighted mean NLL)" if name == "all" else f"`{result['valid'][name]}`"
         parts += [f"## {name}: {what} ({info['tokens']:,} predicted tokens, {info['blocks']} blocks of "
                   f"{info['seq_len']})", "", table(result, name), ""]
+    if any("scope" in p or "fit" in p for p in result["plans"]):
+        parts += ["## Candidates", "", costs(result), ""]
     if t:
         parts += ["## Time", "", f"{len(result['plans'])} plans in {t['total']:.1f} s wall: load {t['load']:.1f} s, "
                   f"data {t['data']:.1f} s, calibration (and weight scores) {t['calibration']:.1f} s, compilation {t['compile']:.1f} s "
@@ -74,6 +78,26 @@ def markdown(result: dict) -> str:
                   f"evaluation {t['forward_per_plan']:.2f} s per plan (median, all sources). Wall / (calibration + "
                   f"one evaluation per plan + compilation) = {t['ratio']:.2f}.", ""]
     return "\n".join(parts)
+
+
+def costs(result: dict) -> str:
+    """A row per candidate: validation NLL pooled and per source, seconds (search and fit included), and what the
+    greedy search and the fit spent."""
+    srcs = list(result["sources"])
+    lines = ["| candidate | mode | ratio | " + " | ".join(f"NLL {s}" for s in srcs) + " | seconds | search | fit |",
+             "|---|---|---|" + "---|" * len(srcs) + "---|---|---|"]
+    for p in result["plans"]:
+        search = p.get("search")
+        fit = p.get("fitted") or {}
+        lines.append(
+            f"| {label(p)} | {LABEL.get(p['mode'], p['mode'])} | {p['ratio']:g} | "
+            + " | ".join(f"{p['nll'][s]:.4f}" for s in srcs) + f" | {p['seconds']:.1f} | "
+            + (f"{search['evaluations']} evaluations, {search['seconds']:.1f} s, kept "
+               f"{'/'.join(map(str, search['kept_per_layer'].values()))}" if search else "") + " | "
+            + (f"{fit['steps']} steps (best {fit['best_step']}), KL {fit['validation_kl_before']:.4f} -> "
+               f"{fit['validation_kl_after']:.4f}, {fit['seconds']:.1f} s" if "steps" in fit else fit.get("method", ""))
+            + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path):

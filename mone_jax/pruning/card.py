@@ -54,6 +54,10 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         meta["metric_selection"] = {"chosen": plan.selection["chosen"], "criterion": plan.selection["criterion"],
                                     "validation_nll": {m: round(c["nll"], 6)
                                                        for m, c in plan.selection["candidates"].items()}}
+        if "tried" in plan.selection:  # over scopes x fits: every candidate, its loss and seconds
+            meta["metric_selection"].update(chosen_candidate=plan.selection["chosen_candidate"], tried={
+                t["candidate"]: {"nll": round(t["nll"], 6), "seconds": round(t["seconds"], 1)}
+                for t in plan.selection["tried"]})
     if plan.fit:  # --fit: how the novices were fitted, and the validation loss before / after where measured
         meta["fit"] = plan.fit
     if plan.search:  # --scope greedy: how the experts were searched
@@ -70,6 +74,10 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
         losses = ", ".join(f"`{m}` {v:.4f}" for m, v in sel["validation_nll"].items())
         chosen = (f"\n\nThe metric was chosen by `--metric auto`: `{sel['chosen']}` gave the lowest validation loss "
                   f"(mean token NLL: {losses}).")
+        if tried := sel.get("tried"):
+            chosen += (f" Over scopes and fits, {len(tried)} candidates were tried and `{sel['chosen_candidate']}` "
+                       "won (validation mean token NLL, seconds: " + ", ".join(
+                           f"`{k}` {v['nll']:.4f}, {v['seconds']:.0f} s" for k, v in tried.items()) + ").")
     if s := plan.search:
         chosen += (f"\n\nThe novices were searched greedily (`--scope greedy`, {s['candidates']} candidates per layer "
                    f"and step by `{plan.metric}`): each step replaced the expert whose novice raised the validation "
