@@ -36,6 +36,7 @@ def _calibrate(model: str, ids: Path, out: Path, *extra: str, env: dict | None =
     """stderr of a fresh `mone-jax calibrate` process (its phase lines)."""
     env = {**os.environ, **(env or {})}
     env.pop("MONE_JAX_COMPILE_CACHE", None)  # the session's test cache (conftest) must not answer here
+    env["MONE_JAX_COMPILE_CACHE_MIN_SECS"] = "0"  # the tiny model's programs compile in well under a second
     p = subprocess.run([sys.executable, "-m", "mone_jax.app.cli", "calibrate", model, "--calib", str(ids),
                         "--stats-out", str(out), *extra], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr

@@ -245,7 +245,7 @@ def test_perplexity_figure_is_readable(tmp_path):
     from mone_jax.evaluate.report import plot
 
     repo = Path(__file__).resolve().parents[1]
-    res = json.loads((repo / "docs" / "results.json").read_text())["runs"]["seed 0"]
+    res = json.loads((repo / "docs" / "results.json").read_text())["0"]["compare"]  # calibration seed 0
     fig = plot(res, tmp_path / "ppl.png")
     assert (tmp_path / "ppl.png").stat().st_size > 0
     assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)  # one legend

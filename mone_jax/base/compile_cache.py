@@ -22,7 +22,7 @@ ENV = "MONE_JAX_COMPILE_CACHE"
 OFF = ("off", "none", "0", "false", "")
 MAX_BYTES = 4 * 2**30  # least-recently-used entries are evicted beyond this
 MIN_COMPILE_SECS = 0.2  # programs compiled faster than this are not worth a file (default)
-MIN_ENV = "MONE_JAX_COMPILE_CACHE_MIN_SECS"  # another threshold (the test suite caches everything: 0)
+MIN_ENV = "MONE_JAX_COMPILE_CACHE_MIN_SECS"  # another threshold, in seconds
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
