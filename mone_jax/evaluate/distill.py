@@ -84,7 +84,7 @@ class _Rows:
 
 
 def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndarray, valid_ids: np.ndarray, *,
-            lr: float = 3e-3, batch_size: int = 8, max_steps: int = 200, eval_every: int = 5, patience: int = 3,
+            lr: float = 1e-3, batch_size: int = 8, max_steps: int = 200, eval_every: int = 5, patience: int = 3,
             seed: int = 0, progress: bool = True, mesh: Mesh | None = None) -> dict:
     """Fit ``student`` (a pruned model, updated in place) to ``teacher`` on token blocks ``train_ids`` [N, T],
     stopping early on the KL over ``valid_ids`` (module docstring). With a ``mesh``, every batch's rows are
