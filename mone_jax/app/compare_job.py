@@ -260,13 +260,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
                       seed=job.seed, n_group=n_group, weight_scores=scores, batch_size=batch_size, progress=progress)
         plan.selection["held_out"] = held_out
     if greedy:
-        from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
-
-        plan = greedy_plan(model, stats, evals, metric=plan.metric if plan else job.metric, keep=job.keep,
-                           candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed, weight_scores=scores,
-                           batch_size=batch_size, progress=progress, selection=plan.selection if plan else None,
-                           fit=job.fit, mesh=mesh)
-        plan.search["held_out"] = held_out
+        plan = _greedy(model, stats, evals, job, plan.metric if plan else job.metric, plan.selection if plan else None,
+                       scores, batch_size, progress, held_out, candidates, lazy, mesh, fit=job.fit)
     if plan is None:  # --fit kd alone: the plan of the metric
         from mone_jax.convert.criteria import plan_for
 
@@ -312,15 +307,10 @@ def choose(model, stats: Stats, evals: dict[str, np.ndarray], job, scores, n_gro
         if s in fixed and plain:
             tried += [_tried(m, s, None, c["nll"], c["seconds"]) for m, c in best[s].selection["candidates"].items()]
     if GREEDY in job.scopes:
-        from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
-
         t0 = time.perf_counter()
         layer = best["layer"]
-        best[GREEDY] = greedy_plan(model, stats, evals, metric=layer.metric, keep=job.keep,
-                                   candidates=parse_candidates(candidates), lazy=lazy, seed=job.seed,
-                                   weight_scores=scores, batch_size=batch_size, progress=progress,
-                                   selection=layer.selection, mesh=mesh)
-        best[GREEDY].search["held_out"] = held_out
+        best[GREEDY] = _greedy(model, stats, evals, job, layer.metric, layer.selection, scores, batch_size, progress,
+                               held_out, candidates, lazy, mesh)
         if plain:  # the pruned model judged like every other candidate
             nll = _valid_nll(prune(model, stats, best[GREEDY]), evals, batch_size)
             tried.append(_tried(layer.metric, GREEDY, None, nll, time.perf_counter() - t0))
@@ -346,6 +336,19 @@ def choose(model, stats: Stats, evals: dict[str, np.ndarray], job, scores, n_gro
     return replace(plan, selection=selection), students.get((win["scope"], win["fit"]))
 
 
+def _greedy(model, stats: Stats, evals: dict[str, np.ndarray], job, metric: str, selection: dict | None, scores,
+            batch_size: int, progress: bool, held_out: dict, candidates: str | None, lazy: bool, mesh,
+            fit: str | None = None):
+    """:func:`~mone_jax.evaluate.greedy.greedy_plan` ordered by ``metric``, its search recording ``held_out``."""
+    from mone_jax.evaluate.greedy import greedy_plan, parse_candidates
+
+    plan = greedy_plan(model, stats, evals, metric=metric, keep=job.keep, candidates=parse_candidates(candidates),
+                       lazy=lazy, seed=job.seed, weight_scores=scores, batch_size=batch_size, progress=progress,
+                       selection=selection, fit=fit, mesh=mesh)
+    plan.search["held_out"] = held_out
+    return plan
+
+
 def train_blocks(batches) -> np.ndarray:
     """The calibration blocks of ``batches`` as one [N, T] array (padding rows dropped): what ``kd`` fits on."""
     return np.concatenate([b if isinstance(b, np.ndarray) else np.asarray(b["input_ids"])[
@@ -353,10 +356,10 @@ def train_blocks(batches) -> np.ndarray:
 
 
 def _valid_nll(model, evals: dict[str, np.ndarray], batch_size: int) -> float:
-    from mone_jax.evaluate.compare import evaluate, pooled
+    from mone_jax.evaluate.greedy import validation_nll
 
     with silenced():
-        return pooled(evaluate(model, evals, batch_size))["nll"]
+        return validation_nll(model, evals, batch_size)
 
 
 def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], batch_size: int):

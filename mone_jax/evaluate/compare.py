@@ -99,10 +99,10 @@ def pooled(results: dict[str, dict]) -> dict:
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens}
 
 
-def evaluate(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, dict]:
-    """``{source: {"nll", "perplexity", "tokens"}}`` of ``model`` on each source's token blocks (no phase line
-    but ``compile``: the caller reports progress per model)."""
-    return {name: perplexity(model, ids, batch_size=batch_size, lines=False) for name, ids in evals.items()}
+def evaluate(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int = 8, mesh=None) -> dict[str, dict]:
+    """``{source: {"nll", "perplexity", "tokens"}}`` of ``model`` on each source's token blocks, rows split over
+    ``mesh`` if given (no phase line but ``compile``: the caller reports progress per model)."""
+    return {name: perplexity(model, ids, batch_size=batch_size, lines=False, mesh=mesh) for name, ids in evals.items()}
 
 
 WeightScores = dict[str, dict[int, np.ndarray]]  # weights-only metric -> {MoE layer: scores [E]}

@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from mone_jax.base.errors import UserError
 from mone_jax.base.phases import silenced
 from mone_jax.base.stats import Stats
-from mone_jax.evaluate.compare import WeightScores, plan_of, pooled
-from mone_jax.evaluate.perplexity import perplexity
+from mone_jax.evaluate.compare import WeightScores, evaluate, plan_of, pooled
 from mone_jax.model.causal_lm import MoEForCausalLM
 from mone_jax.model.sharding import spread
 from mone_jax.pruning.planning import GREEDY, LayerPlan, Plan, resolve_keep
@@ -70,8 +69,7 @@ def apply_masks(model: MoEForCausalLM, masks: dict[int, np.ndarray]) -> None:
 def validation_nll(model: MoEForCausalLM, evals: dict[str, np.ndarray], batch_size: int,
                    mesh: Mesh | None = None) -> float:
     """Token-weighted mean NLL of ``model`` over every source of ``evals`` (rows split over ``mesh``)."""
-    return pooled({k: perplexity(model, ids, batch_size=batch_size, lines=False, mesh=mesh)
-                   for k, ids in evals.items()})["nll"]
+    return pooled(evaluate(model, evals, batch_size, mesh))["nll"]
 
 
 def parse_candidates(text: str | int | None) -> int | None:
