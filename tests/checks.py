@@ -70,8 +70,9 @@ def assert_stats_match(stats: Stats, ref: dict[int, Routed], tokens: int, refere
                    f"layer {i} metric {name} (reference semantics)")
 
 
-def assert_stats_equal(got: Stats, ref: Stats, rtol: float = 1e-6) -> None:
-    """Counts and tokens exact; every float tensor within rtol of its own magnitude (max |ref|)."""
+def assert_stats_equal(got: Stats, ref: Stats, rtol: float = 4e-6) -> None:
+    """Counts and tokens exact; every float tensor within rtol of its own magnitude (max |ref|): float32 sums
+    taken in another order (split over devices, fused otherwise) differ by up to ~1.2e-6 of it here."""
     assert got.tokens == ref.tokens and sorted(got.layers) == sorted(ref.layers)
     for i, r in ref.layers.items():
         g = got.layers[i]
