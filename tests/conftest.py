@@ -11,8 +11,9 @@ from pathlib import Path
 # 8 CPU devices for the mesh tests; XLA:CPU's LLVM at -O0 and its LLVM IR fusion emitters instead of the newer
 # MLIR ones, whose compile time dominates at this size: the tiny test programs compile ~3x faster and the suite
 # spends ~35% less CPU. Every check compares against an independent reference, not against an optimised build.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                 "--xla_cpu_use_fusion_emitters=false")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COMPILE_FLAGS)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one persistent compilation cache per test run, shared by the xdist workers and the CLI subprocesses they start
 os.environ.setdefault("MONE_JAX_COMPILE_CACHE", os.path.join(
@@ -213,6 +214,12 @@ def hf_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess run as a user runs it: one CPU device (XLA_FLAGS without the suite's 8
+    devices), the suite's compile flags kept (they change no result this suite checks, only compile time)."""
+    return {**os.environ, "XLA_FLAGS": COMPILE_FLAGS, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

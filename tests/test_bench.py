@@ -4,12 +4,12 @@ are taken by hand: bench/README.md; no timing is checked here)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_device_env
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ BENCHES = {  # name -> (script, arguments, what stdout must say)
 @pytest.mark.parametrize("bench", BENCHES)
 def test_bench_runs_on_a_toy_size(tmp_path, bench):
     script, args, says = BENCHES[bench]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    env = one_device_env()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,7 +5,6 @@ pruned model spread over both exports as one process exports it, each process wr
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from checks import assert_stats_equal
-from conftest import assert_close_logits, torch_logits
+from conftest import assert_close_logits, one_device_env, torch_logits
 
 import mone_jax
 from mone_jax.app.cli import main
@@ -62,8 +61,7 @@ def test_two_processes_match_one(hf_models, tmp_path):
     folder, _ = hf_models("olmoe", "a")
     ids = np.random.default_rng(7).integers(0, 96, (12, 16)).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (1, 8)
+    env = one_device_env(JAX_NUM_CPU_DEVICES="4")  # 2 processes x 4 devices = mesh (1, 8)
     model = mone_jax.load_hf(folder, progress=False)
     ref = calibrate(model, [ids[:6], ids[6:]], progress=False)
     pruned = tmp_path / "pruned"  # 6 of 8 experts: on the 8-device expert axis, 2 padding rows
@@ -128,8 +126,7 @@ def test_processes_that_resolved_a_hub_id_to_different_commits_stop(hf_models, t
         shutil.copytree(folder, repo / "snapshots" / commit)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(commit)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", HF_HUB_OFFLINE="1")
+    env = one_device_env(JAX_NUM_CPU_DEVICES="2", HF_HUB_OFFLINE="1")
     runs = run_two(lambda i: [sys.executable, "-m", "mone_jax.app.cli", "calibrate", "testorg/tiny", "--calib",
                               str(tmp_path / "ids.npy"), "--stats-out", str(tmp_path / "s.safetensors"), "--quiet"],
                    lambda i: {**env, "HF_HUB_CACHE": str(tmp_path / f"hub{i}")})

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
+from conftest import one_device_env
 
 from mone_jax.convert.writer import verify_export
 
@@ -52,7 +53,7 @@ def quick_start(tmp_path_factory) -> tuple[Path, list[str], list[subprocess.Comp
     cwd = tmp_path_factory.mktemp("quick_start")
     section = _main_command_section((REPO / "README.md").read_text())
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     runs = [subprocess.run(c, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
             for c in commands]

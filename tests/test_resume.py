@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from checks import assert_identical
 from checks import mesh_batches as batches
+from conftest import one_device_env
 
 from mone_jax.app.sequential import calibrate_sequential
 from mone_jax.base.errors import UserError
@@ -22,11 +23,6 @@ from mone_jax.calib.resume import CalibCheckpoint
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "mone_jax.app.cli", *map(str, args)]
-
-
-def one_device_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.mark.slow
