@@ -24,6 +24,7 @@ _DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+VIEW_CHUNK = 64 << 20  # bytes of a StoredTensors.view checked (and mapped) at a time
 _PLAIN = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)  # read as stored, nothing to decode
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
 
@@ -271,17 +272,23 @@ class StoredTensors:
 
     def view(self, key: str) -> np.ndarray:
         """Tensor ``key`` as a read-only view of the file's pages (no copy; its pages read ahead), checked
-        for NaN / Inf; :meth:`release` unmaps them once used."""
+        for NaN / Inf ``VIEW_CHUNK`` bytes at a time, each chunk's pages unmapped once checked: what stays mapped
+        is what the caller reads next (:meth:`release` unmaps it again)."""
         h, disk = self._entry(key)
         out = h.view(disk)
         h.advise(disk, mmap.MADV_WILLNEED)
-        return self.finite(key, out)
+        if self.r.check_finite and out.size:
+            flat, step = out.reshape(-1), max(1, VIEW_CHUNK // out.itemsize)
+            for i in range(0, flat.size, step):
+                self.finite(key, flat[i:i + step])
+                h.advise(disk, mmap.MADV_DONTNEED, i * out.itemsize, (i + step) * out.itemsize)
+        return out
 
-    def release(self, key: str) -> None:
-        """Unmap the pages of a :meth:`view` of ``key`` (they stay in the page cache; the view must no longer
-        be read)."""
+    def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Unmap the pages of bytes ``start:stop`` of a :meth:`view` of ``key`` (they stay in the page cache; it
+        can be read again: the pages map again)."""
         h, disk = self._entry(key)
-        h.advise(disk, mmap.MADV_DONTNEED)
+        h.advise(disk, mmap.MADV_DONTNEED, start, stop)
 
     def read_raw(self, key: str, out: np.ndarray) -> None:
         """``out`` := tensor ``key``'s bytes as stored (``out``: C-contiguous, of its dtype and element count, any
@@ -368,11 +375,13 @@ class _SafetensorsFile:
             self._mm = np.frombuffer(self._map, np.uint8)
         return self._mm[offset : offset + nbytes].view(dtype).reshape(shape)
 
-    def advise(self, key: str, advice: int) -> None:
-        """madvise(``advice``) on the whole pages of the mapping that lie inside tensor ``key``."""
+    def advise(self, key: str, advice: int, start: int = 0, stop: int | None = None) -> None:
+        """madvise(``advice``) on the whole pages of the mapping that lie inside bytes ``start:stop`` of tensor
+        ``key``."""
         _, _, offset, nbytes = self.entries[key]
         page = mmap.PAGESIZE
-        lo, hi = -(-offset // page) * page, (offset + nbytes) // page * page
+        stop = nbytes if stop is None else min(stop, nbytes)
+        lo, hi = -(-(offset + start) // page) * page, (offset + stop) // page * page
         if self._mm is not None and hi > lo:
             self._map.madvise(advice, lo, hi - lo)
 

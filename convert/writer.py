@@ -8,6 +8,7 @@ folder from several processes, each writing the tensors it holds (the folder on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import queue
@@ -50,7 +51,7 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]
-    release: Callable[[], None] | None = None  # after its bytes are written and hashed (e.g. unmap a view)
+    release: Callable[[int, int], None] | None = None  # (start, stop): those bytes are written and hashed
 
     @property
     def numel(self) -> int:
@@ -145,6 +146,7 @@ def verify_export(out_dir: str | Path) -> list[str]:
 
 AHEAD = 256 << 20  # bytes of tensors loaded and checked ahead of the writer, by a helper thread
 BEHIND = 512 << 20  # bytes written but not yet hashed, before the writer waits for the hashing thread
+CHUNK = 64 << 20  # bytes of a tensor written (and then hashed and released) at a time
 
 
 class _HashingFile:
@@ -279,7 +281,9 @@ def _write_shard(path: Path, tensors: list[Tensor]) -> Callable[[], dict]:
     with _HashingFile(path) as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for t, arr in _loaded(tensors):
-            f.write(arr.reshape(-1).view(np.uint8), t.release)
+            data = arr.reshape(-1).view(np.uint8)
+            for a in range(0, data.size, CHUNK):  # a huge tensor (an embedding) is never all in flight at once
+                f.write(data[a:a + CHUNK], t.release and functools.partial(t.release, a, a + CHUNK))
     return f.record
 
 
