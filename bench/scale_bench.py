@@ -217,8 +217,9 @@ def plain_write(path: Path, nbytes: int) -> float:
 def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[str, int]]]:
     """A thread that samples each process's peak anonymous and file-backed resident bytes and the bytes it read
     from disk (/proc) every 50 ms until all have exited, and the peaks it fills (``RssAnon``, ``RssFile``,
-    ``read_bytes``); join the thread to read them."""
-    peaks = [{"RssAnon": 0, "RssFile": 0, "read_bytes": 0} for _ in procs]
+    ``read_bytes``, and ``reads``: (seconds since the start, bytes read) samples); join the thread to read them."""
+    peaks = [{"RssAnon": 0, "RssFile": 0, "read_bytes": 0, "reads": []} for _ in procs]
+    t0 = time.perf_counter()
 
     def sample():
         while any(p.poll() is None for p in procs):
@@ -232,6 +233,7 @@ def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[st
                         k, _, v = line.partition(":")
                         if k in peak:  # bytes the process made the disk read (page cache misses)
                             peak[k] = max(peak[k], int(v))
+                            peak["reads"].append((time.perf_counter() - t0, int(v)))
                 except (OSError, ValueError):
                     pass
             time.sleep(0.05)
@@ -255,7 +257,7 @@ def run_prune(argv: list[str]) -> dict:
     phases = {m[2]: float(m[1]) for m in re.finditer(r"mone-jax: \[([\d.]+)s\] (\w+):", err)}
     refusal = next((ln for ln in err.splitlines() if ln.startswith("mone-jax: error:")), None)
     return {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "anon": peak["RssAnon"], "file": peak["RssFile"],
-            "disk": peak["read_bytes"],
+            "disk": peak["read_bytes"], "reads": peak["reads"],
             "phases": phases, "summary": json.loads(out) if p.returncode == 0 and out.strip() else None,
             "refusal": refusal, "stderr": err[-3000:]}
 
@@ -331,6 +333,11 @@ def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = No
         return f"| {mode} | {r['wall_s']:.0f} | {reads} | - | - | - | {gib} | - | - | {why} |"
     ph, s = r["phases"], r["summary"]
     load = ckpt_bytes / (ph["compile"] - ph["load"]) / GB if "load" in ph and "compile" in ph else None
+
+    def disk_at(t: float) -> int:  # bytes read from disk by then (the phase clock starts with the process)
+        return max((n for at, n in r["reads"] if at <= t), default=0)
+
+    load_disk = disk_at(ph["compile"]) - disk_at(ph["load"]) if load is not None else None
     cal_start = ph.get("compile", ph.get("calibrate"))
     calib = tokens / (ph["plan"] - cal_start) if cal_start is not None and "plan" in ph else None
     export = s["bytes_after"] / (ph["done"] - ph["export"]) / GB if "export" in ph and "done" in ph else None
@@ -342,7 +349,8 @@ def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = No
     export_s = fmt(export, ".2f") + (f" ({export / write:.2f}x write)" if export is not None and write else "")
     return (f"| {mode} | {r['wall_s']:.0f} | {reads} | {load_s} | {fmt(calib, '.0f')} | {export_s} | {gib} | "
             f"{fmt(est, '.2f')} | {s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')}; disk read "
-            f"{r['disk'] / GB:.2f} GB |")
+            f"{r['disk'] / GB:.2f} GB" + (f" ({load_disk / GB:.2f} while loading)" if load_disk is not None else "")
+            + " |")
 
 
 def main() -> None:

@@ -296,13 +296,14 @@ def _plan_tensors(
         return out_dtype if out_dtype is not None and dt in _FLOATS else dt
 
     def add(name: str, shape: tuple[int, ...], dt: np.dtype, load: Callable[[], np.ndarray],
-            release: Callable[[int, int], None] | None = None) -> None:
-        tensors.append(Tensor(name, tuple(shape), cast(dt), load, release))
+            release: Callable[[int, int], None] | None = None, prefetch: Callable[[], None] | None = None) -> None:
+        tensors.append(Tensor(name, tuple(shape), cast(dt), load, release, prefetch))
 
     def copy(name: str, key: str, shape: tuple[int, ...], dt: np.dtype) -> None:
-        """Source tensor ``key`` as stored, under ``name``: a checked view of the file's pages, released once
-        written and hashed."""
-        add(name, shape, dt, lambda: reader.view(key), lambda start, stop: reader.release(key, start, stop))
+        """Source tensor ``key`` as stored, under ``name``: a checked view of the file's pages, read ahead from
+        when it is queued, released once written and hashed."""
+        add(name, shape, dt, lambda: reader.view(key), lambda start, stop: reader.release(key, start, stop),
+            lambda: reader.prefetch(key))
 
     for key in reader.keys():
         shape, dt = reader.shape(key), reader.dtype(key)

@@ -6,6 +6,7 @@ import functools
 import json
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,6 +285,13 @@ class StoredTensors:
                 h.advise(disk, mmap.MADV_DONTNEED, i * out.itemsize, (i + step) * out.itemsize)
         return out
 
+    def prefetch(self, key: str) -> None:
+        """Start reading tensor ``key``'s pages into the page cache (asynchronous readahead: a cold file is read
+        while the caller works on earlier tensors)."""
+        h, disk = self._entry(key)
+        h.view(disk)
+        h.advise(disk, mmap.MADV_WILLNEED)
+
     def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
         """Unmap the pages of bytes ``start:stop`` of a :meth:`view` of ``key`` (they stay in the page cache; it
         can be read again: the pages map again)."""
@@ -348,6 +356,7 @@ class _SafetensorsFile:
         self.stamp = (stat.st_size, stat.st_mtime_ns)
         self.entries = _header(str(path), *self.stamp)
         self._mm: np.ndarray | None = None  # the file's bytes, mapped read-only on first use
+        self._lock = threading.Lock()
 
     def read_into(self, key: str, out: np.ndarray) -> None:
         """Tensor ``key``'s bytes into the C-contiguous ``out`` with read(2), as a plain file read does (no
@@ -369,10 +378,11 @@ class _SafetensorsFile:
 
     def view(self, key: str) -> np.ndarray:
         dtype, shape, offset, nbytes = self.entries[key]
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mm = np.frombuffer(self._map, np.uint8)
+        with self._lock:  # the export's helper thread and its writer may both be first
+            if self._mm is None:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = np.frombuffer(self._map, np.uint8)
         return self._mm[offset : offset + nbytes].view(dtype).reshape(shape)
 
     def advise(self, key: str, advice: int, start: int = 0, stop: int | None = None) -> None:

@@ -52,6 +52,7 @@ class Tensor:
     dtype: np.dtype
     load: Callable[[], np.ndarray]
     release: Callable[[int, int], None] | None = None  # (start, stop): those bytes are written and hashed
+    prefetch: Callable[[], None] | None = None  # a hint, when it is queued to be loaded: start reading it
 
     @property
     def numel(self) -> int:
@@ -214,6 +215,8 @@ def _loaded(tensors: list[Tensor]) -> Iterator[tuple[Tensor, np.ndarray]]:
         try:
             for _ in tensors:
                 while nxt < len(tensors) and (not ahead or nbytes + tensors[nxt].nbytes <= AHEAD):
+                    if tensors[nxt].prefetch is not None:  # the disk reads every queued tensor at once
+                        tensors[nxt].prefetch()
                     ahead.append((tensors[nxt], pool.submit(load, tensors[nxt])))
                     nbytes += tensors[nxt].nbytes
                     nxt += 1
