@@ -10,7 +10,8 @@ one safetensors shard per layer, each tensor streamed from a small pool of rando
 model is never in memory), and random calibration token ids. Then, in one run, it measures a plain write of
 as many bytes as the checkpoint (the rate the exporter is held to) and, just before each mode, a plain read
 of the checkpoint files, warm into a reused buffer (the rate the loader is held to) and into fresh memory
-(the first-touch bound of a load on CPU; it also leaves the files in the page cache), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
+(the first-touch bound of a load on CPU; it also leaves the files in the page cache), and after each mode a
+plain write of the export's size (the export's reference, taken as close to it as the load allows), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
 (``f32``: the float32 default, ``bf16``: ``--dtype bfloat16``, ``seq``: ``--sequential``, ``seq-bf16``) as
 a child process, sampling its resident memory (anonymous and file-backed, from /proc) every 50 ms. For
 each mode it reports the wall time, the load rate (checkpoint bytes / load phase, the phase lines' clock),
@@ -393,7 +394,7 @@ def main() -> None:
     print(f"{args.shape}: {shape}; checkpoint {ckpt / GB:.2f} GB ({written:.0f} s to write); "
           f"calibration {ids.size} tokens; ratio {args.ratio}; load average {os.getloadavg()[0]:.1f}")
     print(f"plain write {write:.2f} GB/s; before each mode, a plain read of the checkpoint (warm / into fresh "
-          "memory, GB/s)")
+          "memory, GB/s); after each, a plain write of the export's size (the export's ratio)")
     print("| mode | wall s | read GB/s warm / fresh | load GB/s | calib tok/s | export GB/s | peak anon GiB | "
           "peak file GiB | preflight GiB | export GB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -406,7 +407,8 @@ def main() -> None:
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
         est = estimate(model, mode, r["summary"]["batch_size"], args.seq_len, ids.size) if r["rc"] == 0 else None
-        line = row(mode, r, ckpt, ids.size, est, read, write)
+        after = plain_write(root / "plain-write.bin", r["summary"]["bytes_after"]) if r["rc"] == 0 else None
+        line = row(mode, r, ckpt, ids.size, est, read, after or write)
         line = line[:-2] + f"; load average {os.getloadavg()[0]:.1f} |"
         if args.fp8 and r["rc"] == 0:  # the lossless export rule, checked at real size
             line = line[:-2] + f"; {stored_as_source(model, out)} |"
