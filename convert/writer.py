@@ -1,7 +1,6 @@
 """Writing an export folder: safetensors shards (a few tensors in flight: loaded ahead by a helper thread, hashed
-by a thread per file), the index, config, copied
-tokenizer files and the modeling file, then ``mone_manifest.json`` (sha256 and size of every other file)
-last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
+by a thread per file), the index, config, copied tokenizer files and the modeling file, then
+``mone_manifest.json`` (sha256 and size of every other file) last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
 folder against its manifest. What goes in is chosen by :mod:`.export`. :func:`write_export_parts` writes one
 folder from several processes, each writing the tensors it holds (the folder on a file system they share).
 """
