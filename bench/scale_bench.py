@@ -7,15 +7,18 @@
 
 Writes a random checkpoint with the shape's real config into ``--dir`` (under /tmp, never the repository),
 one safetensors shard per layer, each tensor streamed from a small pool of random bf16 values (the whole
-model is never in memory), and random calibration token ids. Then, in one run, it measures a warm plain
-read of the checkpoint files and a plain write of as many bytes (the rates the loader and the exporter
-are held to), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
+model is never in memory), and random calibration token ids. Then, in one run, it measures a plain write of
+as many bytes as the checkpoint (the rate the exporter is held to) and, just before each mode, a plain read
+of the checkpoint files, warm into a reused buffer (the rate the loader is held to) and into fresh memory
+(the first-touch bound of a load on CPU; it also leaves the files in the page cache), and after each mode a
+plain write of the export's size (the export's reference, taken as close to it as the load allows), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
 (``f32``: the float32 default, ``bf16``: ``--dtype bfloat16``, ``seq``: ``--sequential``, ``seq-bf16``) as
 a child process, sampling its resident memory (anonymous and file-backed, from /proc) every 50 ms. For
 each mode it reports the wall time, the load rate (checkpoint bytes / load phase, the phase lines' clock),
 calibration tokens/s, the export rate, peak anonymous and file-backed memory, and the export's size;
 a refused run (memory preflight) shows its one-line refusal instead, a finished one the peak the preflight
-estimated for it at the batch size it ran.
+estimated for it at the batch size it ran, the bytes it read from disk (page-cache misses: a warm load
+reads none) and the load average.
 """
 
 from __future__ import annotations
@@ -172,19 +175,31 @@ def write_checkpoint(folder: Path, s: dict) -> int:
     return total
 
 
-def plain_read(folder: Path) -> float:
-    """GB/s of reading every safetensors file of ``folder`` (the second of two passes: warm)."""
+def plain_read(folder: Path) -> tuple[float, float]:
+    """GB/s of reading every safetensors file of ``folder``: warm, into one reused 64 MB buffer (the second of
+    two passes), and into fresh memory (each file read whole into a new anonymous mapping, freed after it:
+    the first-touch cost a load pays on CPU, where the loaded arrays are that memory). Run just before a
+    mode, it also leaves the files in the page cache, as a load finds them."""
+    import mmap
+
     buf = bytearray(64 << 20)
     files = sorted(folder.glob("*.safetensors"))
-    for timed in (False, True):
+    rates = []
+    for fresh in (False, False, True):
         t, n = time.perf_counter(), 0
         for p in files:
             with open(p, "rb", buffering=0) as f:
-                while k := f.readinto(buf):
+                if fresh:
+                    size = p.stat().st_size
+                    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as m:
+                        view = memoryview(m)
+                        while n_file := f.readinto(view):
+                            view, n = view[n_file:], n + n_file
+                        view.release()
+                while not fresh and (k := f.readinto(buf)):
                     n += k
-        if timed:
-            return n / (time.perf_counter() - t) / GB
-    raise AssertionError
+        rates.append(n / (time.perf_counter() - t) / GB)
+    return rates[1], rates[2]
 
 
 def plain_write(path: Path, nbytes: int) -> float:
@@ -201,9 +216,11 @@ def plain_write(path: Path, nbytes: int) -> float:
 
 
 def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[str, int]]]:
-    """A thread that samples each process's peak anonymous and file-backed resident bytes (/proc) every 50 ms
-    until all have exited, and the peaks it fills (``RssAnon``, ``RssFile``); join the thread to read them."""
-    peaks = [{"RssAnon": 0, "RssFile": 0} for _ in procs]
+    """A thread that samples each process's peak anonymous and file-backed resident bytes and the bytes it read
+    from disk (/proc) every 50 ms until all have exited, and the peaks it fills (``RssAnon``, ``RssFile``,
+    ``read_bytes``, and ``reads``: (seconds since the start, bytes read) samples); join the thread to read them."""
+    peaks = [{"RssAnon": 0, "RssFile": 0, "read_bytes": 0, "reads": []} for _ in procs]
+    t0 = time.perf_counter()
 
     def sample():
         while any(p.poll() is None for p in procs):
@@ -213,6 +230,11 @@ def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[st
                         k, _, v = line.partition(":")
                         if k in peak:
                             peak[k] = max(peak[k], int(v.split()[0]) * 1024)
+                    for line in Path(f"/proc/{p.pid}/io").read_text().splitlines():
+                        k, _, v = line.partition(":")
+                        if k in peak:  # bytes the process made the disk read (page cache misses)
+                            peak[k] = max(peak[k], int(v))
+                            peak["reads"].append((time.perf_counter() - t0, int(v)))
                 except (OSError, ValueError):
                     pass
             time.sleep(0.05)
@@ -236,6 +258,7 @@ def run_prune(argv: list[str]) -> dict:
     phases = {m[2]: float(m[1]) for m in re.finditer(r"mone-jax: \[([\d.]+)s\] (\w+):", err)}
     refusal = next((ln for ln in err.splitlines() if ln.startswith("mone-jax: error:")), None)
     return {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "anon": peak["RssAnon"], "file": peak["RssFile"],
+            "disk": peak["read_bytes"], "reads": peak["reads"],
             "phases": phases, "summary": json.loads(out) if p.returncode == 0 and out.strip() else None,
             "refusal": refusal, "stderr": err[-3000:]}
 
@@ -300,19 +323,35 @@ def estimate(model: Path, mode: str, batch: int, seq_len: int, tokens: int) -> f
                           source=preflight.source_of(model, cfg)).total / GIB
 
 
-def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = None) -> str:
+def row(mode: str, r: dict, ckpt_bytes: int, tokens: int, est: float | None = None,
+        read: tuple[float, float] | None = None, write: float | None = None) -> str:
+    """One table line; ``read`` (warm, fresh-memory) and ``write``: the plain rates the load and export are
+    compared with."""
     gib = f"{r['anon'] / GIB:.2f} | {r['file'] / GIB:.2f}"
+    reads = "-" if read is None else f"{read[0]:.2f} / {read[1]:.2f}"
     if r["rc"] != 0:
         why = r["refusal"] or f"exit {r['rc']} (killed?)" + (" " + r["stderr"][-300:] if not r["refusal"] else "")
-        return f"| {mode} | {r['wall_s']:.0f} | - | - | - | {gib} | - | - | {why} |"
+        return f"| {mode} | {r['wall_s']:.0f} | {reads} | - | - | - | {gib} | - | - | {why} |"
     ph, s = r["phases"], r["summary"]
     load = ckpt_bytes / (ph["compile"] - ph["load"]) / GB if "load" in ph and "compile" in ph else None
+
+    def disk_at(t: float) -> int:  # bytes read from disk by then (the phase clock starts with the process)
+        return max((n for at, n in r["reads"] if at <= t), default=0)
+
+    load_disk = disk_at(ph["compile"]) - disk_at(ph["load"]) if load is not None else None
     cal_start = ph.get("compile", ph.get("calibrate"))
     calib = tokens / (ph["plan"] - cal_start) if cal_start is not None and "plan" in ph else None
     export = s["bytes_after"] / (ph["done"] - ph["export"]) / GB if "export" in ph and "done" in ph else None
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"| {mode} | {r['wall_s']:.0f} | {fmt(load, '.2f')} | {fmt(calib, '.0f')} | {fmt(export, '.2f')} | {gib} | "
-            f"{fmt(est, '.2f')} | {s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')} |")
+    if load is not None and read is not None:
+        load_s = f"{load:.2f} ({load / read[0]:.2f}x warm, {load / read[1]:.2f}x fresh)"
+    else:
+        load_s = fmt(load, ".2f")
+    export_s = fmt(export, ".2f") + (f" ({export / write:.2f}x write)" if export is not None and write else "")
+    return (f"| {mode} | {r['wall_s']:.0f} | {reads} | {load_s} | {fmt(calib, '.0f')} | {export_s} | {gib} | "
+            f"{fmt(est, '.2f')} | {s['bytes_after'] / GB:.2f} | batch {s.get('batch_size')}; disk read "
+            f"{r['disk'] / GB:.2f} GB" + (f" ({load_disk / GB:.2f} while loading)" if load_disk is not None else "")
+            + " |")
 
 
 def main() -> None:
@@ -351,22 +390,26 @@ def main() -> None:
     ckpt = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     ids = np.random.default_rng(1).integers(0, shape["vocab"], (max(1, args.tokens // args.seq_len), args.seq_len))
     np.save(root / "ids.npy", ids.astype(np.int32))
-    read, write = plain_read(model), plain_write(root / "plain-write.bin", ckpt)
+    write = plain_write(root / "plain-write.bin", ckpt)  # first: its dirty pages would evict the checkpoint's
     print(f"{args.shape}: {shape}; checkpoint {ckpt / GB:.2f} GB ({written:.0f} s to write); "
-          f"calibration {ids.size} tokens; ratio {args.ratio}")
-    print(f"plain read (warm) {read:.2f} GB/s, plain write {write:.2f} GB/s")
-    print("| mode | wall s | load GB/s | calib tok/s | export GB/s | peak anon GiB | peak file GiB | preflight GiB | "
-          "export GB | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"calibration {ids.size} tokens; ratio {args.ratio}; load average {os.getloadavg()[0]:.1f}")
+    print(f"plain write {write:.2f} GB/s; before each mode, a plain read of the checkpoint (warm / into fresh "
+          "memory, GB/s); after each, a plain write of the export's size (the export's ratio)")
+    print("| mode | wall s | read GB/s warm / fresh | load GB/s | calib tok/s | export GB/s | peak anon GiB | "
+          "peak file GiB | preflight GiB | export GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failed = []
     if args.two_processes:
         print(two_processes(model, root / "ids.npy"), flush=True)
     for mode in filter(None, args.modes.split(",")):
         out = root / f"out-{mode}"
+        read = plain_read(model)
         r = run_prune([str(model), "--calib", str(root / "ids.npy"), "--ratio", str(args.ratio), "--out", str(out),
                        *MODES[mode]])
         est = estimate(model, mode, r["summary"]["batch_size"], args.seq_len, ids.size) if r["rc"] == 0 else None
-        line = row(mode, r, ckpt, ids.size, est)
+        after = plain_write(root / "plain-write.bin", r["summary"]["bytes_after"]) if r["rc"] == 0 else None
+        line = row(mode, r, ckpt, ids.size, est, read, after or write)
+        line = line[:-2] + f"; load average {os.getloadavg()[0]:.1f} |"
         if args.fp8 and r["rc"] == 0:  # the lossless export rule, checked at real size
             line = line[:-2] + f"; {stored_as_source(model, out)} |"
         print(line, flush=True)

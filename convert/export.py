@@ -291,13 +291,19 @@ def _plan_tensors(
     fused = {layer: re.compile(rf"{re.escape(fam.moe_prefix(layer))}\.experts\.([^.]+)") for layer in layers}
     router_rows = {key for layer in layers for key in fam.router_rows(layer)}
     tensors = []
-    buf = _Buffer()
 
     def cast(dt: np.dtype) -> np.dtype:
         return out_dtype if out_dtype is not None and dt in _FLOATS else dt
 
-    def add(name: str, shape: tuple[int, ...], dt: np.dtype, load: Callable[[], np.ndarray]) -> None:
-        tensors.append(Tensor(name, tuple(shape), cast(dt), load))
+    def add(name: str, shape: tuple[int, ...], dt: np.dtype, load: Callable[[], np.ndarray],
+            release: Callable[[int, int], None] | None = None, prefetch: Callable[[], None] | None = None) -> None:
+        tensors.append(Tensor(name, tuple(shape), cast(dt), load, release, prefetch))
+
+    def copy(name: str, key: str, shape: tuple[int, ...], dt: np.dtype) -> None:
+        """Source tensor ``key`` as stored, under ``name``: a checked view of the file's pages, read ahead from
+        when it is queued, released once written and hashed."""
+        add(name, shape, dt, lambda: reader.view(key), lambda start, stop: reader.release(key, start, stop),
+            lambda: reader.prefetch(key))
 
     for key in reader.keys():
         shape, dt = reader.shape(key), reader.dtype(key)
@@ -305,7 +311,7 @@ def _plan_tensors(
         m = re.match(r"model\.layers\.(\d+)\.", key)
         layer = int(m[1]) if m and int(m[1]) in layers else None
         if layer is None:
-            add(key, shape, dt, _reader_get(reader, key, buf))
+            copy(key, key, shape, dt)
             continue
         lp = layers[layer]
         if pe := per_expert[layer].fullmatch(key):
@@ -314,7 +320,7 @@ def _plan_tensors(
                 counts["expert_params_removed"] += numel
             else:
                 name = f"{fam.moe_prefix(layer)}.experts.{f.disk_index(lp.kept, e)}.{pe[2]}"
-                add(name, shape, dt, _reader_get(reader, key, buf))
+                copy(name, key, shape, dt)
         elif fused[layer].fullmatch(key) or (f.mode == "drop" and key in router_rows):
             # the expert axis: first, but last in ERNIE-4.5's [1, E] score-correction bias
             last = fam.score_bias_2d and key == fam.score_bias_key(layer)
@@ -327,9 +333,9 @@ def _plan_tensors(
             elif lp.novices:
                 add(key, (len(lp.kept), *shape[1:]), dt, _reader_rows(reader, key, lp.kept))
             else:
-                add(key, shape, dt, _reader_get(reader, key, buf))
+                copy(key, key, shape, dt)
         else:
-            add(key, shape, dt, _reader_get(reader, key, buf))
+            copy(key, key, shape, dt)
 
     if f.novice_key is not None:
         for layer, lp in layers.items():
@@ -341,31 +347,6 @@ def _plan_tensors(
                 counts["novice_params_added"] += vec.size
     tensors.sort(key=lambda t: _natural_key(t.name))
     return tensors, counts
-
-
-class _Buffer:
-    """One reusable host buffer: each source tensor is read into it with one pread and written out before the
-    next is read (no allocation, page faults or mapped pages per tensor)."""
-
-    def __init__(self):
-        self.raw = np.empty(0, np.uint8)
-
-    def read(self, reader: StoredTensors, key: str) -> np.ndarray:
-        dtype, shape = reader.dtype(key), reader.shape(key)
-        if dtype not in _FLOATS:  # anything else as the reader gives it
-            return reader.get(key)
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if self.raw.size < n:
-            self.raw = np.empty(n, np.uint8)
-        out = self.raw[:n].view(dtype).reshape(shape)
-        reader.get_into(key, out)
-        return out
-
-
-def _reader_get(reader: StoredTensors, key: str, buf: _Buffer | None = None) -> Callable[[], np.ndarray]:
-    if buf is None:
-        return lambda: reader.get(key)
-    return lambda: buf.read(reader, key)
 
 
 def _reader_rows(reader: StoredTensors, key: str, rows: list[int]) -> Callable[[], np.ndarray]:

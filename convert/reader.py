@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ _DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+VIEW_CHUNK = 64 << 20  # bytes of a StoredTensors.view checked (and mapped) at a time
 _PLAIN = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)  # read as stored, nothing to decode
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
 
@@ -268,6 +271,33 @@ class StoredTensors:
         h, disk = self._entry(key)
         return self.finite(key, np.array(h.view(disk)[index]))
 
+    def view(self, key: str) -> np.ndarray:
+        """Tensor ``key`` as a read-only view of the file's pages (no copy; its pages read ahead), checked
+        for NaN / Inf ``VIEW_CHUNK`` bytes at a time, each chunk's pages unmapped once checked: what stays mapped
+        is what the caller reads next (:meth:`release` unmaps it again)."""
+        h, disk = self._entry(key)
+        out = h.view(disk)
+        h.advise(disk, mmap.MADV_WILLNEED)
+        if self.r.check_finite and out.size:
+            flat, step = out.reshape(-1), max(1, VIEW_CHUNK // out.itemsize)
+            for i in range(0, flat.size, step):
+                self.finite(key, flat[i:i + step])
+                h.advise(disk, mmap.MADV_DONTNEED, i * out.itemsize, (i + step) * out.itemsize)
+        return out
+
+    def prefetch(self, key: str) -> None:
+        """Start reading tensor ``key``'s pages into the page cache (asynchronous readahead: a cold file is read
+        while the caller works on earlier tensors)."""
+        h, disk = self._entry(key)
+        h.view(disk)
+        h.advise(disk, mmap.MADV_WILLNEED)
+
+    def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Unmap the pages of bytes ``start:stop`` of a :meth:`view` of ``key`` (they stay in the page cache; it
+        can be read again: the pages map again)."""
+        h, disk = self._entry(key)
+        h.advise(disk, mmap.MADV_DONTNEED, start, stop)
+
     def read_raw(self, key: str, out: np.ndarray) -> None:
         """``out`` := tensor ``key``'s bytes as stored (``out``: C-contiguous, of its dtype and element count, any
         shape), with read(2); nothing decoded or checked."""
@@ -317,37 +347,16 @@ def all_finite(arr: np.ndarray, chunk: int = 1 << 18) -> bool:
 
 
 class _SafetensorsFile:
-    """A memory-mapped safetensors file: header parsed eagerly and checked, data read on demand."""
+    """A safetensors file: header parsed eagerly and checked (once per file version: a model's loader reopens
+    the reader for every layer), data read on demand, memory-mapped only when a view is asked for."""
 
     def __init__(self, path: Path, reader: CheckpointReader | None = None):
         self.path, self.reader = path, reader
         stat = path.stat()
-        size, self.stamp = stat.st_size, (stat.st_size, stat.st_mtime_ns)
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError("header length out of range")
-                header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            raise UserError(f"'{path}' is not a valid safetensors file ({e}): re-download it") from None
-        header.pop("__metadata__", None)
-        self.entries: dict[str, tuple[type, tuple[int, ...], int, int]] = {}
-        data_len = size - 8 - n
-        for key, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"'{path}' has a malformed entry for '{key}': re-download it") from None
-            if start < 0 or min(shape, default=0) < 0 or end > data_len \
-                    or end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-                raise UserError(f"'{path}' is truncated or corrupted (tensor '{key}' lies past its end): re-download it")
-            self.entries[key] = (dtype, shape, 8 + n + start, end - start)
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+        self.stamp = (stat.st_size, stat.st_mtime_ns)
+        self.entries = _header(str(path), *self.stamp)
+        self._mm: np.ndarray | None = None  # the file's bytes, mapped read-only on first use
+        self._lock = threading.Lock()
 
     def read_into(self, key: str, out: np.ndarray) -> None:
         """Tensor ``key``'s bytes into the C-contiguous ``out`` with read(2), as a plain file read does (no
@@ -369,4 +378,50 @@ class _SafetensorsFile:
 
     def view(self, key: str) -> np.ndarray:
         dtype, shape, offset, nbytes = self.entries[key]
+        with self._lock:  # the export's helper thread and its writer may both be first
+            if self._mm is None:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = np.frombuffer(self._map, np.uint8)
         return self._mm[offset : offset + nbytes].view(dtype).reshape(shape)
+
+    def advise(self, key: str, advice: int, start: int = 0, stop: int | None = None) -> None:
+        """madvise(``advice``) on the whole pages of the mapping that lie inside bytes ``start:stop`` of tensor
+        ``key``."""
+        _, _, offset, nbytes = self.entries[key]
+        page = mmap.PAGESIZE
+        stop = nbytes if stop is None else min(stop, nbytes)
+        lo, hi = -(-(offset + start) // page) * page, (offset + stop) // page * page
+        if self._mm is not None and hi > lo:
+            self._map.madvise(advice, lo, hi - lo)
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(path: str, size: int, mtime_ns: int) -> dict[str, tuple[type, tuple[int, ...], int, int]]:
+    """{tensor: (dtype, shape, file offset, bytes)} of the safetensors file ``path`` (of this size and mtime),
+    checked against the file's size; UserError if malformed."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"'{path}' is not a valid safetensors file ({e}): re-download it") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    data_len = size - 8 - n
+    for key, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"'{path}' has a malformed entry for '{key}': re-download it") from None
+        if start < 0 or min(shape, default=0) < 0 or end > data_len \
+                or end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise UserError(f"'{path}' is truncated or corrupted (tensor '{key}' lies past its end): re-download it")
+        entries[key] = (dtype, shape, 8 + n + start, end - start)
+    return entries

@@ -1,17 +1,22 @@
-"""Writing an export folder: safetensors shards (one tensor in memory at a time), the index, config, copied
-tokenizer files and the modeling file, then ``mone_manifest.json`` (sha256 and size of every other file)
-last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
+"""Writing an export folder: safetensors shards (a few tensors in flight: loaded ahead by a helper thread, hashed
+by a thread per file), the index, config, copied tokenizer files and the modeling file, then
+``mone_manifest.json`` (sha256 and size of every other file) last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
 folder against its manifest. What goes in is chosen by :mod:`.export`. :func:`write_export_parts` writes one
 folder from several processes, each writing the tensors it holds (the folder on a file system they share).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +51,8 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]
+    release: Callable[[int, int], None] | None = None  # (start, stop): those bytes are written and hashed
+    prefetch: Callable[[], None] | None = None  # a hint, when it is queued to be loaded: start reading it
 
     @property
     def numel(self) -> int:
@@ -138,34 +145,87 @@ def verify_export(out_dir: str | Path) -> list[str]:
     return problems
 
 
+AHEAD = 256 << 20  # bytes of tensors loaded and checked ahead of the writer, by a helper thread
+BEHIND = 512 << 20  # bytes written but not yet hashed, before the writer waits for the hashing thread
+CHUNK = 64 << 20  # bytes of a tensor written (and then hashed and released) at a time
+
+
 class _HashingFile:
-    """A binary file being written, with its running sha256 and size."""
+    """A binary file being written, with its running sha256 and size: the bytes go to the file in the caller's
+    thread and to the hash in a thread of the file's own (hashing runs at about the disk's rate, so each takes
+    a core), at most ``BEHIND`` bytes behind; :meth:`record` waits for the hash."""
 
     def __init__(self, path: Path):
         self._f = open(path, "xb")  # noqa: SIM115 - closed in __exit__
         self.sha = hashlib.sha256()
         self.size = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._behind = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
 
-    def write(self, data) -> None:
-        n = len(memoryview(data).cast("B"))
-        if n < 1 << 20:
-            self._f.write(data)
+    def _hash(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, done = item
             self.sha.update(data)
-        else:  # both release the GIL: hash while the bytes go to the file
-            hashing = threading.Thread(target=self.sha.update, args=(data,))
-            hashing.start()
-            self._f.write(data)
-            hashing.join()
-        self.size += n
+            if done is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    done()
+            with self._cond:
+                self._behind -= len(data)
+                self._cond.notify()
+
+    def write(self, data, done: Callable[[], None] | None = None) -> None:
+        """Write ``data`` (kept unchanged until hashed); ``done()`` runs once it is hashed."""
+        data = memoryview(data).cast("B")
+        with self._cond:
+            self._cond.wait_for(lambda: self._behind <= BEHIND)
+            self._behind += len(data)
+        self._f.write(data)
+        self._queue.put((data, done))
+        self.size += len(data)
 
     def __enter__(self) -> _HashingFile:
         return self
 
     def __exit__(self, *exc) -> None:
         self._f.close()
+        self._queue.put(None)
+        if exc[0] is not None:
+            self._thread.join()
 
     def record(self) -> dict:
+        self._thread.join()
         return {"sha256": self.sha.hexdigest(), "size": self.size}
+
+
+def _loaded(tensors: list[Tensor]) -> Iterator[tuple[Tensor, np.ndarray]]:
+    """(tensor, its bytes as written) in order, loaded (read, checked, cast) by a helper thread up to ``AHEAD``
+    bytes before they are asked for: reading the next tensors overlaps writing this one."""
+    def load(t: Tensor) -> np.ndarray:
+        arr = np.ascontiguousarray(t.load().astype(t.dtype, copy=False))
+        if arr.shape != t.shape:
+            raise UserError(f"tensor '{t.name}' changed shape while exporting: the source is being modified")
+        return arr
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mone-export") as pool:
+        ahead: deque[tuple[Tensor, Future]] = deque()
+        nbytes, nxt = 0, 0
+        try:
+            for _ in tensors:
+                while nxt < len(tensors) and (not ahead or nbytes + tensors[nxt].nbytes <= AHEAD):
+                    if tensors[nxt].prefetch is not None:  # the disk reads every queued tensor at once
+                        tensors[nxt].prefetch()
+                    ahead.append((tensors[nxt], pool.submit(load, tensors[nxt])))
+                    nbytes += tensors[nxt].nbytes
+                    nxt += 1
+                t, fut = ahead.popleft()
+                nbytes -= t.nbytes
+                yield t, fut.result()
+        finally:
+            for _, fut in ahead:
+                fut.cancel()
 
 
 def _write_shards(folder: Path, tensors: list[Tensor], max_shard_bytes: int,
@@ -185,7 +245,8 @@ def _write_shards(folder: Path, tensors: list[Tensor], max_shard_bytes: int,
     names = [SINGLE] if len(shards) == 1 and prefix == "model" else [
         f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    return {name: (_write_shard(folder / name, shard), [t.name for t in shard]) for name, shard in zip(names, shards)}
+    hashed = [(name, _write_shard(folder / name, shard), [t.name for t in shard]) for name, shard in zip(names, shards)]
+    return {name: (record(), names) for name, record, names in hashed}  # the last hashes end while the next file is written
 
 
 def _finish(tmp: Path, src: Path, files: dict[str, dict], weight_map: dict[str, str] | None, total: int, config: dict,
@@ -210,8 +271,9 @@ def _finish(tmp: Path, src: Path, files: dict[str, dict], weight_map: dict[str, 
     return len(files) + 1
 
 
-def _write_shard(path: Path, tensors: list[Tensor]) -> dict:
-    """Write one safetensors file, one tensor in memory at a time."""
+def _write_shard(path: Path, tensors: list[Tensor]) -> Callable[[], dict]:
+    """Write one safetensors file, a few tensors in memory at a time (:func:`_loaded`); its manifest entry, once
+    hashed, is returned by the function returned."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -220,14 +282,12 @@ def _write_shard(path: Path, tensors: list[Tensor]) -> dict:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with _HashingFile(path) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors:
-            arr = np.ascontiguousarray(t.load().astype(t.dtype, copy=False))
-            if arr.shape != t.shape:
-                raise UserError(f"tensor '{t.name}' changed shape while exporting: the source is being modified")
-            f.write(arr.reshape(-1).view(np.uint8))
-        return f.record()
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t, arr in _loaded(tensors):
+            data = arr.reshape(-1).view(np.uint8)
+            for a in range(0, data.size, CHUNK):  # a huge tensor (an embedding) is never all in flight at once
+                f.write(data[a:a + CHUNK], t.release and functools.partial(t.release, a, a + CHUNK))
+    return f.record
 
 
 def _write_json(path: Path, obj: dict) -> dict:
@@ -237,7 +297,7 @@ def _write_json(path: Path, obj: dict) -> dict:
 def _write_bytes(path: Path, data: bytes) -> dict:
     with _HashingFile(path) as f:
         f.write(data)
-        return f.record()
+    return f.record()
 
 
 def _copy_data_file(src: Path, dst: Path) -> dict:

@@ -3,8 +3,10 @@ float64 loop; the router parameters, quantized experts and refusals of the famil
 
 from __future__ import annotations
 
+import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from checks import assert_stats_match, calib_batches
@@ -103,6 +105,36 @@ def test_other_quantized_checkpoints_are_refused(hf_models, tmp_path):
     rewrite_config(tmp_path / "m", quantization_config={"quant_method": "awq", "bits": 4})
     with pytest.raises(UserError, match=r"quantized checkpoints \(awq\) are not supported: mone-jax reads fp8 "):
         mone_jax.load_hf(tmp_path / "m", progress=False)
+
+
+def test_page_cache_drop_loads_the_same_model(hf_models, monkeypatch):
+    """When weights and files cannot both stay in memory, the loader drops every page it has read from the page
+    cache (posix_fadvise DONTNEED after each pread): every byte of the files' tensors is dropped once, and the
+    model is the normal load's, array for array."""
+    from flax import nnx
+
+    import mone_jax.convert.load as load
+    from mone_jax.convert.reader import CheckpointReader
+
+    folder, _ = hf_models("olmoe", "a")
+    want = jax.tree.leaves(nnx.state(mone_jax.load_hf(folder, progress=False)))
+    dropped, fadvise = [], os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append(length)
+        fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(load, "_memory_short", lambda folder, model: True)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    got = jax.tree.leaves(nnx.state(mone_jax.load_hf(folder, progress=False)))
+    with CheckpointReader(folder) as r:
+        stored = sum(int(np.prod(r.stored.shape(k))) * r.stored.dtype(k).itemsize for k in r.stored.keys())
+    assert sum(dropped) == stored
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bf16_keeps_router_in_float32(hf_models):
