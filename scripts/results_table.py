@@ -11,7 +11,8 @@ held-out test text (24 consecutive blocks of 256 tokens from its start, as `mone
 For each calibration seed (0 and 1):
 - `mone-jax compare` at 25% / 50% with novices, every registered metric, evaluated on the held-out text;
 - `mone-jax prune --metric auto --scope greedy` (validation split) at 25% and 50%, its export evaluated with
-  `mone-jax eval` on the held-out text; then `prune --plan PLAN --fit kd` on that plan, evaluated the same way.
+  `mone-jax eval` on the held-out text; then issue 25's command `prune --metric auto --scope greedy --fit kd`
+  (the same search again, then the fit), evaluated the same way.
 The perplexity of a run is exp of the mean of the two sources' mean token NLL (the sources weigh equally).
 """
 
@@ -139,7 +140,7 @@ def seed_runs(args, files: dict[str, str], seed: int, work: Path, ratios, kd: bo
         run[f"greedy@{r:g}"] = g
         if kd:
             run[f"kd@{r:g}"] = prune(args, files, seed, work / f"kd-{pct(r)}-s{seed}",
-                                     ["--plan", str(work / f"greedy-{pct(r)}-s{seed}.plan.json"), "--fit", "kd"])
+                                     ["--ratio", str(r), "--metric", "auto", "--scope", "greedy", "--fit", "kd"])
     return run
 
 
@@ -160,8 +161,14 @@ def rows(run: dict, ratio: float) -> dict[str, dict]:
         table["auto"] = {**table[chosen], "chosen": chosen}
         table["greedy"] = {"nll": g["nll"], "metric": chosen, **_search(g)}
     if k:
-        table["greedy + kd"] = {"nll": k["nll"], "fit": k["plan"]["fit"], "seconds": k["seconds"]}
+        table["greedy + kd"] = {"nll": k["nll"], "fit": k["plan"]["fit"], **_search(k),
+                                "same_plan": bool(g) and _pruned(k) == _pruned(g)}
     return table
+
+
+def _pruned(run: dict) -> dict:
+    """{layer: the experts a run's plan replaced by novices}."""
+    return {i: layer["novices"] for i, layer in run["plan"]["layers"].items()}
 
 
 def _search(g: dict) -> dict:
@@ -189,7 +196,7 @@ def ratio_table(runs: dict[int, dict], ratio: float) -> str:
     for n in names:
         ppl = {s: equal_weight(tables[s][n]["nll"]) if n in tables[s] else None for s in seeds}
         label = {"auto": "`--metric auto` (scope layer)", "greedy": "`--metric auto --scope greedy`",
-                 "greedy + kd": "greedy, then `--fit kd`"}.get(n, f"`{n}`" + (" (3 seeds)" if n == "random" else ""))
+                 "greedy + kd": "`--metric auto --scope greedy --fit kd`"}.get(n, f"`{n}`" + (" (3 seeds)" if n == "random" else ""))
         if n == "auto":
             label += " chose " + " / ".join(tables[s][n]["chosen"] if n in tables[s] else "-" for s in seeds)
         both = all(v is not None for v in ppl.values()) and len(seeds) > 1
@@ -244,6 +251,8 @@ def verdicts(runs: dict[int, dict]) -> list[str]:
               {s: t[s]["greedy"] < fixed[s][best[s]] for s in have})
         claim(f"{pct}: greedy beats `--metric auto` at scope layer", {s: t[s]["greedy"] < t[s]["auto"] for s in have})
         have = [s for s in seeds if "greedy + kd" in t[s]]
+        claim(f"{pct}: the kd run's own greedy search chose the experts of the greedy row",
+              {s: rows(runs[s], r)["greedy + kd"]["same_plan"] for s in have})
         claim(f"{pct}: `--fit kd` improves on greedy", {s: t[s]["greedy + kd"] < t[s]["greedy"] for s in have})
         claim(f"{pct}: greedy + kd within the issue's target ({TARGET[r]:.0%} over the original)",
               {s: t[s]["greedy + kd"] <= base[s] * (1 + TARGET[r]) for s in have})
@@ -278,8 +287,9 @@ def cost_table(runs: dict[int, dict]) -> str:
             if "greedy + kd" in t:
                 k = t["greedy + kd"]
                 f = k["fit"]
-                lines.append(f"| kd on greedy {r:.0%} | {s} | | | {f['steps']} ({f['best_step']}) | {f['seconds']:.0f} | "
-                             f"{k['seconds']:.0f} | |")
+                lines.append(f"| greedy + kd {r:.0%} (the issue's command) | {s} | {k['evaluations']} | "
+                             f"{k['search_seconds']:.0f} | {f['steps']} ({f['best_step']}) | {f['seconds']:.0f} | "
+                             f"{k['seconds']:.0f} | {'/'.join(map(str, k['kept']))} |")
     return "\n".join(lines)
 
 
@@ -355,9 +365,8 @@ top-{r0['top_k']}) pruned by 25% and 50% of each layer's experts, replaced by Mo
 - Rows: every registered metric at scope layer (`mone-jax compare` on the held-out text; `random` is the mean NLL of
   seeds {args.random_seeds}); `--metric auto` (its choice at scope layer, recorded by the greedy run, whose plan is
   the compare row of that metric); `prune --metric auto --scope greedy` (4 candidates per layer, lazy search),
-  its export evaluated with `mone-jax eval`; and `prune --plan GREEDY_PLAN --fit kd` (the same calibration, the
-  greedy plan distilled: what `--metric auto --scope greedy --fit kd` does, without searching twice), evaluated the
-  same way.
+  its export evaluated with `mone-jax eval`; and issue 25's command `prune --metric auto --scope greedy --fit kd`
+  (the same choice of metric and search again, then the fit), evaluated the same way.
 
 ## 25% of the experts pruned: held-out perplexity
 

@@ -157,8 +157,8 @@ def test_greedy_and_kd_on_a_2x4_mesh_equal_one_device(tiny):
     start = prune(model, stats, one)
     for teacher, on in ((model, None), (spread_model, mesh)):
         student = prune(teacher, stats, one)
-        kept.append(distill(teacher, student, calib, valid, lr=1e-3, batch_size=6, max_steps=3, eval_every=1,
-                            progress=False, mesh=on)["best_step"])
+        kept.append(distill(teacher, student, calib, valid, lr=1e-3, warmup=0, end_lr=1e-3, batch_size=6,
+                            max_steps=3, eval_every=1, progress=False, mesh=on)["best_step"])
         fitted.append({p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(student))
                        if fitted_path(student, p)})
     assert fitted[0].keys() == fitted[1].keys()
