@@ -137,5 +137,5 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
             bar.set_postfix_str(f"validation KL {kl:.4f} (best {best:.4f} at step {best_step})", refresh=False)
     bar.close()
     nnx.update(student, best_state)
-    return {"method": "kd", "lr": lr, "warmup": warmup, "end_lr": end_lr, "steps": step, "best_step": best_step, "validation_kl_before": start,
-            "validation_kl_after": best, "seconds": time.perf_counter() - t0}
+    return {"method": "kd", "lr": lr, "warmup": warmup, "end_lr": end_lr, "steps": step, "best_step": best_step,
+            "validation_kl_before": start, "validation_kl_after": best, "seconds": time.perf_counter() - t0}
