@@ -1,7 +1,7 @@
-"""Writing an export folder: safetensors shards (a few tensors in flight: loaded ahead by a helper thread, hashed
-by a thread per file), the index, config, copied tokenizer files and the modeling file, then
-``mone_manifest.json`` (sha256 and size of every other file) last, all atomically (:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a
-folder against its manifest. What goes in is chosen by :mod:`.export`. :func:`write_export_parts` writes one
+"""Writing an export folder: safetensors shards (a few tensors in flight: loaded ahead by a helper thread,
+hashed by a thread per file), the index, config, copied tokenizer files and the modeling file, then
+``mone_manifest.json`` (sha256 and size of every other file) last, all atomically
+(:func:`~mone_jax.base.files.atomic_write_folder`); :func:`verify_export` checks a folder against its manifest. What goes in is chosen by :mod:`.export`. :func:`write_export_parts` writes one
 folder from several processes, each writing the tensors it holds (the folder on a file system they share).
 """
 
@@ -245,8 +245,9 @@ def _write_shards(folder: Path, tensors: list[Tensor], max_shard_bytes: int,
     names = [SINGLE] if len(shards) == 1 and prefix == "model" else [
         f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
+    # each file's hash finishes while the next file is written
     hashed = [(name, _write_shard(folder / name, shard), [t.name for t in shard]) for name, shard in zip(names, shards)]
-    return {name: (record(), names) for name, record, names in hashed}  # the last hashes end while the next file is written
+    return {name: (record(), keys) for name, record, keys in hashed}
 
 
 def _finish(tmp: Path, src: Path, files: dict[str, dict], weight_map: dict[str, str] | None, total: int, config: dict,
