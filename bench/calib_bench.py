@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -568,7 +569,7 @@ def whole_process(args) -> dict:
         n_seq = max(counts) // args.seq_len
         np.save(tmp / "ids.npy", np.random.default_rng(args.seed).integers(0, args.vocab, (n_seq, args.seq_len))
                 .astype(np.int32))
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+        env = child_env(drop=("JAX_COMPILATION_CACHE_DIR",))
 
         def timed(cmd: list[str]) -> tuple[float, str]:
             t = time.perf_counter()

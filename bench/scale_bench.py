@@ -36,6 +36,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from child_env import child_env
 
 GB, GIB = 1e9, 2**30
 SHAPES = {  # real dimensions (config.json of the hub releases), experts / layers overridable
@@ -247,8 +248,7 @@ def watch(procs: list[subprocess.Popen]) -> tuple[threading.Thread, list[dict[st
 def run_prune(argv: list[str]) -> dict:
     """Run ``mone-jax prune`` as a child; wall, phase clock, peak anonymous / file-backed memory, exit and
     output."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = child_env(JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "prune", *argv], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -268,8 +268,7 @@ def two_processes(model: Path, ids: Path) -> str:
     ``jax.distributed`` processes on 127.0.0.1 (one CPU device each, experts split over them)."""
     import socket
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+    env = child_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
 
     def run(extra: list[list[str]]) -> list[str]:
         procs = [subprocess.Popen([sys.executable, "-m", "mone_jax.app.cli", "calibrate", str(model), "--calib",

@@ -24,6 +24,8 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,9 +42,8 @@ def export_revision(rev: str, dest: Path) -> Path:
 
 def run_once(tree: Path, args, out: Path) -> tuple[float, float]:
     """Wall-clock and CPU (user + system) seconds of one calibrate process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
-           "MONE_JAX_COMPILE_CACHE": str(out.with_suffix(".xla"))}  # a fresh, empty compilation cache: a first run
-    env.pop("XLA_FLAGS", None)
+    env = child_env(PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+                    MONE_JAX_COMPILE_CACHE=str(out.with_suffix(".xla")))  # a fresh, empty compilation cache: a first run
     entry = "mone_jax.app.cli" if (tree / "mone_jax" / "app" / "cli.py").is_file() else "mone_jax.cli"  # older trees
     cmd = [sys.executable, "-m", entry, "calibrate", str(args.model), "--calib", "self", "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--stats-out", str(out), "--quiet"]
