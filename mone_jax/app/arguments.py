@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", default=None,
                    help=f"fit the novices ({', '.join(FITS)} or none): 'weighted', the routing-weighted mean sum g^2 y "
                         "/ sum g^2; 'kd', distillation of novices, MoE routers and MoE-input norms to the original "
-                        "model on the calibration tokens, stopped early on the validation data (default: none, plain "
+                        "model on the calibration tokens, stopped early on the validation data; 'kd-down', the same "
+                        "and the kept experts' down projections (more memory: Adam's moments of them) (default: none, plain "
                         "means); with --metric auto a comma-separated list, each a candidate (as a --scope list)")
     semantics_arg(p)
     auto_args(p)
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="layer", help=one_of(SCOPES, "where the keep count applies"))
     p.add_argument("--scopes", default=None, help="comma-separated scopes, each a candidate (layer, model, greedy; "
                                                   "default: --scope alone)")
-    p.add_argument("--fits", default=None, help="comma-separated fits, each a candidate (none, weighted, kd; "
+    p.add_argument("--fits", default=None, help="comma-separated fits, each a candidate (none, weighted, kd, kd-down; "
                                                 "default: none alone)")
     greedy_args(p)
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")

@@ -15,7 +15,7 @@ from mone_jax.base.errors import UserError
 from mone_jax.base.phases import phase, silenced
 from mone_jax.base.stats import Stats
 from mone_jax.evaluate.compare import candidates, compare, select
-from mone_jax.pruning.planning import GREEDY, check_drop_keep, resolve_keep
+from mone_jax.pruning.planning import DISTILLED, GREEDY, check_drop_keep, resolve_keep
 from mone_jax.pruning.scoring import METRICS, metric
 
 _NAMED = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
@@ -220,8 +220,8 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     if valid is not None:
         seq_len = block_len(job.calib) if job.calib is not None else 512
         evals = read_sources(parse_sources(valid), job.model, job.config.vocab_size, valid_samples, seq_len)
-    if job.calib is None and "kd" in job.fits:
-        raise UserError("--fit kd trains on calibration tokens, which reused statistics lack: give --calib")
+    if job.calib is None and (kd := set(job.fits) & set(DISTILLED)):
+        raise UserError(f"--fit {min(kd)} trains on calibration tokens, which reused statistics lack: give --calib")
     if job.calib is None:  # statistics reused: nothing to carve from
         if evals is None:
             raise UserError("--metric auto with --stats needs validation data disjoint from the calibration: give "
@@ -253,7 +253,7 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
     scores = weight_scores(job.model, None if job.metric == "auto" else [job.metric], progress)
     if len(job.scopes) > 1 or len(job.fits) > 1:  # --metric auto over scopes x fits
         return stats, *choose(model, stats, evals, job, scores, n_group, batch_size, progress, held_out,
-                              train_blocks(cal.batches) if "kd" in job.fits else None, candidates, lazy, mesh)
+                              train_blocks(cal.batches) if set(job.fits) & set(DISTILLED) else None, candidates, lazy, mesh)
     plan = None
     if job.metric == "auto":
         plan = select(model, stats, evals, keep=job.keep, mode=job.format.mode, scope="layer" if greedy else job.scope,
@@ -268,9 +268,9 @@ def select_for_prune(job, valid: str | None, fraction: float, valid_samples: int
         plan = job.plan or plan_for(job.metric, stats=stats, model=job.model, keep=job.keep, scope=job.scope,
                                     seed=job.seed, semantics=job.semantics, progress=progress)
     student = None
-    if job.fit == "kd":
+    if job.fit in DISTILLED:
         plan, student = distilled(model, stats, plan, train_blocks(cal.batches), evals, batch_size, job.seed,
-                                  progress, mesh=mesh)
+                                  progress, mesh=mesh, method=job.fit)
     elif job.fit:
         plan = fitted(model, stats, plan, job.fit, evals, batch_size)
     return stats, plan, student
@@ -319,9 +319,9 @@ def choose(model, stats: Stats, evals: dict[str, np.ndarray], job, scores, n_gro
         plans[s, None] = best[s]
         for f in fits:
             t0 = time.perf_counter()
-            if f == "kd":
+            if f in DISTILLED:
                 plans[s, f], students[s, f] = distilled(model, stats, best[s], train, evals, batch_size, job.seed,
-                                                        progress, mesh=mesh)
+                                                        progress, mesh=mesh, method=f)
             else:
                 plans[s, f] = fitted(model, stats, best[s], f, evals, batch_size)
             tried.append(_tried(best[s].metric, s, f, plans[s, f].fit["validation_nll_after"],
@@ -372,19 +372,20 @@ def fitted(model, stats: Stats, plan, fit: str, evals: dict[str, np.ndarray], ba
 
 
 def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.ndarray], batch_size: int, seed: int,
-              progress: bool, mesh=None):
+              progress: bool, mesh=None, method: str = "kd"):
     """(``plan`` recording the fit, the pruned model distilled from ``model``): :func:`~mone_jax.evaluate.distill.
-    distill` on the calibration blocks ``train`` (rows split over ``mesh``), stopping early on the validation
-    blocks."""
+    distill` (``method``: what it fits) on the calibration blocks ``train`` (rows split over ``mesh``), stopping
+    early on the validation blocks."""
     from mone_jax.evaluate.distill import distill
     from mone_jax.pruning.transform import prune
 
     student = prune(model, stats, plan)
     before = _valid_nll(student, evals, batch_size)
-    phase("fit", f"distilling novices, routers and MoE-input norms on {len(train)} calibration blocks (--fit kd)")
+    what = "novices, routers, MoE-input norms" + (" and kept experts' down projections" if method == "kd-down" else "")
+    phase("fit", f"distilling {what} on {len(train)} calibration blocks (--fit {method})")
     with silenced():
         record = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
-                         seed=seed, progress=progress, mesh=mesh)
+                         seed=seed, progress=progress, mesh=mesh, method=method)
     record.update(validation_nll_before=before, validation_nll_after=_valid_nll(student, evals, batch_size))
     return replace(plan, fit=record), student
 

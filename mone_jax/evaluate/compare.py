@@ -26,6 +26,7 @@ from mone_jax.base.stats import Stats
 from mone_jax.evaluate.perplexity import _nll_sum, perplexity
 from mone_jax.model.causal_lm import MoEForCausalLM
 from mone_jax.pruning.planning import (
+    DISTILLED,
     FITS,
     GREEDY,
     NO_FIT,
@@ -155,14 +156,14 @@ def pruned_model(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarra
                                                          "lazy")}
     else:
         plan = plan_for(model, stats, c, c.scope or scope, weight_scores)
-    if c.fit == "kd":
+    if c.fit in DISTILLED:
         from mone_jax.evaluate.distill import distill
 
         if train is None:
-            raise UserError("--fits kd trains on the calibration blocks: none were given")
+            raise UserError(f"--fits {c.fit} trains on the calibration blocks: none were given")
         student = prune(model, stats, plan, mode=c.mode)
         record["fitted"] = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
-                                seed=c.seed, progress=progress)
+                                seed=c.seed, progress=progress, method=c.fit)
         return student, replace(plan, fit=record["fitted"]), record
     if c.fit not in (None, NO_FIT):
         plan = replace(plan, fit={"method": c.fit})
@@ -187,11 +188,11 @@ def compare(model: MoEForCausalLM, stats: Stats, evals: dict[str, np.ndarray], c
     for r in sorted({c.ratio for c in cands}):
         resolve_keep(E, None, r)  # in range
     rows, compiled, searched = [], _nll_sum._cache_size(), {}
-    costly = [c for c in cands if (c.scope or scope) == GREEDY or c.fit == "kd"]
+    costly = [c for c in cands if (c.scope or scope) == GREEDY or c.fit in DISTILLED]
     if costly:
         searches = len({(c.metric, c.ratio, c.seed) for c in costly if (c.scope or scope) == GREEDY})
         phase("compare", f"{len(cands)} candidates, {searches} greedy search{'es' * (searches != 1)} and "
-                         f"{sum(c.fit == 'kd' for c in cands)} kd fit(s) among them")
+                         f"{sum(c.fit in DISTILLED for c in cands)} distillation(s) among them")
     steps = Steps("compare", len(cands) + 1, "plans", bar=progress)
     with CompileClock() as clock:
         t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""``--fit kd``: after a plan is applied, fit the pruned model's novice vectors, MoE routers (weight and bias)
-and MoE-input norm scales to the original model's next-token distribution.
+"""``--fit kd`` / ``kd-down``: after a plan is applied, fit the pruned model's novice vectors, MoE routers (weight
+and bias) and MoE-input norm scales (``kd-down``: also the kept experts' down projections) to the original model's
+next-token distribution.
 
 The loss is KL(teacher || student) per predicted position, averaged over the real rows of calibration batches
 (padding rows, there to fill a mesh's devices, weigh nothing); the teacher's log-probabilities are computed inside
@@ -30,16 +31,21 @@ from mone_jax.calib.calibration import shard_batch
 from mone_jax.model.causal_lm import MoEForCausalLM
 from mone_jax.model.sharding import padded_rows, spread
 
-FITTED = ("novice_values", "router", "router_bias")  # per MoE block; plus the norm before it (pre-norm layers)
+FITTED = {  # per distillation (planning.DISTILLED): a MoE block's fitted arrays, plus the norm feeding it
+    "kd": ("novice_values", "router", "router_bias"),
+    # the kept experts' down projections too: on the demo at 25% this halves what kd leaves (README); Adam then
+    # holds two float32 moments of every kept expert's down projection
+    "kd-down": ("novice_values", "router", "router_bias", "down", "down_bias"),
+}
 
 
-def fitted_path(model: MoEForCausalLM, path: tuple) -> bool:
-    """Whether the state entry at ``path`` is fitted: a MoE block's novices, router weight and bias, or the
-    weight of the norm feeding it."""
+def fitted_path(model: MoEForCausalLM, path: tuple, method: str = "kd") -> bool:
+    """Whether the state entry at ``path`` is fitted by distillation ``method``: one of a MoE block's arrays
+    ``FITTED[method]``, or the weight of the norm feeding the block."""
     if len(path) < 3 or path[0] != "layers" or not model.layers[int(path[1])].is_moe:
         return False
     if path[2] == "mlp":
-        return len(path) == 4 and path[3] in FITTED
+        return len(path) == 4 and path[3] in FITTED[method]
     return path[2] == "post_attention_layernorm" and path[-1] == "weight" and not model.layers[int(path[1])].post_norm
 
 
@@ -89,14 +95,16 @@ class _Rows:
 def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndarray, valid_ids: np.ndarray, *,
             lr: float = 3e-3, batch_size: int = 8, max_steps: int = 120, eval_every: int = 10, patience: int = 3,
             seed: int = 0, progress: bool = True, mesh: Mesh | None = None, warmup: int = 20,
-            end_lr: float = 3e-5) -> dict:
-    """Fit ``student`` (a pruned model, updated in place) to ``teacher`` on token blocks ``train_ids`` [N, T],
-    stopping early on the KL over ``valid_ids`` (module docstring). With a ``mesh``, every batch's rows are
+            end_lr: float = 3e-5, method: str = "kd") -> dict:
+    """Fit ``student``'s arrays of ``method`` (``FITTED``; the student is a pruned model, updated in place) to
+    ``teacher`` on token blocks ``train_ids`` [N, T], stopping early on the KL over ``valid_ids`` (module docstring). With a ``mesh``, every batch's rows are
     split over its devices (padded with masked rows to a multiple of them), both models are laid out on it
     (:func:`~mone_jax.model.sharding.spread`, in place) and jit partitions the steps, reducing the gradients. Returns
     the record: steps run, the step kept, the validation KL before and after, and the seconds."""
     if student.config.num_layers != teacher.config.num_layers or student.config.vocab_size != teacher.config.vocab_size:
         raise UserError("the student is not a pruned copy of the teacher")
+    if method not in FITTED:
+        raise UserError(f"unknown distillation '{method}': use one of {', '.join(FITTED)}")
     t0 = time.perf_counter()
     bs = max(1, min(batch_size, len(train_ids)))
     rows = _Rows(bs, mesh)
@@ -104,7 +112,7 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
         spread(teacher, mesh)
         spread(student, mesh)
     t_graph, t_state = nnx.split(teacher)
-    graphdef, train, rest = nnx.split(student, lambda path, _: fitted_path(student, path), ...)
+    graphdef, train, rest = nnx.split(student, lambda path, _: fitted_path(student, path, method), ...)
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(max_steps, warmup + 1), end_lr))
     opt = tx.init(train)
 
@@ -119,7 +127,7 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
     order = np.zeros(0, np.int64)
     start = best = valid_kl(train)
     best_state, best_step, stale, step = train, 0, 0, 0
-    bar = tqdm(total=max_steps, desc="distilling (kd)", unit="step", disable=not progress)
+    bar = tqdm(total=max_steps, desc=f"distilling ({method})", unit="step", disable=not progress)
     while step < max_steps and stale < patience:
         if len(order) < bs:
             order = np.concatenate([order, rng.permutation(len(train_ids))])
@@ -137,5 +145,5 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
             bar.set_postfix_str(f"validation KL {kl:.4f} (best {best:.4f} at step {best_step})", refresh=False)
     bar.close()
     nnx.update(student, best_state)
-    return {"method": "kd", "lr": lr, "warmup": warmup, "end_lr": end_lr, "steps": step, "best_step": best_step,
+    return {"method": method, "lr": lr, "warmup": warmup, "end_lr": end_lr, "steps": step, "best_step": best_step,
             "validation_kl_before": start, "validation_kl_after": best, "seconds": time.perf_counter() - t0}

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 SCOPES = ("layer", "model")
 GREEDY = "greedy"  # the scope of a plan searched on validation loss (mone_jax.evaluate.greedy), prune only
-FITS = ("weighted", "kd")  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means); distillation
+DISTILLED = ("kd", "kd-down")  # fits by distillation (mone_jax.evaluate.distill: what each fits)
+FITS = ("weighted", *DISTILLED)  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means); distillation
 NO_FIT = "none"  # the --fit / --fits value of plain means (a candidate among fits)
 MODES = ("substitute", "drop")
 # the word users see is the export format's: novices "substitution" (the old mode name "substitute" still works)

@@ -19,7 +19,7 @@ def run(args) -> None:
     from mone_jax.convert.criteria import plan_for
     from mone_jax.convert.export import export_from_stats
     from mone_jax.pruning.card import folder_files
-    from mone_jax.pruning.planning import describe_summary, plan_summary
+    from mone_jax.pruning.planning import DISTILLED, describe_summary, plan_summary
 
     job = prune_job(args)
     if job.calib is not None:
@@ -28,8 +28,8 @@ def run(args) -> None:
     n_group = job.config.n_group if job.format.mode == "drop" else 1  # drop: the same number in every group
     mesh = None if job.calib is None else model_mesh(job.config, job.dtype, job.calib.scale.mesh,
                                                      sequential=job.calib.scale.sequential)
-    student = None  # --fit kd: the distilled pruned model, exported as it is
-    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None or job.fit == "kd":  # uses validation
+    student = None  # --fit kd / kd-down: the distilled pruned model, exported as it is
+    if (job.metric == "auto" or job.scope == "greedy") and job.plan is None or job.fit in DISTILLED:  # uses validation
         from mone_jax.app.compare_job import describe_search, describe_selection, select_for_prune
 
         if job.metric == "auto" or job.scope == "greedy":
