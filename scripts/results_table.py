@@ -12,7 +12,7 @@ For each calibration seed (0 and 1):
 - `mone-jax compare` at 25% / 50% with novices, every registered metric, evaluated on the held-out text;
 - `mone-jax prune --metric auto --scope greedy` (validation split) at 25% and 50%, its export evaluated with
   `mone-jax eval` on the held-out text; then issue 25's command `prune --metric auto --scope greedy --fit kd`
-  (the same search again, then the fit), evaluated the same way.
+  (the same search again, then the fit), and the same with `--fit kd-down`, evaluated the same way.
 The perplexity of a run is exp of the mean of the two sources' mean token NLL (the sources weigh equally).
 """
 
@@ -42,6 +42,7 @@ GENESIS = b"In the beginning, God"
 SOURCES = ("python", "bible")
 RATIOS = (0.25, 0.5)
 TARGET = {0.25: 0.02, 0.5: 0.15}  # issue 25: greedy + kd within 2% of the original at 25%, 15% at 50%
+DISTILLED = ("kd", "kd-down")  # the fits run after the greedy search, each a row "greedy + FIT"
 
 
 def halves(data: bytes) -> tuple[bytes, bytes]:
@@ -131,16 +132,17 @@ def prune(args, files: dict[str, str], seed: int, out: Path, options: list[str])
     return result
 
 
-def seed_runs(args, files: dict[str, str], seed: int, work: Path, ratios, kd: bool) -> dict:
-    """Everything measured on calibration seed ``seed`` (the runs of ``ratios``; ``kd``: with the fit)."""
+def seed_runs(args, files: dict[str, str], seed: int, work: Path, ratios, fits: tuple[str, ...] = ()) -> dict:
+    """Everything measured on calibration seed ``seed`` (the runs of ``ratios``; ``fits``: the greedy search
+    again with each of these fits)."""
     run = {"compare": compare(args, files, seed, work / f"compare-s{seed}")}
     for r in ratios:
         g = prune(args, files, seed, work / f"greedy-{pct(r)}-s{seed}", ["--ratio", str(r), "--metric", "auto",
                                                                       "--scope", "greedy"])
         run[f"greedy@{r:g}"] = g
-        if kd:
-            run[f"kd@{r:g}"] = prune(args, files, seed, work / f"kd-{pct(r)}-s{seed}",
-                                     ["--ratio", str(r), "--metric", "auto", "--scope", "greedy", "--fit", "kd"])
+        for fit in fits:
+            run[f"{fit}@{r:g}"] = prune(args, files, seed, work / f"{fit}-{pct(r)}-s{seed}",
+                                        ["--ratio", str(r), "--metric", "auto", "--scope", "greedy", "--fit", fit])
     return run
 
 
@@ -149,20 +151,21 @@ def seed_runs(args, files: dict[str, str], seed: int, work: Path, ratios, kd: bo
 
 def rows(run: dict, ratio: float) -> dict[str, dict]:
     """{row: {"nll": {source: NLL}, ...}} of one seed at ``ratio``: every metric (random: mean NLL over its seeds),
-    `auto` (the metric greedy's selection chose, at scope layer), greedy, greedy + kd."""
+    `auto` (the metric greedy's selection chose, at scope layer), greedy, greedy + each fit."""
     cmp, out = run["compare"], {}
     for p in cmp["plans"]:
         if p["ratio"] == ratio:
             out.setdefault(p["metric"], []).append(p["nll"])
     table = {m: {"nll": {s: float(np.mean([n[s] for n in ns])) for s in SOURCES}} for m, ns in out.items()}
-    g, k = run.get(f"greedy@{ratio:g}"), run.get(f"kd@{ratio:g}")
+    g = run.get(f"greedy@{ratio:g}")
     if g:
         chosen = g["plan"]["selection"]["chosen"]
         table["auto"] = {**table[chosen], "chosen": chosen}
         table["greedy"] = {"nll": g["nll"], "metric": chosen, **_search(g)}
-    if k:
-        table["greedy + kd"] = {"nll": k["nll"], "fit": k["plan"]["fit"], **_search(k),
-                                "same_plan": bool(g) and _pruned(k) == _pruned(g)}
+    for fit in DISTILLED:
+        if k := run.get(f"{fit}@{ratio:g}"):
+            table[f"greedy + {fit}"] = {"nll": k["nll"], "fit": k["plan"]["fit"], **_search(k),
+                                        "same_plan": bool(g) and _pruned(k) == _pruned(g)}
     return table
 
 
@@ -196,7 +199,8 @@ def ratio_table(runs: dict[int, dict], ratio: float) -> str:
     for n in names:
         ppl = {s: equal_weight(tables[s][n]["nll"]) if n in tables[s] else None for s in seeds}
         label = {"auto": "`--metric auto` (scope layer)", "greedy": "`--metric auto --scope greedy`",
-                 "greedy + kd": "`--metric auto --scope greedy --fit kd`"}.get(n, f"`{n}`" + (" (3 seeds)" if n == "random" else ""))
+                 **{f"greedy + {f}": f"`--metric auto --scope greedy --fit {f}`" for f in DISTILLED}
+                 }.get(n, f"`{n}`" + (" (3 seeds)" if n == "random" else ""))
         if n == "auto":
             label += " chose " + " / ".join(tables[s][n]["chosen"] if n in tables[s] else "-" for s in seeds)
         both = all(v is not None for v in ppl.values()) and len(seeds) > 1
@@ -206,13 +210,13 @@ def ratio_table(runs: dict[int, dict], ratio: float) -> str:
 
 
 def source_table(runs: dict[int, dict], ratio: float) -> str:
-    """Per-source held-out perplexity of the fixed best, greedy and greedy + kd rows, each seed."""
+    """Per-source held-out perplexity of the fixed best, greedy and greedy + fit rows, each seed."""
     lines = ["| plan | seed | " + " | ".join(SOURCES) + " |", "|---|---|" + "---|" * len(SOURCES)]
     for s in sorted(runs):
         t = rows(runs[s], ratio)
         lines.append(f"| original | {s} | " + " | ".join(f"{math.exp(runs[s]['compare']['original'][x]['nll']):.2f}"
                                                         for x in SOURCES) + " |")
-        for n in ("mone", "auto", "greedy", "greedy + kd"):
+        for n in ("mone", "auto", "greedy", *(f"greedy + {f}" for f in DISTILLED)):
             if n in t:
                 lines.append(f"| {n} | {s} | " + " | ".join(f"{math.exp(t[n]['nll'][x]):.2f}" for x in SOURCES) + " |")
     return "\n".join(lines)
@@ -250,12 +254,17 @@ def verdicts(runs: dict[int, dict]) -> list[str]:
         claim(f"{pct}: greedy beats the best fixed metric (chosen on the held-out text itself)",
               {s: t[s]["greedy"] < fixed[s][best[s]] for s in have})
         claim(f"{pct}: greedy beats `--metric auto` at scope layer", {s: t[s]["greedy"] < t[s]["auto"] for s in have})
-        have = [s for s in seeds if "greedy + kd" in t[s]]
-        claim(f"{pct}: the kd run's own greedy search chose the experts of the greedy row",
-              {s: rows(runs[s], r)["greedy + kd"]["same_plan"] for s in have})
-        claim(f"{pct}: `--fit kd` improves on greedy", {s: t[s]["greedy + kd"] < t[s]["greedy"] for s in have})
-        claim(f"{pct}: greedy + kd within the issue's target ({TARGET[r]:.0%} over the original)",
-              {s: t[s]["greedy + kd"] <= base[s] * (1 + TARGET[r]) for s in have})
+        for fit in DISTILLED:
+            row = f"greedy + {fit}"
+            have = [s for s in seeds if row in t[s]]
+            claim(f"{pct}: the {fit} run's own greedy search chose the experts of the greedy row",
+                  {s: rows(runs[s], r)[row]["same_plan"] for s in have})
+            claim(f"{pct}: `--fit {fit}` improves on greedy", {s: t[s][row] < t[s]["greedy"] for s in have})
+            claim(f"{pct}: greedy + {fit} within the issue's target ({TARGET[r]:.0%} over the original)",
+                  {s: t[s][row] <= base[s] * (1 + TARGET[r]) for s in have})
+        have = [s for s in seeds if all(f"greedy + {f}" in t[s] for f in DISTILLED)]
+        claim(f"{pct}: `--fit kd-down` improves on `--fit kd`",
+              {s: t[s]["greedy + kd-down"] < t[s]["greedy + kd"] for s in have})
     return out
 
 
@@ -284,12 +293,13 @@ def cost_table(runs: dict[int, dict]) -> str:
                 g = t["greedy"]
                 lines.append(f"| greedy {r:.0%} ({g['metric']}, 4 candidates, lazy) | {s} | {g['evaluations']} | "
                              f"{g['search_seconds']:.0f} | | | {g['seconds']:.0f} | {'/'.join(map(str, g['kept']))} |")
-            if "greedy + kd" in t:
-                k = t["greedy + kd"]
-                f = k["fit"]
-                lines.append(f"| greedy + kd {r:.0%} (the issue's command) | {s} | {k['evaluations']} | "
-                             f"{k['search_seconds']:.0f} | {f['steps']} ({f['best_step']}) | {f['seconds']:.0f} | "
-                             f"{k['seconds']:.0f} | {'/'.join(map(str, k['kept']))} |")
+            for fit in DISTILLED:
+                if k := t.get(f"greedy + {fit}"):
+                    f = k["fit"]
+                    what = " (the issue's command)" if fit == "kd" else ""
+                    lines.append(f"| greedy + {fit} {r:.0%}{what} | {s} | {k['evaluations']} | "
+                                 f"{k['search_seconds']:.0f} | {f['steps']} ({f['best_step']}) | {f['seconds']:.0f} | "
+                                 f"{k['seconds']:.0f} | {'/'.join(map(str, k['kept']))} |")
     return "\n".join(lines)
 
 
@@ -366,7 +376,8 @@ top-{r0['top_k']}) pruned by 25% and 50% of each layer's experts, replaced by Mo
   seeds {args.random_seeds}); `--metric auto` (its choice at scope layer, recorded by the greedy run, whose plan is
   the compare row of that metric); `prune --metric auto --scope greedy` (4 candidates per layer, lazy search),
   its export evaluated with `mone-jax eval`; and issue 25's command `prune --metric auto --scope greedy --fit kd`
-  (the same choice of metric and search again, then the fit), evaluated the same way.
+  (the same choice of metric and search again, then the fit: novices, MoE routers and MoE-input norms), and the
+  same with `--fit kd-down` (which also fits the kept experts' down projections), evaluated the same way.
 
 ## 25% of the experts pruned: held-out perplexity
 
@@ -431,17 +442,17 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.render_only:  # whatever the kept runs hold
         runs = {s: seed_runs(args, files, s, work, [r for r in RATIOS if (work / f"greedy-{pct(r)}-s{s}.result.json")
-                                                    .is_file()], kd=False) for s in seeds
+                                                    .is_file()]) for s in seeds
                 if (work / f"compare-s{s}" / "compare.json").is_file()}
         for s, run in runs.items():
-            run.update({f"kd@{r:g}": json.loads((work / f"kd-{pct(r)}-s{s}.result.json").read_text()) for r in RATIOS
-                        if (work / f"kd-{pct(r)}-s{s}.result.json").is_file()})
-    else:  # 25% on every seed first, then 50%; the fits after the searches
-        runs = {s: seed_runs(args, files, s, work, [], kd=False) for s in seeds}
+            run.update({f"{f}@{r:g}": json.loads((work / f"{f}-{pct(r)}-s{s}.result.json").read_text())
+                        for r in RATIOS for f in DISTILLED if (work / f"{f}-{pct(r)}-s{s}.result.json").is_file()})
+    else:  # 25% on every seed first, then 50%; the fits after the searches, one fit at a time
+        runs = {s: seed_runs(args, files, s, work, []) for s in seeds}
         for r in RATIOS:
-            for kd in (False, True):
+            for fits in ((), *((f,) for f in DISTILLED)):
                 for s in seeds:
-                    runs[s].update(seed_runs(args, files, s, work, [r], kd=kd))
+                    runs[s].update(seed_runs(args, files, s, work, [r], fits))
     minutes = sum(r["compare"]["timing"]["total"] + sum(v["seconds"] for k, v in r.items() if k != "compare")
                   for r in runs.values()) / 60
     out = Path(args.out_dir)
