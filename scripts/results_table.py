@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from mone_jax.app.cli import main as cli  # noqa: E402
 from mone_jax.demo import demo_model_dir  # noqa: E402
+from mone_jax.pruning.planning import DISTILLED  # noqa: E402  (each a row "greedy + FIT")
 from mone_jax.pruning.scoring import METRICS  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -42,7 +43,6 @@ GENESIS = b"In the beginning, God"
 SOURCES = ("python", "bible")
 RATIOS = (0.25, 0.5)
 TARGET = {0.25: 0.02, 0.5: 0.15}  # issue 25: greedy + kd within 2% of the original at 25%, 15% at 50%
-DISTILLED = ("kd", "kd-down")  # the fits run after the greedy search, each a row "greedy + FIT"
 
 
 def halves(data: bytes) -> tuple[bytes, bytes]:

@@ -381,8 +381,7 @@ def distilled(model, stats: Stats, plan, train: np.ndarray, evals: dict[str, np.
 
     student = prune(model, stats, plan)
     before = _valid_nll(student, evals, batch_size)
-    what = "novices, routers, MoE-input norms" + (" and kept experts' down projections" if method == "kd-down" else "")
-    phase("fit", f"distilling {what} on {len(train)} calibration blocks (--fit {method})")
+    phase("fit", f"distilling {DISTILLED[method]} on {len(train)} calibration blocks (--fit {method})")
     with silenced():
         record = distill(model, student, train, np.concatenate(list(evals.values())), batch_size=batch_size,
                          seed=seed, progress=progress, mesh=mesh, method=method)

@@ -31,7 +31,8 @@ from mone_jax.calib.calibration import shard_batch
 from mone_jax.model.causal_lm import MoEForCausalLM
 from mone_jax.model.sharding import padded_rows, spread
 
-FITTED = {  # per distillation (planning.DISTILLED): a MoE block's fitted arrays, plus the norm feeding it
+FITTED = {  # per distillation (planning.DISTILLED, which says them in words): a MoE block's fitted arrays, plus
+    # the norm feeding it
     "kd": ("novice_values", "router", "router_bias"),
     # the kept experts' down projections too: on the demo at 25% this halves what kd leaves (README); Adam then
     # holds two float32 moments of every kept expert's down projection
@@ -97,10 +98,11 @@ def distill(teacher: MoEForCausalLM, student: MoEForCausalLM, train_ids: np.ndar
             seed: int = 0, progress: bool = True, mesh: Mesh | None = None, warmup: int = 20,
             end_lr: float = 3e-5, method: str = "kd") -> dict:
     """Fit ``student``'s arrays of ``method`` (``FITTED``; the student is a pruned model, updated in place) to
-    ``teacher`` on token blocks ``train_ids`` [N, T], stopping early on the KL over ``valid_ids`` (module docstring). With a ``mesh``, every batch's rows are
-    split over its devices (padded with masked rows to a multiple of them), both models are laid out on it
-    (:func:`~mone_jax.model.sharding.spread`, in place) and jit partitions the steps, reducing the gradients. Returns
-    the record: steps run, the step kept, the validation KL before and after, and the seconds."""
+    ``teacher`` on token blocks ``train_ids`` [N, T], stopping early on the KL over ``valid_ids`` (module
+    docstring). With a ``mesh``, every batch's rows are split over its devices (padded with masked rows to a
+    multiple of them), both models are laid out on it (:func:`~mone_jax.model.sharding.spread`, in place) and
+    jit partitions the steps, reducing the gradients. Returns the record: the method, steps run, the step kept,
+    the validation KL before and after, and the seconds."""
     if student.config.num_layers != teacher.config.num_layers or student.config.vocab_size != teacher.config.vocab_size:
         raise UserError("the student is not a pruned copy of the teacher")
     if method not in FITTED:

@@ -10,14 +10,11 @@ from typing import Protocol
 import numpy as np
 
 from mone_jax.base.stats import Stats
-from mone_jax.pruning.planning import Plan
+from mone_jax.pruning.planning import DISTILLED, Plan
 
 PLAN_FILE = "mone_plan.json"
 STATS_FILE = "mone_stats_summary.json"
 CARD_FILE = "README.md"
-_FITTED = {"kd": "The novices, MoE routers and MoE-input norms were distilled from the original model",
-           "kd-down": "The novices, MoE routers, MoE-input norms and kept experts' down projections were distilled "
-                      "from the original model"}  # --fit: what the card says of a distillation
 
 
 class Format(Protocol):
@@ -88,7 +85,9 @@ def folder_files(*, source: str, out: str, plan: Plan, stats: Stats | None, fmt:
                    f"loss least; {s['evaluations']} evaluations, mean token NLL {s['validation_nll_start']:.4f} -> "
                    f"{s['validation_nll']:.4f}.")
     if f := plan.fit:
-        chosen += (f"\n\n{_FITTED.get(f['method'], 'The novices were fitted')} (`--fit {f['method']}`)" + (
+        what = (f"The {DISTILLED[f['method']]} were distilled from the original model" if f["method"] in DISTILLED
+                else "The novices were fitted")
+        chosen += (f"\n\n{what} (`--fit {f['method']}`)" + (
             f": validation mean token NLL {f['validation_nll_before']:.4f} with plain means, "
             f"{f['validation_nll_after']:.4f} fitted." if "validation_nll_after" in f else "."))
     body = f"""

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 SCOPES = ("layer", "model")
 GREEDY = "greedy"  # the scope of a plan searched on validation loss (mone_jax.evaluate.greedy), prune only
-DISTILLED = ("kd", "kd-down")  # fits by distillation (mone_jax.evaluate.distill: what each fits)
+DISTILLED = {  # fits by distillation (mone_jax.evaluate.distill.FITTED): what each fits, in words
+    "kd": "novices, MoE routers and MoE-input norms",
+    "kd-down": "novices, MoE routers, MoE-input norms and kept experts' down projections",
+}
 FITS = ("weighted", *DISTILLED)  # --fit: novices sum g^2 y / sum g^2 (stats.LayerStats.novice_means); distillation
 NO_FIT = "none"  # the --fit / --fits value of plain means (a candidate among fits)
 MODES = ("substitute", "drop")
