@@ -33,6 +33,8 @@ BENCHES = {  # name -> (script, arguments, what stdout must say)
                                                    "--family-seq-len", "16", "--seeds", "0", "--dtypes", "bfloat16",
                                                    "--ratios", "0.5",
                                                    "--md", "out.md", "--json", "out.json"], "same kept experts as float32"),
+    "distillation memory": ("fit_memory.py", ["--variants", "base", "--batch", "2", "--seq-len", "16", "--json",
+                                              "out.json"], "| base | kd-down |"),
 }
 
 
