@@ -35,7 +35,7 @@ FITTED = {  # per distillation (planning.DISTILLED, which says them in words): a
     # the norm feeding it
     "kd": ("novice_values", "router", "router_bias"),
     # the kept experts' down projections too: on the demo at 25% this halves what kd leaves (README); Adam then
-    # holds two float32 moments of every kept expert's down projection
+    # holds two moments (in the model's dtype) of every kept expert's down projection
     "kd-down": ("novice_values", "router", "router_bias", "down", "down_bias"),
 }
 
