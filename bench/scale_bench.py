@@ -5,20 +5,20 @@
     python bench/scale_bench.py --shape custom --layers 2 --hidden 64 ... # any OLMoE-layout size
     python bench/scale_bench.py --shape olmoe-1b-7b --layers 2 --modes "" --two-processes
 
-Writes a random checkpoint with the shape's real config into ``--dir`` (under /tmp, never the repository),
-one safetensors shard per layer, each tensor streamed from a small pool of random bf16 values (the whole
-model is never in memory), and random calibration token ids. Then, in one run, it measures a plain write of
-as many bytes as the checkpoint (the rate the exporter is held to) and, just before each mode, a plain read
-of the checkpoint files, warm into a reused buffer (the rate the loader is held to) and into fresh memory
-(the first-touch bound of a load on CPU; it also leaves the files in the page cache), and after each mode a
-plain write of the export's size (the export's reference, taken as close to it as the load allows), and runs ``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes``
-(``f32``: the float32 default, ``bf16``: ``--dtype bfloat16``, ``seq``: ``--sequential``, ``seq-bf16``) as
-a child process, sampling its resident memory (anonymous and file-backed, from /proc) every 50 ms. For
-each mode it reports the wall time, the load rate (checkpoint bytes / load phase, the phase lines' clock),
-calibration tokens/s, the export rate, peak anonymous and file-backed memory, and the export's size;
-a refused run (memory preflight) shows its one-line refusal instead, a finished one the peak the preflight
-estimated for it at the batch size it ran, the bytes it read from disk (page-cache misses: a warm load
-reads none) and the load average.
+Writes a random checkpoint with the shape's real config into ``--dir`` (under /tmp, never the repository), one
+safetensors shard per layer, each tensor streamed from a small pool of random bf16 values (the whole model is
+never in memory), and random calibration token ids. Then, in one run, it measures a plain write of as many
+bytes as the checkpoint (the rate the exporter is held to) and, just before each mode, a plain read of the
+checkpoint files, warm into a reused buffer (the rate the loader is held to) and into fresh memory (the
+first-touch bound of a load on CPU; it also leaves the files in the page cache), and after each mode a plain
+write of the export's size (the export's reference, taken as close to it as the load allows). It runs
+``mone-jax prune CKPT --calib ids.npy --ratio R --out OUT`` in each ``--modes`` (``f32``: the float32 default,
+``bf16``: ``--dtype bfloat16``, ``seq``: ``--sequential``, ``seq-bf16``) as a child process, sampling its
+resident memory (anonymous and file-backed, from /proc) every 50 ms. For each mode it reports the wall time,
+the load rate (checkpoint bytes / load phase, the phase lines' clock), calibration tokens/s, the export rate,
+peak anonymous and file-backed memory, and the export's size; a refused run (memory preflight) shows its
+one-line refusal instead, a finished one the peak the preflight estimated for it at the batch size it ran, the
+bytes it read from disk (page-cache misses: a warm load reads none) and the load average.
 """
 
 from __future__ import annotations

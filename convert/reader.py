@@ -275,9 +275,9 @@ class StoredTensors:
         """Tensor ``key`` as a read-only view of the file's pages (no copy; its pages read ahead), checked
         for NaN / Inf ``VIEW_CHUNK`` bytes at a time, each chunk's pages unmapped once checked: what stays mapped
         is what the caller reads next (:meth:`release` unmaps it again)."""
+        self.prefetch(key)
         h, disk = self._entry(key)
         out = h.view(disk)
-        h.advise(disk, mmap.MADV_WILLNEED)
         if self.r.check_finite and out.size:
             flat, step = out.reshape(-1), max(1, VIEW_CHUNK // out.itemsize)
             for i in range(0, flat.size, step):
